@@ -1,0 +1,225 @@
+"""Leaf paths and the ``where`` selector shared by every compressjax function.
+
+A *path string* joins the keys that lead to a leaf with ``/``: dict keys, attribute names and sequence
+indices. The trailing ``value`` key of a Flax NNX ``Variable`` is dropped, so ``nnx.state(model)`` and a
+linen ``params`` dict give paths that read alike (``"Dense_0/kernel"``, ``"layers/0/kernel"``).
+
+``where`` selects the leaves a function touches:
+
+* ``None`` (default): floating-point array leaves with ``ndim >= 2`` (kernels and embeddings, not biases
+  or norm scales);
+* a string: a regular expression searched (``re.search``) in the path string;
+* a callable ``(path: str, leaf) -> bool``.
+
+Unselected leaves pass through untouched; functions that return per-leaf data (masks, statistics) hold
+``None`` there.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any, TypeAlias
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree: TypeAlias = Any
+Where: TypeAlias = None | str | Callable[[str, Any], bool]
+
+__all__ = [
+    "PyTree",
+    "Where",
+    "path_to_str",
+    "leaves_with_paths",
+    "selector",
+    "selected_leaves",
+    "map_selected",
+    "map_with_masks",
+    "iter_selected",
+    "check_same_structure",
+    "is_none",
+    "is_float_array",
+    "check_finite",
+]
+
+
+def is_none(x: Any) -> bool:
+    """``is_leaf`` predicate that keeps ``None`` as a leaf (masks hold ``None`` at unselected leaves)."""
+    return x is None
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_to_str(path: tuple[Any, ...]) -> str:
+    """Turns a ``jax.tree_util`` key path into ``"a/b/0/kernel"`` (NNX's trailing ``value`` dropped)."""
+    parts = [_key_str(k) for k in path]
+    if len(path) > 0 and isinstance(path[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value":
+        parts = parts[:-1]
+    return "/".join(parts)
+
+
+def leaves_with_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
+    """All leaves of ``tree`` with their path strings, in ``jax.tree_util`` flattening order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [(path_to_str(p), leaf) for p, leaf in flat]
+
+
+def is_float_array(leaf: Any) -> bool:
+    """True for arrays (JAX, NumPy or tracers) with a floating-point dtype."""
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+
+
+def _default_where(path: str, leaf: Any) -> bool:
+    del path
+    return is_float_array(leaf) and getattr(leaf, "ndim", 0) >= 2
+
+
+def selector(where: Where) -> Callable[[str, Any], bool]:
+    """Normalises a ``where`` argument into a predicate ``(path, leaf) -> bool``.
+
+    Raises:
+        TypeError: if ``where`` is not ``None``, a string or a callable.
+        ValueError: if ``where`` is a string that is not a valid regular expression.
+    """
+    if where is None:
+        return _default_where
+    if isinstance(where, str):
+        try:
+            pattern = re.compile(where)
+        except re.error as e:
+            raise ValueError(f"where={where!r} is not a valid regular expression: {e}") from e
+        return lambda path, leaf: leaf is not None and pattern.search(path) is not None
+    if callable(where):
+        return lambda path, leaf: leaf is not None and bool(where(path, leaf))
+    raise TypeError(f"where must be None, a regex string or a callable (path, leaf) -> bool, got {where!r}")
+
+
+def selected_leaves(
+    tree: PyTree,
+    where: Where = None,
+    *,
+    require_float: bool = True,
+    allow_empty: bool = False,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> list[tuple[str, Any]]:
+    """The ``(path, leaf)`` pairs of ``tree`` that ``where`` selects.
+
+    Args:
+        tree: any pytree (linen params, ``nnx.State``, equinox module, dict with ``None`` leaves).
+        where: the selector (see module docstring).
+        require_float: raise ``TypeError`` when a selected leaf is not a floating-point array.
+        allow_empty: return an empty list instead of raising when nothing is selected.
+        is_leaf: forwarded to ``jax.tree_util`` flattening.
+
+    Raises:
+        ValueError: if nothing is selected (unless ``allow_empty``), or the tree is empty.
+        TypeError: if a selected leaf is not a floating-point array (when ``require_float``).
+    """
+    pred = selector(where)
+    chosen = [(p, leaf) for p, leaf in leaves_with_paths(tree, is_leaf) if pred(p, leaf)]
+    if require_float:
+        for p, leaf in chosen:
+            if not is_float_array(leaf):
+                dtype = getattr(leaf, "dtype", type(leaf).__name__)
+                raise TypeError(f"leaf {p!r} selected by where={where!r} has dtype {dtype}; expected a floating-point array")
+    if not chosen and not allow_empty:
+        paths = [p for p, _ in leaves_with_paths(tree, is_leaf)]
+        if not paths:
+            raise ValueError("the params pytree is empty: there are no leaves to select")
+        shown = ", ".join(repr(p) for p in paths[:8]) + (", ..." if len(paths) > 8 else "")
+        raise ValueError(f"where={where!r} selects no leaf; the tree's leaves are {shown}")
+    return chosen
+
+
+def iter_selected(
+    tree: PyTree, where: Where = None, is_leaf: Callable[[Any], bool] | None = None
+) -> Iterator[tuple[str, Any, bool]]:
+    """Yields ``(path, leaf, selected)`` for every leaf of ``tree``."""
+    pred = selector(where)
+    for p, leaf in leaves_with_paths(tree, is_leaf):
+        yield p, leaf, pred(p, leaf)
+
+
+def map_selected(
+    fn: Callable[[str, Any], Any],
+    tree: PyTree,
+    where: Where = None,
+    *,
+    unselected: str = "none",
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> PyTree:
+    """Maps ``fn(path, leaf)`` over the leaves that ``where`` selects.
+
+    Args:
+        fn: called with the path string and the leaf.
+        tree: the pytree.
+        where: the selector.
+        unselected: ``"none"`` puts ``None`` at unselected leaves (the shape of masks); ``"keep"`` passes
+            them through unchanged.
+        is_leaf: forwarded to ``jax.tree_util``.
+    """
+    if unselected not in ("none", "keep"):
+        raise ValueError(f"unselected must be 'none' or 'keep', got {unselected!r}")
+    pred = selector(where)
+
+    def visit(path, leaf):
+        p = path_to_str(path)
+        if pred(p, leaf):
+            return fn(p, leaf)
+        return None if unselected == "none" else leaf
+
+    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_leaf)
+
+
+def map_with_masks(fn: Callable[[str, Any, Any], Any], masks: PyTree, params: PyTree) -> PyTree:
+    """Maps ``fn(path, mask, leaf)`` over ``params`` where ``masks`` (``None`` = unselected) is not None.
+
+    Leaves with a ``None`` mask pass through. The two trees must have the same structure once ``None``
+    is treated as a leaf of ``masks``.
+
+    Raises:
+        ValueError: if the structures differ, naming the first differing path.
+    """
+    check_same_structure(masks, params, "masks", "params")
+
+    def visit(path, mask, leaf):
+        return leaf if mask is None else fn(path_to_str(path), mask, leaf)
+
+    return jax.tree_util.tree_map_with_path(visit, masks, params, is_leaf=is_none)
+
+
+def check_same_structure(a: PyTree, b: PyTree, name_a: str = "masks", name_b: str = "params") -> None:
+    """Raises ``ValueError`` naming the differing paths when ``a`` (``None`` as leaf) and ``b`` differ."""
+    pa = [p for p, _ in leaves_with_paths(a, is_none)]
+    pb = [p for p, _ in leaves_with_paths(b, is_none)]
+    if pa == pb and jax.tree.structure(a, is_leaf=is_none) == jax.tree.structure(b, is_leaf=is_none):
+        return
+    only_a = sorted(set(pa) - set(pb))
+    only_b = sorted(set(pb) - set(pa))
+    detail = []
+    if only_a:
+        detail.append(f"only in {name_a}: {only_a[:5]}")
+    if only_b:
+        detail.append(f"only in {name_b}: {only_b[:5]}")
+    if not detail:
+        detail.append(f"{name_a} has {len(pa)} leaves, {name_b} has {len(pb)}")
+    raise ValueError(f"{name_a} and {name_b} trees do not match: " + "; ".join(detail))
+
+
+def check_finite(path: str, leaf: Any) -> None:
+    """Raises ``ValueError`` if a concrete (non-traced) leaf holds NaN or Inf; tracers are skipped."""
+    if isinstance(leaf, jax.core.Tracer):
+        return
+    arr = np.asarray(leaf)
+    if arr.size and not np.all(np.isfinite(arr)):
+        bad = arr[~np.isfinite(arr)].ravel()[0]
+        n = int(np.sum(~np.isfinite(arr)))
+        raise ValueError(f"leaf {path!r} holds {n} non-finite value(s) (e.g. {bad}); clean the weights first")
