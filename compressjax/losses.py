@@ -1,0 +1,354 @@
+"""Distillation losses: soft-target KL (Hinton), hard-label mix, MSE, FitNets hints and cosine.
+
+The losses follow optax's conventions (``optax.losses``): they take ``ArrayLike`` inputs, return one loss
+per example as a ``jax.Array`` (the class / feature axis reduced, every other axis kept), accept ``axis=``
+and ``where=``, and are built on ``log_softmax`` so they stay finite for large logits and temperatures.
+
+Bad arguments raise ``ValueError`` / ``TypeError`` naming the value. Checks on *values* (a temperature, an
+``alpha``, the range of the labels) run when those values are concrete (eager calls, Python numbers);
+under ``jax.jit`` only static facts (shapes, dtypes) can be checked, so pass hyperparameters as Python
+numbers (closed over, or static) to keep their checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+__all__ = [
+    "kd_loss",
+    "distillation_loss",
+    "softmax_cross_entropy",
+    "mse_loss",
+    "hint_loss",
+    "cosine_loss",
+]
+
+Axis = int | tuple[int, ...] | None
+
+
+def _concrete(x: Any) -> np.ndarray | None:
+    """The value of ``x`` as NumPy when it is known now (not a tracer), else ``None``."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(x)
+    except Exception:  # noqa: BLE001 - anything that cannot become an array is checked elsewhere
+        return None
+
+
+def _check_temperature(temperature: Any) -> None:
+    t = _concrete(temperature)
+    if t is None:
+        return
+    if t.ndim != 0:
+        raise ValueError(f"temperature must be a scalar, got an array of shape {t.shape}")
+    if not np.isfinite(t) or t <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got temperature={t.item()!r}")
+
+
+def _check_alpha(alpha: Any) -> None:
+    a = _concrete(alpha)
+    if a is None:
+        return
+    if a.ndim != 0:
+        raise ValueError(f"alpha must be a scalar, got an array of shape {a.shape}")
+    if not (0.0 <= a <= 1.0):
+        raise ValueError(f"alpha must lie in [0, 1], got alpha={a.item()!r}")
+
+
+def _as_float(x: ArrayLike, name: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    return x
+
+
+def _check_same_shape(a: jax.Array, b: jax.Array, name_a: str, name_b: str, hint: str = "") -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} has shape {a.shape} but {name_b} has shape {b.shape}; they must match{hint}")
+
+
+def _norm_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
+    """``axis`` as a tuple of non-negative axes; ``None`` means every axis but the leading (batch) one."""
+    if axis is None:
+        return tuple(range(1, ndim)) if ndim > 1 else tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis={axis!r} is out of range for an array with {ndim} dimension(s)")
+        out.append(a % ndim)
+    return tuple(out)
+
+
+def kd_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: float | ArrayLike = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Hinton's soft-target distillation loss, one value per example.
+
+    .. math:: T^2 \, \mathrm{KL}\big(\mathrm{softmax}(t / T) \,\|\, \mathrm{softmax}(s / T)\big)
+
+    The :math:`T^2` factor keeps the gradient's magnitude roughly independent of :math:`T` (the gradient
+    of the KL term alone shrinks as :math:`1/T^2` for large :math:`T`), so the soft and hard terms can be
+    mixed with one fixed weight. Both distributions come from ``log_softmax``, so large logits and large
+    temperatures do not overflow; the loss is exactly zero when the two logits are equal, and teacher
+    probabilities that underflow to zero (or ``-inf`` teacher logits) contribute exactly zero.
+
+    Args:
+        student_logits: logits of the student, shape ``(..., num_classes)``.
+        teacher_logits: logits of the teacher, same shape.
+        temperature: softening temperature ``T > 0``.
+        axis: the class axis.
+        where: optional boolean mask broadcastable to the logits; classes where it is False are left out of
+            both softmaxes (e.g. padded vocabulary entries).
+
+    Returns:
+        The per-example loss, shape of the logits without ``axis``.
+
+    Raises:
+        ValueError: if the shapes differ or ``temperature`` is not a positive finite number.
+        TypeError: if the logits are not floating point.
+
+    References:
+        Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015,
+        https://arxiv.org/abs/1503.02531
+    """
+    s = _as_float(student_logits, "student_logits")
+    t = _as_float(teacher_logits, "teacher_logits")
+    _check_same_shape(s, t, "student_logits", "teacher_logits")
+    _check_temperature(temperature)
+    temperature = jnp.asarray(temperature, dtype=jnp.result_type(s.dtype, t.dtype))
+    log_p_s = jax.nn.log_softmax(s / temperature, axis=axis, where=where)
+    log_p_t = jax.nn.log_softmax(t / temperature, axis=axis, where=where)
+    p_t = jnp.exp(log_p_t)
+    keep = p_t > 0 if where is None else jnp.logical_and(p_t > 0, where)
+    # The inner `where`s keep -inf (masked or underflowed entries) out of both the value and the gradient.
+    diff = jnp.where(keep, log_p_t, 0.0) - jnp.where(keep, log_p_s, 0.0)
+    kl = jnp.sum(jnp.where(keep, p_t * diff, 0.0), axis=axis)
+    return kl * temperature**2
+
+
+def _check_labels(labels: ArrayLike, logits: jax.Array, axis: int) -> jax.Array:
+    labels = jnp.asarray(labels) if not isinstance(labels, jax.Array) else labels
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(
+            f"labels must be integer class indices, got dtype {labels.dtype}; for soft targets use kd_loss"
+        )
+    ax = axis % logits.ndim
+    expected = logits.shape[:ax] + logits.shape[ax + 1 :]
+    if labels.shape != expected:
+        raise ValueError(f"labels have shape {labels.shape}; logits of shape {logits.shape} need labels of shape {expected}")
+    num_classes = logits.shape[ax]
+    values = _concrete(labels)
+    if values is not None and values.size:
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"labels must lie in [0, {num_classes - 1}] for {num_classes} classes, got label {bad}")
+    return labels
+
+
+def softmax_cross_entropy(
+    logits: ArrayLike, labels: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
+) -> jax.Array:
+    """Cross-entropy of ``logits`` against integer ``labels``, one value per example.
+
+    Args:
+        logits: shape ``(..., num_classes)``.
+        labels: integer class indices, shape of ``logits`` without ``axis``.
+        axis: the class axis.
+        where: optional boolean mask of valid classes (see :func:`kd_loss`).
+
+    Raises:
+        TypeError: if ``labels`` are not integers or ``logits`` not floating point.
+        ValueError: on a shape mismatch or (for concrete labels) a label outside ``[0, num_classes)``.
+    """
+    logits = _as_float(logits, "logits")
+    labels = _check_labels(labels, logits, axis)
+    log_p = jax.nn.log_softmax(logits, axis=axis, where=where)
+    picked = jnp.take_along_axis(log_p, jnp.expand_dims(labels, axis), axis=axis)
+    return -jnp.squeeze(picked, axis=axis)
+
+
+def distillation_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    temperature: float | ArrayLike = 1.0,
+    alpha: float | ArrayLike = 0.5,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    """``alpha * kd_loss + (1 - alpha) * cross_entropy(student_logits, labels)``, one value per example.
+
+    With ``labels=None`` there is no hard term and the result is the soft term :func:`kd_loss` alone
+    (not scaled by ``alpha``).
+
+    Args:
+        student_logits: logits of the student, shape ``(..., num_classes)``.
+        teacher_logits: logits of the teacher, same shape.
+        labels: optional integer class indices, shape of the logits without ``axis``.
+        temperature: softening temperature of the soft term (the hard term uses ``T = 1``).
+        alpha: weight of the soft term, in ``[0, 1]``.
+        axis: the class axis.
+        where: optional boolean mask of valid classes.
+
+    Raises:
+        ValueError: on shape mismatches, ``temperature <= 0``, ``alpha`` outside ``[0, 1]`` or labels out of
+            range (concrete labels only).
+        TypeError: if the labels are not integers.
+
+    References:
+        Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015,
+        https://arxiv.org/abs/1503.02531
+    """
+    total, _, _ = distillation_terms(
+        student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, axis=axis, where=where
+    )
+    return total
+
+
+def distillation_terms(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    temperature: float | ArrayLike = 1.0,
+    alpha: float | ArrayLike = 0.5,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Like :func:`distillation_loss` but returns ``(total, kd, ce)`` per example (``ce`` None without labels)."""
+    _check_alpha(alpha)
+    kd = kd_loss(student_logits, teacher_logits, temperature=temperature, axis=axis, where=where)
+    if labels is None:
+        return kd, kd, None
+    ce = softmax_cross_entropy(student_logits, labels, axis=axis, where=where)
+    alpha = jnp.asarray(alpha, kd.dtype)
+    return alpha * kd + (1 - alpha) * ce, kd, ce
+
+
+def mse_loss(
+    predictions: ArrayLike, targets: ArrayLike, *, axis: Axis = -1, where: ArrayLike | None = None
+) -> jax.Array:
+    """Mean squared error over ``axis``, one value per example (logit matching or regression distillation).
+
+    Args:
+        predictions: the student's outputs.
+        targets: the teacher's outputs (or regression targets), same shape.
+        axis: axis or axes averaged over; ``None`` averages every axis except the leading (batch) one.
+        where: optional boolean mask broadcastable to the inputs; only True entries are averaged.
+
+    Raises:
+        ValueError: if the shapes differ.
+
+    References:
+        Ba & Caruana, "Do Deep Nets Really Need to be Deep?", 2014 (logit regression),
+        https://arxiv.org/abs/1312.6184
+    """
+    p = _as_float(predictions, "predictions")
+    t = _as_float(targets, "targets")
+    _check_same_shape(p, t, "predictions", "targets")
+    axes = _norm_axes(axis, p.ndim)
+    return jnp.mean(jnp.square(p - t), axis=axes, where=where)
+
+
+def hint_loss(
+    student_features: ArrayLike,
+    teacher_features: ArrayLike,
+    projection: ArrayLike | Callable[[jax.Array], jax.Array] | None = None,
+    *,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    """FitNets hint loss: mean squared error between (projected) student and teacher features, per example.
+
+    The student's intermediate features usually have fewer channels than the teacher's; a learned
+    *regressor* maps them to the teacher's width first.
+
+    Args:
+        student_features: intermediate features of the student, shape ``(batch, ..., c_s)``.
+        teacher_features: the teacher's features at the hint layer, shape ``(batch, ..., c_t)``.
+        projection: ``None`` (widths must already match), a matrix of shape ``(c_s, c_t)`` applied on the
+            last axis (keep it in the student's params so it trains), or any callable
+            ``features -> projected`` (e.g. a closure over a Dense layer's params).
+        where: optional boolean mask broadcastable to the teacher's features.
+
+    Returns:
+        The mean over every non-batch axis, shape ``(batch,)``.
+
+    Raises:
+        ValueError: if the (projected) shapes differ, or the projection matrix does not fit.
+
+    References:
+        Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015, https://arxiv.org/abs/1412.6550
+    """
+    s = _as_float(student_features, "student_features")
+    t = _as_float(teacher_features, "teacher_features")
+    if projection is not None:
+        if callable(projection):
+            s = projection(s)
+        else:
+            w = _as_float(projection, "projection")
+            if w.ndim != 2 or w.shape[0] != s.shape[-1]:
+                raise ValueError(
+                    f"projection matrix has shape {w.shape}; student features of width {s.shape[-1]} "
+                    f"need a matrix of shape ({s.shape[-1]}, {t.shape[-1]})"
+                )
+            s = s @ w
+    hint = "" if projection is not None else "; pass projection= to map student features to the teacher's width"
+    _check_same_shape(s, t, "student_features (projected)" if projection is not None else "student_features",
+                      "teacher_features", hint)
+    return jnp.mean(jnp.square(s - t), axis=_norm_axes(None, s.ndim), where=where)
+
+
+def cosine_loss(
+    predictions: ArrayLike,
+    targets: ArrayLike,
+    *,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+    epsilon: float = 1e-8,
+) -> jax.Array:
+    """``1 - cosine_similarity(predictions, targets)`` along ``axis``, one value per example.
+
+    Used to distill embedding models (sentence embeddings), where only the direction matters. Norms are
+    clamped below by ``epsilon``, so an all-zero vector gives loss 1 and a finite gradient, never NaN.
+
+    Args:
+        predictions: student embeddings, shape ``(..., dim)``.
+        targets: teacher embeddings, same shape.
+        axis: the embedding axis.
+        where: optional boolean mask broadcastable to the inputs; only True entries enter the dot products.
+        epsilon: lower bound for each vector's norm.
+
+    Raises:
+        ValueError: if the shapes differ.
+
+    References:
+        Reimers & Gurevych, "Making Monolingual Sentence Embeddings Multilingual using Knowledge
+        Distillation", EMNLP 2020, https://arxiv.org/abs/2004.09813
+    """
+    p = _as_float(predictions, "predictions")
+    t = _as_float(targets, "targets")
+    _check_same_shape(p, t, "predictions", "targets")
+    if where is not None:
+        where = jnp.broadcast_to(jnp.asarray(where, bool), p.shape)
+        p = jnp.where(where, p, 0.0)
+        t = jnp.where(where, t, 0.0)
+    eps2 = jnp.asarray(epsilon, p.dtype) ** 2
+    # sqrt(max(|x|^2, eps^2)): the max keeps the gradient finite at the zero vector.
+    p_norm = jnp.sqrt(jnp.maximum(jnp.sum(p * p, axis=axis), eps2))
+    t_norm = jnp.sqrt(jnp.maximum(jnp.sum(t * t, axis=axis), eps2))
+    return 1.0 - jnp.sum(p * t, axis=axis) / (p_norm * t_norm)
