@@ -1,0 +1,322 @@
+"""save / load / size_report: the public face of the compact model file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compressjax.export import _codec, _container, _structure
+from compressjax.export._container import FormatError
+
+_EXPANSION_LIMIT = 1024  # default max_bytes: max(1 GiB, 1024 x file size)
+
+
+def _is_qarray(x: Any) -> bool:
+    from compressjax.qarray import QArray
+
+    return isinstance(x, QArray)
+
+
+def _is_leaf(x: Any) -> bool:
+    return _structure.is_array(x) or _is_qarray(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSize:
+    """Storage of one leaf: ``stored_bytes`` in the file for ``num_elements`` weights."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    encoding: str
+    nnz: int
+    stored_bytes: int
+
+    @property
+    def num_elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.stored_bytes / self.num_elements if self.num_elements else 0.0
+
+    @property
+    def ratio(self) -> float:
+        """Dense float32 bytes over stored bytes."""
+        return 4 * self.num_elements / self.stored_bytes if self.stored_bytes else math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeReport:
+    """Bytes on disk per leaf and in total, against the same weights stored as dense float32.
+
+    ``total_bytes`` is the exact file size; ``overhead_bytes`` is the preamble and the JSON header (tree
+    structure, shapes, stream table). ``str(report)`` is a table.
+    """
+
+    leaves: tuple[LeafSize, ...]
+    total_bytes: int
+    overhead_bytes: int
+
+    @property
+    def num_weights(self) -> int:
+        return sum(leaf.num_elements for leaf in self.leaves)
+
+    @property
+    def dense_float32_bytes(self) -> int:
+        return 4 * self.num_weights
+
+    @property
+    def ratio(self) -> float:
+        """How many times smaller the file is than dense float32 storage of every weight."""
+        return self.dense_float32_bytes / self.total_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.total_bytes / self.num_weights if self.num_weights else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "total_bytes": self.total_bytes, "overhead_bytes": self.overhead_bytes,
+            "dense_float32_bytes": self.dense_float32_bytes, "ratio": self.ratio,
+            "bits_per_weight": self.bits_per_weight,
+            "leaves": [dict(dataclasses.asdict(leaf), bits_per_weight=leaf.bits_per_weight) for leaf in self.leaves],
+        }
+
+    def __str__(self) -> str:
+        head = ("leaf", "shape", "dtype", "encoding", "density", "bytes", "bits/w", "x f32")
+        rows = [
+            (leaf.path or "<root>", "x".join(map(str, leaf.shape)) or "()", leaf.dtype, leaf.encoding,
+             f"{leaf.nnz / leaf.num_elements:.3f}" if leaf.num_elements else "-", f"{leaf.stored_bytes:,}",
+             f"{leaf.bits_per_weight:.2f}", f"{leaf.ratio:.1f}")
+            for leaf in self.leaves
+        ]
+        rows.append(("(header)", "", "", "", "", f"{self.overhead_bytes:,}", "", ""))
+        rows.append(("total", f"{self.num_weights:,} w", "", "", "", f"{self.total_bytes:,}",
+                     f"{self.bits_per_weight:.2f}", f"{self.ratio:.1f}"))
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        right = {4, 5, 6, 7}
+        fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
+        rule = "-" * len(fmt(head))
+        return "\n".join([fmt(head), rule, *map(fmt, rows[:-1]), rule, fmt(rows[-1])])
+
+
+def _prepare(params: Any, masks: Any, rules: Any) -> Any:
+    if masks is not None:
+        from compressjax.pruning import apply_masks
+
+        params = apply_masks(params, masks)
+    if rules is not None:
+        from compressjax.quantization import quantize_params
+
+        params = quantize_params(params, rules)
+    return params
+
+
+def _host(x: Any, path: str) -> np.ndarray:
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(f"leaf {path!r} is a tracer: save() runs outside jax.jit on concrete arrays")
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        raise TypeError(f"leaf {path!r} is a typed PRNG key array; save jax.random.key_data(key) instead")
+    return np.asarray(x)
+
+
+def _encode_leaf(x: Any, path: str, sw: _codec.StreamWriter) -> tuple[dict, LeafSize]:
+    first = len(sw.table)
+    if _is_qarray(x):
+        from compressjax.qarray import qarray_to_parts, quantized_ints
+
+        arrays, meta = qarray_to_parts(x)
+        ints = _host(quantized_ints(x), path)
+        rec = {"e": "q", "meta": meta, "codes": _codec.encode_array(ints, path, sw),
+               "scale": _codec.encode_array(arrays["scale"], path, sw)}
+        if "zero_point" in arrays:
+            rec["zp"] = _codec.encode_array(arrays["zero_point"], path, sw)
+        codes = rec["codes"]
+        enc = f"int{x.bits} " + (f"sparse/{codes['pos']}" if codes["e"] == "sparse" else "dense")
+        nnz = codes.get("nnz", x.size)
+        shape, dtype = tuple(x.shape), x.dtype.name
+    else:
+        arr = _host(x, path)
+        rec = _codec.encode_array(arr, path, sw)
+        enc = f"sparse/{rec['pos']}" if rec["e"] == "sparse" else "dense"
+        nnz = rec.get("nnz", arr.size)
+        shape, dtype = tuple(arr.shape), rec["dt"]
+    stored = sum(entry[1] for entry in sw.table[first:])
+    return rec, LeafSize(path, shape, dtype, enc, int(nnz), int(stored))
+
+
+def _encode(params: Any, masks: Any, rules: Any, level: int | None) -> tuple[list, SizeReport]:
+    if sys.byteorder != "little":
+        raise NotImplementedError("the compressjax file format is written on little-endian machines only")
+    params = _prepare(params, masks, rules)
+    node, leaves = _structure.flatten(params, _is_leaf)
+    sw = _codec.StreamWriter(level)
+    records, sizes = [], []
+    for path, x in leaves:
+        rec, size = _encode_leaf(x, path, sw)
+        records.append(rec)
+        sizes.append(size)
+    header = {"format": "compressjax", "tree": node, "leaves": records, "streams": sw.table}
+    header_json = json.dumps(header, separators=(",", ":")).encode()
+    chunks = _container.assemble(header_json, sw.chunks)
+    total = sum(len(c) for c in chunks)
+    payload = sum(s.stored_bytes for s in sizes)
+    return chunks, SizeReport(tuple(sizes), total, total - payload)
+
+
+def save(path: str | os.PathLike, params: Any, *, masks: Any = None, rules: Any = None, level: int | None = None) -> SizeReport:
+    """Writes ``params`` to one compact file; what is stored is ``quantize_params(apply_masks(params, masks), rules)``.
+
+    Each array is stored dense, or sparse as its non-zero values plus their positions (a bitmask or Deep
+    Compression-style relative indices, whichever is smaller); each :class:`~compressjax.QArray` (given, or
+    made on the fly by ``rules``) as its integer codes (sparse when that is smaller) plus scales. Every
+    stream is zstd-coded when that makes it smaller (Han et al., 2016, "Deep Compression: Compressing Deep
+    Neural Networks with Pruning, Trained Quantization and Huffman Coding", ICLR). The write is atomic: a
+    temporary file in the same folder, flushed and fsynced, then renamed over ``path``.
+
+    Args:
+        path: the file to write (replaced atomically if it exists).
+        params: a pytree of dicts, lists, tuples, ``nnx.State``/NNX variables, ``FrozenDict``, arrays,
+            QArrays, ``None`` and Python scalars (see ``compressjax.export._structure``).
+        masks: optional pruning masks (as from ``magnitude_masks``), applied with ``apply_masks`` first.
+        rules: optional quantization rules (a ``QuantSpec`` or a ``{regex: spec}`` mapping), applied with
+            ``quantize_params`` after the masks.
+        level: zstd level for every stream; ``None`` picks per stream (19 for small streams, down to 1 for
+            streams over 8 MiB, where throughput matters more than the last percent).
+
+    Returns:
+        The :class:`SizeReport` of the file written.
+
+    Raises:
+        TypeError: for a container, dtype or leaf the format cannot store (naming its path).
+    """
+    chunks, report = _encode(params, masks, rules, level)
+    _container.atomic_write(path, chunks)
+    return report
+
+
+def _decode_leaf(rec: Any, sr: _codec.StreamReader, what: str, dequantize: bool) -> Any:
+    if not isinstance(rec, dict):
+        raise FormatError(f"{what}: malformed leaf record")
+    if rec.get("e") != "q":
+        arr = _codec.decode_array(rec, sr, what)
+        if arr.dtype.itemsize == 8 and not jax.config.jax_enable_x64 and arr.dtype.kind in "iuf":
+            return arr  # a 64-bit array stays NumPy: jax would silently narrow it
+        return jnp.asarray(arr)
+    from compressjax.qarray import qarray_from_ints
+    from compressjax.quantization import dequantize as _dequantize
+
+    meta = rec.get("meta")
+    if not isinstance(meta, dict):
+        raise FormatError(f"{what}: malformed QArray metadata")
+    ints = _codec.decode_array(rec.get("codes"), sr, what + " codes")
+    scale = _codec.decode_array(rec.get("scale"), sr, what + " scale")
+    zp = _codec.decode_array(rec["zp"], sr, what + " zero point") if "zp" in rec else None
+    if ints.dtype != np.int8 or list(ints.shape) != meta.get("shape"):
+        raise FormatError(f"{what}: the integer codes ({ints.dtype} {ints.shape}) do not match the metadata")
+    sr.budget.charge(8 * ints.size, what)  # the float32 codes and the result inside dequantize
+    try:
+        q = qarray_from_ints(ints, scale, zp, meta, path=what)
+        return _dequantize(q, path=what) if dequantize else q
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{what}: invalid quantized array: {e}") from e
+
+
+def _decode(data: bytes | bytearray, *, dequantize: bool, max_bytes: int | None) -> tuple[Any, dict]:
+    header_json, payload = _container.parse(data)
+    try:
+        header = json.loads(header_json)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"the header is not valid JSON: {e}") from e
+    if not isinstance(header, dict) or header.get("format") != "compressjax":
+        raise FormatError("the header does not describe a compressjax model")
+    records = header.get("leaves")
+    if not isinstance(records, list):
+        raise FormatError("the header's leaf list is missing")
+    budget = _codec.Budget(max_bytes)
+    sr = _codec.StreamReader(payload, header.get("streams"), budget)
+    leaves = [_decode_leaf(rec, sr, f"leaf #{i}", dequantize) for i, rec in enumerate(records)]
+    if len(sr.used) != len(sr.entries):
+        raise FormatError(f"{len(sr.entries) - len(sr.used)} streams of the payload are not referenced by any leaf")
+    return _structure.unflatten(header.get("tree"), leaves), header
+
+
+def load(path: str | os.PathLike, *, dequantize: bool = True, max_bytes: int | None | str = "auto") -> Any:
+    """Reads a file written by :func:`save`; returns the params with dense arrays.
+
+    The result equals ``dequantize_params(quantize_params(apply_masks(params, masks), rules))`` of what was
+    saved bit for bit (same tree structure, dtypes and values; ``-0.0`` and NaN payloads included), with
+    ``nnx.State`` and NNX variables rebuilt as such, so ``nnx.update(model, load(path))`` works. Quantized
+    leaves are dequantized with :func:`compressjax.dequantize` itself.
+
+    Args:
+        path: the file.
+        dequantize: ``False`` returns quantized leaves as :class:`~compressjax.QArray` instead.
+        max_bytes: the most bytes the load may allocate for the arrays; ``"auto"`` allows
+            ``max(1 GiB, 1024 x file size)``, ``None`` means no limit. A file whose declared sizes need more
+            raises ``FormatError`` before allocating.
+
+    Raises:
+        FormatError: the file is not a compressjax file, or is truncated, corrupted, from a newer format
+            version, or internally inconsistent; the message says which.
+    """
+    data = _container.read_file(path)
+    if max_bytes == "auto":
+        max_bytes = max(1 << 30, _EXPANSION_LIMIT * len(data))
+    tree, _ = _decode(data, dequantize=dequantize, max_bytes=max_bytes)
+    return tree
+
+
+def _report_from_header(header: dict, total: int) -> SizeReport:
+    table = header["streams"]
+    sizes = []
+    for i, rec in enumerate(header["leaves"]):
+        arr = rec["codes"] if rec.get("e") == "q" else rec
+        streams = [s for key in ("codes", "scale", "zp") if rec.get("e") == "q" and key in rec for s in rec[key]["s"]]
+        streams = streams or rec["s"]
+        if rec.get("e") == "q":
+            enc = f"int{rec['meta']['bits']} " + (f"sparse/{arr['pos']}" if arr["e"] == "sparse" else "dense")
+            dtype = rec["meta"]["dtype"]
+        else:
+            enc = f"sparse/{arr['pos']}" if arr["e"] == "sparse" else "dense"
+            dtype = arr["dt"]
+        shape = tuple(arr["sh"])
+        nnz = arr.get("nnz", math.prod(shape))
+        sizes.append(LeafSize(f"leaf #{i}", shape, dtype, enc, int(nnz), sum(table[s][1] for s in streams)))
+    payload = sum(s.stored_bytes for s in sizes)
+    return SizeReport(tuple(sizes), total, total - payload)
+
+
+def size_report(path_or_params: Any, *, masks: Any = None, rules: Any = None, level: int | None = None) -> SizeReport:
+    """Per-leaf and total bytes, bits per weight and the ratio against dense float32.
+
+    Args:
+        path_or_params: a file written by :func:`save` (``str`` or ``os.PathLike``; read and verified), or a
+            params pytree, which is encoded in memory exactly as :func:`save` would write it.
+        masks, rules, level: as for :func:`save` (only with params).
+
+    Returns:
+        A :class:`SizeReport`; ``print(report)`` shows the table.
+    """
+    if isinstance(path_or_params, (str, os.PathLike)):
+        if masks is not None or rules is not None:
+            raise ValueError("masks= and rules= apply to params, not to a saved file")
+        data = _container.read_file(path_or_params)
+        tree, header = _decode(data, dequantize=False, max_bytes=max(1 << 30, _EXPANSION_LIMIT * len(data)))
+        report = _report_from_header(header, len(data))
+        _, leaves = _structure.flatten(tree, _is_leaf)
+        paths = [p for p, _ in leaves]
+        return dataclasses.replace(
+            report, leaves=tuple(dataclasses.replace(s, path=p) for s, p in zip(report.leaves, paths, strict=True))
+        )
+    _, report = _encode(path_or_params, masks, rules, level)
+    return report

@@ -1,0 +1,323 @@
+"""Array encodings: dense or sparse (bitmask or relative indices), byte planes, zstd-coded streams.
+
+A *stream* is a run of raw bytes stored either as is or as one zstd frame, whichever is smaller. An
+*array record* (a small JSON dict) describes one array and names its streams:
+
+* ``{"e": "dense", "s": [i]}``: every element; multi-byte dtypes are split into byte planes (all first
+  bytes, then all second bytes, ...), which groups the slowly varying sign/exponent bytes of floats so
+  that zstd can code them (about 15% smaller on N(0, 1) float32 weights, measured).
+* ``{"e": "sparse", "nnz": k, "pos": "bitmask" | "delta8" | "delta16", "s": [p, v]}``: the non-zero
+  elements (all-zero *bit pattern*, so ``-0.0`` and NaN payloads survive) in C order, plus their
+  positions as a packed bitmask or as relative indices. Relative indices follow Deep Compression (Han et
+  al., 2016, "Deep Compression", ICLR): the gap to the previous non-zero in 8 or 16 bits, where a code of 0
+  is a filler that advances by the largest gap (255 or 65535) without placing an element. The cheaper of
+  the candidates, measured after zstd, is kept.
+
+The reader validates every length against the record's shape, dtype and ``nnz`` *before* it decompresses
+or allocates, and charges each allocation to a byte budget, so a forged record cannot cause a huge
+allocation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import zstandard
+
+from compressjax.export._container import FormatError
+
+RAW, ZSTD = 0, 1
+# A leaf denser than this is stored dense without trying the sparse candidates.
+MAX_SPARSE_DENSITY = 0.9
+# Above this many bytes, dense-vs-sparse is decided from the density instead of compressing both.
+_TRY_BOTH_BYTES = 16 << 20
+_DENSITY_CUTOFF_LARGE = 0.5
+_MT_BYTES = 8 << 20  # streams larger than this use zstd's worker threads
+
+_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name)
+    for name in (
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64", "complex64", "complex128",
+    )
+}
+for _name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "int4", "uint4"):
+    if hasattr(ml_dtypes, _name):
+        _DTYPES[_name] = np.dtype(getattr(ml_dtypes, _name))
+_DTYPE_NAMES = {dt: name for name, dt in _DTYPES.items()}
+
+
+def dtype_name(dtype: Any, path: str) -> str:
+    """The format's name for ``dtype``; raises ``TypeError`` naming the leaf for an unsupported one."""
+    dt = np.dtype(dtype)
+    name = _DTYPE_NAMES.get(dt.newbyteorder("<") if dt.byteorder == ">" else dt)
+    if name is None:
+        raise TypeError(f"leaf {path!r} has dtype {dt}, which the file format does not store; supported: {sorted(_DTYPES)}")
+    return name
+
+
+def dtype_from_name(name: Any) -> np.dtype:
+    if not isinstance(name, str) or name not in _DTYPES:
+        raise FormatError(f"unknown dtype {name!r} in the header")
+    return _DTYPES[name]
+
+
+class Budget:
+    """Counts the bytes a load may allocate; a forged size field fails here before any allocation."""
+
+    def __init__(self, limit: int | None):
+        self.left = math.inf if limit is None else int(limit)
+
+    def charge(self, nbytes: int, what: str) -> None:
+        if nbytes > self.left:
+            raise FormatError(
+                f"{what} needs {nbytes} bytes, beyond the allocation limit of this load (max_bytes); "
+                "pass a larger load(..., max_bytes=...) if the file is trusted"
+            )
+        self.left -= nbytes
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+class StreamWriter:
+    """Compresses streams and collects them, with the table ``[[codec, stored_len, raw_len], ...]``."""
+
+    def __init__(self, level: int | None = None):
+        if level is not None and not (isinstance(level, int) and -7 <= level <= 22):
+            raise ValueError(f"level must be an int in [-7, 22] (zstd levels) or None, got {level!r}")
+        self.level = level
+        self.chunks: list[bytes | memoryview] = []
+        self.table: list[list[int]] = []
+        self._cctx: dict[tuple[int, int], zstandard.ZstdCompressor] = {}
+
+    def _compressor(self, nbytes: int) -> zstandard.ZstdCompressor:
+        if self.level is not None:
+            level = self.level
+        else:  # small streams: the strongest level costs little; large ones: throughput matters
+            level = 19 if nbytes <= 1 << 18 else 9 if nbytes <= 1 << 21 else 3 if nbytes <= 1 << 23 else 1
+        threads = min(os.cpu_count() or 1, 8) if nbytes >= _MT_BYTES else 0
+        key = (level, threads)
+        if key not in self._cctx:
+            self._cctx[key] = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=False)
+        return self._cctx[key]
+
+    def compress(self, raw: np.ndarray) -> tuple[int, bytes | memoryview, int]:
+        """``(codec, stored, raw_len)`` for a contiguous uint8 array, zstd only when it is smaller."""
+        data = memoryview(np.ascontiguousarray(raw)).cast("B")
+        if len(data) < 16:
+            return RAW, data, len(data)
+        packed = self._compressor(len(data)).compress(data)
+        return (ZSTD, packed, len(data)) if len(packed) < len(data) else (RAW, data, len(data))
+
+    def commit(self, candidate: tuple[int, bytes | memoryview, int]) -> int:
+        codec, stored, raw_len = candidate
+        self.chunks.append(stored)
+        self.table.append([codec, len(stored), raw_len])
+        return len(self.table) - 1
+
+
+def _nonzero(flat: np.ndarray) -> np.ndarray:
+    """Elements whose bit pattern is not all zeros (so -0.0 counts as non-zero and survives exactly)."""
+    size = flat.dtype.itemsize
+    if size in (1, 2, 4, 8):
+        return flat.view(f"u{size}") != 0
+    return flat.view("u8").reshape(flat.size, size // 8).any(axis=1)
+
+
+def to_planes(flat: np.ndarray) -> np.ndarray:
+    """Byte planes of a 1-D array: byte k of every element, for k = 0..itemsize-1, as one uint8 array."""
+    size = flat.dtype.itemsize
+    u8 = flat.view(np.uint8)
+    if size == 1:
+        return u8
+    return np.ascontiguousarray(u8.reshape(flat.size, size).T).reshape(-1)
+
+
+def from_planes(buf: np.ndarray, n: int, dtype: np.dtype) -> np.ndarray:
+    size = dtype.itemsize
+    if size == 1:
+        return buf.view(dtype)
+    out = np.empty((n, size), np.uint8)
+    out[...] = buf.reshape(size, n).T
+    return out.view(dtype).reshape(n)
+
+
+def delta_encode(positions: np.ndarray, width: int) -> np.ndarray:
+    """Relative indices with fillers (Deep Compression): code 0 advances by 2**width - 1 without an element."""
+    top = (1 << width) - 1
+    if positions.size == 0:
+        return np.zeros(0, f"<u{width // 8}")
+    gaps = np.diff(positions, prepend=-1)
+    fillers = (gaps - 1) // top
+    slots = np.cumsum(fillers + 1) - 1
+    out = np.zeros(int(slots[-1]) + 1, f"<u{width // 8}")
+    out[slots] = gaps - fillers * top
+    return out
+
+
+def delta_decode(codes: np.ndarray, width: int, nnz: int, n: int) -> np.ndarray:
+    top = (1 << width) - 1
+    real = codes != 0
+    if int(np.count_nonzero(real)) != nnz:
+        raise FormatError(f"the relative indices place {int(np.count_nonzero(real))} elements, the header says {nnz}")
+    if codes.size and not real[-1]:
+        raise FormatError("the relative indices end with a filler code")
+    pos = np.cumsum(np.where(real, codes.astype(np.int64), top)) - 1
+    pos = pos[real]
+    if pos.size and pos[-1] >= n:
+        raise FormatError(f"a relative index points at element {int(pos[-1])} of an array of {n}")
+    return pos
+
+
+def _position_candidates(nz: np.ndarray, nnz: int, sw: StreamWriter) -> tuple[str, tuple]:
+    n = nz.size
+    cands = {"bitmask": sw.compress(np.packbits(nz, bitorder="little"))}
+    positions = np.flatnonzero(nz)
+    cands["delta8"] = sw.compress(delta_encode(positions, 8).view(np.uint8))
+    if nnz and n / nnz > 64:  # 16-bit gaps only pay off when non-zeros are rare
+        cands["delta16"] = sw.compress(delta_encode(positions, 16).view(np.uint8))
+    best = min(cands, key=lambda k: len(cands[k][1]))
+    return best, cands[best]
+
+
+def encode_array(arr: np.ndarray, path: str, sw: StreamWriter) -> dict:
+    """Encodes one array into ``sw`` and returns its JSON record (dense or sparse, whichever is smaller)."""
+    name = dtype_name(arr.dtype, path)
+    dt = _DTYPES[name]
+    flat = np.ascontiguousarray(arr, dtype=dt).reshape(-1)  # byte-swaps a big-endian array, else no copy
+    rec: dict[str, Any] = {"dt": name, "sh": [int(d) for d in arr.shape]}
+    n = flat.size
+    nz = _nonzero(flat)
+    nnz = int(np.count_nonzero(nz))
+    large = n * dt.itemsize > _TRY_BOTH_BYTES
+    sparse = dense = None
+    if n and nnz <= MAX_SPARSE_DENSITY * n:
+        pos_kind, pos = _position_candidates(nz, nnz, sw)
+        vals = sw.compress(to_planes(flat[nz]))
+        sparse = (pos_kind, pos, vals)
+    if sparse is None or not large or nnz > _DENSITY_CUTOFF_LARGE * n:
+        dense = sw.compress(to_planes(flat))
+    if sparse is not None and (dense is None or len(sparse[1][1]) + len(sparse[2][1]) < len(dense[1])):
+        rec.update(e="sparse", nnz=nnz, pos=sparse[0], s=[sw.commit(sparse[1]), sw.commit(sparse[2])])
+    else:
+        rec.update(e="dense", s=[sw.commit(dense)])
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+class StreamReader:
+    """Hands out the payload's streams, each at most once, after checking its declared lengths."""
+
+    def __init__(self, payload: memoryview, table: Any, budget: Budget):
+        if not isinstance(table, list):
+            raise FormatError("the header's stream table is not a list")
+        self.payload, self.budget = payload, budget
+        self.entries: list[tuple[int, int, int, int]] = []
+        offset = 0
+        for i, entry in enumerate(table):
+            if not (isinstance(entry, list) and len(entry) == 3 and all(_is_int(v) and v >= 0 for v in entry)):
+                raise FormatError(f"stream {i} of the table is malformed: {entry!r}")
+            codec, stored, raw = entry
+            if codec not in (RAW, ZSTD):
+                raise FormatError(f"stream {i} uses unknown codec {codec}")
+            if codec == RAW and stored != raw:
+                raise FormatError(f"raw stream {i} stores {stored} bytes but declares {raw}")
+            self.entries.append((codec, offset, stored, raw))
+            offset += stored
+        if offset != len(payload):
+            raise FormatError(f"the streams add up to {offset} bytes but the payload holds {len(payload)}")
+        self.used: set[int] = set()
+        self.dctx = zstandard.ZstdDecompressor()
+
+    def get(self, index: Any, lo: int, hi: int, what: str) -> np.ndarray:
+        """Stream ``index`` as a uint8 array; its raw length must lie in ``[lo, hi]``."""
+        if not _is_int(index) or not 0 <= index < len(self.entries):
+            raise FormatError(f"{what}: stream index {index!r} is out of range")
+        if index in self.used:
+            raise FormatError(f"{what}: stream {index} is referenced twice")
+        self.used.add(index)
+        codec, offset, stored, raw = self.entries[index]
+        if not lo <= raw <= hi:
+            expect = f"{lo}" if lo == hi else f"between {lo} and {hi}"
+            raise FormatError(f"{what}: stream {index} declares {raw} bytes, expected {expect}")
+        data = self.payload[offset : offset + stored]
+        if codec == RAW:
+            return np.frombuffer(data, np.uint8)
+        self.budget.charge(raw, what)
+        try:
+            if zstandard.frame_content_size(data) != raw:
+                raise FormatError(f"{what}: the zstd frame of stream {index} does not declare {raw} bytes")
+            out = self.dctx.decompress(data, max_output_size=raw)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"{what}: stream {index} is not a valid zstd frame: {e}") from e
+        if len(out) != raw:
+            raise FormatError(f"{what}: stream {index} decompressed to {len(out)} bytes, expected {raw}")
+        return np.frombuffer(out, np.uint8)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_shape(shape: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(shape, list) or len(shape) > 64 or not all(_is_int(d) and 0 <= d < 1 << 48 for d in shape):
+        raise FormatError(f"{what}: invalid shape {shape!r}")
+    return tuple(shape)
+
+
+def decode_array(rec: Any, sr: StreamReader, what: str) -> np.ndarray:
+    """Rebuilds the array of a record written by :func:`encode_array`, validating it fully first."""
+    if not isinstance(rec, dict):
+        raise FormatError(f"{what}: the array record is not an object")
+    dt = dtype_from_name(rec.get("dt"))
+    shape = check_shape(rec.get("sh"), what)
+    n = math.prod(shape)
+    nbytes = n * dt.itemsize
+    streams = rec.get("s")
+    kind = rec.get("e")
+    if not isinstance(streams, list):
+        raise FormatError(f"{what}: the record's stream list is missing")
+    if kind == "dense":
+        if len(streams) != 1:
+            raise FormatError(f"{what}: a dense record has one stream, got {len(streams)}")
+        sr.budget.charge(nbytes, what)
+        buf = sr.get(streams[0], nbytes, nbytes, what)
+        return from_planes(buf, n, dt).reshape(shape)
+    if kind != "sparse":
+        raise FormatError(f"{what}: unknown encoding {kind!r}")
+    nnz, pos_kind = rec.get("nnz"), rec.get("pos")
+    if not _is_int(nnz) or not 0 <= nnz <= n:
+        raise FormatError(f"{what}: invalid non-zero count {nnz!r} for {n} elements")
+    if len(streams) != 2:
+        raise FormatError(f"{what}: a sparse record has two streams, got {len(streams)}")
+    sr.budget.charge(nbytes + 9 * nnz, what)  # the output, the values and the int64 positions
+    if pos_kind == "bitmask":
+        bits = sr.get(streams[0], (n + 7) // 8, (n + 7) // 8, what)
+        mask = np.unpackbits(bits, count=n, bitorder="little").view(bool)
+        if int(np.count_nonzero(mask)) != nnz:
+            raise FormatError(f"{what}: the bitmask marks {int(np.count_nonzero(mask))} elements, the header says {nnz}")
+        if n % 8 and bits[-1] >> (n % 8):
+            raise FormatError(f"{what}: the bitmask has bits set past the end of the array")
+        index: np.ndarray = mask
+    elif pos_kind in ("delta8", "delta16"):
+        width = 8 if pos_kind == "delta8" else 16
+        step = width // 8
+        top = (1 << width) - 1
+        sr.budget.charge(8 * (nnz + n // top), what)
+        codes = sr.get(streams[0], step * nnz, step * (nnz + n // top), what)
+        if codes.size % step:
+            raise FormatError(f"{what}: {pos_kind} stream of odd length {codes.size}")
+        index = delta_decode(codes.view(f"<u{step}"), width, nnz, n)
+    else:
+        raise FormatError(f"{what}: unknown position encoding {pos_kind!r}")
+    vals = sr.get(streams[1], nnz * dt.itemsize, nnz * dt.itemsize, what)
+    out = np.zeros(n, dt)
+    out[index] = from_planes(vals, nnz, dt)
+    return out.reshape(shape)
