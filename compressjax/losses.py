@@ -103,7 +103,9 @@ def kd_loss(
     of the KL term alone shrinks as :math:`1/T^2` for large :math:`T`), so the soft and hard terms can be
     mixed with one fixed weight. Both distributions come from ``log_softmax``, so large logits and large
     temperatures do not overflow; the loss is exactly zero when the two logits are equal, and teacher
-    probabilities that underflow to zero (or ``-inf`` teacher logits) contribute exactly zero.
+    probabilities that are zero (``-inf`` teacher logits) are handled exactly. The KL is summed as
+    non-negative terms (see the code), so it keeps its precision for large ``T`` where the naive sum
+    cancels catastrophically.
 
     Args:
         student_logits: logits of the student, shape ``(..., num_classes)``.
@@ -131,11 +133,21 @@ def kd_loss(
     temperature = jnp.asarray(temperature, dtype=jnp.result_type(s.dtype, t.dtype))
     log_p_s = jax.nn.log_softmax(s / temperature, axis=axis, where=where)
     log_p_t = jax.nn.log_softmax(t / temperature, axis=axis, where=where)
-    p_t = jnp.exp(log_p_t)
-    keep = p_t > 0 if where is None else jnp.logical_and(p_t > 0, where)
-    # The inner `where`s keep -inf (masked or underflowed entries) out of both the value and the gradient.
-    diff = jnp.where(keep, log_p_t, 0.0) - jnp.where(keep, log_p_s, 0.0)
-    kl = jnp.sum(jnp.where(keep, p_t * diff, 0.0), axis=axis)
+    p_s, p_t = jnp.exp(log_p_s), jnp.exp(log_p_t)
+    valid = jnp.ones(p_t.shape, bool) if where is None else jnp.broadcast_to(jnp.asarray(where, bool), p_t.shape)
+    pos = jnp.logical_and(valid, p_t > 0)
+    # KL = sum_i p_i (r_i - 1 - log r_i) with r = q / p (the added terms sum to zero), written with
+    # d = log p - log q as p (expm1(-d) + d): every term is >= 0, so nothing cancels. The naive
+    # sum p (log p - log q) loses all its digits for large T, where d ~ 1/T is tiny. For |d| >= 1 the
+    # equivalent q - p + p d avoids overflowing exp(-d). The inner `where`s keep -inf (masked classes,
+    # zero teacher probabilities) out of the value and the gradient.
+    d = jnp.where(pos, log_p_t - log_p_s, 0.0)
+    small = jnp.abs(d) < 1
+    d_small, d_big = jnp.where(small, d, 0.0), jnp.where(small, 0.0, d)
+    term = jnp.where(small, p_t * (jnp.expm1(-d_small) + d_small), p_s - p_t + p_t * d_big)
+    # Classes the teacher gives probability 0 contribute q (the r_i term of the identity above).
+    term = jnp.where(pos, term, jnp.where(valid, p_s, 0.0))
+    kl = jnp.sum(term, axis=axis)
     return kl * temperature**2
 
 
