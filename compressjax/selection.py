@@ -1,0 +1,172 @@
+"""Exact k-th smallest value over a whole pytree in O(n), without sorting or concatenating.
+
+Non-negative float32 values order exactly like their uint32 bit patterns (IEEE 754), so the k-th smallest
+magnitude can be found by a radix select on the bit patterns: two counting passes over every leaf, each
+building a histogram of one digit (the high 16 bits, then the low 15 bits of the elements whose high digit
+matches) with per-leaf histograms summed across leaves. A third, elementwise pass writes the masks. Memory
+beyond the inputs and the boolean masks is two small histograms per leaf; nothing of size ``n`` is
+allocated except the masks.
+
+The count of pruned elements is exact: ties at the threshold are split in a fixed order (leaf order of
+``jax.tree_util`` flattening, then row-major flat index within a leaf; the earliest ties are pruned). That
+order is the order of a stable sort of the concatenated magnitudes, which is what the tests compare to.
+
+On XLA CPU we measured (see ``benchmarks/pruning.py`` and BENCHMARKS.md) counting passes with one or
+several comparison thresholds per pass against scatter-add histograms; fused compare-and-count reductions
+cost about as much per threshold as a whole histogram pass, so the two-pass 16/15-bit histogram (3 passes
+in all, with the mask pass) is the fastest exact scheme we found.
+
+References:
+    Radix select: e.g. Alabi et al., "Fast k-selection algorithms for graphics processing units", JEA 2012.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["magnitude_bits", "kth_smallest_bits", "exact_keep_masks", "round_half_even_count"]
+
+_HI_BITS = 16  # the high digit: bits 15..30 of the pattern (bit 31, the sign, is 0 for magnitudes)
+_LO_BITS = 15  # the low digit: bits 0..14
+_N_HI = 1 << _HI_BITS
+_N_LO = 1 << _LO_BITS
+
+
+def magnitude_bits(x: jax.Array) -> jax.Array:
+    """uint32 bit patterns of ``|x|`` as float32 (bf16/f16 leaves are widened first); order-preserving."""
+    a = jnp.abs(jnp.asarray(x).astype(jnp.float32))
+    return lax.bitcast_convert_type(a, jnp.uint32).reshape(-1)
+
+
+def _histogram(idx: jax.Array, nbins: int) -> jax.Array:
+    # One extra bin collects the elements that do not take part (idx == nbins), so the scatter needs no
+    # bounds checks; it is dropped afterwards.
+    h = jnp.zeros((nbins + 1,), jnp.int32).at[idx].add(1, mode="promise_in_bounds")
+    return h[:nbins]
+
+
+def _first_bin_reaching(cum: jax.Array, k: jax.Array) -> jax.Array:
+    """Index of the first bin whose inclusive cumulative count reaches ``k`` (0 when ``k <= 0``)."""
+    return jnp.minimum(jnp.sum(cum < k, dtype=jnp.int32), cum.shape[0] - 1)
+
+
+def kth_smallest_bits(bits: Sequence[jax.Array], k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``k``-th smallest (1-indexed) bit pattern across several uint32 arrays, in two counting passes.
+
+    Args:
+        bits: flat uint32 arrays of non-negative float32 bit patterns (see :func:`magnitude_bits`).
+        k: int32 scalar in ``[0, n]`` (may be traced). ``k == 0`` gives threshold 0 and no element below.
+
+    Returns:
+        ``(t, n_below, n_equal)``: the threshold pattern ``t`` (uint32 scalar), the number of elements
+        strictly below it (int32), and per-array counts of elements equal to it (int32, shape ``(L,)``).
+    """
+    k = jnp.asarray(k, jnp.int32)
+    hist_hi = sum(_histogram((b >> _LO_BITS).astype(jnp.int32), _N_HI) for b in bits)
+    cum_hi = jnp.cumsum(hist_hi)
+    d_hi = _first_bin_reaching(cum_hi, k)
+    below_hi = cum_hi[d_hi] - hist_hi[d_hi]
+    k_lo = k - below_hi
+
+    d_hi_u = d_hi.astype(jnp.uint32)
+
+    def lo_hist(b):
+        lo = (b & jnp.uint32(_N_LO - 1)).astype(jnp.int32)
+        return _histogram(jnp.where((b >> _LO_BITS) == d_hi_u, lo, _N_LO), _N_LO)
+
+    hist_lo = jnp.stack([lo_hist(b) for b in bits])  # (L, 2**15): per leaf, for the tie counts
+    tot_lo = jnp.sum(hist_lo, axis=0)
+    cum_lo = jnp.cumsum(tot_lo)
+    d_lo = _first_bin_reaching(cum_lo, k_lo)
+    t = (d_hi_u << _LO_BITS) | d_lo.astype(jnp.uint32)
+    n_below = below_hi + cum_lo[d_lo] - tot_lo[d_lo]
+    n_equal = hist_lo[:, d_lo]
+    # k == 0: threshold 0 with nothing below; the caller then prunes no tie (k - n_below == 0).
+    t = jnp.where(k > 0, t, jnp.uint32(0))
+    n_below = jnp.where(k > 0, n_below, 0)
+    return t, n_below, n_equal
+
+
+def _leaf_mask(b: jax.Array, t: jax.Array, ties_to_prune: jax.Array, n_equal: jax.Array) -> jax.Array:
+    """Keeps ``b > t`` and the ties at ``t`` after the first ``ties_to_prune`` of them (row-major order)."""
+
+    def simple(_):
+        # All ties kept (ties_to_prune == 0) or all pruned (== n_equal): one elementwise pass.
+        return (b > t) | ((b == t) & (ties_to_prune == 0))
+
+    def split(_):
+        tie = b == t
+        rank = jnp.cumsum(tie.astype(jnp.int32))  # 1-based rank of each tie in row-major order
+        return (b > t) | (tie & (rank > ties_to_prune))
+
+    partial = (ties_to_prune > 0) & (ties_to_prune < n_equal)
+    return lax.cond(partial, split, simple, None)
+
+
+def exact_keep_masks(bits: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
+    """Boolean keep-masks (flat) that prune exactly the ``k`` smallest elements across all arrays.
+
+    Ties at the threshold are pruned in leaf order, then row-major flat index (a stable-sort order).
+    Only the one leaf where the tie run is split pays for a cumulative sum (chosen by ``lax.cond``).
+    """
+    k = jnp.asarray(k, jnp.int32)
+    t, n_below, n_equal = kth_smallest_bits(bits, k)
+    ties = k - n_below  # how many of the tied elements must go
+    offsets = jnp.cumsum(n_equal) - n_equal  # ties in earlier leaves
+    masks = []
+    for i, b in enumerate(bits):
+        r = jnp.clip(ties - offsets[i], 0, n_equal[i])
+        masks.append(_leaf_mask(b, t, r, n_equal[i]))
+    return masks
+
+
+def round_half_even_count(fraction: jax.Array, n: int) -> jax.Array:
+    """``round_half_even(fraction * n)`` for a float32 ``fraction`` in ``[0, 1]``, computed exactly.
+
+    A float32 product ``fraction * n`` rounds once ``n`` passes 2**24; here the product of the 24-bit
+    mantissa and ``n`` is formed exactly in two 32-bit limbs (no x64 needed) and then rounded half to even,
+    so the result is the exact real product rounded half to even for every float32 ``fraction``.
+
+    Args:
+        fraction: float32 scalar in ``[0, 1]`` (may be traced).
+        n: static element count, ``0 <= n < 2**31``.
+    """
+    if not 0 <= n < 2**31:
+        raise ValueError(f"element count {n} must be in [0, 2**31)")
+    s = lax.bitcast_convert_type(jnp.asarray(fraction, jnp.float32), jnp.uint32)
+    e = (s >> 23) & jnp.uint32(0xFF)
+    mant = s & jnp.uint32(0x7FFFFF)
+    m = jnp.where(e == 0, mant, mant | jnp.uint32(0x800000))
+    sh = jnp.where(e == 0, jnp.uint32(149), jnp.uint32(150) - e)  # fraction = m * 2**-sh
+    # T = m * n = H * 2**32 + L exactly, from 16-bit limbs.
+    m1, m0 = m >> 16, m & jnp.uint32(0xFFFF)
+    n1, n0 = jnp.uint32(n >> 16), jnp.uint32(n & 0xFFFF)
+    a, mid, c = m1 * n1, m1 * n0 + m0 * n1, m0 * n0
+    tmp = mid + (c >> 16)
+    lo = ((tmp & jnp.uint32(0xFFFF)) << 16) | (c & jnp.uint32(0xFFFF))
+    hi = a + (tmp >> 16)
+    big = sh >= 32  # quotient from the high limb only
+    shb = jnp.where(big, sh - 32, 0)
+    shs = jnp.where(big, 0, sh)
+    q_big = jnp.where(shb < 32, hi >> jnp.minimum(shb, 31), 0)
+    q_big = jnp.where(shb >= 32, 0, q_big)
+    q_small = (hi << (32 - jnp.maximum(shs, 1))) * (shs > 0) | (lo >> jnp.minimum(shs, 31))
+    q = jnp.where(big, q_big, q_small)
+    # Remainder versus one half (2**(sh-1)), compared as two limbs (rh, rl) vs (hh, hl).
+    one = jnp.uint32(1)
+    rh = jnp.where(big, jnp.where(shb >= 32, hi, hi & ((one << jnp.minimum(shb, 31)) - 1)), 0)
+    rl = jnp.where(big, lo, lo & ((one << jnp.minimum(shs, 31)) - 1))
+    hh = jnp.where(big & (sh >= 33), one << jnp.minimum(sh - 33, 31), 0)
+    hh = jnp.where(sh >= 65, 0, hh)
+    hl = jnp.where(big, jnp.where(sh == 32, jnp.uint32(1 << 31), 0), one << (jnp.maximum(shs, 1) - 1))
+    # sh >= 65 means the product is far below one half of 2**sh: quotient and remainder test give 0.
+    gt = (rh > hh) | ((rh == hh) & (rl > hl))
+    eq = (rh == hh) & (rl == hl)
+    up = gt | (eq & ((q & one) == one))
+    up = up & (sh < 65)
+    q = jnp.where(sh >= 64, 0, q)
+    return (q + up.astype(jnp.uint32)).astype(jnp.int32)
