@@ -1,0 +1,339 @@
+"""Pruning masks: magnitude and score (global or per layer), N:M, whole channels; apply and summarise.
+
+A *mask tree* has the structure of the params tree with a boolean array (``True`` = keep) at every
+selected leaf and ``None`` elsewhere (see ``compressjax.tree`` for the ``where`` selector). Every mask
+function is a pure function that runs eagerly or under ``jax.jit``.
+
+Counts are exact: pruning a fraction ``s`` of ``n`` weights removes exactly ``k = round(s * n)`` of them,
+rounded half to even. For a Python ``float`` sparsity ``k`` is computed in Python; for an array or traced
+sparsity (a float32 value) ``k`` is the exact real product ``float32(s) * n`` rounded half to even,
+computed in-graph (``compressjax.selection.round_half_even_count``), so changing the sparsity under
+``jax.jit`` never retraces. Ties at the threshold are pruned in a fixed order: leaf order (``jax.tree_util``
+flattening), then row-major flat index, the earliest first, i.e. the order of a stable sort of the
+concatenated magnitudes.
+
+The global threshold is found by an exact radix select over float32 bit patterns with a fixed number of
+counting passes (``compressjax.selection``): no sort and no concatenation of the parameters.
+
+Training-time transforms (schedules, ``keep_masked``, ``gradual_pruning``) live in
+``compressjax.schedules``.
+
+References:
+    Han et al., "Learning both Weights and Connections for Efficient Neural Networks", NeurIPS 2015.
+    Mishra et al., "Accelerating Sparse Deep Neural Networks" (2:4 sparsity), arXiv:2104.08378, 2021.
+    Li et al., "Pruning Filters for Efficient ConvNets" (channel pruning by norm), ICLR 2017.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from numbers import Real
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compressjax.selection import exact_keep_masks, magnitude_bits, round_half_even_count
+from compressjax.tree import (
+    PyTree,
+    Where,
+    check_finite,
+    check_same_structure,
+    is_none,
+    leaves_with_paths,
+    map_with_masks,
+    path_to_str,
+    selected_leaves,
+    selector,
+)
+
+__all__ = [
+    "magnitude_masks",
+    "score_masks",
+    "nm_masks",
+    "channel_masks",
+    "apply_masks",
+    "sparsity_summary",
+    "SparsitySummary",
+    "LeafSparsity",
+]
+
+_SCOPES = ("global", "layer")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def check_sparsity(sparsity: Any, name: str = "sparsity") -> float | jax.Array:
+    """Validates a sparsity: a Python float is checked; an array is checked when concrete.
+
+    A traced sparsity cannot be checked; it is clipped to ``[0, 1]`` and NaN counts as 0 (no pruning).
+
+    Raises:
+        TypeError: if it is a bool, not a real number or not a scalar.
+        ValueError: if a concrete value is NaN or outside ``[0, 1]``.
+    """
+    if isinstance(sparsity, bool | np.bool_):
+        raise TypeError(f"{name} must be a float in [0, 1], got the bool {sparsity!r}")
+    if isinstance(sparsity, Real):
+        s = float(sparsity)
+        if not 0.0 <= s <= 1.0:  # also catches NaN
+            raise ValueError(f"{name} must be in [0, 1], got {sparsity!r}")
+        return s
+    arr = sparsity if isinstance(sparsity, jax.Array | np.ndarray) else None
+    if arr is None or arr.ndim != 0:
+        raise TypeError(f"{name} must be a float or a scalar array, got {sparsity!r}")
+    if not isinstance(arr, jax.core.Tracer):
+        s = float(arr)
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {s!r}")
+    s = jnp.asarray(arr, jnp.float32)
+    return jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0))
+
+
+def prune_count(sparsity: float | jax.Array, n: int) -> int | jax.Array:
+    """``k = round_half_even(sparsity * n)``: a Python int for a float sparsity, else an int32 array."""
+    if isinstance(sparsity, float):
+        return round(sparsity * n)  # Python's round() is half-to-even
+    return round_half_even_count(sparsity, n)
+
+
+def _rebuild(tree: PyTree, where: Where, new_leaves: list[Any], is_leaf=None) -> PyTree:
+    """A tree like ``tree`` with ``new_leaves`` (in flattening order) at the selected leaves, None elsewhere."""
+    pred = selector(where)
+    it = iter(new_leaves)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    out = [next(it) if pred(path_to_str(p), leaf) else None for p, leaf in flat]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@jax.jit
+def _global_flat_masks(leaves: list[jax.Array], k: jax.Array) -> list[jax.Array]:
+    masks = exact_keep_masks([magnitude_bits(x) for x in leaves], k)
+    return [m.reshape(x.shape) for m, x in zip(masks, leaves, strict=True)]
+
+
+def _masks_from_scores(tree: PyTree, sparsity: Any, scope: str, where: Where, what: str) -> PyTree:
+    if scope not in _SCOPES:
+        raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+    s = check_sparsity(sparsity)
+    chosen = selected_leaves(tree, where)
+    for path, leaf in chosen:
+        check_finite(path, leaf)
+        if what == "scores" and not isinstance(leaf, jax.core.Tracer) and np.any(np.asarray(leaf) < 0):
+            bad = np.asarray(leaf)[np.asarray(leaf) < 0].ravel()[0]
+            raise ValueError(f"scores must be non-negative; leaf {path!r} holds {bad}")
+    leaves = [jnp.asarray(leaf) for _, leaf in chosen]
+    if scope == "global":
+        n = sum(int(x.size) for x in leaves)
+        masks = _global_flat_masks(leaves, jnp.asarray(prune_count(s, n), jnp.int32))
+    else:
+        masks = [_global_flat_masks([x], jnp.asarray(prune_count(s, int(x.size)), jnp.int32))[0] for x in leaves]
+    return _rebuild(tree, where, masks)
+
+
+# ------------------------------------------------------------------------------------------ public masks
+def magnitude_masks(params: PyTree, sparsity: float | jax.Array, *, scope: str = "global", where: Where = None) -> PyTree:
+    """Keep-masks that prune the smallest-magnitude weights, with an exact count.
+
+    Args:
+        params: any params pytree (linen dict, ``nnx.State``, equinox module, dict with ``None`` leaves).
+        sparsity: fraction to prune, in ``[0, 1]``; a Python float or a (possibly traced) scalar array.
+            A traced value is clipped to ``[0, 1]`` and NaN prunes nothing (it cannot raise under jit).
+        scope: ``"global"`` prunes exactly ``round(sparsity * n)`` of the ``n`` selected weights across
+            all selected leaves together (one threshold); ``"layer"`` prunes ``round(sparsity * n_leaf)``
+            in each leaf.
+        where: the leaf selector (default: float leaves with ``ndim >= 2``).
+
+    Returns:
+        A tree like ``params`` with a bool array (``True`` = keep) at each selected leaf, ``None`` elsewhere.
+        Ties at the threshold are pruned in leaf order, then row-major index (see module docstring).
+        bf16/f16 leaves are compared as float32 magnitudes.
+
+    Raises:
+        ValueError: sparsity NaN or outside ``[0, 1]`` (Python float or concrete array), unknown scope,
+            ``where`` selecting nothing, NaN/Inf weights in an eager call (naming the leaf path).
+        TypeError: a selected leaf that is not floating point.
+    """
+    return _masks_from_scores(params, sparsity, scope, where, "params")
+
+
+def score_masks(scores: PyTree, sparsity: float | jax.Array, *, scope: str = "global", where: Where = None) -> PyTree:
+    """Like :func:`magnitude_masks` for any non-negative importance scores (prune the smallest).
+
+    Use it to bring your own criterion, e.g. the first-order saliency ``|w * g|`` (Molchanov et al.,
+    "Importance Estimation for Neural Network Pruning", CVPR 2019). ``scores`` has the structure of the
+    params (unselected leaves may be anything, e.g. ``None``). Negative scores raise in an eager call; under
+    jit they are compared by absolute value.
+    """
+    return _masks_from_scores(scores, sparsity, scope, where, "scores")
+
+
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def nm_masks(params: PyTree, n: int, m: int, *, axis: int = -2, where: Where = None) -> PyTree:
+    """N:M structured masks: keep the ``n`` largest-magnitude weights in every ``m`` consecutive ones.
+
+    Groups run along ``axis``; the default ``-2`` is the input (contraction) axis of Flax ``Dense``
+    ``(in, out)`` and ``Conv`` ``(..., in, out)`` kernels, the axis 2:4 sparse tensor cores need. Ties
+    keep the later element (prune the earliest, as in the magnitude masks).
+
+    Raises:
+        ValueError: ``n > m``, non-positive ``n``/``m``, an axis length not divisible by ``m`` or an axis
+            out of range (naming the leaf path and shape), NaN/Inf weights in an eager call.
+        TypeError: non-integer ``n``/``m``, non-float selected leaves.
+
+    References:
+        Mishra et al., "Accelerating Sparse Deep Neural Networks", arXiv:2104.08378, 2021.
+    """
+    n, m = _check_int("n", n), _check_int("m", m)
+    if n > m:
+        raise ValueError(f"n must be <= m, got n={n}, m={m}")
+    chosen = selected_leaves(params, where)
+    masks = []
+    for path, leaf in chosen:
+        check_finite(path, leaf)
+        shape = tuple(leaf.shape)
+        if not -len(shape) <= axis < len(shape):
+            raise ValueError(f"leaf {path!r} with shape {shape} has no axis {axis}")
+        if shape[axis] % m:
+            raise ValueError(f"leaf {path!r}: length {shape[axis]} of axis {axis} (shape {shape}) is not divisible by m={m}")
+        masks.append(_nm_mask(jnp.asarray(leaf), n, m, axis))
+    return _rebuild(params, where, masks)
+
+
+def _nm_mask(x: jax.Array, n: int, m: int, axis: int) -> jax.Array:
+    a = jnp.moveaxis(jnp.abs(x.astype(jnp.float32)), axis, -1)
+    g = a.reshape(*a.shape[:-1], a.shape[-1] // m, m)
+    # rank_i = #{j : a_j > a_i, or a_j == a_i and j > i}: O(m^2) per group, fine for small m.
+    ai, aj = g[..., :, None], g[..., None, :]
+    idx = jnp.arange(m)
+    later = idx[None, :] > idx[:, None]
+    rank = jnp.sum((aj > ai) | ((aj == ai) & later), axis=-1)
+    keep = (rank < n).reshape(a.shape)
+    return jnp.moveaxis(keep, -1, axis)
+
+
+def channel_masks(params: PyTree, sparsity: float | jax.Array, *, axis: int = -1, where: Where = None) -> PyTree:
+    """Structured masks that prune whole channels along ``axis`` by L2 norm, per leaf.
+
+    Each selected leaf loses exactly ``round(sparsity * C)`` of its ``C`` channels (the ones with the
+    smallest L2 norm over all other axes; ties pruned lowest index first). The mask is constant along every
+    other axis. The default ``-1`` is the output axis of Flax ``Dense``/``Conv`` kernels.
+
+    References:
+        Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017.
+    """
+    s = check_sparsity(sparsity)
+    chosen = selected_leaves(params, where)
+    masks = []
+    for path, leaf in chosen:
+        check_finite(path, leaf)
+        shape = tuple(leaf.shape)
+        if not -len(shape) <= axis < len(shape):
+            raise ValueError(f"leaf {path!r} with shape {shape} has no axis {axis}")
+        x = jnp.moveaxis(jnp.asarray(leaf).astype(jnp.float32), axis, -1)
+        norms = jnp.sqrt(jnp.sum(jnp.square(x.reshape(-1, x.shape[-1])), axis=0))
+        keep = _global_flat_masks([norms], jnp.asarray(prune_count(s, norms.size), jnp.int32))[0]
+        full = jnp.broadcast_to(keep, x.shape)
+        masks.append(jnp.moveaxis(full, -1, axis))
+    return _rebuild(params, where, masks)
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+    """Zeroes the pruned weights: ``where(mask, w, 0)`` at masked leaves; ``None`` masks pass through.
+
+    Raises:
+        ValueError: if the mask tree does not match the params tree or a mask's shape differs from its
+            leaf's (naming the path).
+    """
+
+    def apply(path, mask, leaf):
+        if tuple(jnp.shape(mask)) != tuple(jnp.shape(leaf)):
+            raise ValueError(f"mask for leaf {path!r} has shape {jnp.shape(mask)}, the leaf has {jnp.shape(leaf)}")
+        return jnp.where(mask, leaf, jnp.zeros((), jnp.result_type(leaf)))
+
+    return map_with_masks(apply, masks, params)
+
+
+# ------------------------------------------------------------------------------------------- summaries
+@dataclasses.dataclass(frozen=True)
+class LeafSparsity:
+    """Zero count of one leaf (for masks: the pruned count)."""
+
+    path: str
+    size: int
+    zeros: int
+
+    @property
+    def fraction(self) -> float:
+        return self.zeros / self.size if self.size else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsitySummary:
+    """Per-leaf and total zero counts; ``str()`` gives a readable table."""
+
+    leaves: tuple[LeafSparsity, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.leaves)
+
+    @property
+    def zeros(self) -> int:
+        return sum(r.zeros for r in self.leaves)
+
+    @property
+    def fraction(self) -> float:
+        return self.zeros / self.size if self.size else 0.0
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        """``{path: {"size", "zeros", "fraction"}}`` plus a ``"total"`` entry."""
+        out = {r.path: {"size": r.size, "zeros": r.zeros, "fraction": r.fraction} for r in self.leaves}
+        out["total"] = {"size": self.size, "zeros": self.zeros, "fraction": self.fraction}
+        return out
+
+    def __str__(self) -> str:
+        width = max([len("total")] + [len(r.path) for r in self.leaves])
+        lines = [f"{'leaf':<{width}}  {'size':>12}  {'zeros':>12}  {'sparsity':>8}"]
+        for r in (*self.leaves, LeafSparsity("total", self.size, self.zeros)):
+            if r.path == "total":
+                lines.append("-" * len(lines[0]))
+            lines.append(f"{r.path:<{width}}  {r.size:>12,}  {r.zeros:>12,}  {r.fraction:>8.2%}")
+        return "\n".join(lines)
+
+
+def sparsity_summary(params_or_masks: PyTree, where: Where = None) -> SparsitySummary:
+    """Counts zeros per leaf and in total (eager; reads the values back to the host).
+
+    Bool leaves are read as masks (``False`` = pruned) and always counted; other leaves are counted when
+    ``where`` selects them (default: float leaves with ``ndim >= 2``). ``None`` leaves are skipped.
+
+    Raises:
+        ValueError: if nothing is selected.
+    """
+    pred = selector(where)
+    rows = []
+    for path, leaf in leaves_with_paths(params_or_masks, is_none):
+        if leaf is None or not hasattr(leaf, "dtype"):
+            continue
+        is_mask = jnp.asarray(leaf).dtype == jnp.bool_
+        if not (is_mask or pred(path, leaf)):
+            continue
+        arr = np.asarray(leaf)
+        zeros = int(arr.size - np.count_nonzero(arr))
+        rows.append(LeafSparsity(path, int(arr.size), zeros))
+    if not rows:
+        raise ValueError(f"sparsity_summary: where={where!r} selects no leaf")
+    return SparsitySummary(tuple(rows))
+
+
+def masks_match(masks: PyTree, params: PyTree) -> None:
+    """Raises ``ValueError`` if ``masks`` does not have the structure of ``params``."""
+    check_same_structure(masks, params, "masks", "params")
