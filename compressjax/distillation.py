@@ -74,9 +74,30 @@ class DistillState:
 
     @classmethod
     def create(cls, student_params: PyTree, tx: optax.GradientTransformation) -> DistillState:
-        """Initial state: ``tx.init(student_params)`` and ``step = 0``."""
+        """Initial state: a copy of ``student_params``, ``tx.init`` of it and ``step = 0``.
+
+        Every array of the state gets its own buffer: the step donates the state (``donate=True``), which
+        must neither invalidate the caller's ``student_params`` nor donate one buffer twice (as when an
+        optimizer state holds the params themselves, like ``optax.lookahead``).
+        """
         _check_tx(tx)
-        return cls(params=student_params, opt_state=tx.init(student_params), step=jnp.zeros((), jnp.int32))
+        params = jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, student_params)
+        state = cls(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+        return _distinct_buffers(state)
+
+
+def _distinct_buffers(tree: PyTree) -> PyTree:
+    """Copies array leaves that share a buffer with an earlier leaf, so that the tree can be donated."""
+    seen: set[int] = set()
+
+    def visit(x):
+        if isinstance(x, jax.Array):
+            if id(x) in seen:
+                return jnp.array(x, copy=True)
+            seen.add(id(x))
+        return x
+
+    return jax.tree.map(visit, tree)
 
 
 def _check_tx(tx: Any) -> None:
@@ -121,7 +142,15 @@ def _evaluate_loss(loss_fn: LossFn, student_out: Any, teacher_out: Any, labels: 
 
 
 def _label_metrics(student_out: Any, labels: Any) -> dict[str, jax.Array]:
-    """Cross-entropy and accuracy of the student against integer labels, when its output is logits for them."""
+    """Cross-entropy and accuracy of the student against integer labels, when its output holds logits.
+
+    The logits are the output itself, its ``"logits"`` entry (a dict output) or its first element (a
+    tuple output), when their shape is ``labels.shape + (num_classes,)``.
+    """
+    if isinstance(student_out, Mapping):
+        student_out = student_out.get("logits")
+    elif isinstance(student_out, tuple | list) and student_out:
+        student_out = student_out[0]
     if labels is None or not isinstance(student_out, jax.Array):
         return {}
     labels = jnp.asarray(labels)
@@ -174,7 +203,8 @@ def make_distill_step(
         ``step(state, teacher_params, batch)``; ``batch`` is ``(inputs, labels)`` (a 2-tuple; labels may be
         None) or inputs alone (an array, dict or any non-2-tuple pytree). ``metrics`` holds scalars:
         ``loss`` (the total), ``kd`` (the soft term), ``ce`` (the hard term; 0 without labels) and, when
-        integer labels match the student's logits, ``accuracy``. With a custom ``loss_fn`` that does not
+        integer labels match the student's logits (the output, its ``"logits"`` entry or its first
+        element), ``accuracy``. With a custom ``loss_fn`` that does not
         report them, ``kd`` is the loss and ``ce`` / ``accuracy`` are computed from the student's logits
         as monitors (they do not enter the gradient). The jitted function is ``step.jitted``.
 
