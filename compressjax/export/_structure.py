@@ -100,7 +100,7 @@ def flatten(tree: Any, is_array_leaf) -> tuple[dict, list[tuple[str, Any]]]:
             meta = {k: _json_meta(v, path, k) for k, v in x.get_metadata().items()}
             return {"t": "var", "cls": name, "m": meta, "v": visit(x.get_value(), path, depth + 1)}
         kind = None
-        if isinstance(x, nnx.State):
+        if type(x) is nnx.State:
             kind = "state"
         elif type(x) is dict:
             kind = "dict"
@@ -108,7 +108,9 @@ def flatten(tree: Any, is_array_leaf) -> tuple[dict, list[tuple[str, Any]]]:
             kind = "frozendict"
         if kind is not None:
             items = []
-            for k, v in x.items():
+            # A State keeps nested levels as plain dicts (and wraps them on access): store what it holds.
+            mapping = x.raw_mapping if kind == "state" and hasattr(x, "raw_mapping") else x
+            for k, v in mapping.items():
                 if not (isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool))):
                     raise TypeError(f"key {k!r} at {path!r} has type {type(k).__name__}; only str and int keys can be saved")
                 items.append([k, visit(v, _join(path, k), depth + 1)])
@@ -124,8 +126,16 @@ def flatten(tree: Any, is_array_leaf) -> tuple[dict, list[tuple[str, Any]]]:
     return visit(tree, "", 0), leaves
 
 
-def unflatten(node: Any, leaves: list[Any], path: str = "", depth: int = 0) -> Any:
+def unflatten(node: Any, leaves: list[Any]) -> Any:
     """Rebuilds the tree described by ``node`` with the decoded ``leaves``; validates every field."""
+    used: set[int] = set()
+    tree = _unflatten(node, leaves, used, "", 0)
+    if len(used) != len(leaves):
+        raise FormatError(f"{len(leaves) - len(used)} leaves of the header are not placed in the tree")
+    return tree
+
+
+def _unflatten(node: Any, leaves: list[Any], used: set[int], path: str, depth: int) -> Any:
     what = repr(path or "the params root")
     if depth > MAX_DEPTH:
         raise FormatError(f"the tree is nested deeper than {MAX_DEPTH} levels at {what}")
@@ -138,6 +148,9 @@ def unflatten(node: Any, leaves: list[Any], path: str = "", depth: int = 0) -> A
         i = node.get("i")
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(leaves):
             raise FormatError(f"leaf index {i!r} at {what} is out of range ({len(leaves)} leaves)")
+        if i in used:
+            raise FormatError(f"leaf {i} is placed twice in the tree (again at {what})")
+        used.add(i)
         return leaves[i]
     if t == "py":
         v = node.get("v")
@@ -149,7 +162,7 @@ def unflatten(node: Any, leaves: list[Any], path: str = "", depth: int = 0) -> A
         meta = node.get("m")
         if cls is None or not isinstance(meta, dict):
             raise FormatError(f"unknown NNX variable type {node.get('cls')!r} at {what}")
-        value = unflatten(node.get("v"), leaves, path, depth + 1)
+        value = _unflatten(node.get("v"), leaves, used, path, depth + 1)
         kwargs = {str(k): _meta_from_json(v, what) for k, v in meta.items()}
         try:
             return cls(value, **kwargs)
@@ -166,7 +179,7 @@ def unflatten(node: Any, leaves: list[Any], path: str = "", depth: int = 0) -> A
             k, child = item
             if not (isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool))) or k in out:
                 raise FormatError(f"invalid or repeated key {k!r} at {what}")
-            out[k] = unflatten(child, leaves, _join(path, k), depth + 1)
+            out[k] = _unflatten(child, leaves, used, _join(path, k), depth + 1)
         if t == "dict":
             return out
         if t == "frozendict":
@@ -178,7 +191,7 @@ def unflatten(node: Any, leaves: list[Any], path: str = "", depth: int = 0) -> A
         children = node.get("c")
         if not isinstance(children, list):
             raise FormatError(f"malformed {t} node at {what}")
-        seq = [unflatten(c, leaves, _join(path, i), depth + 1) for i, c in enumerate(children)]
+        seq = [_unflatten(c, leaves, used, _join(path, i), depth + 1) for i, c in enumerate(children)]
         return seq if t == "list" else tuple(seq)
     raise FormatError(f"unknown tree node type {t!r} at {what}")
 
