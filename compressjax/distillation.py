@@ -120,6 +120,21 @@ def _default_loss(student_out: Any, teacher_out: Any, labels: Any) -> tuple[jax.
     return total, metrics
 
 
+def _with_terms(loss_fn: LossFn | None) -> LossFn:
+    """``distillation_loss`` (or a keyword ``functools.partial`` of it) rewritten to also report kd and ce."""
+    if loss_fn is None or loss_fn is distillation_loss:
+        return _default_loss
+    if isinstance(loss_fn, functools.partial) and loss_fn.func is distillation_loss and not loss_fn.args:
+        keywords = dict(loss_fn.keywords)
+
+        def with_terms(student_out, teacher_out, labels):
+            total, kd, ce = distillation_terms(student_out, teacher_out, labels, **keywords)
+            return total, ({"kd": kd} if ce is None else {"kd": kd, "ce": ce})
+
+        return with_terms
+    return loss_fn
+
+
 def _mean(x: Any) -> jax.Array:
     x = jnp.asarray(x)
     return jnp.mean(x) if x.ndim else x
@@ -129,8 +144,10 @@ def _evaluate_loss(loss_fn: LossFn, student_out: Any, teacher_out: Any, labels: 
     out = loss_fn(student_out, teacher_out, labels)
     if isinstance(out, tuple):
         if len(out) != 2 or not isinstance(out[1], Mapping):
-            raise TypeError("loss_fn must return per-example losses or a (loss, metrics: dict) pair, got a "
-                            f"tuple of length {len(out)}")
+            raise TypeError(
+                "loss_fn must return per-example losses or a (loss, metrics: dict) pair, got a "
+                f"tuple of length {len(out)}"
+            )
         loss, extra = out
     else:
         loss, extra = out, {}
@@ -189,7 +206,8 @@ def make_distill_step(
             or a ``(loss, metrics)`` pair whose entries (averaged when per-example) join ``metrics``;
             ``labels`` is None for label-free batches. Default: :func:`distillation_loss` with its
             defaults (``temperature=1``, ``alpha=0.5``); close over other hyperparameters with
-            ``functools.partial(distillation_loss, temperature=4.0, alpha=0.9)``.
+            ``functools.partial(distillation_loss, temperature=4.0, alpha=0.9)`` (for this function and
+            such keyword partials of it, ``metrics`` reports the soft and hard terms separately).
         student_transform: ``(params, step) -> params`` applied before the student's forward pass, e.g.
             ``lambda p, s: fake_quant_params(apply_masks(p, masks), QuantSpec(bits=4))``.
         donate: donate the input ``state``'s buffers to the output (halves peak memory of params and
@@ -228,8 +246,7 @@ def make_distill_step(
             raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         if data_axis not in mesh.axis_names:
             raise ValueError(f"data_axis={data_axis!r} is not an axis of the mesh (axes {mesh.axis_names})")
-    user_loss = loss_fn is not None
-    loss_fn = loss_fn if user_loss else _default_loss
+    loss_fn = _with_terms(loss_fn)
 
     def step_fn(state: DistillState, teacher_params: PyTree, batch: Any):
         inputs, labels = _split_batch(batch)

@@ -154,13 +154,13 @@ def kd_loss(
 def _check_labels(labels: ArrayLike, logits: jax.Array, axis: int) -> jax.Array:
     labels = jnp.asarray(labels) if not isinstance(labels, jax.Array) else labels
     if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(
-            f"labels must be integer class indices, got dtype {labels.dtype}; for soft targets use kd_loss"
-        )
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}; for soft targets use kd_loss")
     ax = axis % logits.ndim
     expected = logits.shape[:ax] + logits.shape[ax + 1 :]
     if labels.shape != expected:
-        raise ValueError(f"labels have shape {labels.shape}; logits of shape {logits.shape} need labels of shape {expected}")
+        raise ValueError(
+            f"labels have shape {labels.shape}; logits of shape {logits.shape} need labels of shape {expected}"
+        )
     num_classes = logits.shape[ax]
     values = _concrete(labels)
     if values is not None and values.size:
@@ -320,8 +320,9 @@ def hint_loss(
                 )
             s = s @ w
     hint = "" if projection is not None else "; pass projection= to map student features to the teacher's width"
-    _check_same_shape(s, t, "student_features (projected)" if projection is not None else "student_features",
-                      "teacher_features", hint)
+    _check_same_shape(
+        s, t, "student_features (projected)" if projection is not None else "student_features", "teacher_features", hint
+    )
     return jnp.mean(jnp.square(s - t), axis=_norm_axes(None, s.ndim), where=where)
 
 

@@ -147,6 +147,13 @@ def test_custom_loss_fn_per_example_and_pair():
     np.testing.assert_allclose(m2["loss"], 0.9 * m2["kd"] + 0.1 * m2["ce"], rtol=1e-5)
     assert float(m2["extra"]) == 7.0 and "accuracy" in m2
 
+    # A keyword partial of distillation_loss still reports its two terms.
+    part = functools.partial(distillation_loss, temperature=3.0, alpha=0.8)
+    _, m3 = make_distill_step(mlp_apply, mlp_apply, tx, loss_fn=part, donate=False)(state, teacher, (x, y))
+    np.testing.assert_allclose(m3["kd"], kd_loss(s_out, t_out, temperature=3.0).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m3["ce"], softmax_cross_entropy(s_out, y).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m3["loss"], 0.8 * m3["kd"] + 0.2 * m3["ce"], rtol=1e-5)
+
     bad = make_distill_step(mlp_apply, mlp_apply, tx, loss_fn=lambda s, t, labels: (s, t, labels), donate=False)
     with pytest.raises(TypeError, match="tuple of length 3"):
         bad(state, teacher, (x, y))
@@ -199,8 +206,9 @@ def test_jaxpr_holds_teacher_forward_only():
 
 def test_student_transform_gets_step_and_gradient_flows_through_it():
     teacher, student, x, y = problem()
-    mask = jax.tree.map(lambda p: jnp.asarray(np.random.default_rng(0).random(p.shape) > 0.5) if p.ndim == 2 else None,
-                        student)
+    mask = jax.tree.map(
+        lambda p: jnp.asarray(np.random.default_rng(0).random(p.shape) > 0.5) if p.ndim == 2 else None, student
+    )
     calls = []
 
     def transform(params, step):
@@ -320,8 +328,9 @@ def test_linen_hint_distillation_with_sow_and_capture_intermediates():
 
     def student_apply(params, x):
         # capture_intermediates: every submodule's output, without changing the module.
-        logits, state = student.apply({"params": params["model"]}, x, capture_intermediates=True,
-                                      mutable=["intermediates"])
+        logits, state = student.apply(
+            {"params": params["model"]}, x, capture_intermediates=True, mutable=["intermediates"]
+        )
         hidden = nn.relu(state["intermediates"]["hidden"]["__call__"][0])
         return {"logits": logits, "features": hidden, "proj": params["proj"]}
 
@@ -410,14 +419,15 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="float32"):
         step(state, teacher, (x, y.astype(jnp.float32)))
     with pytest.raises(ValueError, match=r"\(32, 5\).*\(32, 3\)"):
-        step(state, {"layers": [teacher["layers"][0], {"kernel": jnp.ones((32, 3)), "bias": jnp.zeros(3)}]},
-             (x, y))
+        step(state, {"layers": [teacher["layers"][0], {"kernel": jnp.ones((32, 3)), "bias": jnp.zeros(3)}]}, (x, y))
     with pytest.raises(ValueError, match="alpha=1.5"):
-        make_distill_step(mlp_apply, mlp_apply, tx, donate=False,
-                          loss_fn=functools.partial(distillation_loss, alpha=1.5))(state, teacher, (x, y))
+        make_distill_step(
+            mlp_apply, mlp_apply, tx, donate=False, loss_fn=functools.partial(distillation_loss, alpha=1.5)
+        )(state, teacher, (x, y))
     with pytest.raises(ValueError, match="temperature=0"):
-        make_distill_step(mlp_apply, mlp_apply, tx, donate=False,
-                          loss_fn=functools.partial(distillation_loss, temperature=0))(state, teacher, (x, y))
+        make_distill_step(
+            mlp_apply, mlp_apply, tx, donate=False, loss_fn=functools.partial(distillation_loss, temperature=0)
+        )(state, teacher, (x, y))
 
 
 def test_mesh_on_one_device_matches_plain_step():
@@ -497,8 +507,9 @@ MESH_SCRIPT = textwrap.dedent(
 
 def run_with_8_devices(code, timeout=240):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
 
@@ -518,3 +529,68 @@ def test_sharded_step_on_8_devices_matches_single_device():
         assert r["keys"] == ["accuracy", "ce", "kd", "loss"]
     assert np.isfinite(out["batch_axis_loss"])
     assert out["error"] is not None and "batch size 12" in out["error"] and "'batch' axis of size 8" in out["error"]
+
+
+# --- one step that distills, prunes and quantizes ------------------------------------------------------
+
+
+def test_prune_quantize_distill_in_one_step():
+    from compressjax import QuantSpec, apply_masks, fake_quant_params, keep_masked, magnitude_masks, sparsity_summary
+
+    teacher, _, x, y = problem()
+    student = mlp_init(jax.random.key(7), [8, 24, 5])
+    masks = magnitude_masks(student, 0.5)
+    spec = QuantSpec(bits=4)
+
+    def transform(params, step):
+        del step
+        return fake_quant_params(apply_masks(params, masks), spec)
+
+    tx = optax.chain(optax.adam(1e-2), keep_masked(masks))
+    step = make_distill_step(
+        mlp_apply,
+        mlp_apply,
+        tx,
+        student_transform=transform,
+        loss_fn=functools.partial(distillation_loss, temperature=2.0),
+    )
+    state = DistillState.create(student, tx)
+    state, m0 = step(state, teacher, (x, y))
+    # The reported loss is the loss of the masked, 4-bit student.
+    s_out = mlp_apply(transform(student, 0), x)
+    np.testing.assert_allclose(
+        m0["loss"], distillation_loss(s_out, mlp_apply(teacher, x), y, temperature=2.0).mean(), rtol=1e-5
+    )
+    for _ in range(40):
+        state, m = step(state, teacher, (x, y))
+    assert float(m["loss"]) < float(m0["loss"])
+    # keep_masked made the pruned weights exactly zero in the trained params themselves.
+    summary = sparsity_summary(state.params)
+    assert summary.zeros == sum(int((~np.asarray(mk)).sum()) for mk in jax.tree.leaves(masks))
+    for mk, w in zip(jax.tree.leaves(masks), [layer["kernel"] for layer in state.params["layers"]], strict=True):
+        assert np.all(np.asarray(w)[~np.asarray(mk)] == 0)
+    # Each output channel of the deployed student holds at most 2^4 - 1 = 15 distinct levels.
+    deployed = transform(state.params, 0)
+    for layer in deployed["layers"]:
+        k = np.asarray(layer["kernel"])
+        assert max(len(np.unique(k[:, j])) for j in range(k.shape[1])) <= 15
+
+
+# --- examples, in quick mode ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", ["distill_hint.py", "distill_mesh.py"])
+def test_example_runs_in_quick_mode(script):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # distill_mesh.py sets its own
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--quick"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "test accuracy" in proc.stdout
+    if script == "distill_mesh.py":
+        assert "mesh: 8 cpu devices" in proc.stdout and "90.0% zeros" in proc.stdout

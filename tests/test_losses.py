@@ -189,7 +189,9 @@ def test_cosine_loss_reference_scale_invariance_and_zero_vector():
     g = jax.grad(lambda x: cosine_loss(x, t[:2]).sum())(z)
     assert np.all(np.isfinite(g))
     mask = np.arange(8) < 5
-    ref5 = 1 - (pn[:, :5] * tn[:, :5]).sum(-1) / (np.linalg.norm(pn[:, :5], axis=-1) * np.linalg.norm(tn[:, :5], axis=-1))
+    ref5 = 1 - (pn[:, :5] * tn[:, :5]).sum(-1) / (
+        np.linalg.norm(pn[:, :5], axis=-1) * np.linalg.norm(tn[:, :5], axis=-1)
+    )
     np.testing.assert_allclose(cosine_loss(p, t, where=mask), ref5, rtol=1e-5, atol=1e-6)
 
 
