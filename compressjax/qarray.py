@@ -333,6 +333,11 @@ def quantized_ints(q: QArray) -> jax.Array:
     """
     if not q.packed:
         return jnp.asarray(q.values).astype(jnp.int8)
+    return _unpacked(q)
+
+
+@jax.jit
+def _unpacked(q: QArray) -> jax.Array:
     u = unpack_codes(q.values, q.bits, q.size).astype(jnp.int8)
     codes = 2 * u - 1 if q.bits == 1 else u - jnp.int8(2 ** (q.bits - 1))
     return codes.reshape(q.shape)

@@ -231,6 +231,11 @@ def dequantize(q: QArray, *, path: str = "QArray") -> jax.Array:
         raise TypeError(f"leaf {path!r}: dequantize needs a QArray, got {type(q).__name__}")
     if not isinstance(q.values, jax.core.Tracer):
         q.validate(path)
+    return _dequantize_core(q)
+
+
+@jax.jit
+def _dequantize_core(q: QArray) -> jax.Array:
     lay = q.layout
     codes = quantized_ints(q).astype(jnp.float32).reshape(lay.grouped_shape)
     if q.zero_point is not None:
@@ -299,7 +304,9 @@ def ste_surrogate(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, z
         qmin, qmax = code_range(spec.bits, spec.symmetric)
         off = 0.0 if z is None else z
         lo, hi = (qmin - 0.5 - off) * s, (qmax + 0.5 - off) * s
-    return jnp.clip(xg, lo.astype(x.dtype), hi.astype(x.dtype)).reshape(lay.shape)
+    lo, hi = lo.astype(x.dtype), hi.astype(x.dtype)
+    # `where` (not `clip`) so that the boundary itself gets gradient 1, like the STE.
+    return jnp.where((xg >= lo) & (xg <= hi), xg, jnp.clip(xg, lo, hi)).reshape(lay.shape)
 
 
 def resolve_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_leaf=None) -> dict[str, QuantSpec]:
