@@ -179,7 +179,7 @@ def test_position_encodings_chosen_by_size():
     for density in (0.3, 0.03, 0.001):
         x = np.where(rng.random(200_000) < density, rng.standard_normal(200_000), 0).astype(np.float32)
         sw = _codec.StreamWriter()
-        rec = _codec.encode_array(x, "w", sw)
+        rec = _codec.commit_record(_codec.encode_array(x, "w", sw), sw)
         kinds[density] = rec.get("pos")
         sr = _codec.StreamReader(memoryview(b"".join(bytes(c) for c in sw.chunks)), sw.table, _codec.Budget(None))
         np.testing.assert_array_equal(_codec.decode_array(rec, sr, "w"), x)
@@ -269,7 +269,7 @@ def test_fuzz_mutated_and_truncated_files(tmp_path, small_file, data):
 
 def _resign(original: bytes, edit) -> bytes:
     """A file with an edited JSON header and a *valid* checksum: exercises the validation behind it."""
-    header_json, payload = _container.parse(original)
+    header_json, payload, _ = _container.parse(original)
     header = edit(json.loads(header_json))
     return b"".join(bytes(c) for c in _container.assemble(json.dumps(header).encode(), [bytes(payload)]))
 

@@ -17,6 +17,7 @@ from compressjax.export import _codec, _container, _structure
 from compressjax.export._container import FormatError
 
 _EXPANSION_LIMIT = 1024  # default max_bytes: max(1 GiB, 1024 x file size)
+_PARALLEL_LEAVES_BYTES = 16 << 20  # trees at least this large are encoded/decoded leaf-parallel
 
 
 def _is_qarray(x: Any) -> bool:
@@ -122,15 +123,21 @@ def _prepare(params: Any, masks: Any, rules: Any) -> Any:
 
 
 def _host(x: Any, path: str) -> np.ndarray:
+    _check_leaf(x, path)
+    return np.asarray(x)
+
+
+def _check_leaf(x: Any, path: str) -> None:
     if isinstance(x, jax.core.Tracer):
         raise TypeError(f"leaf {path!r} is a tracer: save() runs outside jax.jit on concrete arrays")
     if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         raise TypeError(f"leaf {path!r} is a typed PRNG key array; save jax.random.key_data(key) instead")
-    return np.asarray(x)
+    if not _is_qarray(x):
+        _codec.dtype_name(x.dtype, path)
 
 
-def _encode_leaf(x: Any, path: str, sw: _codec.StreamWriter) -> tuple[dict, LeafSize]:
-    first = len(sw.table)
+def _plan_leaf(x: Any, path: str, sw: _codec.StreamWriter) -> tuple[dict, tuple]:
+    """The leaf's record with candidate streams (not yet committed) and its report fields."""
     if _is_qarray(x):
         from compressjax.qarray import qarray_to_parts, quantized_ints
 
@@ -142,16 +149,11 @@ def _encode_leaf(x: Any, path: str, sw: _codec.StreamWriter) -> tuple[dict, Leaf
             rec["zp"] = _codec.encode_array(arrays["zero_point"], path, sw)
         codes = rec["codes"]
         enc = f"int{x.bits} " + (f"sparse/{codes['pos']}" if codes["e"] == "sparse" else "dense")
-        nnz = codes.get("nnz", x.size)
-        shape, dtype = tuple(x.shape), x.dtype.name
-    else:
-        arr = _host(x, path)
-        rec = _codec.encode_array(arr, path, sw)
-        enc = f"sparse/{rec['pos']}" if rec["e"] == "sparse" else "dense"
-        nnz = rec.get("nnz", arr.size)
-        shape, dtype = tuple(arr.shape), rec["dt"]
-    stored = sum(entry[1] for entry in sw.table[first:])
-    return rec, LeafSize(path, shape, dtype, enc, int(nnz), int(stored))
+        return rec, (path, tuple(x.shape), x.dtype.name, enc, int(codes.get("nnz", x.size)))
+    arr = _host(x, path)
+    rec = _codec.encode_array(arr, path, sw)
+    enc = f"sparse/{rec['pos']}" if rec["e"] == "sparse" else "dense"
+    return rec, (path, tuple(arr.shape), rec["dt"], enc, int(rec.get("nnz", arr.size)))
 
 
 def _encode(params: Any, masks: Any, rules: Any, level: int | None) -> tuple[list, SizeReport]:
@@ -159,15 +161,21 @@ def _encode(params: Any, masks: Any, rules: Any, level: int | None) -> tuple[lis
         raise NotImplementedError("the compressjax file format is written on little-endian machines only")
     params = _prepare(params, masks, rules)
     node, leaves = _structure.flatten(params, _is_leaf)
+    for path, x in leaves:  # fail fast, before any work, on what cannot be stored
+        _check_leaf(x, path)
     sw = _codec.StreamWriter(level)
+    big = sum(getattr(x, "size", 0) for _, x in leaves) * 4 >= _PARALLEL_LEAVES_BYTES
+    if big:
+        planned = [_codec.leaf_pool().submit(_plan_leaf, x, path, sw) for path, x in leaves]
     records, sizes = [], []
-    for path, x in leaves:
-        rec, size = _encode_leaf(x, path, sw)
-        records.append(rec)
-        sizes.append(size)
+    for i, (path, x) in enumerate(leaves):
+        rec, info = planned[i].result() if big else _plan_leaf(x, path, sw)
+        first = len(sw.table)
+        records.append(_codec.commit_record(rec, sw))
+        sizes.append(LeafSize(*info, sum(entry[1] for entry in sw.table[first:])))
     header = {"format": "compressjax", "tree": node, "leaves": records, "streams": sw.table}
     header_json = json.dumps(header, separators=(",", ":")).encode()
-    chunks = _container.assemble(header_json, sw.chunks)
+    chunks = _container.assemble(header_json, sw.chunks, sw.payload_hash())
     total = sum(len(c) for c in chunks)
     payload = sum(s.stored_bytes for s in sizes)
     return chunks, SizeReport(tuple(sizes), total, total - payload)
@@ -232,7 +240,17 @@ def _decode_leaf(rec: Any, sr: _codec.StreamReader, what: str, dequantize: bool)
 
 
 def _decode(data: bytes | bytearray, *, dequantize: bool, max_bytes: int | None) -> tuple[Any, dict]:
-    header_json, payload = _container.parse(data)
+    header_json, payload, verify = _container.parse(data)
+    try:
+        out = _decode_verified_later(header_json, payload, dequantize=dequantize, max_bytes=max_bytes)
+    except Exception:
+        verify()  # a corrupted file is reported as such, whatever the decoder tripped on first
+        raise
+    verify()
+    return out
+
+
+def _decode_verified_later(header_json: bytes, payload: memoryview, *, dequantize: bool, max_bytes: int | None) -> tuple[Any, dict]:
     try:
         header = json.loads(header_json)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -244,7 +262,11 @@ def _decode(data: bytes | bytearray, *, dequantize: bool, max_bytes: int | None)
         raise FormatError("the header's leaf list is missing")
     budget = _codec.Budget(max_bytes)
     sr = _codec.StreamReader(payload, header.get("streams"), budget)
-    leaves = [_decode_leaf(rec, sr, f"leaf #{i}", dequantize) for i, rec in enumerate(records)]
+    decode = lambda i: _decode_leaf(records[i], sr, f"leaf #{i}", dequantize)  # noqa: E731
+    if len(payload) >= _PARALLEL_LEAVES_BYTES // 4 and len(records) > 1:
+        leaves = list(_codec.leaf_pool().map(decode, range(len(records))))
+    else:
+        leaves = [decode(i) for i in range(len(records))]
     if len(sr.used) != len(sr.entries):
         raise FormatError(f"{len(sr.entries) - len(sr.used)} streams of the payload are not referenced by any leaf")
     return _structure.unflatten(header.get("tree"), leaves), header

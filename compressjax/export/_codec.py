@@ -3,10 +3,11 @@
 A *stream* is a run of raw bytes stored either as is or as one zstd frame, whichever is smaller. An
 *array record* (a small JSON dict) describes one array and names its streams:
 
-* ``{"e": "dense", "s": [i]}``: every element; multi-byte dtypes are split into byte planes (all first
-  bytes, then all second bytes, ...), which groups the slowly varying sign/exponent bytes of floats so
-  that zstd can code them (about 15% smaller on N(0, 1) float32 weights, measured).
-* ``{"e": "sparse", "nnz": k, "pos": "bitmask" | "delta8" | "delta16", "s": [p, v]}``: the non-zero
+* ``{"e": "dense", "s": [i0, ...]}``: every element as one stream per byte plane (plane k holds byte k of
+  every element), which groups the slowly varying sign/exponent bytes of floats so that zstd can code
+  them (about 15% smaller on N(0, 1) float32 weights, measured) while the random low mantissa bytes are
+  stored raw without spending time on them.
+* ``{"e": "sparse", "nnz": k, "pos": "bitmask" | "delta8" | "delta16", "s": [p, v0, ...]}``: the non-zero
   elements (all-zero *bit pattern*, so ``-0.0`` and NaN payloads survive) in C order, plus their
   positions as a packed bitmask or as relative indices. Relative indices follow Deep Compression (Han et
   al., 2016, "Deep Compression", ICLR): the gap to the previous non-zero in 8 or 16 bits, where a code of 0
@@ -22,13 +23,15 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 import zstandard
 
-from compressjax.export._container import FormatError
+from compressjax.export._container import FormatError, new_hash
 
 RAW, ZSTD = 0, 1
 # A leaf denser than this is stored dense without trying the sparse candidates.
@@ -36,7 +39,8 @@ MAX_SPARSE_DENSITY = 0.9
 # Above this many bytes, dense-vs-sparse is decided from the density instead of compressing both.
 _TRY_BOTH_BYTES = 16 << 20
 _DENSITY_CUTOFF_LARGE = 0.5
-_MT_BYTES = 8 << 20  # streams larger than this use zstd's worker threads
+_PARALLEL_BYTES = 4 << 20  # streams this large are compressed and hashed on worker threads
+_SAMPLE_FROM, _SAMPLE = 1 << 20, 1 << 14
 
 _DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name)
@@ -71,8 +75,13 @@ class Budget:
 
     def __init__(self, limit: int | None):
         self.left = math.inf if limit is None else int(limit)
+        self._lock = threading.Lock()
 
     def charge(self, nbytes: int, what: str) -> None:
+        with self._lock:
+            self._charge(nbytes, what)
+
+    def _charge(self, nbytes: int, what: str) -> None:
         if nbytes > self.left:
             raise FormatError(
                 f"{what} needs {nbytes} bytes, beyond the allocation limit of this load (max_bytes); "
@@ -85,40 +94,96 @@ class Budget:
 
 
 class StreamWriter:
-    """Compresses streams and collects them, with the table ``[[codec, stored_len, raw_len], ...]``."""
+    """Compresses streams and collects them, with the table ``[[codec, stored_len, raw_len], ...]``.
+
+    Large streams are compressed on a small thread pool (zstd releases the GIL) and the payload's SHA-256
+    is computed in the background as streams are committed, so hashing overlaps compression.
+    """
 
     def __init__(self, level: int | None = None):
-        if level is not None and not (isinstance(level, int) and -7 <= level <= 22):
+        if level is not None and not (isinstance(level, int) and not isinstance(level, bool) and -7 <= level <= 22):
             raise ValueError(f"level must be an int in [-7, 22] (zstd levels) or None, got {level!r}")
         self.level = level
         self.chunks: list[bytes | memoryview] = []
         self.table: list[list[int]] = []
-        self._cctx: dict[tuple[int, int], zstandard.ZstdCompressor] = {}
+        self.hash = new_hash()
+        self._hashing: list[Future] = []
+        self._cctx = threading.local()
 
     def _compressor(self, nbytes: int) -> zstandard.ZstdCompressor:
         if self.level is not None:
             level = self.level
         else:  # small streams: the strongest level costs little; large ones: throughput matters
             level = 19 if nbytes <= 1 << 18 else 9 if nbytes <= 1 << 21 else 3 if nbytes <= 1 << 23 else 1
-        threads = min(os.cpu_count() or 1, 8) if nbytes >= _MT_BYTES else 0
-        key = (level, threads)
-        if key not in self._cctx:
-            self._cctx[key] = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=False)
-        return self._cctx[key]
+        cache = self._cctx.__dict__.setdefault("cache", {})  # a ZstdCompressor is not thread-safe
+        if level not in cache:
+            cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=False)
+        return cache[level]
 
     def compress(self, raw: np.ndarray) -> tuple[int, bytes | memoryview, int]:
-        """``(codec, stored, raw_len)`` for a contiguous uint8 array, zstd only when it is smaller."""
+        """``(codec, stored, raw_len)`` for a contiguous uint8 array, zstd only when it is smaller.
+
+        For a large stream, a sample of four 16 KiB slices is compressed first: data that does not shrink
+        there (the low mantissa bytes of floats) is stored raw without compressing all of it.
+        """
         data = memoryview(np.ascontiguousarray(raw)).cast("B")
-        if len(data) < 16:
-            return RAW, data, len(data)
-        packed = self._compressor(len(data)).compress(data)
-        return (ZSTD, packed, len(data)) if len(packed) < len(data) else (RAW, data, len(data))
+        n = len(data)
+        if n < 16:
+            return RAW, data, n
+        cctx = self._compressor(n)
+        if n >= _SAMPLE_FROM:
+            step = n // 4
+            sample = b"".join(data[i * step : i * step + _SAMPLE] for i in range(4))
+            if len(cctx.compress(sample)) > 0.97 * len(sample):
+                return RAW, data, n
+        packed = cctx.compress(data)
+        return (ZSTD, packed, n) if len(packed) < n else (RAW, data, n)
+
+    def compress_many(self, raws: list[np.ndarray]) -> list[tuple[int, bytes | memoryview, int]]:
+        """:meth:`compress` of several streams, in parallel when they are large."""
+        if sum(r.nbytes for r in raws) < _PARALLEL_BYTES or len(raws) == 1:
+            return [self.compress(r) for r in raws]
+        return list(_pool().map(self.compress, raws))
 
     def commit(self, candidate: tuple[int, bytes | memoryview, int]) -> int:
         codec, stored, raw_len = candidate
         self.chunks.append(stored)
         self.table.append([codec, len(stored), raw_len])
+        if len(stored) >= _PARALLEL_BYTES:
+            self._hashing.append(_hash_pool().submit(self.hash.update, stored))
+        elif self._hashing:
+            self._hashing.append(_hash_pool().submit(self.hash.update, stored))  # keep the order
+        else:
+            self.hash.update(stored)
         return len(self.table) - 1
+
+    def payload_hash(self):
+        """The hash object fed with the whole payload, in order."""
+        for f in self._hashing:
+            f.result()
+        return self.hash
+
+
+_POOLS: dict[str, ThreadPoolExecutor] = {}
+
+
+def leaf_pool() -> ThreadPoolExecutor:
+    """Workers that plan or decode whole leaves (separate from :func:`_pool`, which they may wait on)."""
+    if "leaf" not in _POOLS:
+        _POOLS["leaf"] = ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1), thread_name_prefix="cjx-leaf")
+    return _POOLS["leaf"]
+
+
+def _pool() -> ThreadPoolExecutor:
+    if "work" not in _POOLS:
+        _POOLS["work"] = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="cjx-zstd")
+    return _POOLS["work"]
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    if "hash" not in _POOLS:  # one worker: updates run in submission order
+        _POOLS["hash"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cjx-hash")
+    return _POOLS["hash"]
 
 
 def _nonzero(flat: np.ndarray) -> np.ndarray:
@@ -129,21 +194,22 @@ def _nonzero(flat: np.ndarray) -> np.ndarray:
     return flat.view("u8").reshape(flat.size, size // 8).any(axis=1)
 
 
-def to_planes(flat: np.ndarray) -> np.ndarray:
-    """Byte planes of a 1-D array: byte k of every element, for k = 0..itemsize-1, as one uint8 array."""
+def to_planes(flat: np.ndarray) -> list[np.ndarray]:
+    """Byte planes of a 1-D array: plane k holds byte k of every element (one plane for 1-byte dtypes)."""
     size = flat.dtype.itemsize
     u8 = flat.view(np.uint8)
     if size == 1:
-        return u8
-    return np.ascontiguousarray(u8.reshape(flat.size, size).T).reshape(-1)
+        return [u8]
+    u8 = u8.reshape(flat.size, size)
+    return [np.ascontiguousarray(u8[:, k]) for k in range(size)]
 
 
-def from_planes(buf: np.ndarray, n: int, dtype: np.dtype) -> np.ndarray:
-    size = dtype.itemsize
-    if size == 1:
-        return buf.view(dtype)
-    out = np.empty((n, size), np.uint8)
-    out[...] = buf.reshape(size, n).T
+def from_planes(planes: list[np.ndarray], n: int, dtype: np.dtype) -> np.ndarray:
+    if dtype.itemsize == 1:
+        return planes[0].view(dtype)
+    out = np.empty((n, dtype.itemsize), np.uint8)
+    for k, plane in enumerate(planes):
+        out[:, k] = plane
     return out.view(dtype).reshape(n)
 
 
@@ -185,8 +251,20 @@ def _position_candidates(nz: np.ndarray, nnz: int, sw: StreamWriter) -> tuple[st
     return best, cands[best]
 
 
+def commit_record(rec: dict, sw: StreamWriter) -> dict:
+    """Commits the candidate streams of a planned record (nested records included) in order; returns it."""
+    for key, value in rec.items():
+        if key == "s":
+            rec["s"] = [sw.commit(c) for c in value]
+        elif isinstance(value, dict) and "s" in value:
+            commit_record(value, sw)
+    return rec
+
+
 def encode_array(arr: np.ndarray, path: str, sw: StreamWriter) -> dict:
-    """Encodes one array into ``sw`` and returns its JSON record (dense or sparse, whichever is smaller)."""
+    """Plans one array: its JSON record (dense or sparse, whichever is smaller) holding compressed candidate
+    streams under ``"s"``; :func:`commit_record` then appends them to ``sw`` and puts their indices there.
+    Thread-safe, so leaves can be planned in parallel and committed in order."""
     name = dtype_name(arr.dtype, path)
     dt = _DTYPES[name]
     flat = np.ascontiguousarray(arr, dtype=dt).reshape(-1)  # byte-swaps a big-endian array, else no copy
@@ -198,14 +276,15 @@ def encode_array(arr: np.ndarray, path: str, sw: StreamWriter) -> dict:
     sparse = dense = None
     if n and nnz <= MAX_SPARSE_DENSITY * n:
         pos_kind, pos = _position_candidates(nz, nnz, sw)
-        vals = sw.compress(to_planes(flat[nz]))
+        vals = sw.compress_many(to_planes(flat[nz]))
         sparse = (pos_kind, pos, vals)
     if sparse is None or not large or nnz > _DENSITY_CUTOFF_LARGE * n:
-        dense = sw.compress(to_planes(flat))
-    if sparse is not None and (dense is None or len(sparse[1][1]) + len(sparse[2][1]) < len(dense[1])):
-        rec.update(e="sparse", nnz=nnz, pos=sparse[0], s=[sw.commit(sparse[1]), sw.commit(sparse[2])])
+        dense = sw.compress_many(to_planes(flat))
+    size = lambda cands: sum(len(c[1]) for c in cands)  # noqa: E731
+    if sparse is not None and (dense is None or len(sparse[1][1]) + size(sparse[2]) < size(dense)):
+        rec.update(e="sparse", nnz=nnz, pos=sparse[0], s=[sparse[1], *sparse[2]])
     else:
-        rec.update(e="dense", s=[sw.commit(dense)])
+        rec.update(e="dense", s=dense)
     return rec
 
 
@@ -234,15 +313,17 @@ class StreamReader:
         if offset != len(payload):
             raise FormatError(f"the streams add up to {offset} bytes but the payload holds {len(payload)}")
         self.used: set[int] = set()
-        self.dctx = zstandard.ZstdDecompressor()
+        self._lock = threading.Lock()
+        self._local = threading.local()  # a ZstdDecompressor is not thread-safe
 
     def get(self, index: Any, lo: int, hi: int, what: str) -> np.ndarray:
         """Stream ``index`` as a uint8 array; its raw length must lie in ``[lo, hi]``."""
         if not _is_int(index) or not 0 <= index < len(self.entries):
             raise FormatError(f"{what}: stream index {index!r} is out of range")
-        if index in self.used:
-            raise FormatError(f"{what}: stream {index} is referenced twice")
-        self.used.add(index)
+        with self._lock:
+            if index in self.used:
+                raise FormatError(f"{what}: stream {index} is referenced twice")
+            self.used.add(index)
         codec, offset, stored, raw = self.entries[index]
         if not lo <= raw <= hi:
             expect = f"{lo}" if lo == hi else f"between {lo} and {hi}"
@@ -254,7 +335,9 @@ class StreamReader:
         try:
             if zstandard.frame_content_size(data) != raw:
                 raise FormatError(f"{what}: the zstd frame of stream {index} does not declare {raw} bytes")
-            out = self.dctx.decompress(data, max_output_size=raw)
+            if not hasattr(self._local, "dctx"):
+                self._local.dctx = zstandard.ZstdDecompressor()
+            out = self._local.dctx.decompress(data, max_output_size=raw)
         except zstandard.ZstdError as e:
             raise FormatError(f"{what}: stream {index} is not a valid zstd frame: {e}") from e
         if len(out) != raw:
@@ -284,19 +367,20 @@ def decode_array(rec: Any, sr: StreamReader, what: str) -> np.ndarray:
     kind = rec.get("e")
     if not isinstance(streams, list):
         raise FormatError(f"{what}: the record's stream list is missing")
+    planes = dt.itemsize
     if kind == "dense":
-        if len(streams) != 1:
-            raise FormatError(f"{what}: a dense record has one stream, got {len(streams)}")
+        if len(streams) != planes:
+            raise FormatError(f"{what}: a dense {dt} record has {planes} streams (byte planes), got {len(streams)}")
         sr.budget.charge(nbytes, what)
-        buf = sr.get(streams[0], nbytes, nbytes, what)
-        return from_planes(buf, n, dt).reshape(shape)
+        bufs = [sr.get(i, n, n, what) for i in streams]
+        return from_planes(bufs, n, dt).reshape(shape)
     if kind != "sparse":
         raise FormatError(f"{what}: unknown encoding {kind!r}")
     nnz, pos_kind = rec.get("nnz"), rec.get("pos")
     if not _is_int(nnz) or not 0 <= nnz <= n:
         raise FormatError(f"{what}: invalid non-zero count {nnz!r} for {n} elements")
-    if len(streams) != 2:
-        raise FormatError(f"{what}: a sparse record has two streams, got {len(streams)}")
+    if len(streams) != 1 + planes:
+        raise FormatError(f"{what}: a sparse {dt} record has {1 + planes} streams, got {len(streams)}")
     sr.budget.charge(nbytes + 9 * nnz, what)  # the output, the values and the int64 positions
     if pos_kind == "bitmask":
         bits = sr.get(streams[0], (n + 7) // 8, (n + 7) // 8, what)
@@ -317,7 +401,7 @@ def decode_array(rec: Any, sr: StreamReader, what: str) -> np.ndarray:
         index = delta_decode(codes.view(f"<u{step}"), width, nnz, n)
     else:
         raise FormatError(f"{what}: unknown position encoding {pos_kind!r}")
-    vals = sr.get(streams[1], nnz * dt.itemsize, nnz * dt.itemsize, what)
+    vals = [sr.get(i, nnz, nnz, what) for i in streams[1:]]
     out = np.zeros(n, dt)
     out[index] = from_planes(vals, nnz, dt)
     return out.reshape(shape)
