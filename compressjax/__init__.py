@@ -6,10 +6,48 @@ modules, plain dicts) and runs under ``jax.jit``. See README.md for a tour.
 
 from compressjax.tree import Where, leaves_with_paths, path_to_str, selector
 
-# [pruning exports]
-# [quantization exports]
-# [distillation exports]
-# [export exports]
+from compressjax.pruning import (
+    LeafSparsity,
+    SparsitySummary,
+    apply_masks,
+    channel_masks,
+    magnitude_masks,
+    nm_masks,
+    score_masks,
+    sparsity_summary,
+)
+from compressjax.schedules import (
+    GradualPruningState,
+    gradual_pruning,
+    keep_masked,
+    masks_from_state,
+    polynomial_sparsity,
+)
+from compressjax.calibration import ActivationRange, calibrate
+from compressjax.qarray import (
+    QArray,
+    QuantSpec,
+    qarray_from_ints,
+    qarray_from_parts,
+    qarray_to_parts,
+    quantized_ints,
+)
+from compressjax.quantization import (
+    DTypeError,
+    compute_scale,
+    dequantize,
+    dequantize_params,
+    fake_quant,
+    fake_quant_params,
+    quantize,
+    quantize_params,
+    resolve_rules,
+    ste_surrogate,
+)
+from compressjax.qdot import quantized_dot_general
+from compressjax.distillation import DistillState, make_distill_step
+from compressjax.losses import cosine_loss, distillation_loss, hint_loss, kd_loss, mse_loss, softmax_cross_entropy
+from compressjax.export import FormatError, LeafSize, SizeReport, load, save, size_report
 
 __version__ = "0.1.0"
 
@@ -18,8 +56,50 @@ __all__ = [
     "leaves_with_paths",
     "path_to_str",
     "selector",
-    # [pruning __all__]
-    # [quantization __all__]
-    # [distillation __all__]
-    # [export __all__]
+    "magnitude_masks",
+    "score_masks",
+    "nm_masks",
+    "channel_masks",
+    "apply_masks",
+    "sparsity_summary",
+    "SparsitySummary",
+    "LeafSparsity",
+    "polynomial_sparsity",
+    "keep_masked",
+    "gradual_pruning",
+    "GradualPruningState",
+    "masks_from_state",
+    "QArray",
+    "QuantSpec",
+    "ActivationRange",
+    "DTypeError",
+    "calibrate",
+    "quantized_dot_general",
+    "compute_scale",
+    "dequantize",
+    "dequantize_params",
+    "fake_quant",
+    "fake_quant_params",
+    "qarray_from_ints",
+    "qarray_from_parts",
+    "qarray_to_parts",
+    "quantize",
+    "quantize_params",
+    "quantized_ints",
+    "resolve_rules",
+    "ste_surrogate",
+    "DistillState",
+    "make_distill_step",
+    "kd_loss",
+    "distillation_loss",
+    "mse_loss",
+    "hint_loss",
+    "cosine_loss",
+    "softmax_cross_entropy",
+    "save",
+    "load",
+    "size_report",
+    "SizeReport",
+    "LeafSize",
+    "FormatError",
 ]
