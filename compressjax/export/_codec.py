@@ -39,8 +39,10 @@ MAX_SPARSE_DENSITY = 0.9
 # Above this many bytes, dense-vs-sparse is decided from the density instead of compressing both.
 _TRY_BOTH_BYTES = 16 << 20
 _DENSITY_CUTOFF_LARGE = 0.5
+# Below this density the sparse form always won in our measurements: do not spend time on the dense one.
+_DENSITY_CUTOFF = 0.25
 _PARALLEL_BYTES = 4 << 20  # streams this large are compressed and hashed on worker threads
-_SAMPLE_FROM, _SAMPLE = 1 << 20, 1 << 14
+_SAMPLE_FROM, _SAMPLE = 1 << 17, 1 << 13
 
 _DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name)
@@ -110,11 +112,11 @@ class StreamWriter:
         self._hashing: list[Future] = []
         self._cctx = threading.local()
 
-    def _compressor(self, nbytes: int) -> zstandard.ZstdCompressor:
-        if self.level is not None:
+    def _compressor(self, nbytes: int, level: int | None = None) -> zstandard.ZstdCompressor:
+        if level is None:
             level = self.level
-        else:  # small streams: the strongest level costs little; large ones: throughput matters
-            level = 19 if nbytes <= 1 << 18 else 9 if nbytes <= 1 << 21 else 3 if nbytes <= 1 << 23 else 1
+        if level is None:  # small streams: the strongest level costs little; large ones: throughput matters
+            level = 19 if nbytes <= 1 << 17 else 12 if nbytes <= 1 << 19 else 3 if nbytes <= 1 << 23 else 1
         cache = self._cctx.__dict__.setdefault("cache", {})  # a ZstdCompressor is not thread-safe
         if level not in cache:
             cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=False)
@@ -130,13 +132,12 @@ class StreamWriter:
         n = len(data)
         if n < 16:
             return RAW, data, n
-        cctx = self._compressor(n)
-        if n >= _SAMPLE_FROM:
+        if n >= _SAMPLE_FROM:  # a fast level is enough to tell random bytes
             step = n // 4
             sample = b"".join(data[i * step : i * step + _SAMPLE] for i in range(4))
-            if len(cctx.compress(sample)) > 0.97 * len(sample):
+            if len(self._compressor(0, 1).compress(sample)) > 0.97 * len(sample):
                 return RAW, data, n
-        packed = cctx.compress(data)
+        packed = self._compressor(n).compress(data)
         return (ZSTD, packed, n) if len(packed) < n else (RAW, data, n)
 
     def compress_many(self, raws: list[np.ndarray]) -> list[tuple[int, bytes | memoryview, int]]:
@@ -278,7 +279,7 @@ def encode_array(arr: np.ndarray, path: str, sw: StreamWriter) -> dict:
         pos_kind, pos = _position_candidates(nz, nnz, sw)
         vals = sw.compress_many(to_planes(flat[nz]))
         sparse = (pos_kind, pos, vals)
-    if sparse is None or not large or nnz > _DENSITY_CUTOFF_LARGE * n:
+    if sparse is None or nnz > (_DENSITY_CUTOFF_LARGE if large else _DENSITY_CUTOFF) * n:
         dense = sw.compress_many(to_planes(flat))
     size = lambda cands: sum(len(c[1]) for c in cands)  # noqa: E731
     if sparse is not None and (dense is None or len(sparse[1][1]) + size(sparse[2]) < size(dense)):
