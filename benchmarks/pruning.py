@@ -1,0 +1,215 @@
+"""Global magnitude pruning at scale: radix select (compressjax) vs concatenate + sort.
+
+Builds a pytree of about 50 million float32 weights in several leaves and measures, in one process,
+(a) ``magnitude_masks(params, s, scope="global")`` jitted and compiled before timing, and (b) the
+straightforward method: concatenate all magnitudes, ``jnp.sort``, take the k-th value as the threshold.
+Checks that the masks agree everywhere except among weights tied at the threshold (the exact method
+splits ties to hit the count; the sort threshold keeps or drops all of them), then prints the time ratio.
+Peak RSS of each method is measured in separate subprocesses (``--rss METHOD``).
+
+    python -m benchmarks.pruning            # ~50M weights (several minutes: the sort is slow on CPU)
+    python -m benchmarks.pruning --quick    # ~1M weights, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FULL_SHAPES = [(4096, 4096), (4096, 4096), (2048, 4096), (4096, 1024), (1024, 4096), (512, 1000), (1000,)]
+QUICK_SHAPES = [(512, 512), (512, 512), (256, 1024), (1024, 128), (100, 10)]
+SPARSITY = 0.7
+
+
+def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> dict[str, jax.Array]:
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    # ndim >= 2 leaves are selected by the default `where`; the 1-D one is a bias left alone.
+    params = {f"layer{i}/kernel" if len(s) > 1 else f"layer{i}/bias": jax.random.normal(k, s, jnp.float32)
+              for i, (k, s) in enumerate(zip(keys, shapes, strict=True))}
+    return jax.block_until_ready(params)
+
+
+def ours(params, sparsity):
+    from compressjax import magnitude_masks
+
+    return magnitude_masks(params, sparsity, scope="global")
+
+
+def sort_baseline(params, sparsity):
+    """Concatenate |w| of the selected leaves, sort, threshold at the k-th smallest (prunes all ties)."""
+    sel = {p: w for p, w in params.items() if w.ndim >= 2}
+    flat = jnp.concatenate([jnp.abs(w).ravel() for w in sel.values()])
+    n = flat.size
+    k = jnp.round(sparsity * n).astype(jnp.int32)
+    srt = jnp.sort(flat)
+    t = srt[jnp.maximum(k - 1, 0)]
+    return {p: (jnp.abs(w) > t) | (k == 0) if p in sel else None for p, w in params.items()}, t
+
+
+def _sort_masks(params, sparsity):
+    return sort_baseline(params, sparsity)[0]
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """Peak RSS (VmHWM) since the last :func:`reset_peak_rss`, else since the process started."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS counter (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def time_fn(fn, *args, repeats: int) -> list[float]:
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def rss_child(method: str, quick: bool) -> dict:
+    """Runs in a subprocess: peak RSS of one method beyond the params it was given."""
+    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    fn = jax.jit(ours if method == "ours" else _sort_masks)
+    s = jnp.float32(SPARSITY)
+    # Compile on a tiny tree first would not reuse the executable; compile the real one via lower() on
+    # shapes only, before any params exist, so compile memory is not counted against the run.
+    specs = {f"layer{i}/kernel" if len(sh) > 1 else f"layer{i}/bias": jax.ShapeDtypeStruct(sh, jnp.float32)
+             for i, sh in enumerate(shapes)}
+    compiled = fn.lower(specs, s).compile()
+    import gc
+
+    gc.collect()
+    base = current_rss()
+    params = make_params(shapes)
+    params_bytes = sum(int(w.nbytes) for w in params.values())
+    gc.collect()
+    reset = reset_peak_rss()  # count only the masking call from here on
+    after_params = current_rss()
+    masks = jax.block_until_ready(compiled(params, s))
+    masks_bytes = sum(int(m.nbytes) for m in jax.tree.leaves(masks))
+    peak = peak_rss()
+    return {
+        "method": method,
+        "peak_reset": reset,
+        "rss_before_params": base,
+        "rss_after_params": after_params,
+        "peak_rss": peak,
+        "params_bytes": params_bytes,
+        "masks_bytes": masks_bytes,
+        # what the call needs beyond the resident process (which holds the params) and its output masks
+        "extra_bytes": peak - after_params - masks_bytes,
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="~1M weights, seconds")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per method (median reported)")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--rss", choices=["ours", "sort"], default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rss:
+        print(json.dumps(rss_child(args.rss, args.quick)))
+        return {}
+
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    params = make_params(shapes)
+    n_sel = sum(int(w.size) for w in params.values() if w.ndim >= 2)
+    s = jnp.float32(SPARSITY)
+    k = round(SPARSITY * n_sel)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
+          f"{n_sel:,} selected float32 weights in {sum(w.ndim >= 2 for w in params.values())} leaves; "
+          f"sparsity {SPARSITY} -> k = {k:,}")
+
+    f_ours, f_sort = jax.jit(ours), jax.jit(sort_baseline)
+    reps_ours = args.repeats or (5 if args.quick else 5)
+    reps_sort = args.repeats or (3 if args.quick else 2)
+    t_ours = time_fn(f_ours, params, s, repeats=reps_ours)
+    t_sort = time_fn(f_sort, params, s, repeats=reps_sort)
+
+    m_ours = f_ours(params, s)
+    m_sort, thr = f_sort(params, s)
+    pruned = sum(int(np.sum(~np.asarray(m))) for m in jax.tree.leaves(m_ours))
+    disagree = ties = disagree_off_tie = 0
+    for p, w in params.items():
+        if m_ours[p] is None:
+            continue
+        a, b = np.asarray(m_ours[p]), np.asarray(m_sort[p])
+        tie = np.abs(np.asarray(w)) == np.asarray(thr)
+        disagree += int(np.sum(a != b))
+        ties += int(np.sum(tie))
+        disagree_off_tie += int(np.sum((a != b) & ~tie))
+    ok = pruned == k and disagree_off_tie == 0
+    med_o, med_s = statistics.median(t_ours), statistics.median(t_sort)
+    print(f"magnitude_masks(global): median {med_o * 1e3:9.1f} ms  (runs: {', '.join(f'{t * 1e3:.0f}' for t in t_ours)})")
+    print(f"concat + jnp.sort      : median {med_s * 1e3:9.1f} ms  (runs: {', '.join(f'{t * 1e3:.0f}' for t in t_sort)})")
+    print(f"speed-up: {med_s / med_o:.1f}x (target >= 50x)")
+    print(f"pruned exactly {pruned:,} (k = {k:,}): {pruned == k}; masks differ at {disagree} positions, "
+          f"all among the {ties} weights tied at the threshold: {disagree_off_tie == 0}")
+
+    result = {
+        "benchmark": "pruning",
+        "n_weights": n_sel,
+        "quick": args.quick,
+        "ours_ms": med_o * 1e3,
+        "sort_ms": med_s * 1e3,
+        "speedup": med_s / med_o,
+        "exact_count": pruned == k,
+        "agree_except_ties": disagree_off_tie == 0,
+    }
+    if not args.no_rss:
+        del params, m_ours, m_sort
+        for method in ("ours", "sort"):
+            cmd = [sys.executable, "-m", "benchmarks.pruning", "--rss", method] + (["--quick"] if args.quick else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            result[f"{method}_rss"] = r
+            mib = 1 / 2**20
+            print(f"peak RSS {method:>4}: {r['peak_rss'] * mib:8.0f} MiB = resident with params "
+                  f"{r['rss_after_params'] * mib:.0f} MiB (params {r['params_bytes'] * mib:.0f} MiB) "
+                  f"+ masks {r['masks_bytes'] * mib:.0f} MiB + extra {r['extra_bytes'] * mib:.0f} MiB"
+                  f"{'' if r['peak_reset'] else ' (peak counter not resettable: includes start-up)'}")
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if not ok:
+        raise SystemExit("mask check failed")
+    return result
+
+
+if __name__ == "__main__":
+    main()
