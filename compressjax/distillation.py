@@ -210,8 +210,8 @@ def make_distill_step(
             such keyword partials of it, ``metrics`` reports the soft and hard terms separately).
         student_transform: ``(params, step) -> params`` applied before the student's forward pass, e.g.
             ``lambda p, s: fake_quant_params(apply_masks(p, masks), QuantSpec(bits=4))``.
-        donate: donate the input ``state``'s buffers to the output (halves peak memory of params and
-            optimizer state). The teacher's params and the batch are never donated; do not reuse a state
+        donate: donate the input ``state``'s buffers to the output, so the new params and optimizer
+            state reuse the old ones' memory. The teacher's params and the batch are never donated; do not reuse a state
             after passing it to ``step``.
         mesh: optional ``jax.sharding.Mesh``; the batch's leading axis is split over ``data_axis`` and the
             state and teacher params are replicated on every device.
@@ -222,12 +222,13 @@ def make_distill_step(
         None) or inputs alone (an array, dict or any non-2-tuple pytree). ``metrics`` holds scalars:
         ``loss`` (the total), ``kd`` (the soft term), ``ce`` (the hard term; 0 without labels) and, when
         integer labels match the student's logits (the output, its ``"logits"`` entry or its first
-        element), ``accuracy``. With a custom ``loss_fn`` that does not
-        report them, ``kd`` is the loss and ``ce`` / ``accuracy`` are computed from the student's logits
-        as monitors (they do not enter the gradient). The jitted function is ``step.jitted``.
+        element), ``accuracy``. With a custom ``loss_fn`` that does not report them, ``kd`` is the loss
+        and ``ce`` / ``accuracy`` are computed from the student's logits as monitors (they do not enter
+        the gradient). The jitted function is ``step.jitted``.
 
     Raises:
-        TypeError: if an apply function or ``tx`` is malformed.
+        TypeError: if an apply function or ``tx`` is malformed, or (at call time) ``state`` is not a
+            :class:`DistillState`.
         ValueError: if ``data_axis`` is not an axis of ``mesh``, or (at call time) the batch size is not a
             multiple of the data axis size.
 
@@ -279,6 +280,7 @@ def make_distill_step(
 
         @functools.wraps(step_fn)
         def step(state, teacher_params, batch):
+            _check_state(state)
             return jitted(state, teacher_params, batch)
 
     else:
@@ -294,6 +296,7 @@ def make_distill_step(
 
         @functools.wraps(step_fn)
         def step(state, teacher_params, batch):
+            _check_state(state)
             _check_divisible(batch, n_data, data_axis)
             # No-ops for arrays already laid out this way (every step after the first); otherwise a
             # transfer, not an error, for arrays committed elsewhere (e.g. a state made on one device).
@@ -303,6 +306,14 @@ def make_distill_step(
 
     step.jitted = jitted
     return step
+
+
+def _check_state(state: Any) -> None:
+    if not isinstance(state, DistillState):
+        raise TypeError(
+            f"state must be a DistillState (make one with DistillState.create(student_params, tx)), "
+            f"got {type(state).__name__}"
+        )
 
 
 def _check_divisible(batch: Any, n: int, axis_name: str) -> None:

@@ -416,6 +416,8 @@ def test_bad_arguments():
 
     step = make_distill_step(mlp_apply, mlp_apply, tx, donate=False)
     state = DistillState.create(student, tx)
+    with pytest.raises(TypeError, match="DistillState.create"):
+        step(student, teacher, (x, y))
     with pytest.raises(TypeError, match="float32"):
         step(state, teacher, (x, y.astype(jnp.float32)))
     with pytest.raises(ValueError, match=r"\(32, 5\).*\(32, 3\)"):
