@@ -186,6 +186,21 @@ def test_position_encodings_chosen_by_size():
     assert kinds[0.3] == "bitmask" and kinds[0.03] == "delta8" and kinds[0.001].startswith("delta"), kinds
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 8), st.integers(0, 70), st.booleans(), st.integers(0, 2**31 - 1))
+def test_numpy_code_packing_matches_the_library(bits, n, symmetric, seed):
+    from compressjax.export._api import pack_codes_np
+    from compressjax.qarray import code_range, codes_to_storage
+
+    symmetric = symmetric or bits == 1
+    lo, hi = code_range(bits, symmetric)
+    ints = np.random.default_rng(seed).integers(lo, hi + 1, size=n).astype(np.int8)
+    if bits == 1:
+        ints[ints == 0] = 1
+    if bits <= 4:
+        np.testing.assert_array_equal(pack_codes_np(ints, bits), np.asarray(codes_to_storage(jnp.asarray(ints), bits)))
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 70_000), min_size=0, max_size=40), st.sampled_from([8, 16]))
 def test_relative_indices_roundtrip(gaps, width):

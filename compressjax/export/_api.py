@@ -105,7 +105,7 @@ class SizeReport:
                      f"{self.bits_per_weight:.2f}", f"{self.ratio:.1f}"))
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         right = {4, 5, 6, 7}
-        fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
+        fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()  # noqa: E731
         rule = "-" * len(fmt(head))
         return "\n".join([fmt(head), rule, *map(fmt, rows[:-1]), rule, fmt(rows[-1])])
 
@@ -221,7 +221,6 @@ def _decode_leaf(rec: Any, sr: _codec.StreamReader, what: str, dequantize: bool)
         if arr.dtype.itemsize == 8 and not jax.config.jax_enable_x64 and arr.dtype.kind in "iuf":
             return arr  # a 64-bit array stays NumPy: jax would silently narrow it
         return jnp.asarray(arr)
-    from compressjax.qarray import qarray_from_ints
     from compressjax.quantization import dequantize as _dequantize
 
     meta = rec.get("meta")
@@ -234,10 +233,38 @@ def _decode_leaf(rec: Any, sr: _codec.StreamReader, what: str, dequantize: bool)
         raise FormatError(f"{what}: the integer codes ({ints.dtype} {ints.shape}) do not match the metadata")
     sr.budget.charge(8 * ints.size, what)  # the float32 codes and the result inside dequantize
     try:
-        q = qarray_from_ints(ints, scale, zp, meta, path=what)
+        q = _qarray_from_codes(ints, scale, zp, meta, what)
         return _dequantize(q, path=what) if dequantize else q
     except (TypeError, ValueError) as e:
         raise FormatError(f"{what}: invalid quantized array: {e}") from e
+
+
+def pack_codes_np(ints: np.ndarray, bits: int) -> np.ndarray:
+    """NumPy twin of ``compressjax.qarray.codes_to_storage`` for 1-4 bits (the documented export layout:
+    unsigned code ``u = q + 2^(b-1)``, or ``(q + 1) / 2`` for 1 bit, at bits ``[b*i, b*i + b)`` of a
+    little-endian bit stream). Eager JAX packing costs ~10x more on large leaves; a test checks both agree."""
+    flat = ints.reshape(-1)
+    u = (flat > 0).astype(np.uint8) if bits == 1 else (flat.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 4:
+        u = np.concatenate([u, np.zeros(u.size % 2, np.uint8)])
+        return u[0::2] | (u[1::2] << 4)
+    planes = (u[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def _qarray_from_codes(ints: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, meta: dict, what: str):
+    """A validated QArray from decoded integer codes (range-checked here: a forged code must not wrap)."""
+    from compressjax.qarray import code_range, qarray_from_parts
+
+    bits = meta.get("bits")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise FormatError(f"{what}: invalid bit width {bits!r}")
+    lo, hi = code_range(bits, zp is None)
+    if ints.size and (int(ints.min()) < lo or int(ints.max()) > hi or (bits == 1 and not ints.all())):
+        raise FormatError(f"{what}: {bits}-bit codes outside [{lo}, {hi}]")
+    values = pack_codes_np(ints, bits) if bits <= 4 else ints
+    arrays = {"values": values, "scale": scale} | ({} if zp is None else {"zero_point": zp})
+    return qarray_from_parts(arrays, meta, path=what)
 
 
 def _decode(data: bytes | bytearray, *, dequantize: bool, max_bytes: int | None) -> tuple[Any, dict]:
