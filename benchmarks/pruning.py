@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -148,7 +149,9 @@ def main(argv=None) -> dict:
     params = make_params(shapes)
     n_sel = sum(int(w.size) for w in params.values() if w.ndim >= 2)
     s = jnp.float32(SPARSITY)
-    k = round(SPARSITY * n_sel)
+    # The sparsity is passed as a float32 array (traced under jit): k is its exact product with n, rounded
+    # half to even (float32(0.7) = 0.69999999, so this can differ from round(0.7 * n) by one).
+    k = round(Fraction(float(np.float32(SPARSITY))) * n_sel)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
           f"{n_sel:,} selected float32 weights in {sum(w.ndim >= 2 for w in params.values())} leaves; "
           f"sparsity {SPARSITY} -> k = {k:,}")

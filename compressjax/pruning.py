@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax.selection import exact_keep_masks, magnitude_bits, round_half_even_count
+from compressjax.selection import exact_keep_masks, round_half_even_count
 from compressjax.tree import (
     PyTree,
     Where,
@@ -108,8 +108,7 @@ def _rebuild(tree: PyTree, where: Where, new_leaves: list[Any], is_leaf=None) ->
 
 @jax.jit
 def _global_flat_masks(leaves: list[jax.Array], k: jax.Array) -> list[jax.Array]:
-    masks = exact_keep_masks([magnitude_bits(x) for x in leaves], k)
-    return [m.reshape(x.shape) for m, x in zip(masks, leaves, strict=True)]
+    return exact_keep_masks(leaves, k)
 
 
 def _masks_from_scores(tree: PyTree, sparsity: Any, scope: str, where: Where, what: str) -> PyTree:

@@ -28,12 +28,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["magnitude_bits", "kth_smallest_bits", "exact_keep_masks", "round_half_even_count"]
+__all__ = ["magnitude_bits", "kth_smallest_magnitude", "exact_keep_masks", "round_half_even_count", "CHUNK"]
 
 _HI_BITS = 16  # the high digit: bits 15..30 of the pattern (bit 31, the sign, is 0 for magnitudes)
 _LO_BITS = 15  # the low digit: bits 0..14
 _N_HI = 1 << _HI_BITS
 _N_LO = 1 << _LO_BITS
+# Leaves above this many elements are read in chunks of it, so no temporary outgrows a chunk (the peak
+# memory is the params plus the masks plus O(CHUNK)). 2**18 elements = 1 MiB of bit patterns, which stays
+# in cache between the bit computation and the scatter: 2**16..2**20 ran alike, 2**22 three times slower.
+CHUNK = 1 << 18
 
 
 def magnitude_bits(x: jax.Array) -> jax.Array:
@@ -42,11 +46,28 @@ def magnitude_bits(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(a, jnp.uint32).reshape(-1)
 
 
-def _histogram(idx: jax.Array, nbins: int) -> jax.Array:
-    # One extra bin collects the elements that do not take part (idx == nbins), so the scatter needs no
-    # bounds checks; it is dropped afterwards.
-    h = jnp.zeros((nbins + 1,), jnp.int32).at[idx].add(1, mode="promise_in_bounds")
-    return h[:nbins]
+def _histogram(idx: jax.Array, nbins: int, acc: jax.Array | None = None) -> jax.Array:
+    # Bin ``nbins`` collects the elements that do not take part, so the scatter needs no bounds checks.
+    acc = jnp.zeros((nbins + 1,), jnp.int32) if acc is None else acc
+    return acc.at[idx].add(1, mode="promise_in_bounds")
+
+
+def _fold_chunks(x: jax.Array, fn, init):
+    """``fn(acc, bits, valid)`` folded over fixed-size chunks of ``x`` (flat), so no temporary is larger
+    than a chunk. The last chunk is clamped to end at ``x``'s end; ``valid`` marks the elements not
+    already seen by the previous chunk (``None`` when the leaf is one chunk)."""
+    flat = x.reshape(-1)
+    n = flat.shape[0]
+    if n <= CHUNK:
+        return fn(init, magnitude_bits(flat), None)
+
+    def body(i, acc):
+        start = jnp.minimum(i * CHUNK, n - CHUNK)
+        bits = magnitude_bits(lax.dynamic_slice(flat, (start,), (CHUNK,)))
+        valid = start + lax.iota(jnp.int32, CHUNK) >= i * CHUNK
+        return fn(acc, bits, valid)
+
+    return lax.fori_loop(0, -(-n // CHUNK), body, init)
 
 
 def _first_bin_reaching(cum: jax.Array, k: jax.Array) -> jax.Array:
@@ -54,31 +75,39 @@ def _first_bin_reaching(cum: jax.Array, k: jax.Array) -> jax.Array:
     return jnp.minimum(jnp.sum(cum < k, dtype=jnp.int32), cum.shape[0] - 1)
 
 
-def kth_smallest_bits(bits: Sequence[jax.Array], k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The ``k``-th smallest (1-indexed) bit pattern across several uint32 arrays, in two counting passes.
+def kth_smallest_magnitude(leaves: Sequence[jax.Array], k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``k``-th smallest (1-indexed) ``|x|`` across several float arrays, in two counting passes.
 
     Args:
-        bits: flat uint32 arrays of non-negative float32 bit patterns (see :func:`magnitude_bits`).
+        leaves: float arrays of any shapes (bf16/f16 are widened to float32).
         k: int32 scalar in ``[0, n]`` (may be traced). ``k == 0`` gives threshold 0 and no element below.
 
     Returns:
-        ``(t, n_below, n_equal)``: the threshold pattern ``t`` (uint32 scalar), the number of elements
-        strictly below it (int32), and per-array counts of elements equal to it (int32, shape ``(L,)``).
+        ``(t, n_below, n_equal)``: the threshold as a float32 bit pattern ``t`` (uint32 scalar), the number
+        of elements strictly below it (int32), and per-leaf counts of elements equal to it (int32 ``(L,)``).
     """
     k = jnp.asarray(k, jnp.int32)
-    hist_hi = sum(_histogram((b >> _LO_BITS).astype(jnp.int32), _N_HI) for b in bits)
+
+    def hi_pass(acc, b, valid):
+        idx = (b >> _LO_BITS).astype(jnp.int32)
+        return _histogram(idx if valid is None else jnp.where(valid, idx, _N_HI), _N_HI, acc)
+
+    zeros_hi = jnp.zeros((_N_HI + 1,), jnp.int32)
+    hist_hi = sum(_fold_chunks(x, hi_pass, zeros_hi) for x in leaves)[:_N_HI]
     cum_hi = jnp.cumsum(hist_hi)
     d_hi = _first_bin_reaching(cum_hi, k)
     below_hi = cum_hi[d_hi] - hist_hi[d_hi]
     k_lo = k - below_hi
-
     d_hi_u = d_hi.astype(jnp.uint32)
 
-    def lo_hist(b):
-        lo = (b & jnp.uint32(_N_LO - 1)).astype(jnp.int32)
-        return _histogram(jnp.where((b >> _LO_BITS) == d_hi_u, lo, _N_LO), _N_LO)
+    def lo_pass(acc, b, valid):
+        take = (b >> _LO_BITS) == d_hi_u
+        take = take if valid is None else take & valid
+        idx = jnp.where(take, (b & jnp.uint32(_N_LO - 1)).astype(jnp.int32), _N_LO)
+        return _histogram(idx, _N_LO, acc)
 
-    hist_lo = jnp.stack([lo_hist(b) for b in bits])  # (L, 2**15): per leaf, for the tie counts
+    zeros_lo = jnp.zeros((_N_LO + 1,), jnp.int32)
+    hist_lo = jnp.stack([_fold_chunks(x, lo_pass, zeros_lo)[:_N_LO] for x in leaves])  # per leaf: tie counts
     tot_lo = jnp.sum(hist_lo, axis=0)
     cum_lo = jnp.cumsum(tot_lo)
     d_lo = _first_bin_reaching(cum_lo, k_lo)
@@ -91,36 +120,58 @@ def kth_smallest_bits(bits: Sequence[jax.Array], k: jax.Array) -> tuple[jax.Arra
     return t, n_below, n_equal
 
 
-def _leaf_mask(b: jax.Array, t: jax.Array, ties_to_prune: jax.Array, n_equal: jax.Array) -> jax.Array:
-    """Keeps ``b > t`` and the ties at ``t`` after the first ``ties_to_prune`` of them (row-major order)."""
+def _leaf_mask(x: jax.Array, t: jax.Array, ties_to_prune: jax.Array, n_equal: jax.Array) -> jax.Array:
+    """Keeps ``|x| > t`` and the ties at ``t`` after the first ``ties_to_prune`` of them (row-major)."""
+    shape = x.shape
 
     def simple(_):
-        # All ties kept (ties_to_prune == 0) or all pruned (== n_equal): one elementwise pass.
-        return (b > t) | ((b == t) & (ties_to_prune == 0))
+        # All ties kept (ties_to_prune == 0) or all pruned (== n_equal): one fused elementwise pass.
+        b = magnitude_bits(x)
+        return ((b > t) | ((b == t) & (ties_to_prune == 0))).reshape(shape)
 
     def split(_):
-        tie = b == t
-        rank = jnp.cumsum(tie.astype(jnp.int32))  # 1-based rank of each tie in row-major order
-        return (b > t) | (tie & (rank > ties_to_prune))
+        # Only the one leaf where the run of ties is cut pays for a running count, chunk by chunk.
+        flat = x.reshape(-1)
+        n = flat.shape[0]
+        if n <= CHUNK:
+            b = magnitude_bits(flat)
+            tie = b == t
+            rank = jnp.cumsum(tie.astype(jnp.int32))  # 1-based rank of each tie in row-major order
+            return ((b > t) | (tie & (rank > ties_to_prune))).reshape(shape)
+
+        def body(i, carry):
+            out, seen = carry  # seen: ties before element i * CHUNK
+            start = jnp.minimum(i * CHUNK, n - CHUNK)
+            b = magnitude_bits(lax.dynamic_slice(flat, (start,), (CHUNK,)))
+            valid = start + lax.iota(jnp.int32, CHUNK) >= i * CHUNK
+            tie = b == t
+            first = seen - jnp.sum(tie & ~valid, dtype=jnp.int32)  # ties before `start`
+            rank = first + jnp.cumsum(tie.astype(jnp.int32))
+            keep = (b > t) | (tie & (rank > ties_to_prune))
+            out = lax.dynamic_update_slice(out, keep, (start,))
+            return out, seen + jnp.sum(tie & valid, dtype=jnp.int32)
+
+        out0 = jnp.zeros((n,), jnp.bool_)
+        out, _ = lax.fori_loop(0, -(-n // CHUNK), body, (out0, jnp.zeros((), jnp.int32)))
+        return out.reshape(shape)
 
     partial = (ties_to_prune > 0) & (ties_to_prune < n_equal)
     return lax.cond(partial, split, simple, None)
 
 
-def exact_keep_masks(bits: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
-    """Boolean keep-masks (flat) that prune exactly the ``k`` smallest elements across all arrays.
+def exact_keep_masks(leaves: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
+    """Boolean keep-masks (shaped like the leaves) that prune exactly the ``k`` smallest ``|x|`` overall.
 
     Ties at the threshold are pruned in leaf order, then row-major flat index (a stable-sort order).
-    Only the one leaf where the tie run is split pays for a cumulative sum (chosen by ``lax.cond``).
     """
     k = jnp.asarray(k, jnp.int32)
-    t, n_below, n_equal = kth_smallest_bits(bits, k)
+    t, n_below, n_equal = kth_smallest_magnitude(leaves, k)
     ties = k - n_below  # how many of the tied elements must go
     offsets = jnp.cumsum(n_equal) - n_equal  # ties in earlier leaves
     masks = []
-    for i, b in enumerate(bits):
+    for i, x in enumerate(leaves):
         r = jnp.clip(ties - offsets[i], 0, n_equal[i])
-        masks.append(_leaf_mask(b, t, r, n_equal[i]))
+        masks.append(_leaf_mask(x, t, r, n_equal[i]))
     return masks
 
 
