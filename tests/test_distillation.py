@@ -516,6 +516,7 @@ def run_with_8_devices(code, timeout=240):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_sharded_step_on_8_devices_matches_single_device():
     import json
 
@@ -581,6 +582,7 @@ def test_prune_quantize_distill_in_one_step():
 # --- examples, in quick mode ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["distill_hint.py", "distill_mesh.py"])
 def test_example_runs_in_quick_mode(script):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # distill_mesh.py sets its own

@@ -139,7 +139,7 @@ def test_gradients_check_grads():
             check_grads(fn, (s64,), order=1, modes=["rev"], atol=1e-4, rtol=1e-4)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     st.integers(1, 3),
     st.integers(2, 5),
