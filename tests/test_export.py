@@ -105,6 +105,19 @@ def test_nnx_state_roundtrip_and_update(tmp_path):
     np.testing.assert_array_equal(fresh.bn.mean[...], np.full(8, -1.5, np.float32))
 
 
+def test_size_report_of_nnx_file_names_paths(tmp_path, small_file):
+    state = nnx.state(Net(nnx.Rngs(0)))
+    save(tmp_path / "m.cjx", state)
+    report = size_report(tmp_path / "m.cjx")
+    assert [leaf.path for leaf in report.leaves] == [leaf.path for leaf in size_report(state).leaves]
+    assert "layers/0/kernel" in [leaf.path for leaf in report.leaves]
+    blob = bytearray((tmp_path / "m.cjx").read_bytes())
+    blob[-3] ^= 0x10
+    (tmp_path / "bad.cjx").write_bytes(bytes(blob))
+    with pytest.raises(FormatError, match="checksum"):
+        size_report(tmp_path / "bad.cjx")
+
+
 def test_frozendict_roundtrip(tmp_path):
     params = FrozenDict({"a": {"b": jnp.ones((2, 2))}})
     save(tmp_path / "m.cjx", params)

@@ -326,6 +326,10 @@ def load(path: str | os.PathLike, *, dequantize: bool = True, max_bytes: int | N
     return tree
 
 
+class _Marker:
+    """Stands for a leaf when only the tree's paths are needed."""
+
+
 def _report_from_header(header: dict, total: int) -> SizeReport:
     table = header["streams"]
     sizes = []
@@ -361,10 +365,19 @@ def size_report(path_or_params: Any, *, masks: Any = None, rules: Any = None, le
         if masks is not None or rules is not None:
             raise ValueError("masks= and rules= apply to params, not to a saved file")
         data = _container.read_file(path_or_params)
-        tree, header = _decode(data, dequantize=False, max_bytes=max(1 << 30, _EXPANSION_LIMIT * len(data)))
-        report = _report_from_header(header, len(data))
-        _, leaves = _structure.flatten(tree, _is_leaf)
-        paths = [p for p, _ in leaves]
+        header_json, _, verify = _container.parse(data)
+        verify()  # the header is trusted only once the whole file's checksum matched
+        try:  # the streams are not decoded: the header alone says where the bytes go
+            header = json.loads(header_json)
+            report = _report_from_header(header, len(data))
+            markers = [_Marker() for _ in header["leaves"]]
+            tree = _structure.unflatten(header["tree"], markers)
+            order = {id(m): p for p, m in _structure.flatten(tree, lambda x: isinstance(x, _Marker))[1]}
+            paths = [order[id(m)] for m in markers]
+        except FormatError:
+            raise
+        except Exception as e:  # a well-formed checksum over a header we did not write
+            raise FormatError(f"malformed header: {type(e).__name__}: {e}") from e
         return dataclasses.replace(
             report, leaves=tuple(dataclasses.replace(s, path=p) for s, p in zip(report.leaves, paths, strict=True))
         )

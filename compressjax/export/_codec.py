@@ -42,8 +42,8 @@ _DENSITY_CUTOFF_LARGE = 0.5
 # Below this density the sparse form always won in our measurements: do not spend time on the dense one.
 _DENSITY_CUTOFF = 0.25
 _PARALLEL_BYTES = 4 << 20  # streams this large are compressed and hashed on worker threads
-_SAMPLE_FROM, _SAMPLE = 1 << 17, 1 << 13
-_STRONG_BYTES = 1 << 17
+_SAMPLE_FROM, _SAMPLE = 1 << 15, 1 << 12
+_STRONG_BYTES = 1 << 15
 
 _DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name)
@@ -283,18 +283,23 @@ def encode_array(arr: np.ndarray, path: str, sw: StreamWriter) -> dict:
     flat = np.ascontiguousarray(arr, dtype=dt).reshape(-1)  # byte-swaps a big-endian array, else no copy
     rec: dict[str, Any] = {"dt": name, "sh": [int(d) for d in arr.shape]}
     n = flat.size
-    nz = _nonzero(flat)
-    nnz = int(np.count_nonzero(nz))
+    size = flat.dtype.itemsize
+    if size in (1, 2, 4, 8):  # count without materialising a mask: most dense leaves stop here
+        nz, nnz = None, int(np.count_nonzero(flat.view(f"u{size}")))
+    else:
+        nz = _nonzero(flat)
+        nnz = int(np.count_nonzero(nz))
     large = n * dt.itemsize > _TRY_BOTH_BYTES
     sparse = dense = None
     if n and nnz <= MAX_SPARSE_DENSITY * n:
+        nz = _nonzero(flat) if nz is None else nz
         pos_kind, pos = _position_candidates(nz, nnz, sw)
         vals = sw.compress_many(to_planes(flat[nz]))
         sparse = (pos_kind, pos, vals)
     if sparse is None or nnz > (_DENSITY_CUTOFF_LARGE if large else _DENSITY_CUTOFF) * n:
         dense = sw.compress_many(to_planes(flat))
-    size = lambda cands: sum(len(c[1]) for c in cands)  # noqa: E731
-    if sparse is not None and (dense is None or len(sparse[1][1]) + size(sparse[2]) < size(dense)):
+    total = lambda cands: sum(len(c[1]) for c in cands)  # noqa: E731
+    if sparse is not None and (dense is None or len(sparse[1][1]) + total(sparse[2]) < total(dense)):
         rec.update(e="sparse", nnz=nnz, pos=sparse[0], s=[sparse[1], *sparse[2]])
     else:
         rec.update(e="dense", s=dense)
