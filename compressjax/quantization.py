@@ -209,12 +209,13 @@ def quantize(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, zero_p
     """
     lay = _check_input(x, spec, path)
     if scale is None:
-        s, z = _compute_scale_grouped(_grouped(x, lay), spec, lay.reduce_axes)
+        values, s, z = _quantize_calibrated(x, spec, lay.grouped_shape, lay.reduce_axes)
     else:
         s, z = _given_scale(scale, zero_point, spec, lay, path)
-    values = _quantize_values(x, s, z, spec, lay.grouped_shape)
+        values = _quantize_values(x, s, z, spec, lay.grouped_shape)
+        z = None if z is None else z.astype(jnp.int32)
     return QArray(
-        values, s, None if z is None else z.astype(jnp.int32), bits=spec.bits, shape=lay.shape, dtype=x.dtype,
+        values, s, z, bits=spec.bits, shape=lay.shape, dtype=x.dtype,
         channel_axes=lay.channel_axes, group_size=lay.group_size, group_axis=lay.group_axis, path=path,
     )
 
@@ -223,6 +224,15 @@ def quantize(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, zero_p
 def _quantize_values(x, s, z, spec, grouped_shape):
     q = _codes(x.astype(jnp.float32).reshape(grouped_shape), s, z, spec)
     return codes_to_storage(q.reshape(x.shape), spec.bits)
+
+
+@partial(jax.jit, static_argnames=("spec", "grouped_shape", "axes"))
+def _quantize_calibrated(x, spec, grouped_shape, axes):
+    # One compiled function: the scale reduction and the coding fuse, and eager calls compile once.
+    xg = x.astype(jnp.float32).reshape(grouped_shape)
+    s, z = _compute_scale_grouped(xg, spec, axes)
+    values = codes_to_storage(_codes(xg, s, z, spec).reshape(x.shape), spec.bits)
+    return values, s, None if z is None else z.astype(jnp.int32)
 
 
 def dequantize(q: QArray, *, path: str = "QArray") -> jax.Array:
