@@ -78,6 +78,8 @@ def test_odd_leaves_roundtrip(tmp_path):
         "empty": jnp.zeros((0, 4)),
         "zeros": jnp.zeros((30, 30)),
         "f64": np.linspace(0, 1, 5),
+        "f8": jnp.asarray(rng.standard_normal(6), jnp.float8_e4m3fn),
+        "i8": jnp.asarray([-128, 0, 127], jnp.int8),
         "none": None,
         "py": [1, 2.5, True, None],
         "tuple": (jnp.ones(2), {7: jnp.ones(1)}),
@@ -416,6 +418,10 @@ def test_unsupported_leaves_raise_at_save(tmp_path):
     for params, msg in cases:
         with pytest.raises(TypeError, match=msg):
             save(tmp_path / "bad.cjx", params)
+    assert not os.listdir(tmp_path)
+    for level in (99, True, "max"):
+        with pytest.raises(ValueError, match="level"):
+            save(tmp_path / "bad.cjx", {"a": jnp.ones(2)}, level=level)
     assert not os.listdir(tmp_path)
     with pytest.raises(TypeError, match="tracer"):
         jax.jit(lambda x: size_report({"x": x}).total_bytes)(jnp.ones(2))
