@@ -35,8 +35,10 @@ SPARSITY = 0.7
 def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> dict[str, jax.Array]:
     keys = jax.random.split(jax.random.key(seed), len(shapes))
     # ndim >= 2 leaves are selected by the default `where`; the 1-D one is a bias left alone.
-    params = {f"layer{i}/kernel" if len(s) > 1 else f"layer{i}/bias": jax.random.normal(k, s, jnp.float32)
-              for i, (k, s) in enumerate(zip(keys, shapes, strict=True))}
+    params = {
+        f"layer{i}/kernel" if len(s) > 1 else f"layer{i}/bias": jax.random.normal(k, s, jnp.float32)
+        for i, (k, s) in enumerate(zip(keys, shapes, strict=True))
+    }
     return jax.block_until_ready(params)
 
 
@@ -105,8 +107,10 @@ def rss_child(method: str, quick: bool) -> dict:
     s = jnp.float32(SPARSITY)
     # Compile on a tiny tree first would not reuse the executable; compile the real one via lower() on
     # shapes only, before any params exist, so compile memory is not counted against the run.
-    specs = {f"layer{i}/kernel" if len(sh) > 1 else f"layer{i}/bias": jax.ShapeDtypeStruct(sh, jnp.float32)
-             for i, sh in enumerate(shapes)}
+    specs = {
+        f"layer{i}/kernel" if len(sh) > 1 else f"layer{i}/bias": jax.ShapeDtypeStruct(sh, jnp.float32)
+        for i, sh in enumerate(shapes)
+    }
     compiled = fn.lower(specs, s).compile()
     import gc
 
@@ -133,18 +137,70 @@ def rss_child(method: str, quick: bool) -> dict:
     }
 
 
+def alternatives(quick: bool, repeats: int = 5) -> dict:
+    """Times one counting pass of each candidate scheme on one leaf (what selection.py chose between)."""
+    from jax import lax
+
+    from compressjax import selection
+
+    n = (1 << 20) if quick else 10 * (1 << 20)
+    x = jax.random.normal(jax.random.key(1), (n,), jnp.float32)
+    b = lax.bitcast_convert_type(jnp.abs(x), jnp.uint32)
+    t = jnp.uint32(0x3F000000)
+    ts7 = jnp.arange(1, 8, dtype=jnp.uint32) * jnp.uint32(0x3F800000 // 8)
+    chunked = jax.jit(
+        lambda x: selection._fold_chunks(
+            x,
+            lambda acc, bb, v: selection._histogram(
+                jnp.where(v, (bb >> 15).astype(jnp.int32), 65536) if v is not None else (bb >> 15).astype(jnp.int32),
+                65536,
+                acc,
+            ),
+            jnp.zeros((65537,), jnp.int32),
+        )
+    )
+    cands = {
+        "1 threshold: sum(bits < t) (31 passes needed)": (jax.jit(lambda b: jnp.sum(b < t, dtype=jnp.int32)), b),
+        "7 thresholds in one fused pass (11 passes needed)": (
+            jax.jit(lambda b: jnp.sum(b[:, None] < ts7[None, :], axis=0, dtype=jnp.int32)),
+            b,
+        ),
+        "scatter-add histogram, 2**16 bins, whole leaf (2 passes)": (
+            jax.jit(lambda b: jnp.zeros(65537, jnp.int32).at[(b >> 15).astype(jnp.int32)].add(1)),
+            b,
+        ),
+        "jnp.bincount, 2**16 bins (2 passes)": (
+            jax.jit(lambda b: jnp.bincount((b >> 15).astype(jnp.int32), length=65536)),
+            b,
+        ),
+        "scatter-add histogram, 2**16 bins, chunks of 2**18 (chosen)": (chunked, x),
+    }
+    out = {}
+    print(f"one pass over {n:,} float32 weights (median of {repeats}):")
+    for name, (fn, arg) in cands.items():
+        med = statistics.median(time_fn(fn, arg, repeats=repeats)) * 1e3
+        out[name] = med
+        print(f"  {med:8.1f} ms  {name}")
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="~1M weights, seconds")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per method (median reported)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--alternatives", action="store_true", help="only time one pass of each candidate scheme")
     ap.add_argument("--rss", choices=["ours", "sort"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss:
         print(json.dumps(rss_child(args.rss, args.quick)))
         return {}
 
+    if args.alternatives:
+        res = {"benchmark": "pruning_alternatives", "quick": args.quick, "pass_ms": alternatives(args.quick)}
+        print(json.dumps(res))
+        return res
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     params = make_params(shapes)
     n_sel = sum(int(w.size) for w in params.values() if w.ndim >= 2)
@@ -152,9 +208,11 @@ def main(argv=None) -> dict:
     # The sparsity is passed as a float32 array (traced under jit): k is its exact product with n, rounded
     # half to even (float32(0.7) = 0.69999999, so this can differ from round(0.7 * n) by one).
     k = round(Fraction(float(np.float32(SPARSITY))) * n_sel)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
-          f"{n_sel:,} selected float32 weights in {sum(w.ndim >= 2 for w in params.values())} leaves; "
-          f"sparsity {SPARSITY} -> k = {k:,}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
+        f"{n_sel:,} selected float32 weights in {sum(w.ndim >= 2 for w in params.values())} leaves; "
+        f"sparsity {SPARSITY} -> k = {k:,}"
+    )
 
     f_ours, f_sort = jax.jit(ours), jax.jit(sort_baseline)
     reps_ours = args.repeats or (5 if args.quick else 5)
@@ -176,11 +234,17 @@ def main(argv=None) -> dict:
         disagree_off_tie += int(np.sum((a != b) & ~tie))
     ok = pruned == k and disagree_off_tie == 0
     med_o, med_s = statistics.median(t_ours), statistics.median(t_sort)
-    print(f"magnitude_masks(global): median {med_o * 1e3:9.1f} ms  (runs: {', '.join(f'{t * 1e3:.0f}' for t in t_ours)})")
-    print(f"concat + jnp.sort      : median {med_s * 1e3:9.1f} ms  (runs: {', '.join(f'{t * 1e3:.0f}' for t in t_sort)})")
+    print(
+        f"magnitude_masks(global): median {med_o * 1e3:9.1f} ms  (runs: {', '.join(f'{t * 1e3:.0f}' for t in t_ours)})"
+    )
+    print(
+        f"concat + jnp.sort      : median {med_s * 1e3:9.1f} ms  (runs: {', '.join(f'{t * 1e3:.0f}' for t in t_sort)})"
+    )
     print(f"speed-up: {med_s / med_o:.1f}x (target >= 50x)")
-    print(f"pruned exactly {pruned:,} (k = {k:,}): {pruned == k}; masks differ at {disagree} positions, "
-          f"all among the {ties} weights tied at the threshold: {disagree_off_tie == 0}")
+    print(
+        f"pruned exactly {pruned:,} (k = {k:,}): {pruned == k}; masks differ at {disagree} positions, "
+        f"all among the {ties} weights tied at the threshold: {disagree_off_tie == 0}"
+    )
 
     result = {
         "benchmark": "pruning",
@@ -196,15 +260,22 @@ def main(argv=None) -> dict:
         del params, m_ours, m_sort
         for method in ("ours", "sort"):
             cmd = [sys.executable, "-m", "benchmarks.pruning", "--rss", method] + (["--quick"] if args.quick else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            out = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             result[f"{method}_rss"] = r
             mib = 1 / 2**20
-            print(f"peak RSS {method:>4}: {r['peak_rss'] * mib:8.0f} MiB = resident with params "
-                  f"{r['rss_after_params'] * mib:.0f} MiB (params {r['params_bytes'] * mib:.0f} MiB) "
-                  f"+ masks {r['masks_bytes'] * mib:.0f} MiB + extra {r['extra_bytes'] * mib:.0f} MiB"
-                  f"{'' if r['peak_reset'] else ' (peak counter not resettable: includes start-up)'}")
+            print(
+                f"peak RSS {method:>4}: {r['peak_rss'] * mib:8.0f} MiB = resident with params "
+                f"{r['rss_after_params'] * mib:.0f} MiB (params {r['params_bytes'] * mib:.0f} MiB) "
+                f"+ masks {r['masks_bytes'] * mib:.0f} MiB + extra {r['extra_bytes'] * mib:.0f} MiB"
+                f"{'' if r['peak_reset'] else ' (peak counter not resettable: includes start-up)'}"
+            )
     print(json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:

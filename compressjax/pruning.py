@@ -131,7 +131,9 @@ def _masks_from_scores(tree: PyTree, sparsity: Any, scope: str, where: Where, wh
 
 
 # ------------------------------------------------------------------------------------------ public masks
-def magnitude_masks(params: PyTree, sparsity: float | jax.Array, *, scope: str = "global", where: Where = None) -> PyTree:
+def magnitude_masks(
+    params: PyTree, sparsity: float | jax.Array, *, scope: str = "global", where: Where = None
+) -> PyTree:
     """Keep-masks that prune the smallest-magnitude weights, with an exact count.
 
     Args:
@@ -201,7 +203,9 @@ def nm_masks(params: PyTree, n: int, m: int, *, axis: int = -2, where: Where = N
         if not -len(shape) <= axis < len(shape):
             raise ValueError(f"leaf {path!r} with shape {shape} has no axis {axis}")
         if shape[axis] % m:
-            raise ValueError(f"leaf {path!r}: length {shape[axis]} of axis {axis} (shape {shape}) is not divisible by m={m}")
+            raise ValueError(
+                f"leaf {path!r}: length {shape[axis]} of axis {axis} (shape {shape}) is not divisible by m={m}"
+            )
         masks.append(_nm_mask(jnp.asarray(leaf), n, m, axis))
     return _rebuild(params, where, masks)
 

@@ -90,7 +90,11 @@ def _masked_updates(masks: PyTree, updates: PyTree, params: PyTree | None) -> Py
             lambda m, u: u if m is None else jnp.where(m, u, jnp.zeros((), u.dtype)), masks, updates, is_leaf=is_none
         )
     return jax.tree.map(
-        lambda m, u, p: u if m is None else jnp.where(m, u, (-p).astype(u.dtype)), masks, updates, params, is_leaf=is_none
+        lambda m, u, p: u if m is None else jnp.where(m, u, (-p).astype(u.dtype)),
+        masks,
+        updates,
+        params,
+        is_leaf=is_none,
     )
 
 
@@ -195,7 +199,9 @@ def gradual_pruning(
 
 def _same_leaves(masks: PyTree) -> Callable[[str, Any], bool]:
     """A ``where`` selecting exactly the leaves that hold a mask (paths are taken from the mask tree)."""
-    paths = {path_to_str(p) for p, m in jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)[0] if m is not None}
+    paths = {
+        path_to_str(p) for p, m in jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)[0] if m is not None
+    }
     return lambda path, leaf: path in paths and leaf is not None
 
 

@@ -65,8 +65,10 @@ def main(argv=None) -> None:
         params, opt_state, loss = train_step(params, opt_state)
         if step % max(steps // 10, 1) == 0 or step == steps - 1:
             masks = cj.masks_from_state(opt_state)
-            print(f"step {step:5d}  loss {float(loss):.4f}  schedule {float(schedule(step)):.3f}  "
-                  f"mask sparsity {cj.sparsity_summary(masks).fraction:.3f}")
+            print(
+                f"step {step:5d}  loss {float(loss):.4f}  schedule {float(schedule(step)):.3f}  "
+                f"mask sparsity {cj.sparsity_summary(masks).fraction:.3f}"
+            )
 
     masks = cj.masks_from_state(opt_state)
     pruned = cj.apply_masks(params, masks)

@@ -235,7 +235,11 @@ def test_non_finite_weights_raise_naming_path(bad):
     w = np.asarray(tree["dense1"]["kernel"]).copy()
     w[1, 2] = bad
     tree["dense1"]["kernel"] = jnp.asarray(w)
-    for fn in (lambda t: cj.magnitude_masks(t, 0.5), lambda t: cj.nm_masks(t, 1, 2), lambda t: cj.channel_masks(t, 0.5)):
+    for fn in (
+        lambda t: cj.magnitude_masks(t, 0.5),
+        lambda t: cj.nm_masks(t, 1, 2),
+        lambda t: cj.channel_masks(t, 0.5),
+    ):
         with pytest.raises(ValueError, match="dense1/kernel.*non-finite"):
             fn(tree)
 
