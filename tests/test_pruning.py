@@ -418,3 +418,25 @@ def test_example_runs_quick():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "final sparsity" in out.stdout
+
+
+def test_gradual_pruning_on_nnx_state():
+    model = NNXModel(nnx.Rngs(1))
+    graphdef, params = nnx.split(model, nnx.Param)
+    sched = cj.polynomial_sparsity(0.5, begin_step=0, end_step=4)
+    tx = optax.chain(optax.adam(1e-2), cj.gradual_pruning(sched, update_every=2))
+    opt_state = tx.init(params)
+    x = jnp.ones((4, 8))
+
+    @jax.jit
+    def step(params, opt_state):
+        grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    for _ in range(6):
+        params, opt_state = step(params, opt_state)
+    masks = cj.masks_from_state(opt_state)
+    assert cj.sparsity_summary(masks).zeros == cj.sparsity_summary(params).zeros == round(0.5 * (8 * 16 + 16 * 4))
+    nnx.update(model, params)
+    assert int((model.layers[1].kernel[...] == 0).sum()) == int((~np.asarray(masks["layers"][1]["kernel"])).sum())
