@@ -271,9 +271,13 @@ def _decode(data: bytes | bytearray, *, dequantize: bool, max_bytes: int | None)
     header_json, payload, verify = _container.parse(data)
     try:
         out = _decode_verified_later(header_json, payload, dequantize=dequantize, max_bytes=max_bytes)
-    except Exception:
+    except FormatError:
         verify()  # a corrupted file is reported as such, whatever the decoder tripped on first
         raise
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError, OverflowError, RecursionError) as e:
+        verify()
+        # Intact bytes, but a header we did not write (every field is checked; this is the safety net).
+        raise FormatError(f"malformed header: {type(e).__name__}: {e}") from e
     verify()
     return out
 
