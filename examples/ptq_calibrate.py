@@ -50,6 +50,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny run (seconds)")
     args = ap.parse_args()
+    jax.config.update("jax_default_matmul_precision", "highest")  # no TF32 on GPUs: compare like with like
     n, steps, widths = (1024, 150, (64, 64, 10)) if args.quick else (8192, 2000, (256, 256, 10))
     x, y = make_data(n + 2048)
     xt, yt, xv, yv = x[:n], y[:n], x[n:], y[n:]

@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny run (seconds)")
     ap.add_argument("--bits", type=int, default=4, help="weight bits (activations use 8)")
     args = ap.parse_args()
+    # GPUs default to TF32 float32 matmuls; full precision lets the fake path match the exact int path.
+    jax.config.update("jax_default_matmul_precision", "highest")
     n, steps, qat_steps, hidden = (1024, 150, 60, 64) if args.quick else (8192, 1500, 500, 256)
     sizes = (32, hidden, hidden, 10)
     x, y = make_data(n + 2048, sizes[0], sizes[-1])

@@ -12,6 +12,13 @@ import compressjax as cj
 
 PER_TENSOR = cj.QuantSpec(8, channel_axes=())
 
+
+@pytest.fixture(autouse=True)
+def exact_float_matmuls():
+    # GPUs default to TF32 for float32 matmuls; the fake path must be compared at full float32 precision.
+    with jax.default_matmul_precision("highest"):
+        yield
+
 SPEC_PAIRS = [
     (cj.QuantSpec(8), PER_TENSOR),
     (cj.QuantSpec(4, group_size=16), PER_TENSOR),
