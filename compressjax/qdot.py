@@ -13,6 +13,9 @@ Two modes share the same numerics (see :mod:`compressjax.quantization`):
   ``dot_general``) that are rescaled per group and summed in float32. Asymmetric activations are handled
   with the zero-point correction ``sum(q_x q_w) - z_x * sum(q_w)``; asymmetric weights and scales that vary
   along the contraction axis in other ways are rejected with a ``ValueError``.
+
+The fake path's float matmul runs at the default matmul precision, which is TF32 on recent GPUs; compare
+the two paths under ``jax.default_matmul_precision("highest")`` (the int path's sums are exact).
 """
 
 from __future__ import annotations
