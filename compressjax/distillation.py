@@ -214,7 +214,10 @@ def make_distill_step(
             state reuse the old ones' memory. The teacher's params and the batch are never donated; do not reuse a state
             after passing it to ``step``.
         mesh: optional ``jax.sharding.Mesh``; the batch's leading axis is split over ``data_axis`` and the
-            state and teacher params are replicated on every device.
+            state and teacher params are replicated on every device. Arrays laid out otherwise are moved
+            on each call (free when already in place): put the teacher's params on the mesh once with
+            ``jax.device_put(teacher_params, NamedSharding(mesh, PartitionSpec()))`` so that they are not
+            copied at every step; the state is in place after the first step.
         data_axis: the name of the mesh's data-parallel axis.
 
     Returns:
