@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -459,3 +460,33 @@ def test_examples_run_quick(script):
     r = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--quick"], capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OK" in r.stdout
+
+
+def test_tampered_qarray_in_params_names_the_path():
+    q = cj.quantize_params({"enc": {"kernel": normal((8, 4))}}, cj.QuantSpec(4))
+    leaves, treedef = jax.tree.flatten(q)
+    leaves[0] = leaves[0][:-1]  # drop one byte of the packed codes
+    bad = jax.tree.unflatten(treedef, leaves)
+    with pytest.raises(ValueError, match="'enc/kernel'.*packed uint8 values of shape \\(16,\\), got uint8 \\(15,\\)"):
+        cj.dequantize_params(bad)
+
+
+def test_sharded_params_on_a_mesh():
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import compressjax as cj
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+w = jax.random.normal(jax.random.key(0), (64, 32))
+ws = jax.device_put(w, NamedSharding(mesh, P("data", "model")))
+spec = cj.QuantSpec(4, group_size=16)
+fq = jax.jit(lambda p: cj.fake_quant_params(p, spec))({"k": ws})["k"]
+np.testing.assert_array_equal(fq, cj.fake_quant(w, spec))
+q = jax.jit(lambda v: cj.quantize(v, spec))(ws)
+np.testing.assert_array_equal(cj.dequantize(q), cj.dequantize(cj.quantize(w, spec)))
+print("OK", len(jax.devices()))
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK 8" in r.stdout
