@@ -255,17 +255,21 @@ def tokenizer() -> Any:
     return tok
 
 
+def _check_sentences(sentences: Any) -> None:
+    if isinstance(sentences, str):
+        raise TypeError("sentences must be a list of strings, not one string")
+    for i, s in enumerate(sentences):
+        if not isinstance(s, str):
+            raise TypeError(f"sentences[{i}] must be a str, got {type(s).__name__}")
+
+
 def tokenize(sentences: Sequence[str], *, pad_multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and attention mask, right-padded to the longest sentence rounded up to ``pad_multiple``.
 
     Raises:
         TypeError: ``sentences`` is a single string or holds a non-string.
     """
-    if isinstance(sentences, str):
-        raise TypeError("sentences must be a list of strings, not one string")
-    for i, s in enumerate(sentences):
-        if not isinstance(s, str):
-            raise TypeError(f"sentences[{i}] must be a str, got {type(s).__name__}")
+    _check_sentences(sentences)
     encs = tokenizer().encode_batch(list(sentences))
     longest = max((len(e.ids) for e in encs), default=1)
     length = min(-(-longest // pad_multiple) * pad_multiple, CONFIG.max_seq_length)
@@ -313,6 +317,7 @@ def embed(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    _check_sentences(sentences)
     params = load_params() if params is None else as_float_params(params)
     sentences = list(sentences)
     if not sentences:
