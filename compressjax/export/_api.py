@@ -310,7 +310,9 @@ def load(path: str | os.PathLike, *, dequantize: bool = True, max_bytes: int | N
     The result equals ``dequantize_params(quantize_params(apply_masks(params, masks), rules))`` of what was
     saved bit for bit (same tree structure, dtypes and values; ``-0.0`` and NaN payloads included), with
     ``nnx.State`` and NNX variables rebuilt as such, so ``nnx.update(model, load(path))`` works. Quantized
-    leaves are dequantized with :func:`compressjax.dequantize` itself.
+    leaves are dequantized with :func:`compressjax.dequantize` itself. Arrays come back as ``jax.Array``
+    (NumPy leaves included), except 64-bit ones while ``jax_enable_x64`` is off, which stay NumPy rather
+    than being narrowed.
 
     Args:
         path: the file.

@@ -178,6 +178,8 @@ class StreamWriter:
 
 
 _POOLS: dict[str, ThreadPoolExecutor] = {}
+if hasattr(os, "register_at_fork"):  # a forked child must not reuse the parent's (threadless) pools
+    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def leaf_pool() -> ThreadPoolExecutor:
