@@ -349,7 +349,8 @@ def qarray_from_ints(
     """Builds (and packs) a QArray from unpacked integer codes, the inverse of :func:`quantized_ints`.
 
     Args:
-        ints: integer codes of the original shape (any integer dtype; range checked when concrete).
+        ints: integer codes of the original shape, or flat when ``meta`` has a ``shape`` (any integer dtype;
+            range checked when concrete).
         scale: float32 scales of shape ``layout.scale_shape`` (as stored in ``QArray.scale``).
         zero_point: int32 zero points (same shape as ``scale``) for asymmetric arrays, else ``None``.
         meta: optional metadata dict as returned by :func:`qarray_to_parts` (keys ``bits``, ``dtype``,
@@ -380,6 +381,11 @@ def qarray_from_ints(
         if np.any(bad):
             raise ValueError(f"leaf {path!r}: {b}-bit code {a[bad].ravel()[0]} is outside [{lo}, {hi}]" + (" or is 0" if b == 1 else ""))
     shape = tuple(ints_arr.shape)
+    if m.get("shape") is not None and tuple(m["shape"]) != shape:
+        want = tuple(int(d) for d in m["shape"])
+        if math.prod(want) != ints_arr.size:
+            raise ValueError(f"leaf {path!r}: {ints_arr.size} integer codes cannot take the shape {want} from meta")
+        ints_arr, shape = ints_arr.reshape(want), want  # e.g. codes stored flat by a file format
     lay = Layout(shape, tuple(m.get("channel_axes", ())), m.get("group_size"), m.get("group_axis"), path)
     zp = None if zero_point is None else jnp.asarray(zero_point, jnp.int32)
     return QArray(
