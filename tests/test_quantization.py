@@ -249,6 +249,8 @@ def test_parts_and_ints_round_trip(bits, symmetric):
     q3 = cj.qarray_from_ints(np.asarray(ints), arrays["scale"], arrays.get("zero_point"), meta)
     np.testing.assert_array_equal(q3.values, q.values)
     assert q3.nbytes == q.nbytes
+    flat = cj.qarray_from_ints(np.asarray(ints).ravel(), arrays["scale"], arrays.get("zero_point"), meta)
+    np.testing.assert_array_equal(flat.values, q.values)
 
 
 def test_pruned_zeros_have_zero_codes():
