@@ -118,7 +118,7 @@ def flatten(tree: Any, is_array_leaf) -> tuple[dict, list[tuple[str, Any]]]:
         if type(x) in (list, tuple):
             return {"t": type(x).__name__, "c": [visit(v, _join(path, i), depth + 1) for i, v in enumerate(x)]}
         raise TypeError(
-            f"{path or 'the params root'!r} is a {type(x).__module__}.{type(x).__qualname__}, which the file format "
+            f"{path or 'the params root'!r} has type {type(x).__module__}.{type(x).__qualname__}, which the file format "
             "does not store; supported: dict, FrozenDict, list, tuple, nnx.State, nnx variables, None, Python "
             "scalars, arrays and QArray (for other pytrees save jax.tree.leaves(tree) and unflatten on load)"
         )
