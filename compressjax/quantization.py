@@ -16,8 +16,9 @@ Numerics (see also :mod:`compressjax.qarray`):
   ``scale = (hi - lo) / (2^b - 1)``, ``zero_point = clip(-2^(b-1) - round(lo / scale))``,
   ``q = clip(round(x / scale) + zero_point, -2^(b-1), 2^(b-1)-1)``, ``x_hat = (q - zero_point) * scale``.
 * 1 bit (XNOR-Net, Rastegari et al., 2016): ``q = sign(x)`` (``+1`` at 0), ``scale = mean|x|`` per scale group.
-* A scale group whose values are all zero gets ``scale = 1`` (``0`` for 1 bit) and dequantizes to exact
-  zeros; nothing divides by zero, so no NaN or Inf appears.
+* A scale group whose values are all zero (or whose range is below ``sqrt(float32 tiny)`` ~ 1e-19) gets
+  ``scale = 1`` (1 bit: ``mean|x|``, so ``0``) and dequantizes to exact zeros; nothing divides by zero or by an
+  underflowed scale, so no NaN or Inf appears.
 * Arithmetic runs in float32 for float32, bfloat16 and float16 inputs; scales are float32 and
   :func:`dequantize` returns the input dtype.
 * NaN/Inf inputs raise ``ValueError`` in eager calls. Under ``jit`` the values are not visible: a NaN
@@ -59,6 +60,9 @@ __all__ = [
 Rules = QuantSpec | Mapping[Any, QuantSpec | None] | Sequence[tuple[Any, QuantSpec | None]]
 MSE_ALPHAS = np.linspace(0.2, 1.0, 81, dtype=np.float32)
 DEFAULT_SPEC = QuantSpec()  # int8, symmetric, per output channel, absmax
+# Ranges below sqrt(float32 tiny) ~ 1e-19 get scale 1 (their values round to 0), so x / scale never
+# divides by an underflowed (zero or subnormal) scale. Qwix uses the same threshold.
+_TINY = float(np.sqrt(np.finfo(np.float32).tiny))
 _SLACK = 1e-3  # steps of tolerance on the STE boundary so float rounding never zeroes the absmax element
 
 
@@ -117,11 +121,11 @@ def _scale_from_range(lo, hi, spec: QuantSpec):
     """Scale (and float zero point) whose half-step-extended range covers ``[lo, hi]``; ``lo <= 0 <= hi``."""
     if spec.symmetric:
         m = jnp.maximum(-lo, hi)
-        scale = jnp.where(m > 0, m / (spec.qmax + 0.5), 1.0)
+        scale = jnp.where(m > _TINY, m / (spec.qmax + 0.5), 1.0)
         return scale, None
     qmin, qmax = code_range(spec.bits, False)
     scale = (hi - lo) / (qmax - qmin)
-    scale = jnp.where(scale > 0, scale, 1.0)
+    scale = jnp.where(scale > _TINY, scale, 1.0)
     zp = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
     return scale, zp
 

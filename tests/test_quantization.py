@@ -492,3 +492,14 @@ print("OK", len(jax.devices()))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OK 8" in r.stdout
+
+
+@pytest.mark.parametrize("v", [1e-45, 1e-30, 1e-10])
+def test_tiny_ranges_never_give_nan(v):
+    x = jnp.array([[0.0, v], [v, 0.0]])
+    for spec in (cj.QuantSpec(8), cj.QuantSpec(4, symmetric=False, calibration="mse")):
+        q = cj.quantize(x, spec)
+        y = np.asarray(cj.dequantize(q))
+        assert np.all(np.isfinite(y)) and np.all(np.abs(y - np.asarray(x)) <= 0.5 * full_scale(q) * (1 + 1e-5))
+        g = jax.grad(lambda a, s=spec: jnp.sum(cj.fake_quant(a, s)))(x)
+        assert np.all(np.isfinite(np.asarray(g)))
