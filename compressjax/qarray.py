@@ -324,6 +324,9 @@ def codes_to_storage(q: jax.Array, bits: int) -> jax.Array:
     return pack_codes(u, bits)
 
 
+_codes_to_storage_jit = jax.jit(codes_to_storage, static_argnums=1)  # one compiled kernel for eager callers
+
+
 def quantized_ints(q: QArray) -> jax.Array:
     """The signed integer codes of ``q`` as ``int8`` in ``q.shape`` (unpacked; ``-1``/``+1`` for 1 bit).
 
@@ -389,7 +392,7 @@ def qarray_from_ints(
     lay = Layout(shape, tuple(m.get("channel_axes", ())), m.get("group_size"), m.get("group_axis"), path)
     zp = None if zero_point is None else jnp.asarray(zero_point, jnp.int32)
     return QArray(
-        codes_to_storage(jnp.asarray(ints_arr), b), jnp.asarray(scale, jnp.float32), zp,
+        _codes_to_storage_jit(jnp.asarray(ints_arr), b), jnp.asarray(scale, jnp.float32), zp,
         bits=b, shape=shape, dtype=m.get("dtype", "float32"), channel_axes=lay.channel_axes,
         group_size=lay.group_size, group_axis=lay.group_axis, path=path,
     )
