@@ -103,10 +103,14 @@ def kth_smallest_magnitude(leaves: Sequence[jax.Array], k: jax.Array) -> tuple[j
     def lo_pass(acc, b, valid):
         take = (b >> _LO_BITS) == d_hi_u
         take = take if valid is None else take & valid
-        idx = jnp.where(take, (b & jnp.uint32(_N_LO - 1)).astype(jnp.int32), _N_LO)
-        return _histogram(idx, _N_LO, acc)
+        # Elements outside the bucket are counted in a second bank of bins, at their high digit (mod 2**15),
+        # not in one shared bin: a single hot bin serialises the scatter's adds (about 2x slower on XLA
+        # CPU), and the high digit gives the same access pattern as the first pass (measured fastest).
+        lo = (b & jnp.uint32(_N_LO - 1)).astype(jnp.int32)
+        other = ((b >> _LO_BITS) & jnp.uint32(_N_LO - 1)).astype(jnp.int32) + _N_LO
+        return acc.at[jnp.where(take, lo, other)].add(1, mode="promise_in_bounds")
 
-    zeros_lo = jnp.zeros((_N_LO + 1,), jnp.int32)
+    zeros_lo = jnp.zeros((2 * _N_LO,), jnp.int32)
     hist_lo = jnp.stack([_fold_chunks(x, lo_pass, zeros_lo)[:_N_LO] for x in leaves])  # per leaf: tie counts
     tot_lo = jnp.sum(hist_lo, axis=0)
     cum_lo = jnp.cumsum(tot_lo)
@@ -130,7 +134,8 @@ def _leaf_mask(x: jax.Array, t: jax.Array, ties_to_prune: jax.Array, n_equal: ja
         return ((b > t) | ((b == t) & (ties_to_prune == 0))).reshape(shape)
 
     def split(_):
-        # Only the one leaf where the run of ties is cut pays for a running count, chunk by chunk.
+        # Only the one leaf where the run of ties is cut gets here. Find the flat index of the last tie to
+        # prune, then keep the ties after it: one counting pass over chunks, one cumsum over one chunk.
         flat = x.reshape(-1)
         n = flat.shape[0]
         if n <= CHUNK:
@@ -138,22 +143,25 @@ def _leaf_mask(x: jax.Array, t: jax.Array, ties_to_prune: jax.Array, n_equal: ja
             tie = b == t
             rank = jnp.cumsum(tie.astype(jnp.int32))  # 1-based rank of each tie in row-major order
             return ((b > t) | (tie & (rank > ties_to_prune))).reshape(shape)
+        n_chunks = -(-n // CHUNK)
 
-        def body(i, carry):
-            out, seen = carry  # seen: ties before element i * CHUNK
+        def count(i, acc):
             start = jnp.minimum(i * CHUNK, n - CHUNK)
             b = magnitude_bits(lax.dynamic_slice(flat, (start,), (CHUNK,)))
             valid = start + lax.iota(jnp.int32, CHUNK) >= i * CHUNK
-            tie = b == t
-            first = seen - jnp.sum(tie & ~valid, dtype=jnp.int32)  # ties before `start`
-            rank = first + jnp.cumsum(tie.astype(jnp.int32))
-            keep = (b > t) | (tie & (rank > ties_to_prune))
-            out = lax.dynamic_update_slice(out, keep, (start,))
-            return out, seen + jnp.sum(tie & valid, dtype=jnp.int32)
+            return acc.at[i].set(jnp.sum((b == t) & valid, dtype=jnp.int32))
 
-        out0 = jnp.zeros((n,), jnp.bool_)
-        out, _ = lax.fori_loop(0, -(-n // CHUNK), body, (out0, jnp.zeros((), jnp.int32)))
-        return out.reshape(shape)
+        per_chunk = lax.fori_loop(0, n_chunks, count, jnp.zeros((n_chunks,), jnp.int32))
+        cum = jnp.cumsum(per_chunk)
+        c = jnp.sum(cum < ties_to_prune, dtype=jnp.int32)  # chunk holding the last tie to prune
+        need = ties_to_prune - (cum[c] - per_chunk[c])  # its rank among that chunk's new ties
+        start = jnp.minimum(c * CHUNK, n - CHUNK)
+        pos = start + lax.iota(jnp.int32, CHUNK)
+        tie = (magnitude_bits(lax.dynamic_slice(flat, (start,), (CHUNK,))) == t) & (pos >= c * CHUNK)
+        rank = jnp.cumsum(tie.astype(jnp.int32))
+        last = jnp.max(jnp.where(tie & (rank == need), pos, -1))  # flat index of the last pruned tie
+        b = magnitude_bits(flat)
+        return ((b > t) | ((b == t) & (lax.iota(jnp.int32, n) > last))).reshape(shape)
 
     partial = (ties_to_prune > 0) & (ties_to_prune < n_equal)
     return lax.cond(partial, split, simple, None)
