@@ -1,0 +1,352 @@
+"""The demo's stages: teacher, baseline student, distilled student, prune + 4-bit QAT, save and load.
+
+Every training loop is a jitted ``lax.scan`` over ``chunk`` optimizer steps (batches are sampled and
+augmented inside it), so the host only wakes up between chunks to move the progress bar. The distillation
+stages scan over the step that :func:`compressjax.make_distill_step` builds (its ``step.jitted``), so the
+library's step is what trains the student.
+
+Augmentation: a random shift of each 1-D signal by up to ``max_shift`` samples, edges repeated. MNIST-1D
+digits are already placed at random offsets, so a shift keeps the label; it is what lifts the teacher
+above 96% and it gives the student's distillation new inputs on which to match the teacher (Hinton et
+al., 2015, arXiv:1503.02531; Beyer et al., 2022, "Knowledge distillation: A good teacher is patient and
+consistent", arXiv:2106.05237: the teacher sees the same augmented input as the student).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from compressjax import (
+    DistillState,
+    QuantSpec,
+    distillation_loss,
+    fake_quant_params,
+    gradual_pruning,
+    load,
+    make_distill_step,
+    masks_from_state,
+    polynomial_sparsity,
+    save,
+    size_report,
+)
+from compressjax.demo import models
+from compressjax.demo.data import load_mnist1d, load_transfer_inputs
+
+__all__ = ["DemoConfig", "Stage", "DemoResult", "run_demo", "shift_signals", "STAGE_NAMES"]
+
+#: Progress callback: ``(stage, steps_done, steps_total, metrics)``; called after every chunk.
+Progress = Callable[[str, int, int, dict[str, float]], None]
+
+STAGE_NAMES = ("teacher", "student", "distilled", "compressed")
+TRAIN_SIZE = 4000  # MNIST-1D's training split; an "epoch" below is this many examples
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of one demo run (``compressjax demo`` flags map onto these).
+
+    Attributes:
+        seed: model initialisation and batch order (the dataset itself is MNIST-1D's fixed split).
+        epochs: epochs of the 4000 labelled examples per training stage (teacher, student, and the
+            compression stage); the distilled student takes exactly the baseline's number of steps.
+        sparsity: final fraction of pruned kernel weights in the compressed model.
+        bits: weight bits of the compressed model (kernels; biases keep 8 bits).
+        batch_size: examples per optimizer step.
+        learning_rate: peak Adam learning rate (warm-up then cosine decay in every stage).
+        max_shift: largest random shift of the 1-D signals (augmentation), in samples.
+        transfer_size: extra unlabelled MNIST-1D inputs (another seed) the teacher labels for distillation.
+        transfer_seed: mnist1d seed of those inputs.
+        temperature: distillation temperature ``T``.
+        alpha: weight of the soft (teacher) term; ``1 - alpha`` weighs cross-entropy against the labels
+            (the true labels on the training inputs, the teacher's argmax on the extra inputs).
+        chunk: optimizer steps per compiled ``lax.scan`` call (progress granularity).
+        teacher / student: model shapes.
+    """
+
+    seed: int = 0
+    epochs: int = 64
+    sparsity: float = 0.8
+    bits: int = 4
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    max_shift: int = 4
+    transfer_size: int = 16000
+    transfer_seed: int = 7
+    temperature: float = 2.0
+    alpha: float = 0.5
+    chunk: int = 50
+    teacher: models.CNNConfig = field(default=models.TEACHER)
+    student: models.CNNConfig = field(default=models.STUDENT)
+
+    def __post_init__(self):
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be an int in 1..8, got {self.bits!r}")
+        if self.transfer_size < 10:
+            raise ValueError(f"transfer_size must be >= 10, got {self.transfer_size!r}")
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps per training stage: ``epochs`` passes over 4000 examples, rounded up to ``chunk``."""
+        raw = math.ceil(self.epochs * TRAIN_SIZE / self.batch_size)
+        return self.chunk * math.ceil(raw / self.chunk)
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        """A tiny run for tests and smoke checks (seconds of training; accuracies are not meaningful)."""
+        base = dict(epochs=2, transfer_size=1000, chunk=16, teacher=models.CNNConfig((16, 32, 32), (5, 5, 3), (1, 2, 2), 32))
+        base.update(overrides)
+        return cls(**base)
+
+    def rules(self) -> dict[str, QuantSpec]:
+        """Quantization rules of the compressed model: ``bits`` per output channel for kernels, int8 biases."""
+        return {"kernel": QuantSpec(bits=self.bits), "bias": QuantSpec(bits=8, channel_axes=())}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the demo's table (``accuracy`` is a fraction of the 1000 test examples)."""
+
+    name: str
+    accuracy: float
+    params: int
+    nonzero: int
+    bits_per_weight: float
+    bytes: int
+    ratio_vs_teacher: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "accuracy": self.accuracy,
+            "params": self.params,
+            "nonzero": self.nonzero,
+            "bits_per_weight": self.bits_per_weight,
+            "bytes": self.bytes,
+            "ratio_vs_teacher": self.ratio_vs_teacher,
+        }
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """All stages, the wall time in seconds, and where the compressed model was written."""
+
+    stages: tuple[Stage, ...]
+    seconds: float
+    model_path: str
+    config: DemoConfig
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stages": [s.to_dict() for s in self.stages], "seconds": self.seconds}
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def shift_signals(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
+    """Shifts each row of ``x`` (``(batch, length)``) by a random integer in ``[-max_shift, max_shift]``.
+
+    Samples that move in from outside repeat the edge value, so no artificial step appears.
+    """
+    if max_shift == 0:
+        return x
+    length = x.shape[-1]
+    s = jax.random.randint(key, (x.shape[0], 1), -max_shift, max_shift + 1)
+    idx = jnp.clip(jnp.arange(length)[None, :] - s, 0, length - 1)
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def _sample(key: jax.Array, x: jax.Array, y: jax.Array, batch_size: int, max_shift: int):
+    k_idx, k_shift = jax.random.split(key)
+    idx = jax.random.randint(k_idx, (batch_size,), 0, x.shape[0])
+    return shift_signals(k_shift, x[idx], max_shift), y[idx]
+
+
+def _run_chunks(run_chunk, carry, key, steps: int, chunk: int, name: str, progress: Progress | None):
+    for i in range(steps // chunk):
+        carry, metrics = run_chunk(carry, jax.random.fold_in(key, i))
+        if progress is not None:
+            progress(name, (i + 1) * chunk, steps, {k: float(v) for k, v in metrics.items()})
+    return carry
+
+
+def _adamw(learning_rate: float, steps: int, weight_decay: float = 1e-4) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps)
+    return optax.adamw(schedule, weight_decay=weight_decay)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "hp"))
+def _supervised_chunk(carry, key, x, y, *, model, hp):
+    # Module-level and keyed on hashable statics (the linen module, the hyperparameters), so stages that
+    # train the same architecture with the same recipe share one compilation.
+    learning_rate, steps, batch_size, max_shift, chunk = hp
+    tx = _adamw(learning_rate, steps)
+
+    def loss_fn(p, xb, yb):
+        logits = model.apply({"params": p}, xb)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+        return loss, (jnp.argmax(logits, -1) == yb).mean()
+
+    def body(carry, key):
+        p, opt_state = carry
+        xb, yb = _sample(key, x, y, batch_size, max_shift)
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, xb, yb)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return (optax.apply_updates(p, updates), opt_state), {"loss": loss, "accuracy": acc}
+
+    carry, metrics = jax.lax.scan(body, carry, jax.random.split(key, chunk))
+    return carry, jax.tree.map(jnp.mean, metrics)
+
+
+def train_supervised(model, params, x, y, cfg: DemoConfig, key: jax.Array, name: str, progress: Progress | None = None):
+    """Cross-entropy training on labels with shift augmentation; ``cfg.steps`` AdamW steps. Returns params."""
+    hp = (cfg.learning_rate, cfg.steps, cfg.batch_size, cfg.max_shift, cfg.chunk)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    carry = (params, _adamw(cfg.learning_rate, cfg.steps).init(params))
+    run_chunk = functools.partial(_supervised_chunk, x=x, y=y, model=model, hp=hp)
+    params, _ = _run_chunks(run_chunk, carry, key, cfg.steps, cfg.chunk, name, progress)
+    return params
+
+
+def distill(student, teacher, teacher_params, state: DistillState, tx, x, labels, cfg: DemoConfig, key, name: str,
+            *, student_transform=None, progress: Progress | None = None) -> DistillState:
+    """``cfg.steps`` steps of :func:`make_distill_step` on augmented batches of the transfer set ``x``."""
+    loss_fn = functools.partial(distillation_loss, temperature=cfg.temperature, alpha=cfg.alpha)
+    step = make_distill_step(
+        lambda p, xb: student.apply({"params": p}, xb),
+        lambda p, xb: teacher.apply({"params": p}, xb),
+        tx,
+        loss_fn=loss_fn,
+        student_transform=student_transform,
+        donate=False,  # the step is inlined in the scan below, where XLA reuses buffers on its own
+    )
+    x, labels = jnp.asarray(x), jnp.asarray(labels)
+
+    def body(state, key):
+        state, metrics = step.jitted(state, teacher_params, _sample(key, x, labels, cfg.batch_size, cfg.max_shift))
+        return state, {k: metrics[k] for k in ("loss", "kd", "accuracy")}
+
+    @jax.jit
+    def run_chunk(state, key):
+        state, metrics = jax.lax.scan(body, state, jax.random.split(key, cfg.chunk))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return _run_chunks(run_chunk, state, key, cfg.steps, cfg.chunk, name, progress)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _predict(params, x, *, model):
+    return jnp.argmax(model.apply({"params": params}, x), -1)
+
+
+def accuracy(model, params, x, y) -> float:
+    """Fraction of ``x`` whose argmax logit equals ``y``."""
+    return float(jnp.mean(_predict(params, jnp.asarray(x), model=model) == jnp.asarray(y)))
+
+
+def predict_labels(model, params, x, batch: int = 4096) -> np.ndarray:
+    """The model's argmax class for every row of ``x`` (in batches, to bound memory)."""
+    return np.concatenate([np.asarray(_predict(params, jnp.asarray(x[i : i + batch]), model=model))
+                           for i in range(0, len(x), batch)])
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def _stage(name: str, acc: float, params, nbytes: int, teacher_f32: int) -> Stage:
+    leaves = jax.tree_util.tree_leaves(params)
+    n = int(sum(np.size(v) for v in leaves))
+    nnz = int(sum(int(np.count_nonzero(np.asarray(v))) for v in leaves))
+    return Stage(name, acc, n, nnz, 8.0 * nbytes / n, int(nbytes), teacher_f32 / nbytes)
+
+
+def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike = ".", *, progress: Progress | None = None,
+             log: Callable[[str], None] | None = None) -> DemoResult:
+    """Runs the five stages and returns their table rows.
+
+    1. teacher: CE on the 4000 labelled examples; 2. student: the small model, same recipe (baseline);
+    3. distilled: the same student from the same init, same number of steps, distilled on the transfer set;
+    4. continues 3 with ``gradual_pruning`` to ``cfg.sparsity`` and ``fake_quant_params`` at ``cfg.bits``;
+    5. ``save`` with the masks and rules, ``load`` back, evaluate (the ``compressed`` row).
+
+    Bytes are what :func:`compressjax.save` writes (:func:`compressjax.size_report` for the float stages);
+    the ratio is against the teacher's dense float32 bytes. The compressed file is written to
+    ``out_dir/compressjax-demo-student.cjx``.
+    """
+    t0 = time.perf_counter()
+    say = log or (lambda _msg: None)
+    data = load_mnist1d()
+    extra = load_transfer_inputs(cfg.transfer_size, cfg.transfer_seed)
+    teacher, student = models.make_model(cfg.teacher), models.make_model(cfg.student)
+    k_teacher, k_student, k_t_train, k_s_train, k_d_train, k_c_train = jax.random.split(jax.random.key(cfg.seed), 6)
+
+    # 1. Teacher.
+    t_params = train_supervised(teacher, models.init_params(cfg.teacher, k_teacher), data.x_train, data.y_train, cfg,
+                                k_t_train, "teacher", progress)
+    teacher_f32 = 4 * models.count_params(t_params)
+    rows = [_stage("teacher", accuracy(teacher, t_params, data.x_test, data.y_test), t_params,
+                   size_report(t_params).total_bytes, teacher_f32)]
+    say(f"teacher: {rows[-1].accuracy:.4f}")
+
+    # 2. Baseline student on labels alone.
+    s_init = models.init_params(cfg.student, k_student)
+    s_params = train_supervised(student, s_init, data.x_train, data.y_train, cfg, k_s_train, "student", progress)
+    rows.append(_stage("student", accuracy(student, s_params, data.x_test, data.y_test), s_params,
+                       size_report(s_params).total_bytes, teacher_f32))
+    say(f"student: {rows[-1].accuracy:.4f}")
+
+    # 3. Distillation on the transfer set: true labels where known, the teacher's argmax elsewhere.
+    x_transfer = np.concatenate([data.x_train, extra])
+    y_transfer = np.concatenate([data.y_train, predict_labels(teacher, t_params, extra)]).astype(np.int32)
+    tx = _adamw(cfg.learning_rate, cfg.steps)
+    state = distill(student, teacher, t_params, DistillState.create(s_init, tx), tx, x_transfer, y_transfer, cfg,
+                    k_d_train, "distilled", progress=progress)
+    d_params = state.params
+    rows.append(_stage("distilled", accuracy(student, d_params, data.x_test, data.y_test), d_params,
+                       size_report(d_params).total_bytes, teacher_f32))
+    say(f"distilled: {rows[-1].accuracy:.4f}")
+
+    # 4. Continue distilling while pruning gradually and training through b-bit fake quantization.
+    rules = cfg.rules()
+    steps = cfg.steps
+    schedule = polynomial_sparsity(cfg.sparsity, begin_step=0, end_step=max(int(0.6 * steps), 1))
+    tx_c = optax.chain(
+        _adamw(cfg.learning_rate, steps, weight_decay=0.0),
+        gradual_pruning(schedule, update_every=max(steps // 40, 1)),
+    )
+    # Pruned weights are exactly zero in the params (gradual_pruning's update), and zero stays zero under
+    # symmetric quantization, so the forward transform needs only the fake quantization.
+    state = distill(student, teacher, t_params, DistillState.create(d_params, tx_c), tx_c, x_transfer, y_transfer,
+                    cfg, k_c_train, "compress", student_transform=lambda p, _step: fake_quant_params(p, rules),
+                    progress=progress)
+    masks = masks_from_state(state.opt_state)
+
+    # 5. Save, load, evaluate what came back from the file.
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(os.fspath(out_dir), "compressjax-demo-student.cjx")
+    report = save(path, state.params, masks=masks, rules=rules)
+    loaded = load(path)
+    c_acc = accuracy(student, loaded, data.x_test, data.y_test)
+    rows.append(_stage("compressed", c_acc, loaded, report.total_bytes, teacher_f32))
+    say(f"compressed: {c_acc:.4f}, {report.total_bytes} bytes")
+    return DemoResult(tuple(rows), time.perf_counter() - t0, path, cfg)
