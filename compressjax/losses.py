@@ -185,12 +185,18 @@ def softmax_cross_entropy(
     Raises:
         TypeError: if ``labels`` are not integers or ``logits`` not floating point.
         ValueError: on a shape mismatch or (for concrete labels) a label outside ``[0, num_classes)``.
+            Under ``jax.jit`` the labels are not known; there an out-of-range label gives a NaN loss.
     """
     logits = _as_float(logits, "logits")
     labels = _check_labels(labels, logits, axis)
     log_p = jax.nn.log_softmax(logits, axis=axis, where=where)
-    picked = jnp.take_along_axis(log_p, jnp.expand_dims(labels, axis), axis=axis)
-    return -jnp.squeeze(picked, axis=axis)
+    num_classes = logits.shape[axis % logits.ndim]
+    in_range = jnp.logical_and(labels >= 0, labels < num_classes)
+    safe = jnp.where(in_range, labels, 0)
+    picked = -jnp.squeeze(jnp.take_along_axis(log_p, jnp.expand_dims(safe, axis), axis=axis), axis=axis)
+    # Traced labels cannot be checked here; a label out of range gives NaN (never a silent wrap-around of
+    # -1 to the last class), which shows in the loss.
+    return jnp.where(in_range, picked, jnp.nan)
 
 
 def distillation_loss(

@@ -229,6 +229,13 @@ def test_labels_out_of_range(bad):
         distillation_loss(logits(0), logits(1), labels)
 
 
+def test_labels_out_of_range_under_jit_give_nan_not_a_wrapped_class():
+    got = jax.jit(softmax_cross_entropy)(jnp.zeros((3, 4)), jnp.array([0, 4, -1]))
+    assert np.isfinite(got[0]) and np.isnan(got[1]) and np.isnan(got[2])
+    g = jax.grad(lambda x: jax.jit(softmax_cross_entropy)(x, jnp.array([0, 4, -1]))[0])(jnp.zeros((3, 4)))
+    assert np.all(np.isfinite(g))
+
+
 def test_float_labels_and_wrong_label_shape():
     with pytest.raises(TypeError, match="float32"):
         distillation_loss(logits(0), logits(1), jnp.zeros(6, jnp.float32))
