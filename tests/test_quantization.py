@@ -71,7 +71,7 @@ def test_spec_rejects_bad_axes_type():
 # ---------------------------------------------------------------- numerics
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     shape=st.lists(st.sampled_from([1, 2, 3, 4, 6]), min_size=1, max_size=3).map(tuple),
     bits=st.integers(2, 8),
