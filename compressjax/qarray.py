@@ -53,7 +53,7 @@ class QuantSpec:
             ``[-2^(b-1), 2^(b-1)-1]`` with an integer zero point (the range always includes 0, so zero is
             exact).
         channel_axes: axes that keep their own scale; ``(-1,)`` (default) is per output channel of a Dense
-            kernel ``(in, out)``, ``()`` is one scale for the whole tensor.
+            kernel ``(in, out)``, ``()`` (or ``None``) is one scale for the whole tensor; an int means one axis.
         group_size: ``None``, or the size of the blocks along ``group_axis`` (the contraction axis) that
             share a scale. The axis length must be divisible by it.
         calibration: how the clipping range is chosen per scale group: ``"absmax"`` (no clipping beyond
@@ -85,7 +85,7 @@ class QuantSpec:
             raise TypeError(f"QuantSpec.symmetric must be a bool, got {self.symmetric!r}")
         if self.bits == 1 and not self.symmetric:
             raise ValueError("QuantSpec(bits=1) is sign * scale and must be symmetric; got symmetric=False")
-        axes = self.channel_axes
+        axes = () if self.channel_axes is None else self.channel_axes  # None reads as per tensor
         if isinstance(axes, (int, np.integer)) and not isinstance(axes, bool):
             axes = (axes,)
         try:
