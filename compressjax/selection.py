@@ -3,18 +3,21 @@
 Non-negative float32 values order exactly like their uint32 bit patterns (IEEE 754), so the k-th smallest
 magnitude can be found by a radix select on the bit patterns: two counting passes over every leaf, each
 building a histogram of one digit (the high 16 bits, then the low 15 bits of the elements whose high digit
-matches) with per-leaf histograms summed across leaves. A third, elementwise pass writes the masks. Memory
-beyond the inputs and the boolean masks is two small histograms per leaf; nothing of size ``n`` is
-allocated except the masks.
+matches) with per-leaf histograms summed across leaves. A third, elementwise pass writes the masks. Leaves
+are read in chunks of ``CHUNK`` elements (``lax.fori_loop`` over ``lax.dynamic_slice``), so beyond the
+inputs and the boolean masks only O(CHUNK) memory is used; no array of size ``n`` is ever built except the
+masks.
 
 The count of pruned elements is exact: ties at the threshold are split in a fixed order (leaf order of
 ``jax.tree_util`` flattening, then row-major flat index within a leaf; the earliest ties are pruned). That
 order is the order of a stable sort of the concatenated magnitudes, which is what the tests compare to.
+Only the one leaf where the run of ties is cut (chosen by ``lax.cond``) pays for locating the cut.
 
-On XLA CPU we measured (see ``benchmarks/pruning.py`` and BENCHMARKS.md) counting passes with one or
-several comparison thresholds per pass against scatter-add histograms; fused compare-and-count reductions
-cost about as much per threshold as a whole histogram pass, so the two-pass 16/15-bit histogram (3 passes
-in all, with the mask pass) is the fastest exact scheme we found.
+Choice of scheme (``python -m benchmarks.pruning --alternatives``, XLA CPU, one pass over 10M weights):
+a fused ``sum(bits < t)`` costs about 5x a chunked histogram pass and bisection needs 31 of them; seven
+thresholds in one fused reduction cost ~19x and still need 11 passes; a whole-leaf scatter-add histogram
+(or ``jnp.bincount``) costs 6-8x the same scatter done in cache-sized chunks. Hence: two chunked
+scatter-add histogram passes (16 + 15 bits).
 
 References:
     Radix select: e.g. Alabi et al., "Fast k-selection algorithms for graphics processing units", JEA 2012.
