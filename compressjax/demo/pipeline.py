@@ -43,7 +43,10 @@ from compressjax import (
 from compressjax.demo import models
 from compressjax.demo.data import load_mnist1d, load_transfer_inputs
 
-__all__ = ["DemoConfig", "Stage", "DemoResult", "run_demo", "shift_signals", "STAGE_NAMES"]
+__all__ = [
+    "DemoConfig", "Stage", "DemoResult", "run_demo", "shift_signals", "STAGE_NAMES", "train_supervised", "distill",
+    "accuracy", "predict_labels", "transfer_set", "make_optimizer",
+]
 
 #: Progress callback: ``(stage, steps_done, steps_total, metrics)``; called after every chunk.
 Progress = Callable[[str, int, int, dict[str, float]], None]
@@ -190,7 +193,8 @@ def _run_chunks(run_chunk, carry, key, steps: int, chunk: int, name: str, progre
     return carry
 
 
-def _adamw(learning_rate: float, steps: int, weight_decay: float = 1e-4) -> optax.GradientTransformation:
+def make_optimizer(learning_rate: float, steps: int, weight_decay: float = 1e-4) -> optax.GradientTransformation:
+    """AdamW with a linear warm-up over the first 5% of ``steps`` then cosine decay to zero (every stage)."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps)
     return optax.adamw(schedule, weight_decay=weight_decay)
 
@@ -200,7 +204,7 @@ def _supervised_chunk(carry, key, x, y, *, model, hp):
     # Module-level and keyed on hashable statics (the linen module, the hyperparameters), so stages that
     # train the same architecture with the same recipe share one compilation.
     learning_rate, steps, batch_size, max_shift, chunk = hp
-    tx = _adamw(learning_rate, steps)
+    tx = make_optimizer(learning_rate, steps)
 
     def loss_fn(p, xb, yb):
         logits = model.apply({"params": p}, xb)
@@ -222,7 +226,7 @@ def train_supervised(model, params, x, y, cfg: DemoConfig, key: jax.Array, name:
     """Cross-entropy training on labels with shift augmentation; ``cfg.steps`` AdamW steps. Returns params."""
     hp = (cfg.learning_rate, cfg.steps, cfg.batch_size, cfg.max_shift, cfg.chunk)
     x, y = jnp.asarray(x), jnp.asarray(y)
-    carry = (params, _adamw(cfg.learning_rate, cfg.steps).init(params))
+    carry = (params, make_optimizer(cfg.learning_rate, cfg.steps).init(params))
     run_chunk = functools.partial(_supervised_chunk, x=x, y=y, model=model, hp=hp)
     params, _ = _run_chunks(run_chunk, carry, key, cfg.steps, cfg.chunk, name, progress)
     return params
@@ -260,14 +264,22 @@ def _predict(params, x, *, model):
 
 
 def accuracy(model, params, x, y) -> float:
-    """Fraction of ``x`` whose argmax logit equals ``y``."""
-    return float(jnp.mean(_predict(params, jnp.asarray(x), model=model) == jnp.asarray(y)))
+    """Fraction of ``x`` whose argmax logit equals ``y`` (an exact count over ``len(y)``)."""
+    correct = int(jnp.sum(_predict(params, jnp.asarray(x), model=model) == jnp.asarray(y)))
+    return correct / len(y)
 
 
 def predict_labels(model, params, x, batch: int = 4096) -> np.ndarray:
     """The model's argmax class for every row of ``x`` (in batches, to bound memory)."""
     return np.concatenate([np.asarray(_predict(params, jnp.asarray(x[i : i + batch]), model=model))
                            for i in range(0, len(x), batch)])
+
+
+def transfer_set(teacher, teacher_params, x_train, y_train, extra) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled inputs plus ``extra`` unlabelled ones, with the teacher's argmax as their labels."""
+    x = np.concatenate([x_train, extra])
+    y = np.concatenate([y_train, predict_labels(teacher, teacher_params, extra)]).astype(np.int32)
+    return x, y
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -316,9 +328,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike = ".", *, progress: Pro
     say(f"student: {rows[-1].accuracy:.4f}")
 
     # 3. Distillation on the transfer set: true labels where known, the teacher's argmax elsewhere.
-    x_transfer = np.concatenate([data.x_train, extra])
-    y_transfer = np.concatenate([data.y_train, predict_labels(teacher, t_params, extra)]).astype(np.int32)
-    tx = _adamw(cfg.learning_rate, cfg.steps)
+    x_transfer, y_transfer = transfer_set(teacher, t_params, data.x_train, data.y_train, extra)
+    tx = make_optimizer(cfg.learning_rate, cfg.steps)
     state = distill(student, teacher, t_params, DistillState.create(s_init, tx), tx, x_transfer, y_transfer, cfg,
                     k_d_train, "distilled", progress=progress)
     d_params = state.params
@@ -331,7 +342,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike = ".", *, progress: Pro
     steps = cfg.steps
     schedule = polynomial_sparsity(cfg.sparsity, begin_step=0, end_step=max(int(0.6 * steps), 1))
     tx_c = optax.chain(
-        _adamw(cfg.learning_rate, steps, weight_decay=0.0),
+        make_optimizer(cfg.learning_rate, steps, weight_decay=0.0),
         gradual_pruning(schedule, update_every=max(steps // 40, 1)),
     )
     # Pruned weights are exactly zero in the params (gradual_pruning's update), and zero stays zero under
