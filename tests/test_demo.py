@@ -186,3 +186,56 @@ def test_import_compressjax_does_not_import_demo_dependencies():
     code = "import sys, compressjax; bad = [m for m in ('mnist1d', 'matplotlib') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------ benchmarks runner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _runner():
+    sys.path.insert(0, ROOT)
+    try:
+        from benchmarks import run
+    finally:
+        sys.path.remove(ROOT)
+    return run
+
+
+def test_runner_headline_and_discovery():
+    run = _runner()
+    names = run.discover()
+    assert "demo" in names and "run" not in names and "__main__" not in names
+    assert run.headline({"ratios": {"a": 2.0, "b": {"c": 3}}, "x": 1}) == {"a": 2.0, "b.c": 3.0}
+    assert run.headline({"summary": {"speed": 5}}) == {"speed": 5.0}
+    got = run.headline({"settings": [{"name": "int4", "ratio": 8.0, "speed_ratio": 1.5, "bytes": 10}], "n": 1})
+    assert got == {"settings.int4.ratio": 8.0, "settings.int4.speed_ratio": 1.5}
+    assert run.headline({"ratios": {"nan": float("nan"), "ok": 1.0, "flag": True}}) == {"ok": 1.0}
+    m = run.machine()
+    assert m["cpu_cores"] >= 1 and m["device_kind"] and m["jax"] == jax.__version__ and m["cpu_model"]
+
+
+def test_runner_reports_a_failing_script(tmp_path, monkeypatch):
+    run = _runner()
+    out = tmp_path / "results.json"
+    monkeypatch.setattr(run, "run_one", lambda name, quick, timeout: {
+        "command": name, "returncode": 3, "seconds": 0.1, "ok": False, "result": None, "ratios": {}, "error": "boom"})
+    assert run.main(["--quick", "--only", "demo", "--out", str(out)]) == 1
+    saved = json.loads(out.read_text())
+    assert saved["benchmarks"]["demo"]["ok"] is False and saved["quick"] is True
+    with pytest.raises(SystemExit):
+        run.main(["--only", "no_such_benchmark", "--out", str(out)])
+
+
+@pytest.mark.slow
+def test_runner_quick_runs_every_benchmark(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=3000)
+    saved = json.loads(out.read_text())
+    failed = {k: v.get("error") for k, v in saved["benchmarks"].items() if not v["ok"]}
+    assert proc.returncode == 0 and not failed, (failed, proc.stdout[-3000:])
+    assert set(saved["benchmarks"]) == set(_runner().discover())
+    assert {"cpu_model", "cpu_cores", "device_kind", "jax"} <= set(saved["machine"])
+    assert saved["benchmarks"]["demo"]["ratios"]["distilled_over_student"] > 0
+    assert "benchmark" in proc.stdout and "ratio" in proc.stdout  # the table's header
