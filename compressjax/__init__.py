@@ -4,8 +4,10 @@ Every function is a pure function over parameter pytrees (linen ``params`` dicts
 modules, plain dicts) and runs under ``jax.jit``. See README.md for a tour.
 """
 
-from compressjax.tree import Where, leaves_with_paths, path_to_str, selector
-
+from compressjax.calibration import ActivationRange, calibrate
+from compressjax.distillation import DistillState, make_distill_step
+from compressjax.export import FormatError, LeafSize, SizeReport, load, save, size_report
+from compressjax.losses import cosine_loss, distillation_loss, hint_loss, kd_loss, mse_loss, softmax_cross_entropy
 from compressjax.pruning import (
     LeafSparsity,
     SparsitySummary,
@@ -16,14 +18,6 @@ from compressjax.pruning import (
     score_masks,
     sparsity_summary,
 )
-from compressjax.schedules import (
-    GradualPruningState,
-    gradual_pruning,
-    keep_masked,
-    masks_from_state,
-    polynomial_sparsity,
-)
-from compressjax.calibration import ActivationRange, calibrate
 from compressjax.qarray import (
     QArray,
     QuantSpec,
@@ -32,6 +26,7 @@ from compressjax.qarray import (
     qarray_to_parts,
     quantized_ints,
 )
+from compressjax.qdot import quantized_dot_general
 from compressjax.quantization import (
     DTypeError,
     compute_scale,
@@ -44,10 +39,14 @@ from compressjax.quantization import (
     resolve_rules,
     ste_surrogate,
 )
-from compressjax.qdot import quantized_dot_general
-from compressjax.distillation import DistillState, make_distill_step
-from compressjax.losses import cosine_loss, distillation_loss, hint_loss, kd_loss, mse_loss, softmax_cross_entropy
-from compressjax.export import FormatError, LeafSize, SizeReport, load, save, size_report
+from compressjax.schedules import (
+    GradualPruningState,
+    gradual_pruning,
+    keep_masked,
+    masks_from_state,
+    polynomial_sparsity,
+)
+from compressjax.tree import Where, leaves_with_paths, path_to_str, selector
 
 __version__ = "0.1.0"
 
