@@ -400,7 +400,7 @@ def knn_overlap(reference: np.ndarray, other: np.ndarray, k: int = 10) -> float:
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ra, rb, strict=True)]))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Compress the model to int8 per channel, save it, load it back, and report quality and size."""
     import argparse
     import os
@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     qparams = cj.quantize_params(params, rules)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "minilm-int8.cjx")
-        cj.save(path, qparams, rules=rules)
+        cj.save(path, qparams)
         size = os.path.getsize(path)
         loaded = cj.load(path)
     got = embed(evaluation, loaded)
@@ -431,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"int8 per-channel: mean cosine {cos.mean():.5f}, min {cos.min():.5f}, "
           f"10-NN overlap {knn_overlap(ref, got):.3f}, file {size / 1e6:.2f} MB "
           f"({float_bytes / size:.2f}x smaller than float32 {float_bytes / 1e6:.1f} MB)")
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "bytes": size,
+            "ratio": float_bytes / size}
 
 
 def int8_rules() -> Any:

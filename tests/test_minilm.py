@@ -181,3 +181,10 @@ def test_save_load_roundtrip_gives_same_embeddings(params, sample, tmp_path):
     np.testing.assert_allclose(loaded, in_memory, atol=1e-6)
     float_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))
     assert float_bytes / path.stat().st_size >= 3.9
+
+
+@needs_model
+def test_example_main_quick(capsys):
+    out = minilm.main(["--quick"])
+    assert out["mean_cosine"] >= 0.999 and out["ratio"] >= 3.9
+    assert "int8 per-channel: mean cosine" in capsys.readouterr().out
