@@ -169,7 +169,7 @@ def print_table(records: dict[str, dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="Runs every benchmarks/*.py script and prints one table of ratios.")
     ap.add_argument("--quick", action="store_true", help="pass --quick to every script (a smoke run)")
     ap.add_argument("--only", default=None, help="comma-separated script names (default: all)")
     ap.add_argument("--out", default=str(HERE / "results.json"), help="results file (default benchmarks/results.json)")

@@ -41,7 +41,9 @@ def _bits(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``compressjax`` command."""
-    parser = argparse.ArgumentParser(prog="compressjax", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="compressjax", description="compressjax: pruning, quantization, distillation and compact export for JAX."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the full compression pipeline on MNIST-1D (generated locally, cached under "
         "$XDG_CACHE_HOME/compressjax) and writes compressjax-demo.json and compressjax-demo.png.",
     )
-    demo.add_argument("--quick", action="store_true", help="tiny models and 2 epochs: a smoke run in seconds")
+    demo.add_argument("--quick", action="store_true", help="tiny models and 2 epochs: a smoke run in well under a minute")
     demo.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed (default 0)")
     demo.add_argument("--sparsity", type=_fraction, default=None, help="final sparsity of the compressed student (default 0.8)")
     demo.add_argument("--bits", type=_bits, default=None, help="weight bits of the compressed student (default 4)")
