@@ -7,6 +7,7 @@ augmentation, which lifts it above 96%. The student keeps the same shape at a fr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,7 +89,7 @@ def make_model(cfg: CNNConfig) -> CNN1D:
 
 def count_params(params) -> int:
     """Total number of array elements in a params pytree."""
-    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+    return int(sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params)))
 
 
 def init_params(cfg: CNNConfig, key: jax.Array, length: int = 40):
