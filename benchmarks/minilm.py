@@ -16,7 +16,7 @@ dynamic per-token activation scales, ``quantized_dot_general(mode="int")``).
 
 Usage::
 
-    python benchmarks/minilm.py --json minilm.json --save-dir minilm-models   # ~20 min on 2 CPU cores
+    python benchmarks/minilm.py --json minilm.json --save-dir minilm-models   # 20-35 min, 2 shared cores
     python benchmarks/minilm.py --quick                                       # smoke test
 """
 

@@ -1,0 +1,1 @@
+"""Runnable examples of compressjax (run from the repository root: ``python examples/<name>.py``)."""
