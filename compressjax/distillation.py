@@ -284,6 +284,8 @@ def make_distill_step(
         @functools.wraps(step_fn)
         def step(state, teacher_params, batch):
             _check_state(state)
+            if donate:
+                _check_not_aliased(state, teacher_params)
             return jitted(state, teacher_params, batch)
 
     else:
@@ -301,6 +303,8 @@ def make_distill_step(
         def step(state, teacher_params, batch):
             _check_state(state)
             _check_divisible(batch, n_data, data_axis)
+            if donate:
+                _check_not_aliased(state, teacher_params)
             # No-ops for arrays already laid out this way (every step after the first); otherwise a
             # transfer, not an error, for arrays committed elsewhere (e.g. a state made on one device).
             state, teacher_params = jax.device_put((state, teacher_params), replicated)
@@ -309,6 +313,18 @@ def make_distill_step(
 
     step.jitted = jitted
     return step
+
+
+def _check_not_aliased(state: DistillState, teacher_params: PyTree) -> None:
+    """The state is donated: a teacher leaf that is also a state buffer would be read after being freed."""
+    ids = {id(x) for x in jax.tree.leaves(state)}
+    shared = [p for p, x in jax.tree_util.tree_flatten_with_path(teacher_params)[0] if id(x) in ids]
+    if shared:
+        raise ValueError(
+            f"teacher_params shares {len(shared)} array(s) with the donated student state (first at "
+            f"{jax.tree_util.keystr(shared[0])}); pass a copy as the teacher, e.g. "
+            "jax.tree.map(jnp.copy, params), or build the step with donate=False"
+        )
 
 
 def _check_state(state: Any) -> None:

@@ -287,6 +287,18 @@ def test_donation_keeps_teacher_params_and_batch_usable():
     chex.assert_trees_all_equal(s1.params, s1_again.params)
 
 
+def test_teacher_sharing_a_donated_state_buffer_is_a_clear_error():
+    _, student, x, y = problem()
+    tx = optax.sgd(0.1)
+    step = make_distill_step(mlp_apply, mlp_apply, tx)
+    state = DistillState.create(student, tx)
+    with pytest.raises(ValueError, match=r"shares 4 array\(s\) with the donated student state.*jnp.copy"):
+        step(state, state.params, (x, y))  # self-distillation from the live params
+    state, _ = step(state, jax.tree.map(jnp.copy, state.params), (x, y))  # a copy is fine
+    keep = make_distill_step(mlp_apply, mlp_apply, tx, donate=False)
+    keep(state, state.params, (x, y))  # and so is no donation
+
+
 def test_keep_masked_style_optimizer_chain_sees_params():
     """tx.update receives params (needed by weight decay and by keep_masked / gradual_pruning)."""
     teacher, student, x, y = problem()

@@ -486,3 +486,16 @@ def test_failed_overwrite_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     save(path, {"a": jnp.zeros(3)})
     assert_bit_equal(load(path), {"a": jnp.zeros(3)})
+
+
+def test_masks_or_rules_on_an_already_quantized_tree_is_a_clear_error(tmp_path):
+    params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+    qparams = quantize_params(params, QuantSpec(bits=4))
+    for kwargs in ({"rules": QuantSpec(bits=4)}, {"masks": {"w": jnp.ones((8, 4), bool), "b": None}}):
+        with pytest.raises(ValueError, match=r"already hold QArray leaves \(e.g. \['w'\]\)"):
+            save(tmp_path / "q.cjx", qparams, **kwargs)
+    assert not (tmp_path / "q.cjx").exists()
+    save(tmp_path / "q.cjx", qparams)  # the quantized tree itself saves as it is
+    equal = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(load(tmp_path / "q.cjx")),
+                                                       jax.tree.leaves(dequantize_params(qparams)), strict=True)]
+    assert all(equal)

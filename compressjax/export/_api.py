@@ -111,6 +111,16 @@ class SizeReport:
 
 
 def _prepare(params: Any, masks: Any, rules: Any) -> Any:
+    if masks is not None or rules is not None:
+        from compressjax.qarray import QArray
+
+        quantized = [p for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]
+                     if isinstance(x, QArray)]
+        if quantized:
+            raise ValueError(
+                f"params already hold QArray leaves (e.g. {jax.tree_util.keystr(quantized[0])}); masks= and rules= "
+                "apply to float params: save the quantized tree as it is, or pass the float params with masks/rules"
+            )
     if masks is not None:
         from compressjax.pruning import apply_masks
 
