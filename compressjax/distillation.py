@@ -212,7 +212,8 @@ def make_distill_step(
             ``lambda p, s: fake_quant_params(apply_masks(p, masks), QuantSpec(bits=4))``.
         donate: donate the input ``state``'s buffers to the output, so the new params and optimizer
             state reuse the old ones' memory. The teacher's params and the batch are never donated; do not reuse a state
-            after passing it to ``step``.
+            after passing it to ``step``, and do not pass the state's own params as the teacher (a
+            ``ValueError`` says so; self-distill from ``jax.tree.map(jnp.copy, state.params)``).
         mesh: optional ``jax.sharding.Mesh``; the batch's leading axis is split over ``data_axis`` and the
             state and teacher params are replicated on every device. Arrays laid out otherwise are moved
             on each call (free when already in place): put the teacher's params on the mesh once with
