@@ -195,19 +195,25 @@ def nm_masks(params: PyTree, n: int, m: int, *, axis: int = -2, where: Where = N
     n, m = _check_int("n", n), _check_int("m", m)
     if n > m:
         raise ValueError(f"n must be <= m, got n={n}, m={m}")
-    chosen = selected_leaves(params, where)
     masks = []
-    for path, leaf in chosen:
-        check_finite(path, leaf)
+    for path, leaf in _leaves_with_axis(params, where, axis):
         shape = tuple(leaf.shape)
-        if not -len(shape) <= axis < len(shape):
-            raise ValueError(f"leaf {path!r} with shape {shape} has no axis {axis}")
         if shape[axis] % m:
             raise ValueError(
                 f"leaf {path!r}: length {shape[axis]} of axis {axis} (shape {shape}) is not divisible by m={m}"
             )
         masks.append(_nm_mask(jnp.asarray(leaf), n, m, axis))
     return _rebuild(params, where, masks)
+
+
+def _leaves_with_axis(params: PyTree, where: Where, axis: int) -> list[tuple[str, Any]]:
+    """The selected, finite leaves of ``params``, checked to have ``axis`` (for N:M and channel masks)."""
+    chosen = selected_leaves(params, where)
+    for path, leaf in chosen:
+        check_finite(path, leaf)
+        if not -leaf.ndim <= axis < leaf.ndim:
+            raise ValueError(f"leaf {path!r} with shape {tuple(leaf.shape)} has no axis {axis}")
+    return chosen
 
 
 def _nm_mask(x: jax.Array, n: int, m: int, axis: int) -> jax.Array:
@@ -233,13 +239,8 @@ def channel_masks(params: PyTree, sparsity: float | jax.Array, *, axis: int = -1
         Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017.
     """
     s = check_sparsity(sparsity)
-    chosen = selected_leaves(params, where)
     masks = []
-    for path, leaf in chosen:
-        check_finite(path, leaf)
-        shape = tuple(leaf.shape)
-        if not -len(shape) <= axis < len(shape):
-            raise ValueError(f"leaf {path!r} with shape {shape} has no axis {axis}")
+    for _, leaf in _leaves_with_axis(params, where, axis):
         x = jnp.moveaxis(jnp.asarray(leaf).astype(jnp.float32), axis, -1)
         norms = jnp.sqrt(jnp.sum(jnp.square(x.reshape(-1, x.shape[-1])), axis=0))
         keep = _global_flat_masks([norms], jnp.asarray(prune_count(s, norms.size), jnp.int32))[0]
