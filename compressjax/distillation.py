@@ -38,7 +38,7 @@ from compressjax.losses import (
     mse_loss,
     softmax_cross_entropy,
 )
-from compressjax.tree import PyTree
+from compressjax.tree import PyTree, leaves_with_paths
 
 __all__ = [
     "DistillState",
@@ -319,11 +319,11 @@ def make_distill_step(
 def _check_not_aliased(state: DistillState, teacher_params: PyTree) -> None:
     """The state is donated: a teacher leaf that is also a state buffer would be read after being freed."""
     ids = {id(x) for x in jax.tree.leaves(state)}
-    shared = [p for p, x in jax.tree_util.tree_flatten_with_path(teacher_params)[0] if id(x) in ids]
+    shared = [p for p, x in leaves_with_paths(teacher_params) if id(x) in ids]
     if shared:
         raise ValueError(
             f"teacher_params shares {len(shared)} array(s) with the donated student state (first at "
-            f"{jax.tree_util.keystr(shared[0])}); pass a copy as the teacher, e.g. "
+            f"{shared[0]!r}); pass a copy as the teacher, e.g. "
             "jax.tree.map(jnp.copy, params), or build the step with donate=False"
         )
 

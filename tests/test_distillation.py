@@ -292,7 +292,7 @@ def test_teacher_sharing_a_donated_state_buffer_is_a_clear_error():
     tx = optax.sgd(0.1)
     step = make_distill_step(mlp_apply, mlp_apply, tx)
     state = DistillState.create(student, tx)
-    with pytest.raises(ValueError, match=r"shares 4 array\(s\) with the donated student state.*jnp.copy"):
+    with pytest.raises(ValueError, match=r"shares 4 array\(s\) with the donated student state \(first at 'layers/0/bias'\).*jnp.copy"):
         step(state, state.params, (x, y))  # self-distillation from the live params
     state, _ = step(state, jax.tree.map(jnp.copy, state.params), (x, y))  # a copy is fine
     keep = make_distill_step(mlp_apply, mlp_apply, tx, donate=False)

@@ -113,12 +113,13 @@ class SizeReport:
 def _prepare(params: Any, masks: Any, rules: Any) -> Any:
     if masks is not None or rules is not None:
         from compressjax.qarray import QArray
+        from compressjax.tree import leaves_with_paths
 
-        quantized = [p for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]
-                     if isinstance(x, QArray)]
+        is_q = lambda x: isinstance(x, QArray)  # noqa: E731
+        quantized = [p for p, x in leaves_with_paths(params, is_leaf=is_q) if is_q(x)]
         if quantized:
             raise ValueError(
-                f"params already hold QArray leaves (e.g. {jax.tree_util.keystr(quantized[0])}); masks= and rules= "
+                f"params already hold QArray leaves (e.g. {quantized[0]!r}); masks= and rules= "
                 "apply to float params: save the quantized tree as it is, or pass the float params with masks/rules"
             )
     if masks is not None:
