@@ -17,13 +17,14 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks._common import machine
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -33,41 +34,6 @@ SKIP = {"__init__", "__main__", "run"}
 def discover() -> list[str]:
     """Names of the benchmark scripts (``benchmarks/*.py`` except this runner), sorted."""
     return sorted(p.stem for p in HERE.glob("*.py") if p.stem not in SKIP and not p.stem.startswith("_"))
-
-
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo``, else ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, accelerator kind and count, jax/jaxlib/python versions, OS."""
-    import jax
-
-    devices = jax.devices()
-    try:
-        import jaxlib
-
-        jaxlib_version = jaxlib.__version__
-    except (ImportError, AttributeError):  # pragma: no cover
-        jaxlib_version = None
-    return {
-        "cpu_model": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "device_kind": devices[0].device_kind,
-        "device_platform": devices[0].platform,
-        "device_count": len(devices),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib_version,
-        "python": platform.python_version(),
-        "os": f"{platform.system()} {platform.release()}",
-    }
 
 
 def _numbers(node: Any, prefix: str = "", depth: int = 0) -> dict[str, float]:

@@ -1,0 +1,101 @@
+"""What every benchmark script shares: arguments, interleaved timing, the machine description, JSON output.
+
+Each script in ``benchmarks/`` builds its parser with :func:`parser` (``--quick`` and ``--json`` for the
+runner), times the two sides of a comparison with :func:`interleaved` (warm-up first, then the sides in
+turn so that machine load hits all of them alike, medians reported), and ends with :func:`finish`, which
+adds :func:`machine` to the result, prints it as one JSON line and writes it to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the runner's flags: ``--quick`` (smoke-test sizes) and ``--json PATH``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke test)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the result to this file")
+    return ap
+
+
+def interleaved(fns: Sequence[Callable[[], Any]], repeats: int, *, warmup: int = 1) -> list[list[float]]:
+    """Seconds of each zero-argument function over ``repeats`` rounds, the functions run in turn.
+
+    Each call's result is waited for with ``jax.block_until_ready``. ``warmup`` untimed rounds come first
+    (compilation). Returns one list of times per function, in the order given.
+    """
+    import jax
+
+    for _ in range(warmup):
+        for f in fns:
+            jax.block_until_ready(f())
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            times[i].append(time.perf_counter() - t0)
+    return times
+
+
+def medians(times: Sequence[Sequence[float]]) -> list[float]:
+    """The median of each list of times."""
+    return [statistics.median(t) for t in times]
+
+
+def interleaved_medians(fns: Sequence[Callable[[], Any]], repeats: int, *, warmup: int = 1) -> list[float]:
+    """Median seconds of each function, timed with :func:`interleaved`."""
+    return medians(interleaved(fns, repeats, warmup=warmup))
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, accelerator kind and count, jax/jaxlib/python versions, OS."""
+    import jax
+
+    devices = jax.devices()
+    try:
+        import jaxlib
+
+        jaxlib_version = jaxlib.__version__
+    except (ImportError, AttributeError):  # pragma: no cover
+        jaxlib_version = None
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "device_kind": devices[0].device_kind,
+        "device_platform": devices[0].platform,
+        "device_count": len(devices),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib_version,
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+    }
+
+
+def finish(result: dict[str, Any], json_path: Path | str | None) -> dict[str, Any]:
+    """Adds ``result["machine"]``, prints the result as one JSON line and writes it to ``json_path``."""
+    result = {**result, "machine": machine()}
+    print(json.dumps(result))
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return result
