@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax.export import _codec, _container, _structure
+from compressjax.export import _validate as v
 from compressjax.export._container import FormatError
 
 _EXPANSION_LIMIT = 1024  # default max_bytes: max(1 GiB, 1024 x file size)
@@ -229,25 +230,71 @@ def _decode_leaf(rec: Any, sr: _codec.StreamReader, what: str, dequantize: bool)
         raise FormatError(f"{what}: malformed leaf record")
     if rec.get("e") != "q":
         arr = _codec.decode_array(rec, sr, what)
-        if arr.dtype.itemsize == 8 and not jax.config.jax_enable_x64 and arr.dtype.kind in "iuf":
-            return arr  # a 64-bit array stays NumPy: jax would silently narrow it
+        if jax.dtypes.canonicalize_dtype(arr.dtype) != arr.dtype:
+            return arr  # a 64-bit array (complex128 included) with x64 off stays NumPy: jax would narrow it
         return jnp.asarray(arr)
     from compressjax.quantization import dequantize as _dequantize
 
-    meta = rec.get("meta")
-    if not isinstance(meta, dict):
-        raise FormatError(f"{what}: malformed QArray metadata")
-    ints = _codec.decode_array(rec.get("codes"), sr, what + " codes")
-    scale = _codec.decode_array(rec.get("scale"), sr, what + " scale")
+    v.require_keys(rec, what, required={"e", "meta", "codes", "scale"}, optional={"zp"})
+    meta = _check_qmeta(rec["meta"], "zp" not in rec, what)
+    ints = _codec.decode_array(rec["codes"], sr, what + " codes")
+    scale = _codec.decode_array(rec["scale"], sr, what + " scale")
     zp = _codec.decode_array(rec["zp"], sr, what + " zero point") if "zp" in rec else None
-    if ints.dtype != np.int8 or list(ints.shape) != meta.get("shape"):
-        raise FormatError(f"{what}: the integer codes ({ints.dtype} {ints.shape}) do not match the metadata")
+    if ints.dtype != np.int8 or list(ints.shape) != meta["shape"]:
+        raise FormatError(f"{what}: the integer codes ({ints.dtype} {ints.shape}) do not match the metadata shape {meta['shape']}")
+    want = meta["layout"].scale_shape
+    if scale.dtype != np.float32 or scale.shape != want:
+        raise FormatError(f"{what}: the scales ({scale.dtype} {scale.shape}) must be float32 of shape {want}")
+    if zp is not None and (zp.dtype != np.int32 or zp.shape != want):
+        raise FormatError(f"{what}: the zero points ({zp.dtype} {zp.shape}) must be int32 of shape {want}")
     sr.budget.charge(8 * ints.size, what)  # the float32 codes and the result inside dequantize
     try:
         q = _qarray_from_codes(ints, scale, zp, meta, what)
         return _dequantize(q, path=what) if dequantize else q
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         raise FormatError(f"{what}: invalid quantized array: {e}") from e
+
+
+_QMETA_KEYS = ("format", "bits", "shape", "dtype", "symmetric", "packed", "channel_axes", "group_size", "group_axis")
+
+
+def _float_dtype_names() -> tuple[str, ...]:
+    return tuple(n for n, dt in _codec._DTYPES.items() if jnp.issubdtype(dt, jnp.floating))
+
+
+def _check_qmeta(meta: Any, symmetric_from_streams: bool, what: str) -> dict:
+    """Every field of a QArray record's metadata, checked alone and against the others (``FormatError``).
+
+    Returns the metadata with a ``"layout"`` entry (the :class:`compressjax.qarray.Layout` it describes).
+    """
+    from compressjax.qarray import PARTS_FORMAT, Layout
+
+    what = f"{what} metadata"
+    v.require_keys(meta, what, required=_QMETA_KEYS)
+    v.require_choice(meta, "format", (PARTS_FORMAT,), what)
+    bits = v.require_int(meta, "bits", 1, 8, what)
+    shape = _codec.check_shape(meta["shape"], what)
+    nd = len(shape)
+    v.require_choice(meta, "dtype", _float_dtype_names(), what)
+    symmetric = v.require_bool(meta, "symmetric", what)
+    if symmetric != symmetric_from_streams:
+        raise FormatError(f"{what}: symmetric={symmetric} but the record {'has' if not symmetric_from_streams else 'lacks'} zero points")
+    if bits == 1 and not symmetric:
+        raise FormatError(f"{what}: a 1-bit QArray must be symmetric")
+    if v.require_bool(meta, "packed", what) != (bits <= 4):
+        raise FormatError(f"{what}: packed={meta['packed']} does not match bits={bits}")
+    axes = v.require_int_list(meta, "channel_axes", -nd, nd - 1, what, max_len=nd)
+    group_size = v.require_optional_int(meta, "group_size", 1, max(shape, default=0), what)
+    if group_size is None:
+        if meta["group_axis"] is not None:
+            raise FormatError(f"{what}: group_axis={meta['group_axis']!r} without a group_size")
+    else:
+        v.require_int(meta, "group_axis", 0, nd - 1, what)
+    try:
+        layout = Layout(shape, axes, group_size, meta["group_axis"], what)
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise FormatError(f"{what}: {e}") from e
+    return dict(meta, layout=layout)
 
 
 def pack_codes_np(ints: np.ndarray, bits: int) -> np.ndarray:
@@ -267,25 +314,34 @@ def _qarray_from_codes(ints: np.ndarray, scale: np.ndarray, zp: np.ndarray | Non
     """A validated QArray from decoded integer codes (range-checked here: a forged code must not wrap)."""
     from compressjax.qarray import code_range, qarray_from_parts
 
-    bits = meta.get("bits")
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-        raise FormatError(f"{what}: invalid bit width {bits!r}")
+    bits = meta["bits"]
     lo, hi = code_range(bits, zp is None)
     if ints.size and (int(ints.min()) < lo or int(ints.max()) > hi or (bits == 1 and not ints.all())):
         raise FormatError(f"{what}: {bits}-bit codes outside [{lo}, {hi}]")
     values = pack_codes_np(ints, bits) if bits <= 4 else ints
     arrays = {"values": values, "scale": scale} | ({} if zp is None else {"zero_point": zp})
-    return qarray_from_parts(arrays, meta, path=what)
+    return qarray_from_parts(arrays, {k: meta[k] for k in _QMETA_KEYS}, path=what)
+
+
+def _header_budget(max_bytes: int | None, file_size: int) -> int:
+    """The most bytes of header JSON a load may parse: what the file may hold, and what ``max_bytes`` pays for
+    (the file itself plus the parsed JSON's Python objects, at most ``HEADER_EXPANSION`` bytes per byte)."""
+    limit = _container.header_limit(file_size)
+    if max_bytes is not None:
+        limit = min(limit, max(0, max_bytes - file_size) // _container.HEADER_EXPANSION)
+    return limit
 
 
 def _decode(data: bytes | bytearray, *, dequantize: bool, max_bytes: int | None) -> tuple[Any, dict]:
-    header_json, payload, verify = _container.parse(data)
+    header_json, payload, verify = _container.parse(data, max_header_raw=_header_budget(max_bytes, len(data)))
+    if max_bytes is not None:  # the file and the parsed header are allocations of this load too
+        max_bytes -= len(data) + _container.HEADER_EXPANSION * len(header_json)
     try:
         out = _decode_verified_later(header_json, payload, dequantize=dequantize, max_bytes=max_bytes)
     except FormatError:
         verify()  # a corrupted file is reported as such, whatever the decoder tripped on first
         raise
-    except (KeyError, TypeError, IndexError, AttributeError, ValueError, OverflowError, RecursionError) as e:
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError, ArithmeticError, RecursionError) as e:
         verify()
         # Intact bytes, but a header we did not write (every field is checked; this is the safety net).
         raise FormatError(f"malformed header: {type(e).__name__}: {e}") from e
@@ -294,15 +350,8 @@ def _decode(data: bytes | bytearray, *, dequantize: bool, max_bytes: int | None)
 
 
 def _decode_verified_later(header_json: bytes, payload: memoryview, *, dequantize: bool, max_bytes: int | None) -> tuple[Any, dict]:
-    try:
-        header = json.loads(header_json)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"the header is not valid JSON: {e}") from e
-    if not isinstance(header, dict) or header.get("format") != "compressjax":
-        raise FormatError("the header does not describe a compressjax model")
-    records = header.get("leaves")
-    if not isinstance(records, list):
-        raise FormatError("the header's leaf list is missing")
+    header = _parse_header(header_json)
+    records = header["leaves"]
     budget = _codec.Budget(max_bytes)
     sr = _codec.StreamReader(payload, header.get("streams"), budget)
     decode = lambda i: _decode_leaf(records[i], sr, f"leaf #{i}", dequantize)  # noqa: E731
@@ -313,6 +362,32 @@ def _decode_verified_later(header_json: bytes, payload: memoryview, *, dequantiz
     if len(sr.used) != len(sr.entries):
         raise FormatError(f"{len(sr.entries) - len(sr.used)} streams of the payload are not referenced by any leaf")
     return _structure.unflatten(header.get("tree"), leaves), header
+
+
+def _parse_header(header_json: bytes) -> dict:
+    """The header object, with its top-level fields checked (their contents are checked where they are used)."""
+    try:
+        header = json.loads(header_json)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, int digit limit
+        raise FormatError(f"the header is not valid JSON: {e}") from e
+    if not isinstance(header, dict) or header.get("format") != "compressjax":
+        raise FormatError("the header does not describe a compressjax model")
+    v.require_keys(header, "the header", required={"format", "tree", "leaves", "streams"})
+    if not isinstance(header["leaves"], list) or not isinstance(header["streams"], list):
+        raise FormatError("the header's leaf list or stream table is not a list")
+    if len(header["leaves"]) > len(header["streams"]):  # every leaf record names at least one stream
+        raise FormatError(f"the header lists {len(header['leaves'])} leaves but only {len(header['streams'])} streams")
+    return header
+
+
+def _check_max_bytes(max_bytes: Any) -> int | None | str:
+    if max_bytes is None or (isinstance(max_bytes, str) and max_bytes == "auto"):
+        return max_bytes
+    if isinstance(max_bytes, (bool, np.bool_)) or not isinstance(max_bytes, (int, np.integer)):
+        raise TypeError(f"load(max_bytes=...) must be an int, None or 'auto', got {max_bytes!r} ({type(max_bytes).__name__})")
+    if max_bytes < 0:
+        raise ValueError(f"load(max_bytes=...) must be >= 0, got {max_bytes}")
+    return int(max_bytes)
 
 
 def load(path: str | os.PathLike, *, dequantize: bool = True, max_bytes: int | None | str = "auto") -> Any:
@@ -328,18 +403,31 @@ def load(path: str | os.PathLike, *, dequantize: bool = True, max_bytes: int | N
     Args:
         path: the file.
         dequantize: ``False`` returns quantized leaves as :class:`~compressjax.QArray` instead.
-        max_bytes: the most bytes the load may allocate for the arrays; ``"auto"`` allows
-            ``max(1 GiB, 1024 x file size)``, ``None`` means no limit. A file whose declared sizes need more
-            raises ``FormatError`` before allocating.
+        max_bytes: the most bytes the load may allocate (the file's bytes, its parsed header and the
+            arrays); ``"auto"`` allows ``max(1 GiB, 1024 x file size)``, ``None`` means no limit beyond the
+            format's own (a header's JSON is at most 64 x the file size). A file whose declared sizes need
+            more raises ``FormatError`` before allocating.
+
+    On untrusted files: nothing in a file is executed or imported (no pickle; NNX variable classes come from
+    a fixed table), memory and time are bounded by the file's size and ``max_bytes`` (every length is
+    checked before the bytes are read, decompressed, parsed or allocated), and anything wrong with the
+    file is a ``FormatError``.
 
     Raises:
         FormatError: the file is not a compressjax file, or is truncated, corrupted, from a newer format
-            version, or internally inconsistent; the message says which.
+            version, internally inconsistent, or needs more than ``max_bytes``; the message says which.
+        TypeError: ``max_bytes`` is not an int, ``None`` or ``"auto"`` (``bool`` included), or
+            ``dequantize`` is not a bool.
+        ValueError: ``max_bytes`` is negative.
+        OSError: the file cannot be opened or read (``FileNotFoundError``, ``PermissionError``, ...).
     """
-    data = _container.read_file(path)
+    max_bytes = _check_max_bytes(max_bytes)
+    if not isinstance(dequantize, (bool, np.bool_)):
+        raise TypeError(f"load(dequantize=...) must be a bool, got {dequantize!r}")
     if max_bytes == "auto":
-        max_bytes = max(1 << 30, _EXPANSION_LIMIT * len(data))
-    tree, _ = _decode(data, dequantize=dequantize, max_bytes=max_bytes)
+        max_bytes = max(1 << 30, _EXPANSION_LIMIT * os.stat(path).st_size)
+    data = _container.read_file(path, max_bytes)
+    tree, _ = _decode(data, dequantize=bool(dequantize), max_bytes=max_bytes)
     return tree
 
 
@@ -384,8 +472,8 @@ def size_report(path_or_params: Any, *, masks: Any = None, rules: Any = None, le
         data = _container.read_file(path_or_params)
         header_json, _, verify = _container.parse(data)
         verify()  # the header is trusted only once the whole file's checksum matched
+        header = _parse_header(header_json)
         try:  # the streams are not decoded: the header alone says where the bytes go
-            header = json.loads(header_json)
             report = _report_from_header(header, len(data))
             markers = [_Marker() for _ in header["leaves"]]
             tree = _structure.unflatten(header["tree"], markers)

@@ -13,7 +13,11 @@ Layout (all integers little-endian)::
     60      ...   header (one zstd frame of UTF-8 JSON), then payload (the leaves' streams back to back)
 
 The file size must equal ``60 + header_len + payload_len`` exactly. Every length of the preamble is
-checked against the bytes really present before anything is decompressed. The digest covers the payload
+checked against the file's size (from ``fstat``, before the file is read) and the header's JSON length
+against :func:`header_limit` (at most ``HEADER_RATIO`` times the file size, at least ``HEADER_FLOOR``)
+before anything is read, decompressed or parsed: every structure of the header (streams, leaves, tree
+depth and breadth, strings, metadata) takes at least one byte of that JSON, so all of them are bounded by
+the file's own size before they are allocated. The digest covers the payload
 first so that the writer can hash each stream while it compresses the next; the reader hashes in a
 background thread while it decodes (every field is validated on its own, and allocations are capped), and
 a load returns only after the digest matched: a corrupted file always ends in ``FormatError``, reported
@@ -22,16 +26,21 @@ as a checksum mismatch.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import secrets
+import stat
 import struct
-import tempfile
 import threading
 from collections.abc import Callable, Iterable
 
 import zstandard
 
-__all__ = ["FormatError", "MAGIC", "FORMAT_VERSION", "PREAMBLE_SIZE", "assemble", "parse", "atomic_write"]
+__all__ = [
+    "FormatError", "MAGIC", "FORMAT_VERSION", "PREAMBLE_SIZE", "assemble", "parse", "read_file", "atomic_write",
+    "header_limit",
+]
 
 MAGIC = b"\x89CJXMDL\n"
 FORMAT_VERSION = 1
@@ -40,6 +49,18 @@ _DIGEST_SIZE = 32
 PREAMBLE_SIZE = _FIXED.size + _DIGEST_SIZE
 # A JSON header describes structure only; anything larger than this is not a header we wrote.
 MAX_HEADER_RAW = 1 << 28
+# The decompressed JSON header may be at most HEADER_RATIO x the file size (and always HEADER_FLOOR bytes).
+# Real headers measured 11-38x their file (thousands of empty or tiny leaves); a forged 20 KB file whose
+# header expands 10,000x is refused before it is decompressed. save() refuses to write what load refuses.
+HEADER_RATIO = 64
+HEADER_FLOOR = 1 << 20
+# Parsed JSON takes up to ~25 bytes of Python objects per byte of text ("[[],[],...]"): charged to max_bytes.
+HEADER_EXPANSION = 32
+
+
+def header_limit(file_size: int) -> int:
+    """The most bytes of JSON a header may declare in a file of ``file_size`` bytes."""
+    return min(MAX_HEADER_RAW, max(HEADER_FLOOR, HEADER_RATIO * file_size))
 
 
 class FormatError(ValueError):
@@ -56,10 +77,14 @@ def assemble(header_json: bytes, payload: list[bytes | memoryview], payload_hash
 
     ``payload_hash``: a :func:`new_hash` object already fed with exactly the payload (else computed here).
     """
-    if len(header_json) > MAX_HEADER_RAW:
-        raise ValueError(f"the JSON header is {len(header_json)} bytes, more than the format's {MAX_HEADER_RAW}")
     header = zstandard.ZstdCompressor(level=19, write_checksum=False).compress(header_json)
     payload_len = sum(len(p) for p in payload)
+    limit = header_limit(PREAMBLE_SIZE + len(header) + payload_len)
+    if len(header_json) > limit:
+        raise ValueError(
+            f"the tree's JSON description takes {len(header_json)} bytes, more than load() accepts for a file of this "
+            f"size ({limit} bytes: {HEADER_RATIO} x the file size, at least {HEADER_FLOOR}); save fewer, larger leaves"
+        )
     fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, 0, len(header), len(header_json), payload_len)
     if payload_hash is None:
         payload_hash = new_hash()
@@ -70,25 +95,20 @@ def assemble(header_json: bytes, payload: list[bytes | memoryview], payload_hash
     return [fixed + payload_hash.digest(), header, *payload]
 
 
-def parse(
-    data: bytes | memoryview, *, max_header_raw: int = MAX_HEADER_RAW
-) -> tuple[bytes, memoryview, Callable[[], None]]:
-    """Validates the preamble of a whole file; returns ``(header_json, payload, verify)``.
-
-    The SHA-256 is computed in a background thread (hashlib releases the GIL); ``verify()`` waits for it
-    and raises ``FormatError`` on a mismatch. Callers must call it before trusting what they decoded.
+def check_preamble(head: bytes | memoryview, size: int) -> tuple[int, int, int]:
+    """Validates the preamble ``head`` of a file of ``size`` bytes; returns ``(header_len, header_raw_len,
+    payload_len)``. Needs only the first :data:`PREAMBLE_SIZE` bytes, so a file is judged before it is read.
 
     Raises:
-        FormatError: for a foreign, truncated, padded or future-version file.
+        FormatError: for a foreign, truncated, padded or future-version file, or a header longer than
+            :func:`header_limit` allows for this file size.
     """
-    view = memoryview(data)
-    size = len(view)
-    if size < len(MAGIC) or bytes(view[: len(MAGIC)]) != MAGIC:
-        head = bytes(view[: len(MAGIC)])
-        raise FormatError(f"not a compressjax model file: it starts with {head!r}, expected the magic bytes {MAGIC!r}")
-    if size < PREAMBLE_SIZE:
+    head = bytes(head[:PREAMBLE_SIZE])
+    if len(head) < len(MAGIC) or head[: len(MAGIC)] != MAGIC:
+        raise FormatError(f"not a compressjax model file: it starts with {head[:len(MAGIC)]!r}, expected the magic bytes {MAGIC!r}")
+    if size < PREAMBLE_SIZE or len(head) < PREAMBLE_SIZE:
         raise FormatError(f"truncated file: {size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble")
-    _, version, flags, header_len, header_raw_len, payload_len = _FIXED.unpack_from(view, 0)
+    _, version, flags, header_len, header_raw_len, payload_len = _FIXED.unpack_from(head, 0)
     if version > FORMAT_VERSION:
         raise FormatError(
             f"the file uses format version {version}, written by a newer compressjax; this version reads format "
@@ -106,10 +126,39 @@ def parse(
         )
     if size > expected:
         raise FormatError(f"{size - expected} unexpected trailing bytes after the declared end of the file ({expected} bytes)")
+    limit = header_limit(size)
+    if header_raw_len > limit:
+        raise FormatError(
+            f"the header declares {header_raw_len} bytes of JSON, more than a {size}-byte file may hold "
+            f"({limit} bytes: {HEADER_RATIO} x the file size, at least {HEADER_FLOOR})"
+        )
+    return header_len, header_raw_len, payload_len
+
+
+def parse(
+    data: bytes | bytearray | memoryview, *, max_header_raw: int = MAX_HEADER_RAW
+) -> tuple[bytes, memoryview, Callable[[], None]]:
+    """Validates the preamble of a whole file; returns ``(header_json, payload, verify)``.
+
+    The SHA-256 is computed in a background thread (hashlib releases the GIL); ``verify()`` waits for it
+    and raises ``FormatError`` on a mismatch. Callers must call it before trusting what they decoded.
+
+    Args:
+        data: the whole file.
+        max_header_raw: a further cap on the header's JSON length (the caller's allocation budget).
+
+    Raises:
+        FormatError: for a foreign, truncated, padded or future-version file.
+    """
+    view = memoryview(data)
+    header_len, header_raw_len, _ = check_preamble(view[:PREAMBLE_SIZE], len(view))
     verify = _verifier(view, header_len)
     if header_raw_len > max_header_raw:
         verify()
-        raise FormatError(f"the header declares {header_raw_len} bytes of JSON, more than the limit {max_header_raw}")
+        raise FormatError(
+            f"the header declares {header_raw_len} bytes of JSON, more than this load's limit of {max_header_raw} "
+            "(max_bytes); pass a larger load(..., max_bytes=...) if the file is trusted"
+        )
     header = view[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len]
     try:
         if zstandard.frame_content_size(header) != header_raw_len:
@@ -148,39 +197,125 @@ def _verifier(view: memoryview, header_len: int) -> Callable[[], None]:
     return verify
 
 
-def read_file(path: str | os.PathLike) -> bytes:
-    """Reads a whole file after checking its preamble, so a foreign file is rejected before a large read."""
+def read_file(path: str | os.PathLike, max_bytes: int | None = None) -> bytearray:
+    """Reads a model file after judging its preamble against its size, so that a foreign, truncated,
+    padded or oversized file is rejected having read only 60 bytes, and only the declared bytes are read.
+
+    Args:
+        path: the file.
+        max_bytes: if not ``None``, a file larger than this raises ``FormatError`` before it is read.
+    """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        head = f.read(min(size, PREAMBLE_SIZE))
-        if len(head) < len(MAGIC) or head[: len(MAGIC)] != MAGIC or len(head) < PREAMBLE_SIZE:
-            parse(head)  # raises the precise FormatError
-        f.seek(0)
-        return f.read()
+        head = f.read(PREAMBLE_SIZE)
+        check_preamble(head, size)
+        if max_bytes is not None and size > max_bytes:
+            raise FormatError(
+                f"the file holds {size} bytes, beyond the allocation limit of this load (max_bytes={max_bytes}); "
+                "pass a larger load(..., max_bytes=...) if the file is trusted"
+            )
+        data = bytearray(size)
+        data[:PREAMBLE_SIZE] = head
+        view = memoryview(data)
+        got = PREAMBLE_SIZE
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                raise FormatError(f"truncated file: it shrank to {got} bytes while being read ({size} expected)")
+            got += n
+        return data
+
+
+_TMP_SUFFIX = ".cjx-tmp"
+
+
+def _tmp_prefix(target: str) -> str:
+    return f".{os.path.basename(target)}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or not a pid we can ask about): leave its file alone
+    return True
+
+
+def remove_stale_temporaries(target: str) -> list[str]:
+    """Removes the temporaries that a killed :func:`atomic_write` of ``target`` left behind; returns their names.
+
+    Temporaries are named ``.{name}.{pid}.{random}.cjx-tmp`` next to the target; one is stale when the
+    process that wrote it is gone (a save in progress in a live process, this one included, is left alone).
+    """
+    folder = os.path.dirname(target)
+    prefix = _tmp_prefix(target)
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(_TMP_SUFFIX)):
+            continue
+        pid, _, token = name[len(prefix) : -len(_TMP_SUFFIX)].partition(".")
+        if not (pid.isdigit() and token) or _pid_alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> None:
     """Writes ``chunks`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename.
 
     A crash or an exception at any point leaves either the old file (or none) under ``path``, never a
-    partial one, and the temporary file is removed on error.
+    partial one; the temporary file is removed on error, and one left by a killed process is removed by
+    the next save of the same path. What happens to what is already at ``path`` follows ``numpy.save`` and
+    ``safetensors`` (which open the path for writing), except that the write stays atomic:
+
+    * a new file gets mode ``0o666`` minus the process umask; an existing file keeps its mode;
+    * a symbolic link is followed: its target is replaced (the link stays a link);
+    * a read-only file (no write permission bit, or not writable by this user) is refused with
+      ``PermissionError`` instead of being replaced, as ``open(path, "wb")`` would refuse it.
+
+    Raises:
+        PermissionError: ``path`` is a read-only file, or its folder cannot be written.
+        IsADirectoryError: ``path`` is a folder.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    mode = 0o644
+    target = os.path.realpath(os.fspath(path))  # follows symbolic links, as open(path, "wb") would
+    folder = os.path.dirname(target)
+    mode = None
     try:
-        mode = os.stat(path).st_mode & 0o7777
+        st = os.stat(target)
     except FileNotFoundError:
         pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    else:
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "cannot save a model file over a folder", os.fspath(path))
+        mode = stat.S_IMODE(st.st_mode)
+        if not mode & 0o222 or not os.access(target, os.W_OK):
+            raise PermissionError(
+                errno.EACCES, "the file is read-only; save() does not replace read-only files (make it writable "
+                "or remove it first)", os.fspath(path)
+            )
+    remove_stale_temporaries(target)
+    tmp = os.path.join(folder, f"{_tmp_prefix(target)}{os.getpid()}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
+    # O_EXCL: never write through someone else's file; 0o666 & ~umask, like open(path, "wb").
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)

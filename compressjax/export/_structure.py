@@ -25,6 +25,8 @@ import numpy as np
 from compressjax.export._container import FormatError
 
 MAX_DEPTH = 256
+# Flax's own variable flags: anything but a bool there would reach Flax's internals unchecked.
+_BOOL_METADATA = {"hijax", "ref", "eager_sharding", "mutable"}
 _SCALAR = (bool, int, float)
 
 
@@ -114,6 +116,8 @@ def flatten(tree: Any, is_array_leaf) -> tuple[dict, list[tuple[str, Any]]]:
                 if not (isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool))):
                     raise TypeError(f"key {k!r} at {path!r} has type {type(k).__name__}; only str and int keys can be saved")
                 items.append([k, visit(v, _join(path, k), depth + 1)])
+            if len({type(k) for k, _ in items}) > 1:
+                raise TypeError(f"the {kind} at {path or 'the params root'!r} mixes int and str keys, which JAX cannot flatten")
             return {"t": kind, "k": items}
         if type(x) in (list, tuple):
             return {"t": type(x).__name__, "c": [visit(v, _join(path, i), depth + 1) for i, v in enumerate(x)]}
@@ -164,10 +168,16 @@ def _unflatten(node: Any, leaves: list[Any], used: set[int], path: str, depth: i
             raise FormatError(f"unknown NNX variable type {node.get('cls')!r} at {what}")
         value = _unflatten(node.get("v"), leaves, used, path, depth + 1)
         kwargs = {str(k): _meta_from_json(v, what) for k, v in meta.items()}
+        for flag in _BOOL_METADATA & set(kwargs):
+            if not isinstance(kwargs[flag], bool):
+                raise FormatError(f"NNX variable metadata {flag}={kwargs[flag]!r} at {what} is not true or false")
         try:
-            return cls(value, **kwargs)
-        except (TypeError, ValueError) as e:
+            var = cls(value, **kwargs)
+        except (TypeError, ValueError, AttributeError) as e:
             raise FormatError(f"cannot rebuild the {cls.__name__} variable at {what}: {e}") from e
+        if type(var) is not cls:  # e.g. hijax=True turns an nnx.Param into another class
+            raise FormatError(f"the metadata {sorted(kwargs)} at {what} rebuild a {type(var).__name__}, not a {cls.__name__}")
+        return var
     if t in ("dict", "frozendict", "state"):
         items = node.get("k")
         if not isinstance(items, list):
@@ -180,6 +190,8 @@ def _unflatten(node: Any, leaves: list[Any], used: set[int], path: str, depth: i
             if not (isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool))) or k in out:
                 raise FormatError(f"invalid or repeated key {k!r} at {what}")
             out[k] = _unflatten(child, leaves, used, _join(path, k), depth + 1)
+        if len({type(k) for k in out}) > 1:
+            raise FormatError(f"the {t} at {what} mixes int and str keys, which JAX cannot flatten")
         if t == "dict":
             return out
         if t == "frozendict":
