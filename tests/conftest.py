@@ -45,11 +45,13 @@ def run_python(
     Args:
         code_or_args: source code for ``python -c``, or a list of arguments (``["-m", "benchmarks", ...]``).
         devices: if set, simulate this many CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count``).
-        env: extra environment variables.
+        env: environment variables to set (a value of ``None`` removes one).
         timeout: seconds before the process is killed (the test then errors).
         check: assert a zero exit status, showing the end of stdout and stderr otherwise.
     """
-    full_env = dict(os.environ, **(env or {}))
+    full_env = dict(os.environ)
+    for key, value in (env or {}).items():  # None removes a variable
+        full_env.pop(key, None) if value is None else full_env.__setitem__(key, value)
     # This checkout first: a script's own folder would otherwise come before it on sys.path.
     full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [full_env.get("PYTHONPATH")])])
     if devices is not None:
@@ -66,6 +68,6 @@ def run_with_8_devices(code: str, timeout: float = 240) -> str:
     return run_python(code, devices=8, timeout=timeout).stdout
 
 
-def run_example(script: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_example(script: str, *args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python examples/<script> <args>`` from the repository root (exit status 0 asserted)."""
-    return run_python([str(ROOT / "examples" / script), *args], timeout=timeout)
+    return run_python([str(ROOT / "examples" / script), *args], timeout=timeout, env=env)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import requires_minilm, run_python
 
 pytest.importorskip("mnist1d")
 pytest.importorskip("rich")
@@ -29,12 +27,9 @@ KEYS = ("name", "accuracy", "params", "nonzero", "bits_per_weight", "bytes", "ra
 def quick_run(tmp_path_factory):
     """One `compressjax demo --quick` in a subprocess, as a user would run it."""
     out = tmp_path_factory.mktemp("demo")
-    env = dict(os.environ, COLUMNS="200")  # a wide console, so rich never truncates a header
-    proc = subprocess.run(
-        [sys.executable, "-m", "compressjax", "demo", "--quick", "--out", str(out), "--seed", "1"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # a wide console, so rich never truncates a header
+    proc = run_python(["-m", "compressjax", "demo", "--quick", "--out", str(out), "--seed", "1"],
+                      env={"COLUMNS": "200"}, timeout=600)
     return out, proc.stdout
 
 
@@ -128,6 +123,7 @@ def test_transfer_inputs_are_new_examples(tmp_path, monkeypatch):
         data.load_transfer_inputs(5, seed=3)
 
 
+@pytest.mark.slow
 def test_conv1d_matches_flax_conv():
     import flax.linen as nn
 
@@ -185,21 +181,14 @@ def test_report_rejects_non_finite(tmp_path):
 def test_import_compressjax_does_not_import_demo_dependencies():
     # rich is left out of the check: flax itself imports it.
     code = "import sys, compressjax; bad = [m for m in ('mnist1d', 'matplotlib') if m in sys.modules]; print(bad)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert run_python(code).stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------------------ benchmarks runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _runner():
-    sys.path.insert(0, ROOT)
-    try:
-        from benchmarks import run
-    finally:
-        sys.path.remove(ROOT)
+    from benchmarks import run  # conftest puts the repository root (benchmarks/) on sys.path
+
     return run
 
 
@@ -229,10 +218,10 @@ def test_runner_reports_a_failing_script(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@requires_minilm  # benchmarks/minilm.py needs the pretrained weights
 def test_runner_quick_runs_every_benchmark(tmp_path):
     out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=3000)
+    proc = run_python(["-m", "benchmarks", "--quick", "--out", str(out)], timeout=3000, check=False)
     saved = json.loads(out.read_text())
     failed = {k: v.get("error") for k, v in saved["benchmarks"].items() if not v["ok"]}
     assert proc.returncode == 0 and not failed, (failed, proc.stdout[-3000:])

@@ -1,11 +1,7 @@
 """Tests for make_distill_step and DistillState: correctness, no teacher gradient, tracing, donation, mesh."""
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import chex
 import flax.linen as nn
@@ -15,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import run_example, run_with_8_devices
 from flax import nnx
 
 from compressjax.distillation import (
@@ -26,8 +23,6 @@ from compressjax.distillation import (
     make_distill_step,
     softmax_cross_entropy,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def mlp_init(key, sizes):
@@ -257,6 +252,7 @@ def test_no_retracing_across_steps():
         state, _ = step2(state, teacher, (x, y))
 
 
+@pytest.mark.slow
 def test_donation_keeps_teacher_params_and_batch_usable():
     teacher, student, x, y = problem()
     teacher = jax.tree.map(jnp.copy, teacher)
@@ -327,6 +323,7 @@ class LinenMLP(nn.Module):
         return nn.Dense(5, name="out")(h)
 
 
+@pytest.mark.slow
 def test_linen_hint_distillation_with_sow_and_capture_intermediates():
     _, _, x, y = problem()
     teacher, student = LinenMLP(32), LinenMLP(6)
@@ -519,15 +516,6 @@ MESH_SCRIPT = textwrap.dedent(
 )
 
 
-def run_with_8_devices(code, timeout=240):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
-
-
 @pytest.mark.slow
 def test_sharded_step_on_8_devices_matches_single_device():
     import json
@@ -549,6 +537,7 @@ def test_sharded_step_on_8_devices_matches_single_device():
 # --- one step that distills, prunes and quantizes ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prune_quantize_distill_in_one_step():
     from compressjax import QuantSpec, apply_masks, fake_quant_params, keep_masked, magnitude_masks, sparsity_summary
 
@@ -597,16 +586,7 @@ def test_prune_quantize_distill_in_one_step():
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["distill_hint.py", "distill_mesh.py"])
 def test_example_runs_in_quick_mode(script):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # distill_mesh.py sets its own
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), "--quick"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = run_example(script, "--quick", timeout=300, env={"XLA_FLAGS": None})  # distill_mesh.py sets its own
     assert "test accuracy" in proc.stdout
     if script == "distill_mesh.py":
         assert "mesh: 8 cpu devices" in proc.stdout and "90.0% zeros" in proc.stdout

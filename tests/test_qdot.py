@@ -33,6 +33,7 @@ def inputs(shape=(6, 64), seed=0):
 
 
 @pytest.mark.parametrize("wspec, aspec", SPEC_PAIRS)
+@pytest.mark.slow
 def test_int_path_matches_fake_path_linen(wspec, aspec):
     x = inputs()
     fake = nn.Dense(32, dot_general=cj.quantized_dot_general(wspec, aspec, mode="fake"))
@@ -61,6 +62,7 @@ def test_int_path_uses_an_int32_dot_general():
 
 
 @pytest.mark.parametrize("wspec, aspec", SPEC_PAIRS[:3])
+@pytest.mark.slow
 def test_int_path_matches_fake_path_nnx_and_3d_inputs(wspec, aspec):
     x = inputs((2, 3, 64))
     aspec = PER_TENSOR if aspec.channel_axes == (0,) else aspec
@@ -77,6 +79,7 @@ def test_forwards_kwargs_like_out_sharding():
     np.testing.assert_allclose(f(x, w, dn, out_sharding=None), g(x, w, dn, out_sharding=None), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_jit_equals_eager():
     f = cj.quantized_dot_general(cj.QuantSpec(4, group_size=4), PER_TENSOR, mode="int")
     x, w = inputs((3, 16)), inputs((16, 5), 1)
@@ -130,6 +133,7 @@ def toy_data(n=128):
 
 
 @pytest.mark.parametrize("how", ["fake_quant_params", "dot_general"])
+@pytest.mark.slow
 def test_linen_qat_loss_goes_down(how):
     x, y = toy_data()
     rules = {"kernel": cj.QuantSpec(4)}
@@ -198,6 +202,7 @@ class SowMLP(nn.Module):
         return x
 
 
+@pytest.mark.slow
 def test_calibrate_absmax_and_ptq_int_equals_fake():
     x, _ = toy_data()
     batches = [x[i : i + 32] for i in range(0, 128, 32)]

@@ -104,6 +104,7 @@ def test_values_spanning_both_digits():
     frac=st.floats(0, 1),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_exact_keep_masks_equal_stable_sort(sizes, kind, frac, seed):
     rng = np.random.default_rng(seed)
     if kind == "normal":

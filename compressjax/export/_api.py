@@ -201,7 +201,12 @@ def save(path: str | os.PathLike, params: Any, *, masks: Any = None, rules: Any 
     made on the fly by ``rules``) as its integer codes (sparse when that is smaller) plus scales. Every
     stream is zstd-coded when that makes it smaller (Han et al., 2016, "Deep Compression: Compressing Deep
     Neural Networks with Pruning, Trained Quantization and Huffman Coding", ICLR). The write is atomic: a
-    temporary file in the same folder, flushed and fsynced, then renamed over ``path``.
+    temporary file in the same folder (``.{name}.{pid}.{random}.cjx-tmp``), flushed and fsynced, then renamed
+    over ``path``; a temporary left by a killed save is removed by the next save of the same path.
+
+    What happens at ``path`` follows ``numpy.save`` and ``safetensors``: a new file gets mode ``0o666`` minus
+    the umask, an existing file keeps its mode, a symbolic link is followed (its target is replaced, the link
+    stays), and a read-only file is refused with ``PermissionError`` rather than replaced.
 
     Args:
         path: the file to write (replaced atomically if it exists).
@@ -219,6 +224,9 @@ def save(path: str | os.PathLike, params: Any, *, masks: Any = None, rules: Any 
 
     Raises:
         TypeError: for a container, dtype or leaf the format cannot store (naming its path).
+        ValueError: for a tree whose structure alone is too large for :func:`load` to accept (its JSON
+            description over 64 x the file size, e.g. hundreds of thousands of ``None`` leaves).
+        PermissionError: ``path`` is a read-only file or its folder cannot be written.
     """
     chunks, report = _encode(params, masks, rules, level)
     _container.atomic_write(path, chunks)
