@@ -6,6 +6,11 @@ quantization while distilling, saves it with :func:`compressjax.save`, loads it 
 prints a table (accuracy, parameters, non-zeros, bits per weight, bytes on disk, ratio against the
 teacher's float32 bytes) and writes ``compressjax-demo.json`` and ``compressjax-demo.png`` into ``--out``.
 Needs the ``demo`` extra: ``pip install "compressjax[demo]"``.
+
+``compressjax inspect FILE`` shows what a saved model file holds, without writing code: a table of each
+leaf's path, shape, dtype, encoding, bits per weight, sparsity and bytes, with the totals
+(:func:`compressjax.size_report`); ``--json`` prints the same as one JSON object. A file that is not a valid
+model file prints a one-line error and exits with status 1.
 """
 
 from __future__ import annotations
@@ -58,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive, default=None,
                       help="epochs of the 4000 labelled examples per training stage (default 64; 2 with --quick)")
     demo.add_argument("--out", default=".", help="folder for the JSON, PNG and model files (default: current folder)")
+
+    inspect = sub.add_parser(
+        "inspect", help="what a saved .cjx file holds: each leaf's shape, dtype, encoding, bits per weight, bytes",
+        description="Prints a table of the leaves of a file written by compressjax.save (path, shape, dtype, "
+        "encoding, bits per weight, sparsity, bytes) and the totals. Reads the header only; checks the checksum.",
+    )
+    inspect.add_argument("file", help="a model file written by compressjax.save")
+    inspect.add_argument("--json", action="store_true", help="print the report as one JSON object instead of a table")
     return parser
 
 
@@ -100,11 +113,81 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- inspect
+
+
+def _sparsity(leaf) -> float:
+    """The fraction of the leaf's elements stored as implicit zeros by the sparse encoding (the header does
+    not count the zeros of a leaf stored dense, which shows 0)."""
+    return 1.0 - leaf.nnz / leaf.num_elements if leaf.num_elements else 0.0
+
+
+def inspect_dict(report, file: str) -> dict:
+    """The ``--json`` output of ``compressjax inspect``: :meth:`SizeReport.to_dict` plus the file name, each
+    leaf's sparsity and the total sparsity (fractions of the elements stored as implicit zeros)."""
+    out = {"file": file, **report.to_dict()}
+    out["sparsity"] = 1.0 - sum(leaf.nnz for leaf in report.leaves) / report.num_weights if report.num_weights else 0.0
+    for row, leaf in zip(out["leaves"], report.leaves, strict=True):
+        row["sparsity"] = _sparsity(leaf)
+    return out
+
+
+def _inspect_table(report, file: str):
+    from rich.table import Table
+
+    zeros = inspect_dict(report, file)["sparsity"]
+    table = Table(title=file, title_justify="left")
+    table.add_column("leaf", overflow="fold")
+    for name in ("shape", "dtype", "encoding"):
+        table.add_column(name, no_wrap=True)
+    for name in ("bits/w", "sparsity", "bytes"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for leaf in report.leaves:
+        table.add_row(leaf.path or "<root>", "x".join(map(str, leaf.shape)) or "()", leaf.dtype, leaf.encoding,
+                      f"{leaf.bits_per_weight:.2f}", f"{_sparsity(leaf):.1%}", f"{leaf.stored_bytes:,}")
+    table.add_section()
+    table.add_row("(header)", "", "", "", "", "", f"{report.overhead_bytes:,}")
+    table.add_row("total", f"{report.num_weights:,} w", "", "", f"{report.bits_per_weight:.2f}", f"{zeros:.1%}",
+                  f"{report.total_bytes:,}", style="bold")
+    return table
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from compressjax.export import FormatError, size_report
+
+    try:
+        report = size_report(args.file)
+    except (FormatError, OSError) as e:
+        reason = e.strerror or str(e) if isinstance(e, OSError) else str(e)
+        kind = "" if isinstance(e, FormatError) else f"{type(e).__name__}: "
+        print(f"compressjax inspect: {args.file}: {kind}{reason}".replace("\n", " "), file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(inspect_dict(report, args.file)))
+        return 0
+    try:
+        from rich.console import Console
+    except ImportError:  # rich comes with flax; without it, the plain table of SizeReport
+        print(report)
+        return 0
+    console = Console()
+    if not console.is_terminal:  # piped or captured: no terminal width to respect, so do not fold the paths
+        console = Console(width=max(console.width, 160))
+    console.print(_inspect_table(report, args.file))
+    console.print(f"{len(report.leaves)} leaves, {report.num_weights:,} weights in {report.total_bytes:,} bytes: "
+                  f"{report.bits_per_weight:.2f} bits per weight, {report.ratio:.1f}x smaller than float32", soft_wrap=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``compressjax`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "inspect":
+        return _inspect(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown commands
 
 
