@@ -294,7 +294,7 @@ def _stage(name: str, acc: float, params, nbytes: int, teacher_f32: int) -> Stag
 
 def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike = ".", *, progress: Progress | None = None,
              log: Callable[[str], None] | None = None) -> DemoResult:
-    """Runs the five stages and returns their table rows.
+    """Runs the pipeline and returns its four table rows (``STAGE_NAMES``); steps 4 and 5 make the last one.
 
     1. teacher: CE on the 4000 labelled examples; 2. student: the small model, same recipe (baseline);
     3. distilled: the same student from the same init, same number of steps, distilled on the transfer set;
@@ -348,7 +348,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike = ".", *, progress: Pro
     # Pruned weights are exactly zero in the params (gradual_pruning's update), and zero stays zero under
     # symmetric quantization, so the forward transform needs only the fake quantization.
     state = distill(student, teacher, t_params, DistillState.create(d_params, tx_c), tx_c, x_transfer, y_transfer,
-                    cfg, k_c_train, "compress", student_transform=lambda p, _step: fake_quant_params(p, rules),
+                    cfg, k_c_train, "compressed", student_transform=lambda p, _step: fake_quant_params(p, rules),
                     progress=progress)
     masks = masks_from_state(state.opt_state)
 
