@@ -27,11 +27,15 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     return ap
 
 
-def interleaved(fns: Sequence[Callable[[], Any]], repeats: int, *, warmup: int = 1) -> list[list[float]]:
+def interleaved(
+    fns: Sequence[Callable[[], Any]], repeats: int, *, warmup: int = 1, cpu_out: list[list[float]] | None = None
+) -> list[list[float]]:
     """Seconds of each zero-argument function over ``repeats`` rounds, the functions run in turn.
 
     Each call's result is waited for with ``jax.block_until_ready``. ``warmup`` untimed rounds come first
-    (compilation). Returns one list of times per function, in the order given.
+    (compilation). Returns one list of wall-clock times per function, in the order given. If ``cpu_out`` is
+    a list, one list per function of CPU seconds (``time.process_time``: all threads of the process) is
+    appended to it; on a shared machine the wall time also measures the other tenants.
     """
     import jax
 
@@ -39,11 +43,15 @@ def interleaved(fns: Sequence[Callable[[], Any]], repeats: int, *, warmup: int =
         for f in fns:
             jax.block_until_ready(f())
     times: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, f in enumerate(fns):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(f())
             times[i].append(time.perf_counter() - t0)
+            cpu[i].append(time.process_time() - c0)
+    if cpu_out is not None:
+        cpu_out.extend(cpu)
     return times
 
 

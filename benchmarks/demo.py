@@ -10,14 +10,12 @@ Run ``python -m benchmarks.demo [--quick] [--seeds 3] [--json PATH]``; the last 
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 
 import jax
 import numpy as np
 
+from benchmarks._common import finish, parser
 from compressjax import DistillState
 from compressjax.demo import models
 from compressjax.demo.data import load_mnist1d, load_transfer_inputs
@@ -25,10 +23,8 @@ from compressjax.demo.pipeline import DemoConfig, accuracy, distill, make_optimi
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="the demo's --quick sizes, 2 seeds (smoke test)")
+    ap = parser(__doc__)  # --quick: the demo's --quick sizes, 2 seeds
     ap.add_argument("--seeds", type=int, default=None, help="number of student seeds (default 3; 2 with --quick)")
-    ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     n_seeds = args.seeds or (2 if args.quick else 3)
@@ -72,15 +68,10 @@ def main(argv=None) -> dict:
         "distilled_mean": d_mean,
         "ratios": {"distilled_over_student": d_mean / s_mean, "distilled_minus_student_points": 100 * (d_mean - s_mean)},
         "seconds": time.perf_counter() - t0,
-        "machine": f"{platform.machine()} {jax.devices()[0].device_kind}, jax {jax.__version__}",
     }
     print(f"mean: student {s_mean:.4f}  distilled {d_mean:.4f}  "
           f"(distilled - student = {100 * (d_mean - s_mean):+.2f} points; target >= 0)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    print(json.dumps(result))
-    return result
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

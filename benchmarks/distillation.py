@@ -18,22 +18,19 @@ Printed ratios and their targets:
 * ``compress``: the step with ``student_transform`` = 90% magnitude masks + 4-bit fake quantization (and
   ``keep_masked`` in ``tx``) / the plain step; target <= 1.25.
 
-Run ``python benchmarks/distillation.py [--quick] [--json PATH]``; the last line printed is JSON.
+Run ``python -m benchmarks.distillation [--quick] [--json PATH]``; the last line printed is JSON.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks._common import finish, interleaved, medians, parser
 from compressjax import (
     DistillState,
     QuantSpec,
@@ -74,13 +71,16 @@ def matmul_flops(sizes, batch, backward=False):
     return fwd + sum(2 * batch * a * b for a, b in pairs[1:])
 
 
-def timed(fn, inner):
-    start = time.perf_counter()
-    out = None
-    for _ in range(inner):
-        out = fn()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / inner
+def repeated(fn, inner):
+    """``fn`` called ``inner`` times back to back (one timed sample is their mean)."""
+
+    def run():
+        out = None
+        for _ in range(inner):
+            out = fn()
+        return out
+
+    return run
 
 
 def torch_step_factory(t_sizes, s_sizes, batch, x_np, y_np):
@@ -135,12 +135,10 @@ def torch_step_factory(t_sizes, s_sizes, batch, x_np, y_np):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (smoke test)")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--inner", type=int, default=None)
-    parser.add_argument("--json", type=str, default=None, help="also write the results to this path")
-    args = parser.parse_args(argv)
+    ap = parser(__doc__)  # --quick: tiny sizes, a few seconds
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15; 3 with --quick)")
+    ap.add_argument("--inner", type=int, default=None, help="back-to-back calls per sample (default 5; 2 with --quick)")
+    args = ap.parse_args(argv)
     if args.quick:
         t_sizes, s_sizes, batch, n_mm = [64, 128, 128, 10], [64, 64, 64, 10], 32, 256
         rounds, inner = args.rounds or 3, args.inner or 2
@@ -210,16 +208,12 @@ def main(argv=None):
         "matmul": lambda: matmul(a, b),
     }
     variants.update(torch_steps)
-    for fn in variants.values():  # compile and warm up
-        jax.block_until_ready(fn())
-        jax.block_until_ready(fn())
-
-    samples = {name: [] for name in variants}
     mm_inner = max(1, inner // 2)
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            samples[name].append(timed(fn, mm_inner if name == "matmul" else inner))
-    med = {name: statistics.median(v) for name, v in samples.items()}
+    calls = {name: mm_inner if name == "matmul" else inner for name in variants}
+    # Two warm-up calls (compile, then first-run allocations), then rounds that time each variant in turn.
+    times = interleaved([repeated(fn, calls[name]) for name, fn in variants.items()], rounds, warmup=2)
+    samples = {name: [t / calls[name] for t in ts] for name, ts in zip(variants, times, strict=True)}
+    med = dict(zip(samples, medians(list(samples.values())), strict=True))
     best = {name: min(v) for name, v in samples.items()}
 
     step_flops = (
@@ -236,7 +230,7 @@ def main(argv=None):
     step_rate = step_flops / med["distill_step"]
 
     results = {
-        "machine": f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}",
+        "benchmark": "distillation",
         "sizes": {"teacher": t_sizes, "student": s_sizes, "batch": batch, "matmul": n_mm, "quick": args.quick},
         "rounds": rounds,
         "inner": inner,
@@ -267,7 +261,7 @@ def main(argv=None):
     else:
         results["torch"] = "skipped: torch is not installed"
 
-    print(f"machine: {results['machine']}; rounds {rounds} x {inner} calls; median and best round")
+    print(f"{jax.device_count()} x {jax.devices()[0].device_kind}; rounds {rounds} x {inner} calls; median and best round")
     for name, v in results["ms"].items():
         print(f"  {name:16s} {v:9.3f} ms  (best {results['best_ms'][name]:9.3f} ms)")
     r = results["ratios"]
@@ -282,11 +276,7 @@ def main(argv=None):
         print(f"PyTorch eager step / jit step = {r['torch']:.3f}   (target >= 1.0; {torch_info})")
     else:
         print("PyTorch eager comparison skipped: torch is not installed")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    print(json.dumps(results))
-    return results
+    return finish(results, args.json)
 
 
 if __name__ == "__main__":

@@ -15,22 +15,19 @@
    Target: at least 100 MB/s each way. CPU seconds (all threads of the process) are printed too: on a
    shared machine the wall time mostly measures the other tenants.
 
-Run ``python benchmarks/export.py [--quick] [--json PATH]``; the last line printed is JSON.
+Run ``python -m benchmarks.export [--quick] [--json PATH]``; the last line printed is JSON.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._common import finish, interleaved, medians, parser
 from compressjax import (
     QArray,
     QuantSpec,
@@ -156,17 +153,10 @@ def throughput(folder: str, layers: int, width: int, rounds: int) -> dict:
         f"{base_name} save": lambda: base_write(paths["base"], params),
         f"{base_name} load": lambda: jax.block_until_ready(base_read(paths["base"])),
     }
-    times = {k: [] for k in variants}
-    cpu = {k: [] for k in variants}
-    for r in range(rounds + 1):  # round 0 warms up (compiles dequantize, fills the page cache)
-        for k, fn in variants.items():
-            t, c = time.perf_counter(), time.process_time()
-            fn()
-            if r:
-                times[k].append(time.perf_counter() - t)
-                cpu[k].append(time.process_time() - c)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    cpu: list[list[float]] = []
+    wall = interleaved(list(variants.values()), rounds, cpu_out=cpu)  # the warm-up round compiles dequantize
+    med = dict(zip(variants, medians(wall), strict=True))
+    med_cpu = dict(zip(variants, medians(cpu), strict=True))
     print(f"\nthroughput: MLP {layers} x {width}x{width}, {n:,} weights = {mb:.0f} MB as float32; median of {rounds}"
           f" rounds; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'variant':<24}{'seconds':>9}{'MB/s f32':>10}{'CPU s':>8}{'MB/CPU-s':>10}{'file MB':>9}{f'x {base_name}':>16}")
@@ -184,12 +174,10 @@ def throughput(folder: str, layers: int, width: int, rounds: int) -> dict:
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny throughput model, one round (seconds)")
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--json", default=None, help="also write the results to this file")
-    args = ap.parse_args()
+def main(argv=None):
+    ap = parser(__doc__)  # --quick: tiny throughput model, one round
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; 1 with --quick)")
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         result = {"sizes": sizes_table(folder)}
         if args.quick:
@@ -203,11 +191,7 @@ def main():
         "save_mb_per_s_prune92_int4": tp["prune92+int4 save"]["mb_per_s"],
         "load_mb_per_s_prune92_int4": tp["prune92+int4 load"]["mb_per_s"],
     }
-    line = json.dumps(result["summary"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    print(line)
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

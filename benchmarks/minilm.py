@@ -16,15 +16,12 @@ dynamic per-token activation scales, ``quantized_dot_general(mode="int")``).
 
 Usage::
 
-    python benchmarks/minilm.py --json minilm.json --save-dir minilm-models   # 20-35 min, 2 shared cores
-    python benchmarks/minilm.py --quick                                       # smoke test
+    python -m benchmarks.minilm --json minilm.json --save-dir minilm-models   # 20-35 min, 2 shared cores
+    python -m benchmarks.minilm --quick                                       # smoke test
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
 import tempfile
 import time
@@ -41,6 +38,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import compressjax as cj  # noqa: E402
+from benchmarks._common import finish, interleaved_medians, parser  # noqa: E402
 from examples import minilm  # noqa: E402
 
 ENCODER_KERNELS = r"layer_\d+/.*kernel$"
@@ -156,16 +154,10 @@ class Bench:
         Both are compiled and warmed up first, then timed alternately (float, setting, float, ...), so a
         change of load on the shared machine hits both alike.
         """
-        calls = ((self.float_fwd, self.params), (fwd, params))
-        for fn, p in calls:
-            jax.block_until_ready(fn(p, *self.timing_batch))
-        times: tuple[list, list] = ([], [])
-        for _ in range(self.timing_runs):
-            for (fn, p), out in zip(calls, times, strict=True):
-                t = time.perf_counter()
-                jax.block_until_ready(fn(p, *self.timing_batch))
-                out.append(time.perf_counter() - t)
-        t_float, t_this = statistics.median(times[0]), statistics.median(times[1])
+        batch = self.timing_batch
+        t_float, t_this = interleaved_medians(
+            [lambda: self.float_fwd(self.params, *batch), lambda: fwd(params, *batch)], self.timing_runs
+        )
         return t_float / t_this, t_float, t_this
 
     def quality(self, params, dot_general=None) -> dict:
@@ -238,20 +230,18 @@ def run_int8_matmul(bench: Bench) -> None:
 
 # ----------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--save-dir", type=Path, help="save each setting's model as DIR/<name>.cjx")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and budgets (smoke test)")
-    parser.add_argument("--qad-steps", type=int, default=150, help="steps of int4 QAD (batch 32)")
-    parser.add_argument("--qad-seconds", type=float, default=540.0, help="wall-time cap of int4 QAD")
-    parser.add_argument("--distill-steps", type=int, default=24, help="steps of each pruning distillation")
-    parser.add_argument("--distill-seconds", type=float, default=150.0, help="wall-time cap of each")
-    parser.add_argument("--only", help="comma-separated groups to run: int8,int4,qad,prune,matmul (default all)")
-    args = parser.parse_args(argv)
+    parser_ = parser(__doc__)  # --quick: tiny sizes and budgets; --json PATH
+    parser_.add_argument("--save-dir", type=Path, help="save each setting's model as DIR/<name>.cjx")
+    parser_.add_argument("--qad-steps", type=int, default=150, help="steps of int4 QAD (batch 32)")
+    parser_.add_argument("--qad-seconds", type=float, default=540.0, help="wall-time cap of int4 QAD")
+    parser_.add_argument("--distill-steps", type=int, default=24, help="steps of each pruning distillation")
+    parser_.add_argument("--distill-seconds", type=float, default=150.0, help="wall-time cap of each")
+    parser_.add_argument("--only", help="comma-separated groups to run: int8,int4,qad,prune,matmul (default all)")
+    args = parser_.parse_args(argv)
     all_groups = {"int8", "int4", "qad", "prune", "matmul"}
     groups = set(args.only.split(",")) if args.only else all_groups
     if groups - all_groups:
-        parser.error(f"--only: unknown groups {sorted(groups - all_groups)}; choose from {sorted(all_groups)}")
+        parser_.error(f"--only: unknown groups {sorted(groups - all_groups)}; choose from {sorted(all_groups)}")
 
     train, evaluation = minilm.split_sentences()
     qad_steps, distill_steps, runs = args.qad_steps, args.distill_steps, 5
@@ -295,13 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
         run_int8_matmul(bench)
 
     result = {"port_min_cosine": port, "float32_bytes": bench.float_bytes, "train_sentences": len(train),
-              "eval_sentences": len(evaluation), "quick": bool(args.quick),
-              "machine": "2-core x86_64 CPU VM (shared), jax " + jax.__version__, "settings": bench.results}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    print(json.dumps({"port_min_cosine": port, "settings": [
-        {k: r[k] for k in ("name", "mean_cosine", "min_cosine", "knn_overlap", "bytes", "ratio", "speed_ratio")}
-        for r in bench.results]}))
+              "eval_sentences": len(evaluation), "quick": bool(args.quick), "settings": bench.results}
+    result = finish(result, args.json)
     if tmp is not None:
         tmp.cleanup()
     return result

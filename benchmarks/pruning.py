@@ -20,12 +20,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from benchmarks._common import finish, interleaved, parser
 
 FULL_SHAPES = [(4096, 4096), (4096, 4096), (2048, 4096), (4096, 1024), (1024, 4096), (512, 1000), (1000,)]
 QUICK_SHAPES = [(512, 512), (512, 512), (256, 1024), (1024, 128), (100, 10)]
@@ -91,13 +92,8 @@ def reset_peak_rss() -> bool:
 
 
 def time_fn(fn, *args, repeats: int) -> list[float]:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        out.append(time.perf_counter() - t0)
-    return out
+    """Seconds of ``repeats`` calls of ``fn(*args)`` after a warm-up call (compile)."""
+    return interleaved([lambda: fn(*args)], repeats)[0]
 
 
 def rss_child(method: str, quick: bool) -> dict:
@@ -185,10 +181,8 @@ def alternatives(quick: bool, repeats: int = 5) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="~1M weights, seconds")
+    ap = parser(__doc__)  # --quick: ~1M weights, seconds
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per method (median reported)")
-    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--alternatives", action="store_true", help="only time one pass of each candidate scheme")
     ap.add_argument("--rss", choices=["ours", "sort"], default=None, help=argparse.SUPPRESS)
@@ -199,8 +193,7 @@ def main(argv=None) -> dict:
 
     if args.alternatives:
         res = {"benchmark": "pruning_alternatives", "quick": args.quick, "pass_ms": alternatives(args.quick)}
-        print(json.dumps(res))
-        return res
+        return finish(res, args.json)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     params = make_params(shapes)
     n_sel = sum(int(w.size) for w in params.values() if w.ndim >= 2)
@@ -277,10 +270,7 @@ def main(argv=None) -> dict:
                 f"+ masks {r['masks_bytes'] * mib:.0f} MiB + extra {r['extra_bytes'] * mib:.0f} MiB"
                 f"{'' if r['peak_reset'] else ' (peak counter not resettable: includes start-up)'}"
             )
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    result = finish(result, args.json)
     if not ok:
         raise SystemExit("mask check failed")
     return result

@@ -15,35 +15,13 @@ Timings: warm-up (compile) first, ``block_until_ready``, the two sides interleav
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
-import time
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 import compressjax as cj
-
-
-def interleaved_median(fns, reps, with_min=False):
-    """Median seconds of each zero-argument fn, running them in turn so machine load hits all alike.
-
-    With ``with_min`` also the minimum, the better estimate of the intrinsic cost on a shared, loaded machine.
-    """
-    for f in fns:
-        jax.block_until_ready(f())
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f())
-            times[i].append(time.perf_counter() - t0)
-    med = [statistics.median(t) for t in times]
-    return (med, [min(t) for t in times]) if with_min else med
+from benchmarks._common import finish, interleaved, interleaved_medians, medians, parser
 
 
 class MLP(nn.Module):
@@ -88,7 +66,9 @@ def qat_overhead(model, x, y, reps):
 
     opt = tx.init(params)
     steps = [make_step(None), make_step(cj.QuantSpec(8)), make_step(cj.QuantSpec(4))]
-    (t_float, t8, t4), (m_float, m8, m4) = interleaved_median([lambda s=s: s(params, opt) for s in steps], reps, with_min=True)
+    # The minimum is also kept: the better estimate of the intrinsic cost on a shared, loaded machine.
+    times = interleaved([lambda s=s: s(params, opt) for s in steps], reps)
+    (t_float, t8, t4), (m_float, m8, m4) = medians(times), [min(t) for t in times]
     return {
         "float_ms": 1e3 * t_float, "int8_ms": 1e3 * t8, "int4_ms": 1e3 * t4, "int8_ratio": t8 / t_float, "int4_ratio": t4 / t_float,
         "min_float_ms": 1e3 * m_float, "min_int8_ratio": m8 / m_float, "min_int4_ratio": m4 / m_float,
@@ -100,7 +80,7 @@ def throughput(shape, reps):
     spec = cj.QuantSpec(8)
     quant = jax.jit(lambda v: cj.quantize(v, spec))
     mul = jax.jit(lambda v: v * 2.0)
-    t_q, t_m = interleaved_median([lambda: quant(x), lambda: mul(x)], reps)
+    t_q, t_m = interleaved_medians([lambda: quant(x), lambda: mul(x)], reps)
     n = x.size
     return {"n": n, "quantize_ms": 1e3 * t_q, "mul_ms": 1e3 * t_m, "quantize_Gelem_s": n / t_q / 1e9, "mul_Gelem_s": n / t_m / 1e9, "throughput_ratio": t_m / t_q}
 
@@ -129,15 +109,13 @@ def errors(shape, group):
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
-    ap.add_argument("--json", default=None, help="write the results to this path")
-    ap.add_argument("--reps", type=int, default=None)
-    args = ap.parse_args()
+def main(argv=None):
+    ap = parser(__doc__)
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds per comparison (default 15; 3 with --quick)")
+    args = ap.parse_args(argv)
     quick = args.quick
     reps = args.reps or (3 if quick else 15)
-    out = {"machine": f"{platform.machine()} {jax.devices()[0].device_kind}, {jax.device_count()} device(s), jax {jax.__version__}", "quick": quick}
+    out = {"benchmark": "quantization", "quick": quick}
 
     b = 32 if quick else 256
     k = jax.random.split(jax.random.key(2), 3)
@@ -174,10 +152,7 @@ def main():
         if "absmax_vs_qwix" in r:
             ratios[f"{key}_absmax_over_qwix"] = r["absmax_vs_qwix"]
     out["ratios"] = ratios
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    print(json.dumps({"benchmark": "quantization", "ratios": ratios}))
+    return finish(out, args.json)
 
 
 if __name__ == "__main__":

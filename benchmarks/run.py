@@ -28,11 +28,11 @@ from benchmarks._common import machine
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SKIP = {"__init__", "__main__", "run"}
+SKIP = {"__init__", "__main__", "run", "summary"}  # summary.py writes BENCHMARKS.md, it measures nothing
 
 
 def discover() -> list[str]:
-    """Names of the benchmark scripts (``benchmarks/*.py`` except this runner), sorted."""
+    """Names of the benchmark scripts (``benchmarks/*.py`` except this runner and ``summary``), sorted."""
     return sorted(p.stem for p in HERE.glob("*.py") if p.stem not in SKIP and not p.stem.startswith("_"))
 
 

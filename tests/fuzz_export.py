@@ -13,7 +13,7 @@ header (the tree, the leaf records, the quantization metadata, the stream table)
 (other types, boundary integers, huge values, deletion, an unknown key, list edits), then signs the file
 with a valid checksum so that the validation behind the checksum is what is tested. One case in ten
 edits the binary preamble instead. A load must either succeed with a tree of arrays or raise
-``FormatError``; anything else is a failure. Prints one JSON line: counts, failures, slowest case, memory.
+``FormatError``, and so must ``size_report`` of the same file; anything else is a failure. Prints one JSON line: counts, failures, slowest case, memory.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from compressjax.export import FormatError, _container, load, save  # noqa: E402
+from compressjax.export import FormatError, _container, load, save, size_report  # noqa: E402
 from compressjax.qarray import QArray, QuantSpec  # noqa: E402
 from compressjax.quantization import quantize_params  # noqa: E402
 
@@ -183,6 +183,13 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - the point of the fuzzer
             counts["failed"] += 1
             failures.append(f"{what} (dequantize={dequantize}): {type(e).__name__}: {str(e)[:200]}")
+        try:  # the header-only reader must hold too
+            size_report(target)
+        except FormatError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            counts["failed"] += 1
+            failures.append(f"{what} (size_report): {type(e).__name__}: {str(e)[:200]}")
         took = time.perf_counter() - start
         if took > slowest[0]:
             slowest = (took, what)

@@ -195,7 +195,7 @@ def _runner():
 def test_runner_headline_and_discovery():
     run = _runner()
     names = run.discover()
-    assert "demo" in names and "run" not in names and "__main__" not in names
+    assert "demo" in names and "run" not in names and "summary" not in names and "__main__" not in names
     assert run.headline({"ratios": {"a": 2.0, "b": {"c": 3}}, "x": 1}) == {"a": 2.0, "b.c": 3.0}
     assert run.headline({"summary": {"speed": 5}}) == {"speed": 5.0}
     got = run.headline({"settings": [{"name": "int4", "ratio": 8.0, "speed_ratio": 1.5, "bytes": 10}], "n": 1})
