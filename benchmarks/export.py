@@ -179,7 +179,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; 1 with --quick)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
-        result = {"sizes": sizes_table(folder)}
+        result = {"benchmark": "export", "quick": bool(args.quick), "sizes": sizes_table(folder)}
         if args.quick:
             result["throughput"] = throughput(folder, 2, 256, args.rounds or 1)
         else:

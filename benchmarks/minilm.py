@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "matmul" in groups:
         run_int8_matmul(bench)
 
-    result = {"port_min_cosine": port, "float32_bytes": bench.float_bytes, "train_sentences": len(train),
+    result = {"benchmark": "minilm", "port_min_cosine": port, "float32_bytes": bench.float_bytes, "train_sentences": len(train),
               "eval_sentences": len(evaluation), "quick": bool(args.quick), "settings": bench.results}
     result = finish(result, args.json)
     if tmp is not None:
