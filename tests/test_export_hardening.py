@@ -271,7 +271,7 @@ def test_validation_helpers():
 # ------------------------------------------------------------ 4. bad load() arguments are the caller's
 
 
-@pytest.mark.parametrize("bad,error", [("abc", TypeError), (True, TypeError), (False, TypeError), (1.5, TypeError),
+@pytest.mark.parametrize("bad,error", [("abc", ValueError), ("AUTO", ValueError), (True, TypeError), (False, TypeError), (1.5, TypeError),
                                        (-1, ValueError), ([1], TypeError), (b"auto", TypeError)])
 def test_bad_max_bytes_is_a_type_or_value_error(tmp_path, bad, error):
     save(tmp_path / "m.cjx", {"w": jnp.ones(3)})

@@ -391,6 +391,8 @@ def _parse_header(header_json: bytes) -> dict:
 def _check_max_bytes(max_bytes: Any) -> int | None | str:
     if max_bytes is None or (isinstance(max_bytes, str) and max_bytes == "auto"):
         return max_bytes
+    if isinstance(max_bytes, str):  # the right type for "auto", a wrong value
+        raise ValueError(f"load(max_bytes=...) must be an int, None or 'auto', got {max_bytes!r}")
     if isinstance(max_bytes, (bool, np.bool_)) or not isinstance(max_bytes, (int, np.integer)):
         raise TypeError(f"load(max_bytes=...) must be an int, None or 'auto', got {max_bytes!r} ({type(max_bytes).__name__})")
     if max_bytes < 0:
@@ -424,9 +426,9 @@ def load(path: str | os.PathLike, *, dequantize: bool = True, max_bytes: int | N
     Raises:
         FormatError: the file is not a compressjax file, or is truncated, corrupted, from a newer format
             version, internally inconsistent, or needs more than ``max_bytes``; the message says which.
-        TypeError: ``max_bytes`` is not an int, ``None`` or ``"auto"`` (``bool`` included), or
-            ``dequantize`` is not a bool.
-        ValueError: ``max_bytes`` is negative.
+        TypeError: ``max_bytes`` is not an int, ``None`` or a string (``bool`` included), or ``dequantize``
+            is not a bool.
+        ValueError: ``max_bytes`` is negative, or a string other than ``"auto"``.
         OSError: the file cannot be opened or read (``FileNotFoundError``, ``PermissionError``, ...).
     """
     max_bytes = _check_max_bytes(max_bytes)
