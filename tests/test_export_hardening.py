@@ -355,6 +355,14 @@ def test_symlink_is_followed_and_stays_a_link(tmp_path):
     assert sorted(os.listdir(tmp_path / "real")) == ["fresh.cjx", "model.cjx"]
 
 
+def test_long_file_names_save_and_load(tmp_path):
+    path = tmp_path / ("m" * 240 + ".cjx")  # its temporary may not just prepend and append to the name
+    save(path, {"w": jnp.ones(2)})
+    save(path, {"w": jnp.zeros(2)})
+    np.testing.assert_array_equal(load(path)["w"], np.zeros(2))
+    assert os.listdir(tmp_path) == [path.name]
+
+
 def test_saving_over_a_folder_is_a_clear_error(tmp_path):
     (tmp_path / "dir.cjx").mkdir()
     with pytest.raises(IsADirectoryError):

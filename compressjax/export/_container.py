@@ -230,10 +230,16 @@ _TMP_SUFFIX = ".cjx-tmp"
 
 
 def _tmp_prefix(target: str) -> str:
-    return f".{os.path.basename(target)}."
+    """``.{name}.``; a long name is replaced by its hash, so the temporary's name stays under 255 bytes."""
+    name = os.path.basename(target)
+    if len(os.fsencode(name)) > 200:
+        name = hashlib.sha256(os.fsencode(name)).hexdigest()[:32]
+    return f".{name}."
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: never remove on Windows
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
