@@ -124,11 +124,12 @@ def _sparsity(leaf) -> float:
 
 def inspect_dict(report, file: str) -> dict:
     """The ``--json`` output of ``compressjax inspect``: :meth:`SizeReport.to_dict` plus the file name, each
-    leaf's sparsity and the total sparsity (fractions of the elements stored as implicit zeros)."""
+    leaf's sparsity and bytes, and the total sparsity (fractions of the elements stored as implicit zeros)."""
     out = {"file": file, **report.to_dict()}
     out["sparsity"] = 1.0 - sum(leaf.nnz for leaf in report.leaves) / report.num_weights if report.num_weights else 0.0
     for row, leaf in zip(out["leaves"], report.leaves, strict=True):
         row["sparsity"] = _sparsity(leaf)
+        row["bytes"] = leaf.stored_bytes  # the table's column name (same as stored_bytes)
     return out
 
 
@@ -174,7 +175,8 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     if not console.is_terminal:  # piped or captured: no terminal width to respect, so do not fold the paths
-        console = Console(width=max(console.width, 160))
+        longest = max((len(leaf.path) for leaf in report.leaves), default=0)
+        console = Console(width=max(console.width, 100 + longest))
     console.print(_inspect_table(report, args.file))
     console.print(f"{len(report.leaves)} leaves, {report.num_weights:,} weights in {report.total_bytes:,} bytes: "
                   f"{report.bits_per_weight:.2f} bits per weight, {report.ratio:.1f}x smaller than float32", soft_wrap=True)

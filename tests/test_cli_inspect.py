@@ -55,6 +55,14 @@ def test_json_matches_size_report_and_counts_zeros(model_file, capsys):
     zeros = sum(int(np.sum(np.asarray(x) == 0)) for x in jax.tree.leaves(params))
     assert got["sparsity"] == pytest.approx(zeros / report.num_weights)
     assert leaves["dense/kernel"]["encoding"].startswith("int4")
+    assert all(leaf["bytes"] == leaf["stored_bytes"] for leaf in got["leaves"])
+
+
+def test_long_paths_are_not_folded_when_piped(tmp_path, capsys):
+    name = "encoder/" + "very_long_module_name_" * 6 + "kernel"
+    cj.save(tmp_path / "long.cjx", {name: jnp.ones((3, 2))})
+    assert main(["inspect", str(tmp_path / "long.cjx")]) == 0
+    assert name in capsys.readouterr().out
 
 
 def _bad_files(tmp_path, good: bytes) -> dict:
