@@ -114,12 +114,13 @@ BlockHook = Callable[[jax.Array, jax.Array, Any], Any]
 def run_sweep(w: jax.Array, u: jax.Array, step: RowStep, state: Any, block: int, store_dtype, block_hook: BlockHook | None = None):
     """The blocked error-feedback sweep over the rows of ``w`` (``(n_pad, d_out)``, padded) with ``U``.
 
-    Returns ``(stored_rows, state)`` with ``stored_rows`` of shape ``(n_pad, d_out)`` and ``store_dtype``.
-    Traceable; ``block`` must divide ``n_pad``.
+    Returns ``(stored_rows, state)`` with ``stored_rows`` of shape ``(n_pad, d_out)`` and ``store_dtype``
+    (a dtype, or a tuple of dtypes when ``step`` stores a tuple of rows). Traceable; ``block`` must divide
+    ``n_pad``.
     """
     n, d = w.shape
     nb = n // block
-    out0 = jnp.zeros((n, d), store_dtype)
+    out0 = jax.tree.map(lambda dt: jnp.zeros((n, d), dt), store_dtype)
 
     def block_body(b, carry):
         w, out, st = carry
@@ -137,12 +138,13 @@ def run_sweep(w: jax.Array, u: jax.Array, step: RowStep, state: Any, block: int,
             err = (row - q) / u1[i, i]
             # U is upper triangular: u1[i, k] == 0 for k < i, so earlier rows are untouched.
             w1 = w1 - u1[i][:, None] * err[None, :]
-            return w1, e1.at[i].set(err), o1.at[i].set(store.astype(store_dtype)), st
+            o1 = jax.tree.map(lambda o, r: o.at[i].set(r.astype(o.dtype)), o1, store)
+            return w1, e1.at[i].set(err), o1, st
 
         e0 = jnp.zeros((block, d), jnp.float32)
-        o0 = jnp.zeros((block, d), store_dtype)
+        o0 = jax.tree.map(lambda dt: jnp.zeros((block, d), dt), store_dtype)
         _, e1, o1, st = lax.fori_loop(0, block, col, (w1, e0, o0, st))
-        out = lax.dynamic_update_slice(out, o1, (i1, 0))
+        out = jax.tree.map(lambda o, o1: lax.dynamic_update_slice(o, o1, (i1, 0)), out, o1)
         # Carry the block's errors to every later row in one product. Rows before the block get zeros
         # (U is upper triangular); the block's own rows are done and never read again.
         w = w - jnp.matmul(u_rows.T, e1, precision=lax.Precision.HIGHEST)
