@@ -187,6 +187,7 @@ def test_bad_inputs():
         collect_hessians(f, emb, [jnp.arange(3)], where="table|w")
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one():
     code = textwrap.dedent(
         """

@@ -222,7 +222,13 @@ def wide():
 
 @pytest.mark.parametrize(
     "spec_kw,act_order",
-    [({}, False), ({}, True), ({"group_size": 32}, False), ({"group_size": 32, "symmetric": False}, True), ({"bits": 3, "symmetric": False}, False)],
+    [
+        ({}, False),
+        pytest.param({}, True, marks=pytest.mark.slow),
+        pytest.param({"group_size": 32}, False, marks=pytest.mark.slow),
+        ({"group_size": 32, "symmetric": False}, True),
+        pytest.param({"bits": 3, "symmetric": False}, False, marks=pytest.mark.slow),
+    ],
 )
 def test_gptq_matches_numpy_reference_and_beats_rtn(wide, spec_kw, act_order):
     X, H, W = wide
@@ -320,7 +326,15 @@ def np_sparsegpt(W, H, sparsity=None, n=None, m=None, block=128, damp=0.01):
     return Q, keep_all
 
 
-@pytest.mark.parametrize("kw", [{"sparsity": 0.5}, {"sparsity": 0.3}, {"sparsity": None, "n": 2, "m": 4}, {"sparsity": None, "n": 1, "m": 4}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"sparsity": 0.5},
+        pytest.param({"sparsity": 0.3}, marks=pytest.mark.slow),
+        {"sparsity": None, "n": 2, "m": 4},
+        pytest.param({"sparsity": None, "n": 1, "m": 4}, marks=pytest.mark.slow),
+    ],
+)
 def test_sparsegpt_matches_numpy_reference_with_exact_counts(wide, kw):
     X, H, W = wide
     out, masks = sparsegpt({"k": jnp.asarray(W), "b": jnp.ones(3)}, {"k": jnp.asarray(H), "b": None}, block_size=32, **kw)
@@ -342,6 +356,7 @@ def test_sparsegpt_matches_numpy_reference_with_exact_counts(wide, kw):
         assert rel_err(X, W, wq) < 0.7 * rel_err(X, W, mag)
 
 
+@pytest.mark.slow
 def test_sparsegpt_joint_quantization_keeps_zeros_and_grid(wide):
     X, H, W = wide
     for spec in (QuantSpec(bits=4), QuantSpec(bits=4, group_size=32, symmetric=False)):
@@ -375,6 +390,7 @@ def test_wanda_masks_equal_the_numpy_scores(wide):
 
 
 # -------------------------------------------------------------------------------------------- layerwise
+@pytest.mark.slow
 def test_layerwise_calibrates_each_stage_on_the_compressed_model():
     model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(16), nn.relu, nn.Dense(4)])
     rng = np.random.default_rng(7)
@@ -451,6 +467,7 @@ def test_solver_bad_inputs(wide):
 
 
 # ------------------------------------------------------------------------------------------ 8 devices
+@pytest.mark.slow
 def test_solvers_on_eight_devices_equal_one():
     code = textwrap.dedent(
         """
