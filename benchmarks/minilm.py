@@ -246,9 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--qad-seconds", type=float, default=540.0, help="wall-time cap of int4 QAD")
     parser.add_argument("--distill-steps", type=int, default=24, help="steps of each pruning distillation")
     parser.add_argument("--distill-seconds", type=float, default=150.0, help="wall-time cap of each")
-    parser.add_argument("--only", help="comma-separated groups to run: int8,int4,qad,prune,matmul (default all)")
+    parser.add_argument("--only", help="comma-separated groups to run: int8,int4,qad,prune,matmul,oneshot (default all)")
     args = parser.parse_args(argv)
-    all_groups = {"int8", "int4", "qad", "prune", "matmul"}
+    all_groups = {"int8", "int4", "qad", "prune", "matmul", "oneshot"}
     groups = set(args.only.split(",")) if args.only else all_groups
     if groups - all_groups:
         parser.error(f"--only: unknown groups {sorted(groups - all_groups)}; choose from {sorted(all_groups)}")
@@ -293,10 +293,17 @@ def main(argv: list[str] | None = None) -> dict:
         run_pruning(bench, batches, steps=distill_steps, seconds=args.distill_seconds)
     if "matmul" in groups:
         run_int8_matmul(bench)
+    oneshot_extra = {}
+    if "oneshot" in groups:  # GPTQ / SparseGPT / Wanda (benchmarks/_minilm_oneshot.py)
+        from benchmarks._minilm_oneshot import run_oneshot
+
+        oneshot_extra = run_oneshot(bench, train, batches, length_batches=length_batches, distill=distill,
+                                    steps=distill_steps, seconds=args.distill_seconds, quick=args.quick)
 
     result = {"port_min_cosine": port, "float32_bytes": bench.float_bytes, "train_sentences": len(train),
               "eval_sentences": len(evaluation), "quick": bool(args.quick),
-              "machine": "2-core x86_64 CPU VM (shared), jax " + jax.__version__, "settings": bench.results}
+              "machine": "2-core x86_64 CPU VM (shared), jax " + jax.__version__, "settings": bench.results,
+              **oneshot_extra}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(json.dumps({"port_min_cosine": port, "settings": [
