@@ -313,6 +313,11 @@ class _Evaluator:
 
 
 # ---------------------------------------------------------------------------------------------- API
+# Traced and compiled accumulation steps, reused across calls with the same apply_fn, params shapes,
+# selection and batch shape (so calling collect_hessians again, e.g. per layerwise stage or per sweep point,
+# does not retrace the model). Small and first-in-first-out: it holds references to apply_fn.
+_CACHE: dict[tuple, tuple] = {}
+_CACHE_SIZE = 16
 def _batch_signature(batch) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(batch)
     return (treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves))
@@ -394,15 +399,24 @@ def collect_hessians(
     def fn(leaf_list, batch):
         return apply_fn(jax.tree_util.tree_unflatten(treedef, leaf_list), batch)
 
-    compiled: dict[tuple, tuple] = {}
+    leaf_sig = tuple(None if x is None else (tuple(x.shape), str(x.dtype)) for x in float_leaves)
+    base_key = (apply_fn, row_mask, treedef, leaf_sig, tuple(selected), where if isinstance(where, str | None) else id(where), mesh)
     acc = None
     found = None
     n_batches = 0
     for batch in batches:
-        sig = _batch_signature(batch)
-        if sig not in compiled:
-            compiled[sig] = _build(fn, float_leaves, batch, selected, paths, where, row_mask, mesh)
-        step, found_here = compiled[sig]
+        key = (*base_key, _batch_signature(batch))
+        try:
+            hit = _CACHE.get(key)
+        except TypeError:  # an unhashable part (e.g. a where callable's closure): no cross-call cache
+            key, hit = None, None
+        if hit is None:
+            hit = _build(fn, float_leaves, batch, selected, paths, where, row_mask, mesh)
+            if key is not None:
+                _CACHE[key] = hit
+                while len(_CACHE) > _CACHE_SIZE:
+                    _CACHE.pop(next(iter(_CACHE)))
+        step, found_here = hit
         if found is None:
             found = found_here
             acc = {i: (jnp.zeros((d, d), jnp.float32), jnp.zeros((), jnp.float32)) for i, (_, d) in found.items()}
