@@ -349,9 +349,10 @@ def collect_hessians(
             Hessian).
         params: the params pytree.
         batches: an iterable of batches (any pytrees that ``apply_fn`` accepts).
-        where: which leaves to collect for (default: float leaves with ``ndim >= 2``). With the default,
-            selected leaves that are not a matmul weight (e.g. embedding tables, which are gathered) get
-            ``None``; with an explicit ``where`` such a leaf is an error.
+        where: which leaves to collect for, among the float leaves with ``ndim >= 2`` (vectors such as
+            biases are skipped, so ``where="layer_0/"`` selects a block's kernels). With the default
+            (``None``), selected leaves that are not a matmul weight (e.g. embedding tables, which are
+            gathered) get ``None``; with an explicit ``where`` such a leaf is an error.
         row_mask: optional ``batch -> bool array`` over the leading (batch, token) dims of the layer inputs;
             rows where it is False (padding) are left out of every Gram matrix and of the counts.
         mesh: optional ``jax.sharding.Mesh``: each batch is split over ``data_axis`` (its leading dim must
@@ -385,6 +386,8 @@ def collect_hessians(
             if where is None:
                 continue
             raise TypeError(f"leaf {p!r} selected by where={where!r} has dtype {getattr(x, 'dtype', type(x).__name__)}; expected a floating-point array")
+        if x.ndim < 2:  # biases, norm scales: never a kernel, even when a stage's `where` covers them
+            continue
         selected.append(i)
     if not selected:
         raise ValueError(f"where={where!r} selects no float leaf of the params; the tree's leaves are {paths[:8]}{' ...' if len(paths) > 8 else ''}")
