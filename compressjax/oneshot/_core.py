@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from compressjax.oneshot._sweep import inverse_hessian_factor, run_sweep
+from compressjax.oneshot._sweep import inverse_hessian_factor, run_sweep, sub_block_size
 from compressjax.qarray import QuantSpec
 from compressjax.quantization import _compute_scale_grouped
 from compressjax.selection import exact_keep_masks
@@ -129,13 +129,13 @@ def solve(w2d, h, damp, cfg: SolverConfig):
             keep = jnp.ones((block, d_out), bool)
         return scales, keep
 
-    def step(row, j, i, w1, st):
+    def step(row, j, i, view, st):
         scales, keep = st
         if cfg.prune == "nm":
             i1 = j - i
 
             def new_nm(keep):
-                slab = lax.dynamic_slice(w1, (i, 0), (cfg.m, d_out))
+                slab = view(i, cfg.m)
                 d1 = lax.dynamic_slice(diag_u, (i1 + i,), (cfg.m,))
                 k = _nm_keep(jnp.square(slab) / jnp.square(d1)[:, None], cfg.n)
                 return lax.dynamic_update_slice(keep, k, (i, 0))
@@ -147,7 +147,7 @@ def solve(w2d, h, damp, cfg: SolverConfig):
         if lazy:
 
             def new_group(scales):
-                slab = lax.dynamic_slice(w1, (i, 0), (g, d_out))
+                slab = view(i, g)
                 if keep is not None:
                     slab = jnp.where(lax.dynamic_slice(keep, (i, 0), (g, d_out)), slab, 0.0)
                 s, z = _scales(slab, spec, (0,))
@@ -175,7 +175,8 @@ def solve(w2d, h, damp, cfg: SolverConfig):
     else:
         store_dtype = (jnp.int8,) + (() if cfg.prune is None else (jnp.bool_,))
     hook = block_hook if cfg.prune else None
-    stored, (scales, _) = run_sweep(w, u, step, (scales0, keep0), block, store_dtype, hook)
+    sizes = tuple(z for z in ((g if lazy else None), (cfg.m if cfg.prune == "nm" else None)) if z)
+    stored, (scales, _) = run_sweep(w, u, step, (scales0, keep0), block, store_dtype, hook, sub=sub_block_size(block, sizes))
     inv = jnp.argsort(perm)
     out = {"ok": ok}
     if spec is None:

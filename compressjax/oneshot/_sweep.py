@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["error_feedback", "inverse_hessian_factor", "run_sweep", "padded_block", "check_hessian_matrix"]
+__all__ = ["error_feedback", "inverse_hessian_factor", "run_sweep", "padded_block", "sub_block_size", "check_hessian_matrix"]
 
 
 def check_hessian_matrix(h: Any, d_in: int, path: str) -> None:
@@ -103,24 +103,44 @@ def inverse_hessian_factor(h: jax.Array, damp: float | jax.Array, n_pad: int) ->
     return u, dead
 
 
-# A row step: (row, j, i, w_block, state) -> (q_row, store_row, state). `row` is the current row j of the
-# kernel (global index j, index i within the block whose current values are `w_block`), `q_row` its
-# compressed float value (the error is row - q_row), `store_row` what is written to the output buffer.
+# A row step: (row, j, i, view, state) -> (q_row, store_row, state). `row` is the current row j of the
+# kernel (global index j, index i within its block; `view(i, size)` gives the current rows i..i+size of
+# the block), `q_row` its compressed float value (the error is row - q_row), `store_row` what is written
+# to the output buffer.
 RowStep = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, jax.Array, Any]]
 # A block hook: (b, w_block, state) -> state, called at the start of block b with its current rows.
 BlockHook = Callable[[jax.Array, jax.Array, Any], Any]
 
 
-def run_sweep(w: jax.Array, u: jax.Array, step: RowStep, state: Any, block: int, store_dtype, block_hook: BlockHook | None = None):
+def sub_block_size(block: int, sizes: tuple[int, ...] = ()) -> int:
+    """Rows per inner sub-block: the largest of 32, 16, ..., 1 that divides ``block`` and, for every slab
+    size in ``sizes`` (group size, ``m``), divides it or is divisible by it (so slabs never straddle)."""
+    for s in (32, 16, 8, 4, 2, 1):
+        if block % s == 0 and all(z % s == 0 or s % z == 0 for z in sizes):
+            return s
+    return 1
+
+
+def run_sweep(w: jax.Array, u: jax.Array, step: RowStep, state: Any, block: int, store_dtype, block_hook: BlockHook | None = None,
+              sub: int = 1):
     """The blocked error-feedback sweep over the rows of ``w`` (``(n_pad, d_out)``, padded) with ``U``.
+
+    Three levels, all ``lax.fori_loop`` with static shapes: blocks of ``block`` rows; inside a block,
+    sub-blocks of ``sub`` rows whose rank-1 updates touch only the sub-block (the rest of the block gets the
+    sub-block's errors in one matrix product); after a block, one ``(block x block) @ (block x d_out)``
+    product per later block (triangular work, as in the reference). ``step`` gets ``view(i, size)``, the
+    current values of rows ``i .. i+size`` of the block, for slabs that start at row ``i`` (``size`` must
+    divide ``sub`` or be a multiple of it, aligned to itself).
 
     Returns ``(stored_rows, state)`` with ``stored_rows`` of shape ``(n_pad, d_out)`` and ``store_dtype``
     (a dtype, or a tuple of dtypes when ``step`` stores a tuple of rows). Traceable; ``block`` must divide
-    ``n_pad``.
+    ``n_pad`` and ``sub`` must divide ``block``.
     """
     n, d = w.shape
     nb = n // block
+    ns = block // sub
     out0 = jax.tree.map(lambda dt: jnp.zeros((n, d), dt), store_dtype)
+    hp = lax.Precision.HIGHEST
 
     def block_body(b, carry):
         w, out, st = carry
@@ -131,23 +151,54 @@ def run_sweep(w: jax.Array, u: jax.Array, step: RowStep, state: Any, block: int,
         if block_hook is not None:
             st = block_hook(b, w1, st)
 
-        def col(i, c):
+        def sub_body(si, c):
             w1, e1, o1, st = c
-            row = w1[i]
-            q, store, st = step(row, i1 + i, i, w1, st)
-            err = (row - q) / u1[i, i]
-            # U is upper triangular: u1[i, k] == 0 for k < i, so earlier rows are untouched.
-            w1 = w1 - u1[i][:, None] * err[None, :]
-            o1 = jax.tree.map(lambda o, r: o.at[i].set(r.astype(o.dtype)), o1, store)
-            return w1, e1.at[i].set(err), o1, st
+            s0 = si * sub
+            ws = lax.dynamic_slice(w1, (s0, 0), (sub, d))
+            us = lax.dynamic_slice(u1, (s0, s0), (sub, sub))
+            w1_now = w1  # rows >= s0 are current at the start of the sub-block
+
+            def col(k, c2):
+                ws, es, os, st = c2
+
+                def view(i, size):
+                    if size <= sub:
+                        return lax.dynamic_slice(ws, (i - s0, 0), (size, d))
+                    return lax.dynamic_slice(w1_now, (i, 0), (size, d))
+
+                row = ws[k]
+                q, store, st = step(row, i1 + s0 + k, s0 + k, view, st)
+                err = (row - q) / us[k, k]
+                # U is upper triangular: us[k, r] == 0 for r < k, so earlier rows are untouched.
+                ws = ws - us[k][:, None] * err[None, :]
+                os = jax.tree.map(lambda o, r: o.at[k].set(r.astype(o.dtype)), os, store)
+                return ws, es.at[k].set(err), os, st
+
+            es0 = jnp.zeros((sub, d), jnp.float32)
+            os0 = jax.tree.map(lambda dt: jnp.zeros((sub, d), dt), store_dtype)
+            _, es, os, st = lax.fori_loop(0, sub, col, (ws, es0, os0, st))
+            # The rest of the block gets the sub-block's errors at once (rows before it get zeros; its own
+            # rows are done and never read again).
+            u_sb = lax.dynamic_slice(u1, (s0, 0), (sub, block))
+            w1 = w1 - jnp.matmul(u_sb.T, es, precision=hp)
+            e1 = lax.dynamic_update_slice(e1, es, (s0, 0))
+            o1 = jax.tree.map(lambda o, x: lax.dynamic_update_slice(o, x, (s0, 0)), o1, os)
+            return w1, e1, o1, st
 
         e0 = jnp.zeros((block, d), jnp.float32)
         o0 = jax.tree.map(lambda dt: jnp.zeros((block, d), dt), store_dtype)
-        _, e1, o1, st = lax.fori_loop(0, block, col, (w1, e0, o0, st))
+        _, e1, o1, st = lax.fori_loop(0, ns, sub_body, (w1, e0, o0, st))
         out = jax.tree.map(lambda o, o1: lax.dynamic_update_slice(o, o1, (i1, 0)), out, o1)
-        # Carry the block's errors to every later row in one product. Rows before the block get zeros
-        # (U is upper triangular); the block's own rows are done and never read again.
-        w = w - jnp.matmul(u_rows.T, e1, precision=lax.Precision.HIGHEST)
+
+        # Carry the block's errors to every later block: one (block x block) @ (block x d_out) product per
+        # later block, so the work is triangular (as in the reference) while every shape stays static.
+        def later(c, w):
+            r = c * block
+            u_c = lax.dynamic_slice(u_rows, (0, r), (block, block))
+            w_c = lax.dynamic_slice(w, (r, 0), (block, d))
+            return lax.dynamic_update_slice(w, w_c - jnp.matmul(u_c.T, e1, precision=hp), (r, 0))
+
+        w = lax.fori_loop(b + 1, nb, later, w)
         return w, out, st
 
     _, out, state = lax.fori_loop(0, nb, block_body, (w, out0, state))
@@ -162,13 +213,13 @@ def _error_feedback(w, h, damp, quantize_column, block_size):
     w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
     w = jnp.pad(w, ((0, n_pad - d_in), (0, 0)))
 
-    def step(row, j, i, w1, st):
-        del i, w1
+    def step(row, j, i, view, st):
+        del i, view
         q = jnp.asarray(quantize_column(row, jnp.minimum(j, d_in - 1)), jnp.float32)
         q = jnp.where(j < d_in, q, row)  # padding rows stay as they are (they are decoupled anyway)
         return q, q, st
 
-    out, _ = run_sweep(w, u, step, None, block, jnp.float32)
+    out, _ = run_sweep(w, u, step, None, block, jnp.float32, sub=sub_block_size(block))
     return out[:d_in]
 
 
