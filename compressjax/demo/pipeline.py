@@ -39,6 +39,7 @@ from compressjax import (
     make_distill_step,
     masks_from_state,
     polynomial_sparsity,
+    quantize_params,
     save,
     size_report,
 )
@@ -386,7 +387,7 @@ def _one_shot(student, d_params, data, cfg: DemoConfig, out_dir, teacher_f32: in
     hess = collect_hessians(lambda p, xb: student.apply({"params": p}, xb), d_params, [calib])
     q = gptq(d_params, hess, {"kernel": QuantSpec(bits=max(cfg.bits, 2))}, act_order=True)
     path = os.path.join(os.fspath(out_dir), "compressjax-demo-oneshot.cjx")
-    report = save(path, q, rules={"bias": QuantSpec(bits=8, channel_axes=())})
+    report = save(path, quantize_params(q, {"bias": QuantSpec(bits=8, channel_axes=())}))
     loaded = load(path)
     acc = accuracy(student, loaded, data.x_test, data.y_test)
     return _stage("one-shot", acc, loaded, report.total_bytes, teacher_f32, t_stage)
