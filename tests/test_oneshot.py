@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from compressjax import QuantSpec, apply_masks, dequantize, load, magnitude_masks, quantize, save
 from compressjax.hessians import Hessian, collect_hessians
@@ -497,3 +499,27 @@ def test_solvers_on_eight_devices_equal_one():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------- hypothesis
+@settings(max_examples=60, deadline=None)
+@given(d_in=st.integers(1, 700), d_out=st.integers(1, 50), block=st.sampled_from([1, 3, 32, 128]), s=st.floats(0.0, 1.0))
+def test_block_counts_sum_to_the_exact_kernel_count(d_in, d_out, block, s):
+    from compressjax.oneshot._sparsegpt import block_counts
+    from compressjax.oneshot._sweep import padded_block
+
+    blk, n_pad = padded_block(d_in, block)
+    counts = block_counts(d_in, d_out, blk, n_pad, s)
+    assert sum(counts) == round(s * d_in * d_out)
+    for b, c in enumerate(counts):  # never more than the block's real weights
+        assert 0 <= c <= (min((b + 1) * blk, d_in) - min(b * blk, d_in)) * d_out
+
+
+@settings(max_examples=8, deadline=None)
+@given(d_in=st.sampled_from([8, 12, 40]), d_out=st.integers(1, 9), s=st.floats(0.0, 1.0), seed=st.integers(0, 99))
+def test_wanda_exact_counts_per_output_channel(d_in, d_out, s, seed):
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.normal(size=(d_in, d_out)), jnp.float32)
+    x = rng.normal(size=(3 * d_in, d_in)).astype(np.float32)
+    keep = np.asarray(wanda_masks({"k": w}, {"k": jnp.asarray(x.T @ x)}, s)["k"])
+    assert np.all((~keep).sum(axis=0) == round(s * d_in))
