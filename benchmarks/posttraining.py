@@ -135,7 +135,10 @@ def bench_collect(d: int, hidden: int, tokens: int, n_batches: int, repeats: int
 
 
 def main(argv=None) -> dict:
-    args = parser(__doc__).parse_args(argv)
+    ap = parser(__doc__)
+    ap.add_argument("--qwix-max-in", type=int, default=4096,
+                    help="run Qwix only on kernels with at most this many input rows (its compile time grows with them)")
+    args = ap.parse_args(argv)
     load_before = os.getloadavg()
     if args.quick:
         kernels, tokens, repeats, qwix_fn = [(256, 512)], 1024, 2, None
@@ -145,7 +148,7 @@ def main(argv=None) -> dict:
         qwix_fn = qwix_gptq()
         qwix_note = "qwix.contrib.gptq_core.quantize_weight" if qwix_fn else f"skipped: qwix is not installed ({INSTALL_HINT})"
     print(f"Qwix: {qwix_note}", flush=True)
-    rows = [bench_kernel(di, do, tokens, repeats, qwix_fn) for di, do in kernels]
+    rows = [bench_kernel(di, do, tokens, repeats, qwix_fn if di <= args.qwix_max_in else None) for di, do in kernels]
     collect = bench_collect(256, 512, 256, 2, 2) if args.quick else bench_collect(768, 3072, 1024, 4, 3)
     result = {"benchmark": "posttraining", "quick": bool(args.quick), "qwix": qwix_note, "gptq": rows,
               "collect_hessians": collect, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
