@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     all_groups = {"int8", "int4", "qad", "prune", "matmul", "oneshot"}
     groups = set(args.only.split(",")) if args.only else all_groups
+    if args.quick and not args.only:
+        groups = groups - {"oneshot"}  # its compilations take minutes; smoke-test it with --only oneshot --quick
     if groups - all_groups:
         parser.error(f"--only: unknown groups {sorted(groups - all_groups)}; choose from {sorted(all_groups)}")
 
