@@ -236,10 +236,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser_.add_argument("--qad-seconds", type=float, default=540.0, help="wall-time cap of int4 QAD")
     parser_.add_argument("--distill-steps", type=int, default=24, help="steps of each pruning distillation")
     parser_.add_argument("--distill-seconds", type=float, default=150.0, help="wall-time cap of each")
-    parser_.add_argument("--only", help="comma-separated groups to run: int8,int4,qad,prune,matmul (default all)")
+    parser_.add_argument("--only", help="comma-separated groups to run: int8,int4,qad,prune,matmul,oneshot (default all)")
     args = parser_.parse_args(argv)
-    all_groups = {"int8", "int4", "qad", "prune", "matmul"}
+    all_groups = {"int8", "int4", "qad", "prune", "matmul", "oneshot"}
     groups = set(args.only.split(",")) if args.only else all_groups
+    if args.quick and not args.only:
+        groups = groups - {"oneshot"}  # its compilations take minutes; smoke-test it with --only oneshot --quick
     if groups - all_groups:
         parser_.error(f"--only: unknown groups {sorted(groups - all_groups)}; choose from {sorted(all_groups)}")
 
@@ -283,9 +285,16 @@ def main(argv: list[str] | None = None) -> dict:
         run_pruning(bench, batches, steps=distill_steps, seconds=args.distill_seconds)
     if "matmul" in groups:
         run_int8_matmul(bench)
+    oneshot_extra = {}
+    if "oneshot" in groups:  # GPTQ / SparseGPT / Wanda (benchmarks/_minilm_oneshot.py)
+        from benchmarks._minilm_oneshot import run_oneshot
+
+        oneshot_extra = run_oneshot(bench, train, batches, length_batches=length_batches, distill=distill,
+                                    steps=distill_steps, seconds=args.distill_seconds, quick=args.quick)
 
     result = {"benchmark": "minilm", "port_min_cosine": port, "float32_bytes": bench.float_bytes, "train_sentences": len(train),
-              "eval_sentences": len(evaluation), "quick": bool(args.quick), "settings": bench.results}
+              "eval_sentences": len(evaluation), "quick": bool(args.quick), "settings": bench.results,
+              **oneshot_extra}
     result = finish(result, args.json)
     if tmp is not None:
         tmp.cleanup()

@@ -48,6 +48,11 @@ from compressjax.schedules import (
 )
 from compressjax.tree import Where, leaves_with_paths, path_to_str, selector
 
+# isort: split
+# one-shot compression
+from compressjax.hessians import Hessian, collect_hessians
+from compressjax.oneshot import error_feedback, gptq, layerwise, sparsegpt, wanda_masks
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -101,4 +106,12 @@ __all__ = [
     "SizeReport",
     "LeafSize",
     "FormatError",
+    # one-shot compression
+    "Hessian",
+    "collect_hessians",
+    "error_feedback",
+    "gptq",
+    "sparsegpt",
+    "wanda_masks",
+    "layerwise",
 ]

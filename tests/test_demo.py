@@ -20,7 +20,7 @@ from compressjax.cli import build_parser  # noqa: E402
 from compressjax.demo import data, models, report  # noqa: E402
 from compressjax.demo.pipeline import STAGE_NAMES, DemoConfig, DemoResult, Stage, shift_signals  # noqa: E402
 
-KEYS = ("name", "accuracy", "params", "nonzero", "bits_per_weight", "bytes", "ratio_vs_teacher")
+KEYS = ("name", "accuracy", "params", "nonzero", "bits_per_weight", "bytes", "ratio_vs_teacher", "seconds")
 
 
 @pytest.fixture(scope="module")

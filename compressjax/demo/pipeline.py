@@ -30,13 +30,16 @@ import optax
 from compressjax import (
     DistillState,
     QuantSpec,
+    collect_hessians,
     distillation_loss,
     fake_quant_params,
+    gptq,
     gradual_pruning,
     load,
     make_distill_step,
     masks_from_state,
     polynomial_sparsity,
+    quantize_params,
     save,
     size_report,
 )
@@ -51,7 +54,7 @@ __all__ = [
 #: Progress callback: ``(stage, steps_done, steps_total, metrics)``; called after every chunk.
 Progress = Callable[[str, int, int, dict[str, float]], None]
 
-STAGE_NAMES = ("teacher", "student", "distilled", "compressed")
+STAGE_NAMES = ("teacher", "student", "distilled", "compressed", "one-shot")
 TRAIN_SIZE = 4000  # MNIST-1D's training split; an "epoch" below is this many examples
 
 
@@ -131,6 +134,7 @@ class Stage:
     bits_per_weight: float
     bytes: int
     ratio_vs_teacher: float
+    seconds: float = 0.0  # wall time of the stage (training or one-shot compression, evaluation included)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -141,6 +145,7 @@ class Stage:
             "bits_per_weight": self.bits_per_weight,
             "bytes": self.bytes,
             "ratio_vs_teacher": self.ratio_vs_teacher,
+            "seconds": self.seconds,
         }
 
 
@@ -285,21 +290,23 @@ def transfer_set(teacher, teacher_params, x_train, y_train, extra) -> tuple[np.n
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def _stage(name: str, acc: float, params, nbytes: int, teacher_f32: int) -> Stage:
+def _stage(name: str, acc: float, params, nbytes: int, teacher_f32: int, since: float = 0.0) -> Stage:
     leaves = jax.tree_util.tree_leaves(params)
     n = int(sum(np.size(v) for v in leaves))
     nnz = int(sum(int(np.count_nonzero(np.asarray(v))) for v in leaves))
-    return Stage(name, acc, n, nnz, 8.0 * nbytes / n, int(nbytes), teacher_f32 / nbytes)
+    seconds = round(time.perf_counter() - since, 2) if since else 0.0
+    return Stage(name, acc, n, nnz, 8.0 * nbytes / n, int(nbytes), teacher_f32 / nbytes, seconds)
 
 
 def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike = ".", *, progress: Progress | None = None,
              log: Callable[[str], None] | None = None) -> DemoResult:
-    """Runs the pipeline and returns its four table rows (``STAGE_NAMES``); steps 4 and 5 make the last one.
+    """Runs the pipeline and returns its five table rows (``STAGE_NAMES``); steps 4 and 5 make the fourth.
 
     1. teacher: CE on the 4000 labelled examples; 2. student: the small model, same recipe (baseline);
     3. distilled: the same student from the same init, same number of steps, distilled on the transfer set;
     4. continues 3 with ``gradual_pruning`` to ``cfg.sparsity`` and ``fake_quant_params`` at ``cfg.bits``;
-    5. ``save`` with the masks and rules, ``load`` back, evaluate (the ``compressed`` row).
+    5. ``save`` with the masks and rules, ``load`` back, evaluate (the ``compressed`` row);
+    6. ``one-shot``: GPTQ of the distilled student (step 3) from 512 training inputs, no training.
 
     Bytes are what :func:`compressjax.save` writes (:func:`compressjax.size_report` for the float stages);
     the ratio is against the teacher's dense float32 bytes. The compressed file is written to
@@ -313,31 +320,35 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike = ".", *, progress: Pro
     k_teacher, k_student, k_t_train, k_s_train, k_d_train, k_c_train = jax.random.split(jax.random.key(cfg.seed), 6)
 
     # 1. Teacher.
+    t_stage = time.perf_counter()
     t_params = train_supervised(teacher, models.init_params(cfg.teacher, k_teacher), data.x_train, data.y_train, cfg,
                                 k_t_train, "teacher", progress)
     teacher_f32 = 4 * models.count_params(t_params)
     rows = [_stage("teacher", accuracy(teacher, t_params, data.x_test, data.y_test), t_params,
-                   size_report(t_params).total_bytes, teacher_f32)]
+                   size_report(t_params).total_bytes, teacher_f32, t_stage)]
     say(f"teacher: {rows[-1].accuracy:.4f}")
 
     # 2. Baseline student on labels alone.
     s_init = models.init_params(cfg.student, k_student)
+    t_stage = time.perf_counter()
     s_params = train_supervised(student, s_init, data.x_train, data.y_train, cfg, k_s_train, "student", progress)
     rows.append(_stage("student", accuracy(student, s_params, data.x_test, data.y_test), s_params,
-                       size_report(s_params).total_bytes, teacher_f32))
+                       size_report(s_params).total_bytes, teacher_f32, t_stage))
     say(f"student: {rows[-1].accuracy:.4f}")
 
     # 3. Distillation on the transfer set: true labels where known, the teacher's argmax elsewhere.
+    t_stage = time.perf_counter()
     x_transfer, y_transfer = transfer_set(teacher, t_params, data.x_train, data.y_train, extra)
     tx = make_optimizer(cfg.learning_rate, cfg.steps)
     state = distill(student, teacher, t_params, DistillState.create(s_init, tx), tx, x_transfer, y_transfer, cfg,
                     k_d_train, "distilled", progress=progress)
     d_params = state.params
     rows.append(_stage("distilled", accuracy(student, d_params, data.x_test, data.y_test), d_params,
-                       size_report(d_params).total_bytes, teacher_f32))
+                       size_report(d_params).total_bytes, teacher_f32, t_stage))
     say(f"distilled: {rows[-1].accuracy:.4f}")
 
     # 4. Continue distilling while pruning gradually and training through b-bit fake quantization.
+    t_stage = time.perf_counter()
     rules = cfg.rules()
     steps = cfg.steps
     schedule = polynomial_sparsity(cfg.sparsity, begin_step=0, end_step=max(int(0.6 * steps), 1))
@@ -358,6 +369,25 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike = ".", *, progress: Pro
     report = save(path, state.params, masks=masks, rules=rules)
     loaded = load(path)
     c_acc = accuracy(student, loaded, data.x_test, data.y_test)
-    rows.append(_stage("compressed", c_acc, loaded, report.total_bytes, teacher_f32))
+    rows.append(_stage("compressed", c_acc, loaded, report.total_bytes, teacher_f32, t_stage))
     say(f"compressed: {c_acc:.4f}, {report.total_bytes} bytes")
+
+    # 6. One-shot: GPTQ of the distilled student from a few hundred training inputs, no training.
+    rows.append(_one_shot(student, d_params, data, cfg, out_dir, teacher_f32))
+    say(f"one-shot: {rows[-1].accuracy:.4f}, {rows[-1].bytes} bytes, {rows[-1].seconds:.1f} s")
     return DemoResult(tuple(rows), time.perf_counter() - t0, path, cfg)
+
+
+def _one_shot(student, d_params, data, cfg: DemoConfig, out_dir, teacher_f32: int, n_calib: int = 512) -> Stage:
+    """GPTQ (per output channel, ``max(cfg.bits, 2)`` bits, act-order) of the distilled student, calibrated
+    on ``n_calib`` training inputs (no labels, no training); biases in int8 as in the compressed stage.
+    Saved to ``out_dir/compressjax-demo-oneshot.cjx`` and evaluated from the file."""
+    t_stage = time.perf_counter()
+    calib = jnp.asarray(data.x_train[:n_calib])
+    hess = collect_hessians(lambda p, xb: student.apply({"params": p}, xb), d_params, [calib])
+    q = gptq(d_params, hess, {"kernel": QuantSpec(bits=max(cfg.bits, 2))}, act_order=True)
+    path = os.path.join(os.fspath(out_dir), "compressjax-demo-oneshot.cjx")
+    report = save(path, quantize_params(q, {"bias": QuantSpec(bits=8, channel_axes=())}))
+    loaded = load(path)
+    acc = accuracy(student, loaded, data.x_test, data.y_test)
+    return _stage("one-shot", acc, loaded, report.total_bytes, teacher_f32, t_stage)

@@ -19,14 +19,14 @@ JSON_NAME = "compressjax-demo.json"
 PNG_NAME = "compressjax-demo.png"
 
 #: Column headers of the table, in order.
-COLUMNS = ("stage", "accuracy", "params", "nonzero", "bits/weight", "bytes", "ratio")
+COLUMNS = ("stage", "accuracy", "params", "nonzero", "bits/weight", "bytes", "ratio", "seconds")
 
 
 def table_rows(stages: Sequence[Stage]) -> list[tuple[str, ...]]:
     """The table's cells as strings, one tuple per stage, aligned with :data:`COLUMNS`."""
     return [
         (s.name, f"{100 * s.accuracy:.1f}%", f"{s.params:,}", f"{s.nonzero:,}", f"{s.bits_per_weight:.2f}",
-         f"{s.bytes:,}", f"{s.ratio_vs_teacher:.1f}x")
+         f"{s.bytes:,}", f"{s.ratio_vs_teacher:.1f}x", f"{s.seconds:.1f}")
         for s in stages
     ]
 
@@ -77,7 +77,8 @@ def write_plot(result: DemoResult, out_dir: str | os.PathLike) -> str:
         ys = [100 * s.accuracy for s in result.stages]
         ax.plot(xs, ys, "o", color="tab:blue")
         for s, x, y in zip(result.stages, xs, ys, strict=True):
-            ax.annotate(f"{s.name}\n{s.ratio_vs_teacher:.0f}x smaller" if s.name != "teacher" else s.name, (x, y),
+            label = f"{s.name}\n{s.ratio_vs_teacher:.0f}x smaller, {s.seconds:.0f} s" if s.name != "teacher" else s.name
+            ax.annotate(label, (x, y),
                         textcoords="offset points", xytext=(6, -4), fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("bytes on disk (log scale)")
