@@ -103,7 +103,9 @@ def kd_loss(
     of the KL term alone shrinks as :math:`1/T^2` for large :math:`T`), so the soft and hard terms can be
     mixed with one fixed weight. Both distributions come from ``log_softmax``, so large logits and large
     temperatures do not overflow; the loss is exactly zero when the two logits are equal, and teacher
-    probabilities that are zero (``-inf`` teacher logits) are handled exactly. The KL is summed as
+    probabilities that are zero (``-inf`` teacher logits) are handled exactly. A NaN or ``+inf`` teacher
+    logit (in a class that ``where`` keeps) gives a NaN loss for that example, as a non-finite student
+    logit does, so a broken teacher shows in the metrics instead of silently training nothing. The KL is summed as
     non-negative terms (see the code), so it keeps its precision for large ``T`` where the naive sum
     cancels catastrophically.
 
@@ -148,7 +150,11 @@ def kd_loss(
     # Classes the teacher gives probability 0 contribute q (the r_i term of the identity above).
     term = jnp.where(pos, term, jnp.where(valid, p_s, 0.0))
     kl = jnp.sum(term, axis=axis)
-    return kl * temperature**2
+    # A NaN or +inf teacher logit (-inf is a legitimate zero probability) would otherwise give a finite
+    # constant loss with zero gradient: the student would silently learn nothing. Make it visible as NaN,
+    # like a non-finite student logit.
+    bad_t = jnp.any(jnp.logical_and(valid, jnp.isnan(t) | (t == jnp.inf)), axis=axis)
+    return jnp.where(bad_t, jnp.nan, kl * temperature**2)
 
 
 def _check_labels(labels: ArrayLike, logits: jax.Array, axis: int) -> jax.Array:

@@ -198,8 +198,10 @@ class QArray:
     """A quantized array: integer codes, float32 scales (and a zero point), and static metadata.
 
     A pytree *node*: ``values``, ``scale`` and ``zero_point`` are its children (so a QArray crosses ``jit``
-    and ``device_put``), ``bits``, ``shape``, ``dtype`` and the layout are static. When flattening a tree
-    that holds QArrays, pass ``is_leaf=lambda x: isinstance(x, QArray)`` to keep them whole.
+    and ``device_put``), ``bits``, ``shape``, ``dtype`` and the layout are static. Every compressjax tree
+    function treats a QArray as ONE leaf (the class sets ``_cj_compressed_leaf = True``, see
+    :func:`compressjax.tree.is_compressed_leaf`); with ``jax.tree_util`` directly, pass
+    ``is_leaf=lambda x: isinstance(x, QArray)`` to keep them whole.
 
     Attributes:
         values: ``uint8`` bit stream of ``ceil(n * bits / 8)`` bytes when ``bits <= 4``, else ``int8`` codes of
@@ -210,6 +212,9 @@ class QArray:
         channel_axes: normalised (non-negative) axes with their own scale.
         group_size, group_axis: the grouping along the contraction axis, or ``None``.
     """
+
+    # compressjax.tree treats instances as single leaves (never their scales); see tree.is_compressed_leaf.
+    _cj_compressed_leaf = True
 
     def __init__(self, values, scale, zero_point, *, bits, shape, dtype, channel_axes=(), group_size=None, group_axis=None, path="QArray"):
         self.values = values

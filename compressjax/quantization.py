@@ -21,6 +21,11 @@ Numerics (see also :mod:`compressjax.qarray`):
   underflowed scale, so no NaN or Inf appears.
 * Arithmetic runs in float32 for float32, bfloat16 and float16 inputs; scales are float32 and
   :func:`dequantize` returns the input dtype.
+* Every finite float32 input gives finite codes, scales and dequantized values, up to float32's max:
+  ranges are formed as ``hi / n - lo / n`` (never ``hi - lo``), codes divide by the scale in a way that
+  cannot flush to zero (see ``_div_scale``), and the 1-bit mean cannot overflow.
+* float64 leaves (64-bit types on) are rejected with a ``TypeError`` naming the leaf (no silent narrowing);
+  zero-size leaves (e.g. shape ``(0, n)``) pass through with scale 1.
 * NaN/Inf inputs raise ``ValueError`` in eager calls. Under ``jit`` the values are not visible: a NaN
   propagates into its scale group (the codes are then undefined), so check weights before tracing.
 
@@ -75,16 +80,48 @@ def _check_input(x: Any, spec: QuantSpec, path: str) -> Layout:
         raise TypeError(f"leaf {path!r}: spec must be a QuantSpec, got {spec!r}")
     if isinstance(x, QArray):
         raise TypeError(f"leaf {path!r} is already a QArray ({x!r}); dequantize it first")
+    if tree.is_compressed_leaf(x):
+        raise TypeError(f"leaf {path!r} is already compressed ({type(x).__name__}); decompress it first")
     dtype = getattr(x, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         got = dtype if dtype is not None else type(x).__name__
         raise DTypeError(f"leaf {path!r} has dtype {got}; quantize needs a floating-point array (float32, bfloat16, float16)")
+    if jax.dtypes.canonicalize_dtype(dtype) == jnp.float64:
+        raise DTypeError(
+            f"leaf {path!r} has dtype float64; quantize works in float32 (scales are float32), so cast the leaf "
+            "to float32 first, deliberately (a value such as 1e300 has no float32 code)"
+        )
     tree.check_finite(path, x)
     return Layout(tuple(x.shape), spec.channel_axes, spec.group_size, spec.group_axis, path)
 
 
 def _grouped(x: jax.Array, lay: Layout) -> jax.Array:
     return x.astype(jnp.float32).reshape(lay.grouped_shape)
+
+
+def _pow2(e: jax.Array) -> jax.Array:
+    """``2.0 ** e`` as float32, exactly, for integer ``e`` in ``[-126, 127]`` (built from the exponent bits)."""
+    return jax.lax.bitcast_convert_type(((e + 127) << 23).astype(jnp.int32), jnp.float32)
+
+
+def _div_scale(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x / scale`` for any finite ``x`` and positive finite float32 ``scale``, without a flushed reciprocal.
+
+    XLA rewrites ``x / broadcast(scale)`` into ``x * broadcast(1 / scale)``, and ``1 / scale`` is subnormal
+    (flushed to zero on CPU) once ``scale > 2**126`` (~8.5e37): every code would become 0. Here ``scale`` is
+    split into ``m * 2**e`` (``m`` in ``[0.5, 1)``), ``x`` is multiplied by ``2**-e`` in two exact power-of-two
+    steps, and only ``m`` is divided by, whose reciprocal lies in ``(1, 2]``.
+    """
+    m, e = jnp.frexp(scale)
+    e = e.astype(jnp.int32)
+    e1 = e // 2
+    return x * _pow2(-e1) * _pow2(e1 - e) / m
+
+
+def _finite(y: jax.Array, dtype) -> jax.Array:
+    """``y`` clipped to the finite range of ``dtype`` (a dequantized value may sit half a step past the max)."""
+    big = float(jnp.finfo(dtype).max)
+    return jnp.clip(y, -big, big)
 
 
 def _qdq(xg, scale, zp, spec: QuantSpec):
@@ -94,20 +131,20 @@ def _qdq(xg, scale, zp, spec: QuantSpec):
         mask = jnp.abs(xg) <= (2.0 + _SLACK) * scale
         return y, mask
     qmin, qmax = code_range(spec.bits, spec.symmetric)
-    t = xg / scale
+    t = _div_scale(xg, scale)
     if zp is not None:
         t = t + zp
     q = jnp.clip(jnp.round(t), qmin, qmax)
     y = (q - zp) * scale if zp is not None else q * scale
     mask = (t >= qmin - 0.5 - _SLACK) & (t <= qmax + 0.5 + _SLACK)
-    return y, mask
+    return _finite(y, jnp.float32), mask
 
 
 def _codes(xg, scale, zp, spec: QuantSpec) -> jax.Array:
     if spec.bits == 1:
         return jnp.where(xg >= 0, 1, -1).astype(jnp.int8)
     qmin, qmax = code_range(spec.bits, spec.symmetric)
-    t = xg / scale
+    t = _div_scale(xg, scale)
     if zp is not None:
         t = t + zp.astype(jnp.float32)
     return jnp.clip(jnp.round(t), qmin, qmax).astype(jnp.int8)
@@ -124,9 +161,10 @@ def _scale_from_range(lo, hi, spec: QuantSpec):
         scale = jnp.where(m > _TINY, m / (spec.qmax + 0.5), 1.0)
         return scale, None
     qmin, qmax = code_range(spec.bits, False)
-    scale = (hi - lo) / (qmax - qmin)
+    # hi / n - lo / n, not (hi - lo) / n: the range of finite inputs can exceed float32's max.
+    scale = hi / (qmax - qmin) - lo / (qmax - qmin)
     scale = jnp.where(scale > _TINY, scale, 1.0)
-    zp = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
+    zp = jnp.clip(qmin - jnp.round(_div_scale(lo, scale)), qmin, qmax)
     return scale, zp
 
 
@@ -137,8 +175,11 @@ def _ranges(xg, spec: QuantSpec, axes):
             a = jnp.abs(xg)
             m = jnp.quantile(a, p, axis=axes, keepdims=True) if axes else a
             return -m, m
-        hi = jnp.quantile(xg, p, axis=axes, keepdims=True) if axes else xg
-        lo = jnp.quantile(xg, 1.0 - p, axis=axes, keepdims=True) if axes else xg
+        # Halved (exactly) before interpolating: the interpolation forms b - a, which can overflow for
+        # finite values of opposite signs near float32's max.
+        h = xg * 0.5
+        hi = 2.0 * jnp.quantile(h, p, axis=axes, keepdims=True) if axes else xg
+        lo = 2.0 * jnp.quantile(h, 1.0 - p, axis=axes, keepdims=True) if axes else xg
     else:
         lo, hi = _reduce(jnp.min, xg, axes), _reduce(jnp.max, xg, axes)
         if spec.symmetric:
@@ -149,8 +190,18 @@ def _ranges(xg, spec: QuantSpec, axes):
 
 @partial(jax.jit, static_argnames=("spec", "axes"))
 def _compute_scale_grouped(xg, spec: QuantSpec, axes):
+    if xg.size == 0:
+        # A zero-size leaf (e.g. an empty kernel of shape (0, n)) has nothing to calibrate: scale 1 (and
+        # zero point 0), so it passes through quantize / quantize_params / save instead of failing in an
+        # empty reduction.
+        shape = tuple(1 if a in axes else d for a, d in enumerate(xg.shape))
+        return jnp.ones(shape, jnp.float32), (None if spec.symmetric else jnp.zeros(shape, jnp.float32))
     if spec.bits == 1:
-        return _reduce(jnp.mean, jnp.abs(xg), axes), None
+        a = jnp.abs(xg)
+        mean = _reduce(jnp.mean, a, axes)
+        # The sum behind the mean overflows for huge weights; the mean of a / 2**32 does not.
+        scaled = _reduce(jnp.mean, a * 2.0**-32, axes) * 2.0**32
+        return jnp.where(jnp.isfinite(mean), mean, scaled), None
     lo, hi = _ranges(xg, spec, axes)
     if spec.calibration != "mse":
         return _scale_from_range(lo, hi, spec)
@@ -158,7 +209,7 @@ def _compute_scale_grouped(xg, spec: QuantSpec, axes):
     def err_of(alpha):
         s, z = _scale_from_range(alpha * lo, alpha * hi, spec)
         y, _ = _qdq(xg, s, z, spec)
-        d = jnp.abs(y - xg)
+        d = jnp.abs(y - xg) * 0.5  # halved: y - xg can exceed float32's max for extreme inputs
         d = d if spec.error_power == 1 else jnp.square(d) if spec.error_power == 2 else d ** spec.error_power
         return _reduce(jnp.sum, d, axes), s, z
 
@@ -331,6 +382,11 @@ def resolve_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_
     leaf path, or a callable ``(path, leaf) -> bool``) to a ``QuantSpec`` or ``None`` (keep in float). The
     first matching pattern wins; unmatched leaves stay float.
 
+    Already-quantized leaves (:class:`QArray`, or any compressed leaf) are single leaves: the default
+    selection (a single ``QuantSpec``) passes them through untouched, so a partly quantized tree can be
+    finished; a pattern that maps one of them to a ``QuantSpec`` raises ``TypeError`` (quantizing again
+    would quantize its scales). Float64 leaves raise ``TypeError`` (see the module docstring).
+
     A pattern that matches no leaf, or only leaves already taken by earlier patterns, raises ``ValueError``
     with ``on_unmatched="error"`` (default, it usually means a typo), warns with ``"warn"``, and is silent
     with ``"ignore"``.
@@ -342,7 +398,10 @@ def resolve_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_
     if on_unmatched not in ("error", "warn", "ignore"):
         raise ValueError(f"on_unmatched must be 'error', 'warn' or 'ignore', got {on_unmatched!r}")
     if isinstance(rules, QuantSpec):
-        return {p: rules for p, _ in tree.selected_leaves(params, None, is_leaf=is_leaf)}
+        plan = {p: rules for p, _ in tree.selected_leaves(params, None, allow_empty=True, is_leaf=is_leaf)}
+        if not plan:
+            _raise_nothing_to_quantize(params, rules, is_leaf)
+        return plan
     if isinstance(rules, Mapping):
         pairs = list(rules.items())
     elif isinstance(rules, Sequence) and not isinstance(rules, str) and all(isinstance(r, tuple) and len(r) == 2 for r in rules):
@@ -360,7 +419,7 @@ def resolve_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_
     matched = [False] * len(preds)
     taken = [False] * len(preds)
     for path, leaf in tree.leaves_with_paths(params, is_leaf):
-        if leaf is None or isinstance(leaf, QArray):
+        if leaf is None:
             continue
         first = True
         for i, (pattern, pred, spec) in enumerate(preds):
@@ -368,6 +427,12 @@ def resolve_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_
                 matched[i] = True
                 if first:
                     taken[i], first = True, False
+                    if spec is not None and tree.is_compressed_leaf(leaf):
+                        raise TypeError(
+                            f"leaf {path!r} matched by rules pattern {pattern!r} is already quantized "
+                            f"({type(leaf).__name__}); quantizing it again would quantize its scales. Map it "
+                            "to None in the rules, or dequantize_params first"
+                        )
                     if spec is not None:
                         if not tree.is_float_array(leaf):
                             got = getattr(leaf, "dtype", type(leaf).__name__)
@@ -383,8 +448,14 @@ def resolve_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_
             raise ValueError(msg)
         warnings.warn(msg, stacklevel=3)
     if not plan:
-        raise ValueError(f"rules {rules!r} quantize no leaf of the params tree")
+        _raise_nothing_to_quantize(params, rules, is_leaf)
     return plan
+
+
+def _raise_nothing_to_quantize(params: Any, rules: Any, is_leaf) -> None:
+    done = [p for p, x in tree.leaves_with_paths(params, is_leaf) if tree.is_compressed_leaf(x)]
+    hint = f" ({len(done)} leaves are already quantized, e.g. {done[0]!r})" if done else ""
+    raise ValueError(f"rules {rules!r} quantize no leaf of the params tree{hint}")
 
 
 def _map_plan(fn, params, plan, is_leaf=None):
@@ -392,7 +463,7 @@ def _map_plan(fn, params, plan, is_leaf=None):
         p = tree.path_to_str(kp)
         return fn(leaf, plan[p], p) if p in plan and leaf is not None else leaf
 
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_leaf)
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=tree.with_compressed_leaves(is_leaf))
 
 
 def quantize_params(params: Any, rules: Rules = DEFAULT_SPEC, *, on_unmatched: str = "error") -> Any:
