@@ -305,7 +305,7 @@ def _dequantize_core(q: QArray) -> jax.Array:
     codes = quantized_ints(q).astype(jnp.float32).reshape(lay.grouped_shape)
     if q.zero_point is not None:
         codes = codes - q.zero_point.astype(jnp.float32)
-    return (codes * q.scale).reshape(q.shape).astype(q.dtype)
+    return _finite(codes * q.scale, q.dtype).reshape(q.shape).astype(q.dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
