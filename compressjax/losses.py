@@ -12,6 +12,7 @@ numbers (closed over, or static) to keep their checks.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from jax.typing import ArrayLike
 __all__ = [
     "kd_loss",
     "distillation_loss",
-    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
     "mse_loss",
     "hint_loss",
     "cosine_loss",
@@ -177,10 +178,13 @@ def _check_labels(labels: ArrayLike, logits: jax.Array, axis: int) -> jax.Array:
     return labels
 
 
-def softmax_cross_entropy(
+def softmax_cross_entropy_with_integer_labels(
     logits: ArrayLike, labels: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
 ) -> jax.Array:
     """Cross-entropy of ``logits`` against integer ``labels``, one value per example.
+
+    Named as in optax (``optax.losses.softmax_cross_entropy_with_integer_labels``); the former name
+    ``softmax_cross_entropy`` (which in optax takes probabilities) is a deprecated alias for one release.
 
     Args:
         logits: shape ``(..., num_classes)``.
@@ -259,7 +263,7 @@ def distillation_terms(
     kd = kd_loss(student_logits, teacher_logits, temperature=temperature, axis=axis, where=where)
     if labels is None:
         return kd, kd, None
-    ce = softmax_cross_entropy(student_logits, labels, axis=axis, where=where)
+    ce = softmax_cross_entropy_with_integer_labels(student_logits, labels, axis=axis, where=where)
     alpha = jnp.asarray(alpha, kd.dtype)
     return alpha * kd + (1 - alpha) * ce, kd, ce
 
@@ -377,3 +381,25 @@ def cosine_loss(
     p_norm = jnp.sqrt(jnp.maximum(jnp.sum(p * p, axis=axis), eps2))
     t_norm = jnp.sqrt(jnp.maximum(jnp.sum(t * t, axis=axis), eps2))
     return 1.0 - jnp.sum(p * t, axis=axis) / (p_norm * t_norm)
+
+
+def _distillation_with_terms(student_out: Any, teacher_out: Any, labels: Any, **keywords: Any):
+    total, kd, ce = distillation_terms(student_out, teacher_out, labels, **keywords)
+    return total, ({"kd": kd} if ce is None else {"kd": kd, "ce": ce})
+
+
+# How compressjax.make_distill_step reports the soft and hard terms separately for this loss (and for
+# keyword partials of it): a protocol attribute, not an identity test.
+distillation_loss._cj_with_terms = _distillation_with_terms
+
+
+def __getattr__(name: str) -> Any:
+    if name == "softmax_cross_entropy":
+        warnings.warn(
+            "compressjax.losses.softmax_cross_entropy is deprecated (in optax that name takes probabilities); "
+            "use softmax_cross_entropy_with_integer_labels",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return softmax_cross_entropy_with_integer_labels
+    raise AttributeError(f"module 'compressjax.losses' has no attribute {name!r}")

@@ -28,6 +28,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from fractions import Fraction
 from numbers import Real
 from typing import Any
@@ -312,11 +313,16 @@ class SparsitySummary:
     def fraction(self) -> float:
         return self.zeros / self.size if self.size else 0.0
 
-    def as_dict(self) -> dict[str, dict[str, float]]:
-        """``{path: {"size", "zeros", "fraction"}}`` plus a ``"total"`` entry."""
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        """``{path: {"size", "zeros", "fraction"}}`` plus a ``"total"`` entry (JSON-serialisable)."""
         out = {r.path: {"size": r.size, "zeros": r.zeros, "fraction": r.fraction} for r in self.leaves}
         out["total"] = {"size": self.size, "zeros": self.zeros, "fraction": self.fraction}
         return out
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        """Deprecated alias of :meth:`to_dict` (one name for dict conversion across compressjax)."""
+        warnings.warn("SparsitySummary.as_dict is deprecated; use to_dict", DeprecationWarning, stacklevel=2)
+        return self.to_dict()
 
     def __str__(self) -> str:
         width = max([len("total")] + [len(r.path) for r in self.leaves])

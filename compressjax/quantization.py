@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import tree
-from compressjax.qarray import Layout, QArray, QuantSpec, code_range, codes_to_storage, quantized_ints
+from compressjax.qarray import Layout, QArray, QuantSpec, code_range, codes_to_storage
 
 __all__ = [
     "DTypeError",
@@ -55,7 +55,7 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "compute_scale",
-    "ste_surrogate",
+    "quantized_codes",
     "quantize_params",
     "dequantize_params",
     "fake_quant_params",
@@ -231,8 +231,7 @@ def compute_scale(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, path: str = "
     Shapes follow ``Layout.scale_shape``: the grouped view of ``x`` (group axis split into
     ``(n_groups, group_size)``) with the reduced axes kept as size 1.
     """
-    lay = _check_input(x, spec, path)
-    scale, zp = _compute_scale_grouped(_grouped(jax.lax.stop_gradient(x), lay), spec, lay.reduce_axes)
+    _, scale, zp = _scales(x, spec, None, None, path)
     return scale, None if zp is None else zp.astype(jnp.int32)
 
 
@@ -244,6 +243,10 @@ def _given_scale(scale, zero_point, spec, lay, path):
         raise ValueError(f"leaf {path!r}: scale/zero_point do not broadcast to the scale shape {lay.scale_shape}: {e}") from None
     if spec.symmetric != (z is None):
         raise ValueError(f"leaf {path!r}: symmetric={spec.symmetric} spec but zero_point={'missing' if z is None else 'given'}")
+    if not isinstance(s, jax.core.Tracer):
+        bad = np.asarray(s)[~(np.isfinite(np.asarray(s)) & (np.asarray(s) > 0))]
+        if bad.size:
+            raise ValueError(f"leaf {path!r}: a given scale must be finite and > 0, got {bad.ravel()[0]}")
     return s, z
 
 
@@ -262,11 +265,12 @@ def quantize(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, zero_p
         ValueError: NaN/Inf in eager calls, channel axes out of range, a group size that does not divide
             the group axis; all naming ``path``.
     """
-    lay = _check_input(x, spec, path)
     if scale is None:
+        # The core (_compute_scale_grouped, then _codes) fused into one compiled function for eager calls.
+        lay = _check_input(x, spec, path)
         values, s, z = _quantize_calibrated(x, spec, lay.grouped_shape, lay.reduce_axes)
     else:
-        s, z = _given_scale(scale, zero_point, spec, lay, path)
+        lay, s, z = _scales(x, spec, scale, zero_point, path)
         values = _quantize_values(x, s, z, spec, lay.grouped_shape)
         z = None if z is None else z.astype(jnp.int32)
     return QArray(
@@ -302,7 +306,7 @@ def dequantize(q: QArray, *, path: str = "QArray") -> jax.Array:
 @jax.jit
 def _dequantize_core(q: QArray) -> jax.Array:
     lay = q.layout
-    codes = quantized_ints(q).astype(jnp.float32).reshape(lay.grouped_shape)
+    codes = q.ints().astype(jnp.float32).reshape(lay.grouped_shape)
     if q.zero_point is not None:
         codes = codes - q.zero_point.astype(jnp.float32)
     return _finite(codes * q.scale, q.dtype).reshape(q.shape).astype(q.dtype)
@@ -327,15 +331,30 @@ def _fq_bwd(spec, res, g):
 _fake_quant_core.defvjp(_fq_fwd, _fq_bwd)
 
 
-def _fake_quant_parts(x, spec, scale, zero_point, path):
+def _scales(x, spec: QuantSpec, scale, zero_point, path: str):
+    """The quantization core's first half, shared by every entry point: check ``x``, then the float32 scale
+    and float zero point in the grouped view, calibrated from ``x`` (``scale=None``) or given; constants
+    for autodiff. Returns ``(layout, scale, zero_point)``; the second half is :func:`_codes` (or
+    :func:`_qdq` for fake quantization)."""
     lay = _check_input(x, spec, path)
     if scale is None:
-        xs = jax.lax.stop_gradient(x).astype(jnp.float32).reshape(lay.grouped_shape)
-        s, z = _compute_scale_grouped(xs, spec, lay.reduce_axes)
+        s, z = _compute_scale_grouped(_grouped(jax.lax.stop_gradient(x), lay), spec, lay.reduce_axes)
     else:
         s, z = _given_scale(scale, zero_point, spec, lay, path)
-        s, z = jax.lax.stop_gradient(s), None if z is None else jax.lax.stop_gradient(z)
-    return lay, s, z
+    return lay, jax.lax.stop_gradient(s), None if z is None else jax.lax.stop_gradient(z)
+
+
+def quantized_codes(x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None, path: str = "x"):
+    """The core for integer kernels (used by :func:`compressjax.quantized_dot_general`'s ``mode="int"``).
+
+    Returns:
+        ``(codes, scale, zero_point, layout)``: ``int8`` codes in ``x``'s shape, the float32 scale and float
+        zero point (``None`` when symmetric) in the grouped view ``layout.grouped_shape``, and the
+        :class:`~compressjax.qarray.Layout`. Errors as in :func:`quantize`.
+    """
+    lay, s, z = _scales(x, spec, scale, zero_point, path)
+    q = _codes(_grouped(jax.lax.stop_gradient(x), lay), s, z, spec).reshape(lay.shape)
+    return q, s, z, lay
 
 
 def fake_quant(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, zero_point=None, path: str = "x") -> jax.Array:
@@ -351,17 +370,19 @@ def fake_quant(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, zero
         Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
         Inference", CVPR 2018.
     """
-    lay, s, z = _fake_quant_parts(x, spec, scale, zero_point, path)
+    lay, s, z = _scales(x, spec, scale, zero_point, path)
     return _fake_quant_core(x.reshape(lay.grouped_shape), s, z, spec).reshape(lay.shape)
 
 
 def ste_surrogate(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, zero_point=None, path: str = "x") -> jax.Array:
     """The smooth function whose gradient the STE of :func:`fake_quant` returns: ``x`` clipped to the range.
 
+    A test aid (not part of the public API): it lets the tests check the STE with finite differences.
+
     ``jax.grad`` of ``fake_quant`` equals ``jax.grad`` of this function almost everywhere, which lets tests
     check the STE against finite differences (``jax.test_util.check_grads``).
     """
-    lay, s, z = _fake_quant_parts(x, spec, scale, zero_point, path)
+    lay, s, z = _scales(x, spec, scale, zero_point, path)
     xg = x.reshape(lay.grouped_shape)
     if spec.bits == 1:
         lo, hi = -2.0 * s, 2.0 * s

@@ -94,7 +94,7 @@ def test_round_trip_within_half_a_step(shape, bits, gran, dtype, symmetric, seed
     q = cj.quantize(x, spec)
     y = cj.dequantize(q)
     assert y.dtype == dtype and y.shape == x.shape
-    ints = np.asarray(cj.quantized_ints(q))
+    ints = np.asarray(q.ints())
     lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     assert ints.min() >= lo and ints.max() <= hi
     x32, y32 = np.asarray(x, np.float32), np.asarray(y, np.float32)
@@ -107,7 +107,7 @@ def test_round_trip_within_half_a_step(shape, bits, gran, dtype, symmetric, seed
 def test_textbook_range_never_uses_most_negative_code():
     x = jnp.linspace(-1, 1, 101).reshape(101, 1)
     q = cj.quantize(x, cj.QuantSpec(4))
-    assert int(cj.quantized_ints(q).min()) == -7 and int(cj.quantized_ints(q).max()) == 7
+    assert int(q.ints().min()) == -7 and int(q.ints().max()) == 7
 
 
 def test_round_half_to_even():
@@ -115,7 +115,7 @@ def test_round_half_to_even():
     s = 2.0
     x = jnp.array([0.5, 1.5, 2.5, -0.5, -2.5]) * s
     q = cj.quantize(x, spec, scale=s)
-    np.testing.assert_array_equal(cj.quantized_ints(q), [0, 2, 2, 0, -2])
+    np.testing.assert_array_equal(q.ints(), [0, 2, 2, 0, -2])
 
 
 def test_absmax_scale_is_qwix_style_and_error_matches_reference():
@@ -180,7 +180,7 @@ def test_one_bit_is_sign_times_mean_abs():
     q = cj.quantize(x, cj.QuantSpec(1))
     want = jnp.where(x >= 0, 1.0, -1.0) * jnp.mean(jnp.abs(x), axis=0, keepdims=True)
     np.testing.assert_allclose(cj.dequantize(q), want, rtol=1e-6)
-    assert set(np.unique(cj.quantized_ints(q))) <= {-1, 1}
+    assert set(np.unique(q.ints())) <= {-1, 1}
 
 
 def test_asymmetric_zero_point_and_positive_inputs():
@@ -227,7 +227,7 @@ def test_pack_unpack_round_trip(bits, n):
 
 
 def test_four_bit_layout_is_two_nibbles_per_byte():
-    q = cj.qarray_from_ints(jnp.array([[1, -2], [7, -7]], jnp.int8), jnp.ones((1, 1)), bits=4)
+    q = cj.QArray.from_ints(jnp.array([[1, -2], [7, -7]], jnp.int8), jnp.ones((1, 1)), bits=4)
     # unsigned codes 9, 6, 15, 1: low nibble first
     np.testing.assert_array_equal(np.asarray(q.values), [9 | (6 << 4), 15 | (1 << 4)])
 
@@ -239,23 +239,23 @@ def test_parts_and_ints_round_trip(bits, symmetric):
         return
     x = normal((32, 6), seed=bits)
     q = cj.quantize(x, cj.QuantSpec(bits, symmetric, group_size=8))
-    arrays, meta = cj.qarray_to_parts(q)
+    arrays, meta = q.to_parts()
     json.dumps(meta)
     assert all(isinstance(a, np.ndarray) for a in arrays.values())
-    q2 = cj.qarray_from_parts(arrays, meta)
+    q2 = cj.QArray.from_parts(arrays, meta)
     np.testing.assert_array_equal(cj.dequantize(q2), cj.dequantize(q))
-    ints = cj.quantized_ints(q)
+    ints = q.ints()
     assert ints.shape == x.shape and ints.dtype == jnp.int8
-    q3 = cj.qarray_from_ints(np.asarray(ints), arrays["scale"], arrays.get("zero_point"), meta)
+    q3 = cj.QArray.from_ints(np.asarray(ints), arrays["scale"], arrays.get("zero_point"), meta)
     np.testing.assert_array_equal(q3.values, q.values)
     assert q3.nbytes == q.nbytes
-    flat = cj.qarray_from_ints(np.asarray(ints).ravel(), arrays["scale"], arrays.get("zero_point"), meta)
+    flat = cj.QArray.from_ints(np.asarray(ints).ravel(), arrays["scale"], arrays.get("zero_point"), meta)
     np.testing.assert_array_equal(flat.values, q.values)
 
 
 def test_pruned_zeros_have_zero_codes():
     x = normal((16, 8)).at[::2].set(0.0)
-    ints = np.asarray(cj.quantized_ints(cj.quantize(x, cj.QuantSpec(4))))
+    ints = np.asarray(cj.quantize(x, cj.QuantSpec(4)).ints())
     assert np.all(ints[::2] == 0)
 
 
@@ -288,18 +288,18 @@ def test_qarray_is_a_pytree_node_and_crosses_jit():
     ],
 )
 def test_from_parts_rejects_mismatched_metadata(mutate, match):
-    arrays, meta = cj.qarray_to_parts(cj.quantize(normal((8, 4)), cj.QuantSpec(4)))
+    arrays, meta = cj.quantize(normal((8, 4)), cj.QuantSpec(4)).to_parts()
     mutate(arrays, meta)
     with pytest.raises(ValueError, match=match) as e:
-        cj.qarray_from_parts(arrays, meta, path="dense/kernel")
+        cj.QArray.from_parts(arrays, meta, path="dense/kernel")
     assert "dense/kernel" in str(e.value)
 
 
 def test_from_ints_rejects_out_of_range_codes():
     with pytest.raises(ValueError, match="'w'.*code -8 is outside \\[-7, 7\\]"):
-        cj.qarray_from_ints(np.array([[-8, 1]]), np.ones((1, 1), np.float32), bits=4, path="w")
+        cj.QArray.from_ints(np.array([[-8, 1]]), np.ones((1, 1), np.float32), bits=4, path="w")
     with pytest.raises(ValueError, match="is 0"):
-        cj.qarray_from_ints(np.array([[0, 1]]), np.ones((1, 1), np.float32), bits=1)
+        cj.QArray.from_ints(np.array([[0, 1]]), np.ones((1, 1), np.float32), bits=1)
 
 
 # ---------------------------------------------------------------- bad input
@@ -426,14 +426,14 @@ def test_ste_matches_surrogate_and_check_grads(spec):
     w = normal((8, 3), seed=6)
 
     g_fq = jax.grad(lambda v: jnp.sum(w * cj.fake_quant(v, spec)))(x)
-    g_sur = jax.grad(lambda v: jnp.sum(w * cj.ste_surrogate(v, spec)))(x)
+    g_sur = jax.grad(lambda v: jnp.sum(w * cj.quantization.ste_surrogate(v, spec)))(x)
     np.testing.assert_allclose(g_fq, g_sur, rtol=1e-6)
-    clipped = np.asarray(cj.ste_surrogate(x, spec)) != np.asarray(x)
+    clipped = np.asarray(cj.quantization.ste_surrogate(x, spec)) != np.asarray(x)
     assert np.all(np.asarray(g_fq)[clipped] == 0)
     # finite differences on the surrogate, away from the clip points (absmax puts the max on one)
-    scale, zp = cj.compute_scale(x, spec)
+    scale, zp = cj.quantization.compute_scale(x, spec)
     scale = scale * 1.01
-    sur = lambda v: cj.ste_surrogate(v, spec, scale=scale, zero_point=zp)  # noqa: E731
+    sur = lambda v: cj.quantization.ste_surrogate(v, spec, scale=scale, zero_point=zp)  # noqa: E731
     check_grads(lambda v: jnp.sum(w * sur(v) ** 2), (x,), order=1, modes=("fwd", "rev"), eps=1e-3)
 
 
@@ -519,7 +519,7 @@ EXTREME_SPECS = [
 
 def _assert_finite_quantization(x, spec):
     q = cj.quantize(x, spec)
-    ints = np.asarray(cj.quantized_ints(q))
+    ints = np.asarray(q.ints())
     scale = np.asarray(q.scale)
     assert np.all(np.isfinite(scale)) and np.all(scale >= 0 if spec.bits == 1 else scale > 0), (spec, scale)
     lo, hi = (-1, 1) if spec.bits == 1 else (spec.qmin, spec.qmax)
@@ -528,7 +528,7 @@ def _assert_finite_quantization(x, spec):
     assert np.all(np.isfinite(y)), (spec, x, y)
     fq = np.asarray(cj.fake_quant(x, spec))
     assert np.all(np.isfinite(fq)), (spec, x, fq)
-    s, _ = cj.compute_scale(x, spec)
+    s, _ = cj.quantization.compute_scale(x, spec)
     assert np.all(np.isfinite(np.asarray(s)))
     return q, ints, y
 
@@ -611,7 +611,7 @@ def test_float64_leaves_are_rejected_naming_the_path():
         with pytest.raises(TypeError, match=r"'dense/kernel'.*float64"):
             cj.fake_quant_params({"dense": {"kernel": x}})
         with pytest.raises(TypeError, match="float64"):
-            cj.compute_scale(x)
+            cj.quantization.compute_scale(x)
         # float32 leaves still work with x64 on
         q = cj.quantize(jnp.ones((2, 2), jnp.float32))
         assert q.scale.dtype == jnp.float32
@@ -636,7 +636,7 @@ def test_zero_size_leaves_pass_through(spec):
     assert cj.dequantize(q).shape == (0, 4)
     assert cj.fake_quant(x, spec).shape == (0, 4)
     assert jax.jit(lambda v: cj.fake_quant(v, spec))(x).shape == (0, 4)
-    assert np.all(np.asarray(cj.compute_scale(x, spec)[0]) == 1)
+    assert np.all(np.asarray(cj.quantization.compute_scale(x, spec)[0]) == 1)
 
 
 def test_zero_size_kernel_in_quantize_params_and_calibration():
@@ -718,3 +718,11 @@ def test_sparsity_summary_and_masks_never_see_scale_leaves():
     assert masks["d"]["kernel"] is None and masks["e"]["kernel"].shape == (4, 2)
     with pytest.raises(TypeError, match=r"'d/kernel'.*already compressed"):
         cj.magnitude_masks(qp, 0.5, where="kernel")
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, np.inf, np.nan])
+def test_given_scale_must_be_positive_and_finite(bad):
+    with pytest.raises(ValueError, match=r"'w'.*finite and > 0"):
+        cj.quantize(jnp.ones((2, 2)), cj.QuantSpec(4), scale=bad, path="w")
+    with pytest.raises(ValueError, match=r"'w'.*finite and > 0"):
+        cj.fake_quant(jnp.ones((2, 2)), cj.QuantSpec(4), scale=bad, path="w")

@@ -150,10 +150,8 @@ def _check_leaf(x: Any, path: str) -> None:
 def _plan_leaf(x: Any, path: str, sw: _codec.StreamWriter) -> tuple[dict, tuple]:
     """The leaf's record with candidate streams (not yet committed) and its report fields."""
     if _is_qarray(x):
-        from compressjax.qarray import qarray_to_parts, quantized_ints
-
-        arrays, meta = qarray_to_parts(x)
-        ints = _host(quantized_ints(x), path)
+        arrays, meta = x.to_parts()
+        ints = _host(x.ints(), path)
         rec = {"e": "q", "meta": meta, "codes": _codec.encode_array(ints, path, sw),
                "scale": _codec.encode_array(arrays["scale"], path, sw)}
         if "zero_point" in arrays:
@@ -265,7 +263,7 @@ def pack_codes_np(ints: np.ndarray, bits: int) -> np.ndarray:
 
 def _qarray_from_codes(ints: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, meta: dict, what: str):
     """A validated QArray from decoded integer codes (range-checked here: a forged code must not wrap)."""
-    from compressjax.qarray import code_range, qarray_from_parts
+    from compressjax.qarray import QArray, code_range
 
     bits = meta.get("bits")
     if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
@@ -275,7 +273,7 @@ def _qarray_from_codes(ints: np.ndarray, scale: np.ndarray, zp: np.ndarray | Non
         raise FormatError(f"{what}: {bits}-bit codes outside [{lo}, {hi}]")
     values = pack_codes_np(ints, bits) if bits <= 4 else ints
     arrays = {"values": values, "scale": scale} | ({} if zp is None else {"zero_point": zp})
-    return qarray_from_parts(arrays, meta, path=what)
+    return QArray.from_parts(arrays, meta, path=what)
 
 
 def _decode(data: bytes | bytearray, *, dequantize: bool, max_bytes: int | None) -> tuple[Any, dict]:
