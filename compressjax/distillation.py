@@ -226,8 +226,9 @@ def make_distill_step(
             or a ``(loss, metrics)`` pair whose entries (averaged when per-example) join ``metrics``;
             ``labels`` is None for label-free batches. Default: :func:`distillation_loss` with its
             defaults (``temperature=1``, ``alpha=0.5``); close over other hyperparameters with
-            ``functools.partial(distillation_loss, temperature=4.0, alpha=0.9)`` (for this function and
-            such keyword partials of it, ``metrics`` reports the soft and hard terms separately).
+            ``functools.partial(distillation_loss, temperature=4.0, alpha=0.9)``. ``metrics`` reports the
+            soft and hard terms separately for any loss that offers them through a ``_cj_with_terms``
+            attribute (``distillation_loss`` does) and for keyword partials of such a loss.
         student_transform: ``(params, step) -> params`` applied before the student's forward pass, e.g.
             ``lambda p, s: fake_quant_params(apply_masks(p, masks), QuantSpec(bits=4))``.
         donate: donate the input ``state``'s buffers to the output, so the new params and optimizer

@@ -99,23 +99,17 @@ def _grouped(x: jax.Array, lay: Layout) -> jax.Array:
     return x.astype(jnp.float32).reshape(lay.grouped_shape)
 
 
-def _pow2(e: jax.Array) -> jax.Array:
-    """``2.0 ** e`` as float32, exactly, for integer ``e`` in ``[-126, 127]`` (built from the exponent bits)."""
-    return jax.lax.bitcast_convert_type(((e + 127) << 23).astype(jnp.int32), jnp.float32)
-
-
 def _div_scale(x: jax.Array, scale: jax.Array) -> jax.Array:
     """``x / scale`` for any finite ``x`` and positive finite float32 ``scale``, without a flushed reciprocal.
 
     XLA rewrites ``x / broadcast(scale)`` into ``x * broadcast(1 / scale)``, and ``1 / scale`` is subnormal
-    (flushed to zero on CPU) once ``scale > 2**126`` (~8.5e37): every code would become 0. Here ``scale`` is
-    split into ``m * 2**e`` (``m`` in ``[0.5, 1)``), ``x`` is multiplied by ``2**-e`` in two exact power-of-two
-    steps, and only ``m`` is divided by, whose reciprocal lies in ``(1, 2]``.
+    (flushed to zero on CPU) once ``scale > 2**126`` (~8.5e37): every code would become 0; for a scale
+    below ``2**-126`` it overflows. Both sides are first multiplied by an exact power of two that brings
+    such a scale into ``[2**-100, 2**100]``; ordinary scales get the factor 1, so their codes are bit for bit
+    what ``x * (1 / scale)`` gives, at the cost of one more multiply per element.
     """
-    m, e = jnp.frexp(scale)
-    e = e.astype(jnp.int32)
-    e1 = e // 2
-    return x * _pow2(-e1) * _pow2(e1 - e) / m
+    pre = jnp.where(scale > 2.0**100, 2.0**-64, jnp.where(scale < 2.0**-100, 2.0**64, 1.0)).astype(jnp.float32)
+    return (x * pre) / (scale * pre)
 
 
 def _finite(y: jax.Array, dtype) -> jax.Array:
