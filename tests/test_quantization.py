@@ -726,3 +726,14 @@ def test_given_scale_must_be_positive_and_finite(bad):
         cj.quantize(jnp.ones((2, 2)), cj.QuantSpec(4), scale=bad, path="w")
     with pytest.raises(ValueError, match=r"'w'.*finite and > 0"):
         cj.fake_quant(jnp.ones((2, 2)), cj.QuantSpec(4), scale=bad, path="w")
+
+
+def test_zero_size_kernel_through_masks_save_and_load(tmp_path):
+    params = {"empty": {"kernel": jnp.zeros((0, 4))}, "dense": {"kernel": normal((4, 4))}}
+    masks = cj.magnitude_masks(params, 0.5)
+    assert masks["empty"]["kernel"].shape == (0, 4)
+    path = tmp_path / "m.cjx"
+    cj.save(path, params, masks=masks, rules=cj.QuantSpec(4))
+    assert cj.load(path)["empty"]["kernel"].shape == (0, 4)
+    q = cj.load(path, dequantize=False)["empty"]["kernel"]
+    assert isinstance(q, cj.QArray) and q.shape == (0, 4)
