@@ -242,30 +242,26 @@ def distillation_loss(
         Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015,
         https://arxiv.org/abs/1503.02531
     """
-    total, _, _ = distillation_terms(
+    total, _ = _distillation_with_terms(
         student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, axis=axis, where=where
     )
     return total
 
 
-def distillation_terms(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    labels: ArrayLike | None = None,
-    *,
-    temperature: float | ArrayLike = 1.0,
-    alpha: float | ArrayLike = 0.5,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Like :func:`distillation_loss` but returns ``(total, kd, ce)`` per example (``ce`` None without labels)."""
+def _distillation_with_terms(
+    student_logits: ArrayLike, teacher_logits: ArrayLike, labels: ArrayLike | None = None, **keywords: Any
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`distillation_loss` (same arguments, as keywords) and its terms: ``(total, {"kd", "ce"})`` per
+    example (no ``"ce"`` without labels)."""
+    alpha = keywords.pop("alpha", 0.5)
     _check_alpha(alpha)
-    kd = kd_loss(student_logits, teacher_logits, temperature=temperature, axis=axis, where=where)
+    kd = kd_loss(student_logits, teacher_logits, **keywords)
     if labels is None:
-        return kd, kd, None
-    ce = softmax_cross_entropy_with_integer_labels(student_logits, labels, axis=axis, where=where)
+        return kd, {"kd": kd}
+    keywords.pop("temperature", None)  # the hard term uses T = 1
+    ce = softmax_cross_entropy_with_integer_labels(student_logits, labels, **keywords)
     alpha = jnp.asarray(alpha, kd.dtype)
-    return alpha * kd + (1 - alpha) * ce, kd, ce
+    return alpha * kd + (1 - alpha) * ce, {"kd": kd, "ce": ce}
 
 
 def mse_loss(
@@ -381,11 +377,6 @@ def cosine_loss(
     p_norm = jnp.sqrt(jnp.maximum(jnp.sum(p * p, axis=axis), eps2))
     t_norm = jnp.sqrt(jnp.maximum(jnp.sum(t * t, axis=axis), eps2))
     return 1.0 - jnp.sum(p * t, axis=axis) / (p_norm * t_norm)
-
-
-def _distillation_with_terms(student_out: Any, teacher_out: Any, labels: Any, **keywords: Any):
-    total, kd, ce = distillation_terms(student_out, teacher_out, labels, **keywords)
-    return total, ({"kd": kd} if ce is None else {"kd": kd, "ce": ce})
 
 
 # How compressjax.make_distill_step reports the soft and hard terms separately for this loss (and for
