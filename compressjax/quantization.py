@@ -106,7 +106,8 @@ def _div_scale(x: jax.Array, scale: jax.Array) -> jax.Array:
     (flushed to zero on CPU) once ``scale > 2**126`` (~8.5e37): every code would become 0; for a scale
     below ``2**-126`` it overflows. Both sides are first multiplied by an exact power of two that brings
     such a scale into ``[2**-100, 2**100]``; ordinary scales get the factor 1, so their codes are bit for bit
-    what ``x * (1 / scale)`` gives, at the cost of one more multiply per element.
+    what ``x * (1 / scale)`` gives, at the cost of one more multiply per element. (A constant factor such as
+    ``(x / 4) / (scale / 4)`` does not work: XLA cancels it and flushes again.)
     """
     pre = jnp.where(scale > 2.0**100, 2.0**-64, jnp.where(scale < 2.0**-100, 2.0**64, 1.0)).astype(jnp.float32)
     return (x * pre) / (scale * pre)
@@ -238,9 +239,16 @@ def _given_scale(scale, zero_point, spec, lay, path):
     if spec.symmetric != (z is None):
         raise ValueError(f"leaf {path!r}: symmetric={spec.symmetric} spec but zero_point={'missing' if z is None else 'given'}")
     if not isinstance(s, jax.core.Tracer):
-        bad = np.asarray(s)[~(np.isfinite(np.asarray(s)) & (np.asarray(s) > 0))]
+        # Codes divide by the scale (1 bit does not: there a zero scale is an all-zero group).
+        # Codes divide by the scale, so it must be a normal float32 (CPUs flush subnormals to zero); 1 bit
+        # does not divide, and there a zero scale is an all-zero group.
+        v = np.asarray(s)
+        tiny = float(np.finfo(np.float32).tiny)
+        bad = v[~(np.isfinite(v) & ((v >= tiny) | ((v == 0) & (spec.bits == 1))))]
         if bad.size:
-            raise ValueError(f"leaf {path!r}: a given scale must be finite and > 0, got {bad.ravel()[0]}")
+            raise ValueError(
+                f"leaf {path!r}: a given scale must be finite and > 0 (a normal float32, >= {tiny:.3g}), got {bad.ravel()[0]}"
+            )
     return s, z
 
 

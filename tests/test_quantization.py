@@ -737,3 +737,15 @@ def test_zero_size_kernel_through_masks_save_and_load(tmp_path):
     assert cj.load(path)["empty"]["kernel"].shape == (0, 4)
     q = cj.load(path, dequantize=False)["empty"]["kernel"]
     assert isinstance(q, cj.QArray) and q.shape == (0, 4)
+
+
+def test_extreme_given_scales_still_give_finite_codes():
+    x = jnp.array([[0.0, 1e-30, -3e38, 3e38]])
+    with pytest.raises(ValueError, match="normal float32"):
+        cj.quantize(x, cj.QuantSpec(4), scale=1e-40)  # subnormal: flushed to zero by the CPU
+    for scale in (2e-38, 1e-30, 3e38):
+        codes = cj.quantize(x, cj.QuantSpec(4), scale=scale).ints()
+        assert np.all(np.abs(np.asarray(codes)) <= 7), scale
+        assert np.all(np.isfinite(np.asarray(cj.fake_quant(x, cj.QuantSpec(4), scale=scale)))), scale
+    q = cj.quantize(jnp.zeros((2, 2)), cj.QuantSpec(1), scale=0.0)  # 1 bit: a zero scale is an all-zero group
+    assert np.all(np.asarray(cj.dequantize(q)) == 0)
