@@ -103,14 +103,21 @@ def _div_scale(x: jax.Array, scale: jax.Array) -> jax.Array:
     """``x / scale`` for any finite ``x`` and positive finite float32 ``scale``, without a flushed reciprocal.
 
     XLA rewrites ``x / broadcast(scale)`` into ``x * broadcast(1 / scale)``, and ``1 / scale`` is subnormal
-    (flushed to zero on CPU) once ``scale > 2**126`` (~8.5e37): every code would become 0; for a scale
-    below ``2**-126`` it overflows. Both sides are first multiplied by an exact power of two that brings
-    such a scale into ``[2**-100, 2**100]``; ordinary scales get the factor 1, so their codes are bit for bit
+    (flushed to zero on CPU) once ``scale > 2**126`` (~8.5e37): every code would become 0. Both sides are
+    first multiplied by an exact power of two that brings such a scale below ``2**100`` (scales are normal
+    float32, so ``1 / scale`` never overflows); ordinary scales get the factor 1, so their codes are bit for bit
     what ``x * (1 / scale)`` gives, at the cost of one more multiply per element. (A constant factor such as
     ``(x / 4) / (scale / 4)`` does not work: XLA cancels it and flushes again.)
     """
-    pre = jnp.where(scale > 2.0**100, 2.0**-64, jnp.where(scale < 2.0**-100, 2.0**64, 1.0)).astype(jnp.float32)
-    return (x * pre) / (scale * pre)
+    big = scale > 2.0**100
+
+    def rescaled(_):
+        pre = jnp.where(big, jnp.float32(2.0**-64), jnp.float32(1.0))
+        return (x * pre) / (scale * pre)
+
+    # Only tensors with such huge scales pay for the extra multiply (it halves the speed of quantize's
+    # fused compiled function); the branch is chosen on the device, without retracing.
+    return jax.lax.cond(jnp.any(big), rescaled, lambda _: x / scale, None)
 
 
 def _finite(y: jax.Array, dtype) -> jax.Array:
