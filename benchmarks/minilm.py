@@ -107,7 +107,7 @@ def distill(params: Any, teacher: Any, batches: list, *, steps: int, seconds: fl
     tx = optax.adam(schedule)
     if frozen is not None:
         labels = jax.tree_util.tree_map_with_path(
-            lambda kp, _: "frozen" if cj.selector(frozen)(cj.path_to_str(kp), _) else "train", params)
+            lambda kp, _: "frozen" if cj.tree.selector(frozen)(cj.tree.path_to_str(kp), _) else "train", params)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     if masks is not None:
         tx = optax.chain(tx, cj.keep_masked(masks))

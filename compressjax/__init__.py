@@ -2,12 +2,21 @@
 
 Every function is a pure function over parameter pytrees (linen ``params`` dicts, ``nnx.State``, equinox
 modules, plain dicts) and runs under ``jax.jit``. See README.md for a tour.
+
+The layout below is the architecture: each ``# --- group`` is one layer of the library (the API reference
+is generated from these groups). Helpers live in the submodules: :mod:`compressjax.tree` (leaf paths and
+the ``where`` selector), :mod:`compressjax.quantization` (``compute_scale``, ``resolve_rules``),
+:mod:`compressjax.losses`, :mod:`compressjax.selection`.
 """
 
-from compressjax.calibration import ActivationRange, calibrate
-from compressjax.distillation import DistillState, make_distill_step
-from compressjax.export import FormatError, LeafSize, SizeReport, load, save, size_report
-from compressjax.losses import cosine_loss, distillation_loss, hint_loss, kd_loss, mse_loss, softmax_cross_entropy
+# ruff: noqa: I001  (imports are grouped by architecture layer, not alphabetically)
+import importlib as _importlib
+import warnings as _warnings
+
+# --- tree selection
+from compressjax.tree import Where
+
+# --- pruning
 from compressjax.pruning import (
     LeafSparsity,
     SparsitySummary,
@@ -18,27 +27,6 @@ from compressjax.pruning import (
     score_masks,
     sparsity_summary,
 )
-from compressjax.qarray import (
-    QArray,
-    QuantSpec,
-    qarray_from_ints,
-    qarray_from_parts,
-    qarray_to_parts,
-    quantized_ints,
-)
-from compressjax.qdot import quantized_dot_general
-from compressjax.quantization import (
-    DTypeError,
-    compute_scale,
-    dequantize,
-    dequantize_params,
-    fake_quant,
-    fake_quant_params,
-    quantize,
-    quantize_params,
-    resolve_rules,
-    ste_surrogate,
-)
 from compressjax.schedules import (
     GradualPruningState,
     gradual_pruning,
@@ -46,7 +34,34 @@ from compressjax.schedules import (
     masks_from_state,
     polynomial_sparsity,
 )
-from compressjax.tree import Where, leaves_with_paths, path_to_str, selector
+
+# --- quantization
+from compressjax.qarray import QArray, QuantSpec
+from compressjax.quantization import (
+    DTypeError,
+    dequantize,
+    dequantize_params,
+    fake_quant,
+    fake_quant_params,
+    quantize,
+    quantize_params,
+)
+from compressjax.calibration import ActivationRange, calibrate
+from compressjax.qdot import quantized_dot_general
+
+# --- distillation
+from compressjax.losses import (
+    cosine_loss,
+    distillation_loss,
+    hint_loss,
+    kd_loss,
+    mse_loss,
+    softmax_cross_entropy_with_integer_labels,
+)
+from compressjax.distillation import DistillState, make_distill_step
+
+# --- export
+from compressjax.export import FormatError, LeafSize, SizeReport, load, save, size_report
 
 # isort: split
 # one-shot compression
@@ -56,10 +71,9 @@ from compressjax.oneshot import error_feedback, gptq, layerwise, sparsegpt, wand
 __version__ = "0.1.0"
 
 __all__ = [
+    # tree selection
     "Where",
-    "leaves_with_paths",
-    "path_to_str",
-    "selector",
+    # pruning
     "magnitude_masks",
     "score_masks",
     "nm_masks",
@@ -73,33 +87,29 @@ __all__ = [
     "gradual_pruning",
     "GradualPruningState",
     "masks_from_state",
+    # quantization
     "QArray",
     "QuantSpec",
-    "ActivationRange",
     "DTypeError",
+    "quantize",
+    "dequantize",
+    "fake_quant",
+    "quantize_params",
+    "dequantize_params",
+    "fake_quant_params",
+    "ActivationRange",
     "calibrate",
     "quantized_dot_general",
-    "compute_scale",
-    "dequantize",
-    "dequantize_params",
-    "fake_quant",
-    "fake_quant_params",
-    "qarray_from_ints",
-    "qarray_from_parts",
-    "qarray_to_parts",
-    "quantize",
-    "quantize_params",
-    "quantized_ints",
-    "resolve_rules",
-    "ste_surrogate",
-    "DistillState",
-    "make_distill_step",
+    # distillation
     "kd_loss",
     "distillation_loss",
+    "softmax_cross_entropy_with_integer_labels",
     "mse_loss",
     "hint_loss",
     "cosine_loss",
-    "softmax_cross_entropy",
+    "DistillState",
+    "make_distill_step",
+    # export
     "save",
     "load",
     "size_report",
@@ -115,3 +125,34 @@ __all__ = [
     "wanda_masks",
     "layerwise",
 ]
+
+# Names that left the top level in 0.2; they still resolve for one release, with a DeprecationWarning
+# that names the new location. Values: (module, attribute).
+_MOVED = {
+    "leaves_with_paths": ("compressjax.tree", "leaves_with_paths"),
+    "path_to_str": ("compressjax.tree", "path_to_str"),
+    "selector": ("compressjax.tree", "selector"),
+    "compute_scale": ("compressjax.quantization", "compute_scale"),
+    "resolve_rules": ("compressjax.quantization", "resolve_rules"),
+    "ste_surrogate": ("compressjax.quantization", "ste_surrogate"),
+    "softmax_cross_entropy": ("compressjax.losses", "softmax_cross_entropy_with_integer_labels"),
+    "qarray_to_parts": ("compressjax.qarray", "QArray.to_parts"),
+    "qarray_from_parts": ("compressjax.qarray", "QArray.from_parts"),
+    "quantized_ints": ("compressjax.qarray", "QArray.ints"),
+    "qarray_from_ints": ("compressjax.qarray", "QArray.from_ints"),
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        module, attr = _MOVED[name]
+        _warnings.warn(
+            f"compressjax.{name} is deprecated and will be removed in the next release; use {module}.{attr}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        obj = _importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+    raise AttributeError(f"module 'compressjax' has no attribute {name!r}")

@@ -37,11 +37,36 @@ def _positive(text: str) -> int:
     return value
 
 
+BITS = range(1, 9)
+
+
 def _bits(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"must be an integer in 1..8, got {text}")
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value not in BITS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, BITS))} (an integer), got {text!r}")
     return value
+
+
+def _check_out_dir(path: str) -> str | None:
+    """Why ``path`` cannot take the demo's output files, or ``None`` when it can (created if missing).
+
+    Checked before any training, by actually creating (and removing) a file there: permission bits alone
+    do not tell (root ignores them; a read-only mount does not show in them).
+    """
+    import tempfile
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--out {path!r} is a file, not a folder"
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".compressjax-write-test-"):
+            pass
+    except OSError as e:
+        return f"--out {path!r} is not a writable folder ({e.strerror or e})"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="tiny models and 2 epochs: a smoke run in well under a minute")
     demo.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed (default 0)")
     demo.add_argument("--sparsity", type=_fraction, default=None, help="final sparsity of the compressed student (default 0.8)")
-    demo.add_argument("--bits", type=_bits, default=None, help="weight bits of the compressed student (default 4)")
+    demo.add_argument("--bits", type=_bits, default=None, metavar="{1..8}",
+                      help="weight bits of the compressed student, an integer in 1..8 (default 4)")
     demo.add_argument("--epochs", type=_positive, default=None,
                       help="epochs of the 4000 labelled examples per training stage (default 64; 2 with --quick)")
     demo.add_argument("--out", default=".", help="folder for the JSON, PNG and model files (default: current folder)")
@@ -75,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    problem = _check_out_dir(args.out)
+    if problem is not None:  # before any training: a bad folder must not cost a whole run
+        print(f"compressjax demo: error: {problem}", file=sys.stderr)
+        return 2
     try:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -89,7 +119,6 @@ def _demo(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
-    os.makedirs(args.out, exist_ok=True)
 
     console = Console()
     console.print(f"[bold]compressjax demo[/bold]: {cfg.steps} steps per stage, sparsity {cfg.sparsity:g}, "

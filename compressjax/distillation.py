@@ -14,12 +14,14 @@ an optax optimizer and returns one compiled ``step(state, teacher_params, batch)
   partitioner inserts the gradient all-reduce. This is JAX's own distributed runtime, nothing home-made,
   and the same code runs on many GPUs or a TPU pod.
 
-The losses live in :mod:`compressjax.losses` and are re-exported here.
+The losses live in :mod:`compressjax.losses` (importing them from here still works for one release, with a
+``DeprecationWarning``).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,27 +31,25 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from compressjax.losses import (
-    cosine_loss,
-    distillation_loss,
-    distillation_terms,
-    hint_loss,
-    kd_loss,
-    mse_loss,
-    softmax_cross_entropy,
-)
+from compressjax import losses
+from compressjax.losses import softmax_cross_entropy_with_integer_labels
 from compressjax.tree import PyTree, leaves_with_paths
 
-__all__ = [
-    "DistillState",
-    "make_distill_step",
-    "kd_loss",
-    "distillation_loss",
-    "mse_loss",
-    "hint_loss",
-    "cosine_loss",
-    "softmax_cross_entropy",
-]
+__all__ = ["DistillState", "make_distill_step"]
+
+_MOVED_LOSSES = ("kd_loss", "distillation_loss", "mse_loss", "hint_loss", "cosine_loss", "softmax_cross_entropy")
+
+
+def __getattr__(name: str) -> Any:
+    """The losses moved to :mod:`compressjax.losses`; the old import path warns for one release."""
+    if name in _MOVED_LOSSES:
+        warnings.warn(
+            f"compressjax.distillation.{name} is deprecated; import it from compressjax.losses (or compressjax)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(losses, name)
+    raise AttributeError(f"module 'compressjax.distillation' has no attribute {name!r}")
 
 ApplyFn = Callable[[PyTree, Any], Any]
 LossFn = Callable[[Any, Any, Any], "jax.Array | tuple[jax.Array, Mapping[str, Any]]"]
@@ -105,34 +105,54 @@ def _check_tx(tx: Any) -> None:
         raise TypeError(f"tx must be an optax.GradientTransformation (with init and update), got {tx!r}")
 
 
+BATCH_CONVENTION = (
+    "a batch is (inputs, labels): a 2-tuple or 2-list whose second element holds integer class labels of "
+    "shape (batch,) or None; anything else (an array, a dict, a tuple of another length) is inputs alone. "
+    "To pass several inputs, wrap them: ((x1, x2), labels) or ((x1, x2), None)"
+)
+
+
 def _split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, labels)`` from a batch: a 2-tuple is ``(inputs, labels)``; anything else is inputs alone."""
-    if isinstance(batch, tuple) and len(batch) == 2:
+    """``(inputs, labels)`` from a batch (see :data:`BATCH_CONVENTION`); a list is read like a tuple."""
+    if isinstance(batch, tuple | list) and len(batch) == 2:
         return batch[0], batch[1]
     return batch, None
 
 
-def _default_loss(student_out: Any, teacher_out: Any, labels: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-    total, kd, ce = distillation_terms(student_out, teacher_out, labels)
-    metrics = {"kd": kd}
-    if ce is not None:
-        metrics["ce"] = ce
-    return total, metrics
+def _check_labels(labels: Any) -> None:
+    """For the built-in loss: labels are None or an integer array (static facts, checked before tracing)."""
+    if labels is None:
+        return
+    dtype = getattr(labels, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = jnp.asarray(labels).dtype
+        except TypeError:
+            raise TypeError(f"the batch's labels are a {type(labels).__name__}; {BATCH_CONVENTION}") from None
+    if not jnp.issubdtype(dtype, jnp.integer):
+        shape = tuple(getattr(labels, "shape", ()))
+        raise TypeError(
+            f"the batch's second element has dtype {jnp.dtype(dtype)} and shape {shape}, but the distillation loss "
+            f"reads it as labels; {BATCH_CONVENTION}"
+        )
 
 
-def _with_terms(loss_fn: LossFn | None) -> LossFn:
-    """``distillation_loss`` (or a keyword ``functools.partial`` of it) rewritten to also report kd and ce."""
-    if loss_fn is None or loss_fn is distillation_loss:
-        return _default_loss
-    if isinstance(loss_fn, functools.partial) and loss_fn.func is distillation_loss and not loss_fn.args:
-        keywords = dict(loss_fn.keywords)
+def _with_terms(loss_fn: LossFn | None) -> tuple[LossFn, bool]:
+    """The loss the step evaluates, and whether it reads the labels as integer classes.
 
-        def with_terms(student_out, teacher_out, labels):
-            total, kd, ce = distillation_terms(student_out, teacher_out, labels, **keywords)
-            return total, ({"kd": kd} if ce is None else {"kd": kd, "ce": ce})
-
-        return with_terms
-    return loss_fn
+    A loss that reports its terms does so through the ``_cj_with_terms`` attribute (a function
+    ``(student_out, teacher_out, labels, **keywords) -> (total, metrics)``); ``distillation_loss`` has one,
+    and a keyword-only ``functools.partial`` of such a loss keeps it. Any other callable is used as is.
+    """
+    if loss_fn is None:
+        loss_fn = losses.distillation_loss
+    func, keywords = loss_fn, {}
+    if isinstance(loss_fn, functools.partial) and not loss_fn.args:
+        func, keywords = loss_fn.func, dict(loss_fn.keywords)
+    terms = getattr(func, "_cj_with_terms", None)
+    if terms is None:
+        return loss_fn, False
+    return functools.partial(terms, **keywords), True
 
 
 def _mean(x: Any) -> jax.Array:
@@ -175,7 +195,7 @@ def _label_metrics(student_out: Any, labels: Any) -> dict[str, jax.Array]:
         return {}
     logits = jax.lax.stop_gradient(student_out)
     return {
-        "ce": jnp.mean(softmax_cross_entropy(logits, labels)),
+        "ce": jnp.mean(softmax_cross_entropy_with_integer_labels(logits, labels)),
         "accuracy": jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)),
     }
 
@@ -206,8 +226,9 @@ def make_distill_step(
             or a ``(loss, metrics)`` pair whose entries (averaged when per-example) join ``metrics``;
             ``labels`` is None for label-free batches. Default: :func:`distillation_loss` with its
             defaults (``temperature=1``, ``alpha=0.5``); close over other hyperparameters with
-            ``functools.partial(distillation_loss, temperature=4.0, alpha=0.9)`` (for this function and
-            such keyword partials of it, ``metrics`` reports the soft and hard terms separately).
+            ``functools.partial(distillation_loss, temperature=4.0, alpha=0.9)``. ``metrics`` reports the
+            soft and hard terms separately for any loss that offers them through a ``_cj_with_terms``
+            attribute (``distillation_loss`` does) and for keyword partials of such a loss.
         student_transform: ``(params, step) -> params`` applied before the student's forward pass, e.g.
             ``lambda p, s: fake_quant_params(apply_masks(p, masks), QuantSpec(bits=4))``.
         donate: donate the input ``state``'s buffers to the output, so the new params and optimizer
@@ -222,8 +243,9 @@ def make_distill_step(
         data_axis: the name of the mesh's data-parallel axis.
 
     Returns:
-        ``step(state, teacher_params, batch)``; ``batch`` is ``(inputs, labels)`` (a 2-tuple; labels may be
-        None) or inputs alone (an array, dict or any non-2-tuple pytree). ``metrics`` holds scalars:
+        ``step(state, teacher_params, batch)``; ``batch`` is ``(inputs, labels)`` (a 2-tuple or 2-list; labels
+        may be None) or inputs alone (an array, dict or any pytree that is not a 2-tuple/2-list); several
+        inputs are wrapped: ``((x1, x2), labels)``. ``metrics`` holds scalars:
         ``loss`` (the total), ``kd`` (the soft term), ``ce`` (the hard term; 0 without labels) and, when
         integer labels match the student's logits (the output, its ``"logits"`` entry or its first
         element), ``accuracy``. With a custom ``loss_fn`` that does not report them, ``kd`` is the loss
@@ -235,11 +257,38 @@ def make_distill_step(
             :class:`DistillState`.
         ValueError: if ``data_axis`` is not an axis of ``mesh``, or (at call time) the batch size is not a
             multiple of the data axis size.
+        TypeError: (at call time, built-in loss) a batch whose second element is not integer labels or None,
+            e.g. a 2-tuple of two inputs; the message states the batch convention.
 
     References:
         Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015,
         https://arxiv.org/abs/1503.02531
     """
+    _check_step_args(student_apply, teacher_apply, tx, student_transform, mesh, data_axis)
+    loss_fn, integer_labels = _with_terms(loss_fn)
+    step_fn = _build_step_fn(student_apply, teacher_apply, tx, loss_fn, student_transform)
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        jitted, place = jax.jit(step_fn, donate_argnums=donate_argnums), None
+    else:
+        jitted, place = _mesh_jit(step_fn, mesh, data_axis, donate_argnums)
+
+    @functools.wraps(step_fn)
+    def step(state, teacher_params, batch):
+        _check_state(state)
+        if integer_labels:
+            _check_labels(_split_batch(batch)[1])
+        if donate:
+            _check_not_aliased(state, teacher_params)
+        if place is not None:
+            state, teacher_params, batch = place(state, teacher_params, batch)
+        return jitted(state, teacher_params, batch)
+
+    step.jitted = jitted
+    return step
+
+
+def _check_step_args(student_apply, teacher_apply, tx, student_transform, mesh, data_axis) -> None:
     for name, fn in (("student_apply", student_apply), ("teacher_apply", teacher_apply)):
         if not callable(fn):
             raise TypeError(f"{name} must be a callable (params, inputs) -> outputs, got {fn!r}")
@@ -251,7 +300,10 @@ def make_distill_step(
             raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         if data_axis not in mesh.axis_names:
             raise ValueError(f"data_axis={data_axis!r} is not an axis of the mesh (axes {mesh.axis_names})")
-    loss_fn = _with_terms(loss_fn)
+
+
+def _build_step_fn(student_apply, teacher_apply, tx, loss_fn, student_transform):
+    """The pure step ``(state, teacher_params, batch) -> (state, metrics)`` that gets compiled."""
 
     def step_fn(state: DistillState, teacher_params: PyTree, batch: Any):
         inputs, labels = _split_batch(batch)
@@ -269,51 +321,42 @@ def make_distill_step(
         (loss, (metrics, student_out)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-
-        out = {k: v for k, v in _label_metrics(student_out, labels).items() if k not in metrics}
-        out.update(metrics)
-        out["loss"] = loss
-        out.setdefault("kd", loss)
-        out.setdefault("ce", jnp.zeros((), loss.dtype))
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-        return new_state, out
+        return new_state, _step_metrics(loss, metrics, student_out, labels)
 
-    donate_argnums = (0,) if donate else ()
-    if mesh is None:
-        jitted = jax.jit(step_fn, donate_argnums=donate_argnums)
+    return step_fn
 
-        @functools.wraps(step_fn)
-        def step(state, teacher_params, batch):
-            _check_state(state)
-            if donate:
-                _check_not_aliased(state, teacher_params)
-            return jitted(state, teacher_params, batch)
 
-    else:
-        replicated = NamedSharding(mesh, PartitionSpec())
-        sharded = NamedSharding(mesh, PartitionSpec(data_axis))
-        n_data = mesh.shape[data_axis]
-        jitted = jax.jit(
-            step_fn,
-            in_shardings=(replicated, replicated, sharded),
-            out_shardings=(replicated, replicated),
-            donate_argnums=donate_argnums,
-        )
+def _step_metrics(loss: jax.Array, metrics: dict, student_out: Any, labels: Any) -> dict[str, jax.Array]:
+    """The loss's own metrics, then label monitors it did not report, then ``loss``/``kd``/``ce`` defaults."""
+    out = {k: v for k, v in _label_metrics(student_out, labels).items() if k not in metrics}
+    out.update(metrics)
+    out["loss"] = loss
+    out.setdefault("kd", loss)
+    out.setdefault("ce", jnp.zeros((), loss.dtype))
+    return out
 
-        @functools.wraps(step_fn)
-        def step(state, teacher_params, batch):
-            _check_state(state)
-            _check_divisible(batch, n_data, data_axis)
-            if donate:
-                _check_not_aliased(state, teacher_params)
-            # No-ops for arrays already laid out this way (every step after the first); otherwise a
-            # transfer, not an error, for arrays committed elsewhere (e.g. a state made on one device).
-            state, teacher_params = jax.device_put((state, teacher_params), replicated)
-            batch = jax.device_put(batch, sharded)
-            return jitted(state, teacher_params, batch)
 
-    step.jitted = jitted
-    return step
+def _mesh_jit(step_fn, mesh: Mesh, data_axis: str, donate_argnums):
+    """The step compiled for ``mesh`` (batch split over ``data_axis``, the rest replicated) and a function
+    that places each call's arguments there (a no-op for arrays already in place, every step after the first;
+    a transfer, not an error, for arrays committed elsewhere, e.g. a state made on one device)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(data_axis))
+    n_data = mesh.shape[data_axis]
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(replicated, replicated, sharded),
+        out_shardings=(replicated, replicated),
+        donate_argnums=donate_argnums,
+    )
+
+    def place(state, teacher_params, batch):
+        _check_divisible(batch, n_data, data_axis)
+        state, teacher_params = jax.device_put((state, teacher_params), replicated)
+        return state, teacher_params, jax.device_put(batch, sharded)
+
+    return jitted, place
 
 
 def _check_not_aliased(state: DistillState, teacher_params: PyTree) -> None:

@@ -12,6 +12,7 @@ numbers (closed over, or static) to keep their checks.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from jax.typing import ArrayLike
 __all__ = [
     "kd_loss",
     "distillation_loss",
-    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
     "mse_loss",
     "hint_loss",
     "cosine_loss",
@@ -103,7 +104,9 @@ def kd_loss(
     of the KL term alone shrinks as :math:`1/T^2` for large :math:`T`), so the soft and hard terms can be
     mixed with one fixed weight. Both distributions come from ``log_softmax``, so large logits and large
     temperatures do not overflow; the loss is exactly zero when the two logits are equal, and teacher
-    probabilities that are zero (``-inf`` teacher logits) are handled exactly. The KL is summed as
+    probabilities that are zero (``-inf`` teacher logits) are handled exactly. A NaN or ``+inf`` teacher
+    logit (in a class that ``where`` keeps) gives a NaN loss for that example, as a non-finite student
+    logit does, so a broken teacher shows in the metrics instead of silently training nothing. The KL is summed as
     non-negative terms (see the code), so it keeps its precision for large ``T`` where the naive sum
     cancels catastrophically.
 
@@ -148,7 +151,11 @@ def kd_loss(
     # Classes the teacher gives probability 0 contribute q (the r_i term of the identity above).
     term = jnp.where(pos, term, jnp.where(valid, p_s, 0.0))
     kl = jnp.sum(term, axis=axis)
-    return kl * temperature**2
+    # A NaN or +inf teacher logit (-inf is a legitimate zero probability) would otherwise give a finite
+    # constant loss with zero gradient: the student would silently learn nothing. Make it visible as NaN,
+    # like a non-finite student logit.
+    bad_t = jnp.any(jnp.logical_and(valid, jnp.isnan(t) | (t == jnp.inf)), axis=axis)
+    return jnp.where(bad_t, jnp.nan, kl * temperature**2)
 
 
 def _check_labels(labels: ArrayLike, logits: jax.Array, axis: int) -> jax.Array:
@@ -171,10 +178,13 @@ def _check_labels(labels: ArrayLike, logits: jax.Array, axis: int) -> jax.Array:
     return labels
 
 
-def softmax_cross_entropy(
+def softmax_cross_entropy_with_integer_labels(
     logits: ArrayLike, labels: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None
 ) -> jax.Array:
     """Cross-entropy of ``logits`` against integer ``labels``, one value per example.
+
+    Named as in optax (``optax.losses.softmax_cross_entropy_with_integer_labels``); the former name
+    ``softmax_cross_entropy`` (which in optax takes probabilities) is a deprecated alias for one release.
 
     Args:
         logits: shape ``(..., num_classes)``.
@@ -232,30 +242,26 @@ def distillation_loss(
         Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015,
         https://arxiv.org/abs/1503.02531
     """
-    total, _, _ = distillation_terms(
+    total, _ = _distillation_with_terms(
         student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, axis=axis, where=where
     )
     return total
 
 
-def distillation_terms(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    labels: ArrayLike | None = None,
-    *,
-    temperature: float | ArrayLike = 1.0,
-    alpha: float | ArrayLike = 0.5,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Like :func:`distillation_loss` but returns ``(total, kd, ce)`` per example (``ce`` None without labels)."""
+def _distillation_with_terms(
+    student_logits: ArrayLike, teacher_logits: ArrayLike, labels: ArrayLike | None = None, **keywords: Any
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`distillation_loss` (same arguments, as keywords) and its terms: ``(total, {"kd", "ce"})`` per
+    example (no ``"ce"`` without labels)."""
+    alpha = keywords.pop("alpha", 0.5)
     _check_alpha(alpha)
-    kd = kd_loss(student_logits, teacher_logits, temperature=temperature, axis=axis, where=where)
+    kd = kd_loss(student_logits, teacher_logits, **keywords)
     if labels is None:
-        return kd, kd, None
-    ce = softmax_cross_entropy(student_logits, labels, axis=axis, where=where)
+        return kd, {"kd": kd}
+    keywords.pop("temperature", None)  # the hard term uses T = 1
+    ce = softmax_cross_entropy_with_integer_labels(student_logits, labels, **keywords)
     alpha = jnp.asarray(alpha, kd.dtype)
-    return alpha * kd + (1 - alpha) * ce, kd, ce
+    return alpha * kd + (1 - alpha) * ce, {"kd": kd, "ce": ce}
 
 
 def mse_loss(
@@ -371,3 +377,20 @@ def cosine_loss(
     p_norm = jnp.sqrt(jnp.maximum(jnp.sum(p * p, axis=axis), eps2))
     t_norm = jnp.sqrt(jnp.maximum(jnp.sum(t * t, axis=axis), eps2))
     return 1.0 - jnp.sum(p * t, axis=axis) / (p_norm * t_norm)
+
+
+# How compressjax.make_distill_step reports the soft and hard terms separately for this loss (and for
+# keyword partials of it): a protocol attribute, not an identity test.
+distillation_loss._cj_with_terms = _distillation_with_terms
+
+
+def __getattr__(name: str) -> Any:
+    if name == "softmax_cross_entropy":
+        warnings.warn(
+            "compressjax.losses.softmax_cross_entropy is deprecated (in optax that name takes probabilities); "
+            "use softmax_cross_entropy_with_integer_labels",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return softmax_cross_entropy_with_integer_labels
+    raise AttributeError(f"module 'compressjax.losses' has no attribute {name!r}")

@@ -5,10 +5,11 @@ selected leaf and ``None`` elsewhere (see ``compressjax.tree`` for the ``where``
 function is a pure function that runs eagerly or under ``jax.jit``.
 
 Counts are exact: pruning a fraction ``s`` of ``n`` weights removes exactly ``k = round(s * n)`` of them,
-rounded half to even. For a Python ``float`` sparsity ``k`` is computed in Python; for an array or traced
-sparsity (a float32 value) ``k`` is the exact real product ``float32(s) * n`` rounded half to even,
-computed in-graph (``compressjax.selection.round_half_even_count``), so changing the sparsity under
-``jax.jit`` never retraces. Ties at the threshold are pruned in a fixed order: leaf order (``jax.tree_util``
+where ``s`` is read as a float32 (a Python float is rounded to float32 first, as ``jax.jit`` does with it)
+and ``k`` is the exact real product ``float32(s) * n`` rounded half to even. A Python float is counted in
+Python, an array or traced sparsity in-graph (``compressjax.selection.round_half_even_count``), with the
+same result, so ``magnitude_masks(p, s)`` and ``jax.jit(magnitude_masks)(p, s)`` prune the same count even
+at exact half-way cases, and changing the sparsity under ``jax.jit`` never retraces. Ties at the threshold are pruned in a fixed order: leaf order (``jax.tree_util``
 flattening), then row-major flat index, the earliest first, i.e. the order of a stable sort of the
 concatenated magnitudes.
 
@@ -27,6 +28,8 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from fractions import Fraction
 from numbers import Real
 from typing import Any
 
@@ -39,13 +42,14 @@ from compressjax.tree import (
     PyTree,
     Where,
     check_finite,
-    check_same_structure,
+    is_compressed_leaf,
     is_none,
     leaves_with_paths,
     map_with_masks,
     path_to_str,
     selected_leaves,
     selector,
+    with_compressed_leaves,
 )
 
 __all__ = [
@@ -59,7 +63,23 @@ __all__ = [
     "LeafSparsity",
 ]
 
-_SCOPES = ("global", "layer")
+SCOPES = ("global", "layer")
+
+
+def check_scope(scope: Any) -> str:
+    """Raises ``ValueError`` unless ``scope`` is one of :data:`SCOPES`."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    return scope
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an int; ``TypeError`` for a bool or non-integer, ``ValueError`` for ``value <= 0``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -91,9 +111,13 @@ def check_sparsity(sparsity: Any, name: str = "sparsity") -> float | jax.Array:
 
 
 def prune_count(sparsity: float | jax.Array, n: int) -> int | jax.Array:
-    """``k = round_half_even(sparsity * n)``: a Python int for a float sparsity, else an int32 array."""
+    """``k = round_half_even(float32(sparsity) * n)``, exact: a Python int for a float sparsity, else int32.
+
+    Both branches read the sparsity as a float32 and round the exact real product, so a Python float and
+    the same value traced under ``jax.jit`` (where it becomes a float32) give the same count.
+    """
     if isinstance(sparsity, float):
-        return round(sparsity * n)  # Python's round() is half-to-even
+        return round(Fraction(float(np.float32(sparsity))) * n)  # exact; Fraction rounds half to even
     return round_half_even_count(sparsity, n)
 
 
@@ -101,7 +125,7 @@ def _rebuild(tree: PyTree, where: Where, new_leaves: list[Any], is_leaf=None) ->
     """A tree like ``tree`` with ``new_leaves`` (in flattening order) at the selected leaves, None elsewhere."""
     pred = selector(where)
     it = iter(new_leaves)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=with_compressed_leaves(is_leaf))
     out = [next(it) if pred(path_to_str(p), leaf) else None for p, leaf in flat]
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -112,8 +136,7 @@ def _global_flat_masks(leaves: list[jax.Array], k: jax.Array) -> list[jax.Array]
 
 
 def _masks_from_scores(tree: PyTree, sparsity: Any, scope: str, where: Where, what: str) -> PyTree:
-    if scope not in _SCOPES:
-        raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+    check_scope(scope)
     s = check_sparsity(sparsity)
     chosen = selected_leaves(tree, where)
     for path, leaf in chosen:
@@ -169,14 +192,6 @@ def score_masks(scores: PyTree, sparsity: float | jax.Array, *, scope: str = "gl
     return _masks_from_scores(scores, sparsity, scope, where, "scores")
 
 
-def _check_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def nm_masks(params: PyTree, n: int, m: int, *, axis: int = -2, where: Where = None) -> PyTree:
     """N:M structured masks: keep the ``n`` largest-magnitude weights in every ``m`` consecutive ones.
 
@@ -192,7 +207,7 @@ def nm_masks(params: PyTree, n: int, m: int, *, axis: int = -2, where: Where = N
     References:
         Mishra et al., "Accelerating Sparse Deep Neural Networks", arXiv:2104.08378, 2021.
     """
-    n, m = _check_int("n", n), _check_int("m", m)
+    n, m = check_positive_int("n", n), check_positive_int("m", m)
     if n > m:
         raise ValueError(f"n must be <= m, got n={n}, m={m}")
     masks = []
@@ -254,12 +269,13 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
     Raises:
         ValueError: if the mask tree does not match the params tree or a mask's shape differs from its
-            leaf's (naming the path).
+            leaf's (no broadcasting), naming the path.
+        TypeError: a mask that is not boolean (a float ``0.1`` is not "keep"), or a mask on an already
+            compressed leaf, naming the path.
     """
 
     def apply(path, mask, leaf):
-        if tuple(jnp.shape(mask)) != tuple(jnp.shape(leaf)):
-            raise ValueError(f"mask for leaf {path!r} has shape {jnp.shape(mask)}, the leaf has {jnp.shape(leaf)}")
+        del path  # map_with_masks checked dtype and shape (tree.check_mask)
         return jnp.where(mask, leaf, jnp.zeros((), jnp.result_type(leaf)))
 
     return map_with_masks(apply, masks, params)
@@ -297,11 +313,16 @@ class SparsitySummary:
     def fraction(self) -> float:
         return self.zeros / self.size if self.size else 0.0
 
-    def as_dict(self) -> dict[str, dict[str, float]]:
-        """``{path: {"size", "zeros", "fraction"}}`` plus a ``"total"`` entry."""
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        """``{path: {"size", "zeros", "fraction"}}`` plus a ``"total"`` entry (JSON-serialisable)."""
         out = {r.path: {"size": r.size, "zeros": r.zeros, "fraction": r.fraction} for r in self.leaves}
         out["total"] = {"size": self.size, "zeros": self.zeros, "fraction": self.fraction}
         return out
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        """Deprecated alias of :meth:`to_dict` (one name for dict conversion across compressjax)."""
+        warnings.warn("SparsitySummary.as_dict is deprecated; use to_dict", DeprecationWarning, stacklevel=2)
+        return self.to_dict()
 
     def __str__(self) -> str:
         width = max([len("total")] + [len(r.path) for r in self.leaves])
@@ -317,18 +338,24 @@ def sparsity_summary(params_or_masks: PyTree, where: Where = None) -> SparsitySu
     """Counts zeros per leaf and in total (eager; reads the values back to the host).
 
     Bool leaves are read as masks (``False`` = pruned) and always counted; other leaves are counted when
-    ``where`` selects them (default: float leaves with ``ndim >= 2``). ``None`` leaves are skipped.
+    ``where`` selects them (default: float leaves with ``ndim >= 2``). ``None`` leaves are skipped. A
+    :class:`~compressjax.QArray` is one leaf (its scales are never reported): it is always counted, by the
+    zeros of its dequantized values; other compressed leaves are skipped.
 
     Raises:
         ValueError: if nothing is selected.
     """
+    from compressjax.qarray import QArray  # deferred: qarray sits above pruning in the layering
+    from compressjax.quantization import dequantize
+
     pred = selector(where)
     rows = []
     for path, leaf in leaves_with_paths(params_or_masks, is_none):
-        if leaf is None or not hasattr(leaf, "dtype"):
+        if isinstance(leaf, QArray):
+            leaf = dequantize(leaf, path=path)
+        elif leaf is None or is_compressed_leaf(leaf) or not hasattr(leaf, "dtype"):
             continue
-        is_mask = jnp.asarray(leaf).dtype == jnp.bool_
-        if not (is_mask or pred(path, leaf)):
+        elif not (jnp.dtype(leaf.dtype) == jnp.bool_ or pred(path, leaf)):
             continue
         arr = np.asarray(leaf)
         zeros = int(arr.size - np.count_nonzero(arr))
@@ -337,7 +364,3 @@ def sparsity_summary(params_or_masks: PyTree, where: Where = None) -> SparsitySu
         raise ValueError(f"sparsity_summary: where={where!r} selects no leaf")
     return SparsitySummary(tuple(rows))
 
-
-def masks_match(masks: PyTree, params: PyTree) -> None:
-    """Raises ``ValueError`` if ``masks`` does not have the structure of ``params``."""
-    check_same_structure(masks, params, "masks", "params")

@@ -11,7 +11,7 @@ Numerics used everywhere in compressjax:
 
 Storage: codes of 4 bits or fewer are bit-packed into a flat ``uint8`` array (two int4, four int2, eight
 1-bit codes per byte; 3-bit codes as a dense bit stream), codes of 5 to 8 bits are ``int8`` in the
-original shape. Packing layout (what :func:`qarray_to_parts` exports): flatten the codes in C order,
+original shape. Packing layout (what :meth:`QArray.to_parts` exports): flatten the codes in C order,
 store the *unsigned* code ``u = q + 2^(b-1)`` (``u = (q + 1) / 2`` for 1 bit), code ``i`` at bits
 ``[b*i, b*i + b)`` of a little-endian bit stream; the stream takes ``ceil(n * b / 8)`` bytes.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,10 +33,7 @@ __all__ = [
     "QArray",
     "pack_codes",
     "unpack_codes",
-    "qarray_to_parts",
-    "qarray_from_parts",
-    "quantized_ints",
-    "qarray_from_ints",
+    "code_range",
 ]
 
 CALIBRATIONS = ("absmax", "percentile", "mse")
@@ -198,8 +196,10 @@ class QArray:
     """A quantized array: integer codes, float32 scales (and a zero point), and static metadata.
 
     A pytree *node*: ``values``, ``scale`` and ``zero_point`` are its children (so a QArray crosses ``jit``
-    and ``device_put``), ``bits``, ``shape``, ``dtype`` and the layout are static. When flattening a tree
-    that holds QArrays, pass ``is_leaf=lambda x: isinstance(x, QArray)`` to keep them whole.
+    and ``device_put``), ``bits``, ``shape``, ``dtype`` and the layout are static. Every compressjax tree
+    function treats a QArray as ONE leaf (the class sets ``_cj_compressed_leaf = True``, see
+    :func:`compressjax.tree.is_compressed_leaf`); with ``jax.tree_util`` directly, pass
+    ``is_leaf=lambda x: isinstance(x, QArray)`` to keep them whole.
 
     Attributes:
         values: ``uint8`` bit stream of ``ceil(n * bits / 8)`` bytes when ``bits <= 4``, else ``int8`` codes of
@@ -210,6 +210,9 @@ class QArray:
         channel_axes: normalised (non-negative) axes with their own scale.
         group_size, group_axis: the grouping along the contraction axis, or ``None``.
     """
+
+    # compressjax.tree treats instances as single leaves (never their scales); see tree.is_compressed_leaf.
+    _cj_compressed_leaf = True
 
     def __init__(self, values, scale, zero_point, *, bits, shape, dtype, channel_axes=(), group_size=None, group_axis=None, path="QArray"):
         self.values = values
@@ -302,6 +305,96 @@ class QArray:
                 got = (jnp.dtype(z.dtype), tuple(z.shape)) if hasattr(z, "shape") else type(z).__name__
                 raise ValueError(f"leaf {path!r}: QArray zero_point must be int32 of shape {lay.scale_shape}, got {got}")
 
+    # ------------------------------------------------------------------ codes and export parts
+    def ints(self) -> jax.Array:
+        """The signed integer codes as ``int8`` in ``self.shape`` (unpacked; ``-1``/``+1`` for 1 bit).
+
+        Symmetric codes lie in ``[-(2^(b-1)-1), 2^(b-1)-1]``, asymmetric ones in ``[-2^(b-1), 2^(b-1)-1]``; a
+        weight that was exactly zero has code 0 when symmetric (so pruned weights stay sparse in the codes).
+        ``dequantize(q) == (ints - zero_point) * scale`` evaluated in the grouped view ``q.layout.grouped_shape``.
+        """
+        if not self.packed:
+            return jnp.asarray(self.values).astype(jnp.int8)
+        return _unpacked(self)
+
+    @classmethod
+    def from_ints(
+        cls, ints, scale, zero_point=None, meta: Mapping[str, Any] | None = None, *, bits=None, dtype=None,
+        channel_axes=None, group_size=None, group_axis=None, path: str = "QArray",
+    ) -> QArray:
+        """Builds (and packs) a QArray from unpacked integer codes, the inverse of :meth:`ints`.
+
+        The metadata comes EITHER from ``meta`` (as returned by :meth:`to_parts`) OR from the keywords.
+
+        Args:
+            ints: integer codes of the original shape, or flat when ``meta`` has a ``shape`` (any integer
+                dtype; range checked when concrete).
+            scale: float32 scales of shape ``layout.scale_shape`` (as stored in ``QArray.scale``).
+            zero_point: int32 zero points (same shape as ``scale``) for asymmetric arrays, else ``None``.
+            meta: a metadata dict with keys ``bits`` and optionally ``dtype``, ``shape``, ``channel_axes``,
+                ``group_size``, ``group_axis``.
+            bits, dtype, channel_axes, group_size, group_axis: the metadata as keywords (``dtype`` defaults to
+                float32, ``channel_axes`` to ``()``).
+            path: the leaf name used in error messages.
+
+        Raises:
+            ValueError: ``meta`` and keywords both given, no ``bits``, a code outside the range for ``bits``,
+                or shapes that disagree with the metadata.
+        """
+        keywords = {"bits": bits, "dtype": dtype, "channel_axes": channel_axes, "group_size": group_size, "group_axis": group_axis}
+        given = sorted(k for k, v in keywords.items() if v is not None)
+        if meta is not None and given:
+            raise ValueError(f"leaf {path!r}: QArray.from_ints takes either meta or keywords, not both (got meta and {given})")
+        m = dict(meta) if meta is not None else {k: v for k, v in keywords.items() if v is not None}
+        return _from_ints(ints, scale, zero_point, m, path)
+
+    def to_parts(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Splits the QArray into NumPy arrays and JSON-serialisable metadata (for the file format).
+
+        Returns:
+            ``(arrays, meta)``: ``arrays`` has ``"values"`` (packed ``uint8`` stream or ``int8`` codes, see the
+            module docstring for the bit layout), ``"scale"`` (float32) and, when asymmetric, ``"zero_point"``
+            (int32). ``meta`` has ``format``, ``bits``, ``shape``, ``dtype``, ``symmetric``, ``packed``,
+            ``channel_axes``, ``group_size``, ``group_axis`` (plain ints, lists, strings, bools, None).
+        """
+        arrays = {"values": np.asarray(self.values), "scale": np.asarray(self.scale)}
+        if self.zero_point is not None:
+            arrays["zero_point"] = np.asarray(self.zero_point)
+        meta = {
+            "format": PARTS_FORMAT, "bits": self.bits, "shape": list(self.shape), "dtype": self.dtype.name,
+            "symmetric": self.symmetric, "packed": self.packed, "channel_axes": list(self.channel_axes),
+            "group_size": self.group_size, "group_axis": self.group_axis,
+        }
+        return arrays, meta
+
+    @classmethod
+    def from_parts(cls, arrays: Mapping[str, Any], meta: Mapping[str, Any], path: str = "QArray") -> QArray:
+        """Rebuilds a QArray from :meth:`to_parts` output, validating everything.
+
+        Raises:
+            ValueError: naming ``path`` on a wrong format tag, missing keys or arrays, or arrays that do not
+                match the metadata (shape, dtype, packed length, zero point presence).
+        """
+        if meta.get("format", PARTS_FORMAT) != PARTS_FORMAT:
+            raise ValueError(f"leaf {path!r}: unknown QArray format {meta.get('format')!r}, expected {PARTS_FORMAT!r}")
+        missing = [k for k in ("bits", "shape", "dtype") if k not in meta] + [k for k in ("values", "scale") if k not in arrays]
+        if missing:
+            raise ValueError(f"leaf {path!r}: QArray parts are missing {missing}")
+        symmetric = bool(meta.get("symmetric", "zero_point" not in arrays))
+        if symmetric == ("zero_point" in arrays):
+            raise ValueError(f"leaf {path!r}: symmetric={symmetric} but zero_point is {'present' if symmetric else 'absent'}")
+        try:
+            dtype = jnp.dtype(meta["dtype"])
+        except TypeError as e:
+            raise ValueError(f"leaf {path!r}: bad dtype {meta['dtype']!r}") from e
+        zp = arrays.get("zero_point")
+        return cls(
+            jnp.asarray(arrays["values"]), jnp.asarray(arrays["scale"]), None if zp is None else jnp.asarray(zp),
+            bits=int(meta["bits"]), shape=tuple(meta["shape"]), dtype=dtype,
+            channel_axes=tuple(meta.get("channel_axes", ())), group_size=meta.get("group_size"),
+            group_axis=meta.get("group_axis"), path=path,
+        )
+
     def __repr__(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         grp = f", group_size={self.group_size}" if self.group_size else ""
@@ -327,18 +420,6 @@ def codes_to_storage(q: jax.Array, bits: int) -> jax.Array:
 _codes_to_storage_jit = jax.jit(codes_to_storage, static_argnums=1)  # one compiled kernel for eager callers
 
 
-def quantized_ints(q: QArray) -> jax.Array:
-    """The signed integer codes of ``q`` as ``int8`` in ``q.shape`` (unpacked; ``-1``/``+1`` for 1 bit).
-
-    Symmetric codes lie in ``[-(2^(b-1)-1), 2^(b-1)-1]``, asymmetric ones in ``[-2^(b-1), 2^(b-1)-1]``; a weight
-    that was exactly zero has code 0 when symmetric (so pruned weights stay sparse in the codes).
-    ``dequantize(q) == (ints - zero_point) * scale`` evaluated in the grouped view ``q.layout.grouped_shape``.
-    """
-    if not q.packed:
-        return jnp.asarray(q.values).astype(jnp.int8)
-    return _unpacked(q)
-
-
 @jax.jit
 def _unpacked(q: QArray) -> jax.Array:
     u = unpack_codes(q.values, q.bits, q.size).astype(jnp.int8)
@@ -346,31 +427,9 @@ def _unpacked(q: QArray) -> jax.Array:
     return codes.reshape(q.shape)
 
 
-def qarray_from_ints(
-    ints, scale, zero_point=None, meta: Mapping[str, Any] | None = None, *, bits=None, dtype=None, channel_axes=None, group_size=None, group_axis=None, path: str = "QArray"
-) -> QArray:
-    """Builds (and packs) a QArray from unpacked integer codes, the inverse of :func:`quantized_ints`.
-
-    Args:
-        ints: integer codes of the original shape, or flat when ``meta`` has a ``shape`` (any integer dtype;
-            range checked when concrete).
-        scale: float32 scales of shape ``layout.scale_shape`` (as stored in ``QArray.scale``).
-        zero_point: int32 zero points (same shape as ``scale``) for asymmetric arrays, else ``None``.
-        meta: optional metadata dict as returned by :func:`qarray_to_parts` (keys ``bits``, ``dtype``,
-            ``channel_axes``, ``group_size``, ``group_axis``); keyword arguments override it.
-        bits, dtype, channel_axes, group_size, group_axis: the QArray metadata (``dtype`` defaults to float32,
-            ``channel_axes`` to ``()``).
-        path: the leaf name used in error messages.
-
-    Raises:
-        ValueError: if a code is outside the range for ``bits`` or the shapes disagree with the metadata.
-    """
-    m = dict(meta or {})
-    for k, v in (("bits", bits), ("dtype", dtype), ("channel_axes", channel_axes), ("group_size", group_size), ("group_axis", group_axis)):
-        if v is not None:
-            m[k] = v
+def _from_ints(ints, scale, zero_point, m: dict[str, Any], path: str) -> QArray:
     if "bits" not in m:
-        raise ValueError(f"leaf {path!r}: qarray_from_ints needs bits (as a keyword or in meta)")
+        raise ValueError(f"leaf {path!r}: QArray.from_ints needs bits (as a keyword or in meta)")
     b = int(m["bits"])
     if not 1 <= b <= 8:
         raise ValueError(f"leaf {path!r}: bits={b} is outside 1..8")
@@ -398,49 +457,17 @@ def qarray_from_ints(
     )
 
 
-def qarray_to_parts(q: QArray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Splits a QArray into NumPy arrays and JSON-serialisable metadata (for the file format).
-
-    Returns:
-        ``(arrays, meta)``: ``arrays`` has ``"values"`` (packed ``uint8`` stream or ``int8`` codes, see the
-        module docstring for the bit layout), ``"scale"`` (float32) and, when asymmetric, ``"zero_point"``
-        (int32). ``meta`` has ``format``, ``bits``, ``shape``, ``dtype``, ``symmetric``, ``packed``,
-        ``channel_axes``, ``group_size``, ``group_axis`` (plain ints, lists, strings, bools, None).
-    """
-    arrays = {"values": np.asarray(q.values), "scale": np.asarray(q.scale)}
-    if q.zero_point is not None:
-        arrays["zero_point"] = np.asarray(q.zero_point)
-    meta = {
-        "format": PARTS_FORMAT, "bits": q.bits, "shape": list(q.shape), "dtype": q.dtype.name,
-        "symmetric": q.symmetric, "packed": q.packed, "channel_axes": list(q.channel_axes),
-        "group_size": q.group_size, "group_axis": q.group_axis,
-    }
-    return arrays, meta
+_DEPRECATED = {
+    "quantized_ints": "QArray.ints",
+    "qarray_from_ints": "QArray.from_ints",
+    "qarray_to_parts": "QArray.to_parts",
+    "qarray_from_parts": "QArray.from_parts",
+}
 
 
-def qarray_from_parts(arrays: Mapping[str, Any], meta: Mapping[str, Any], path: str = "QArray") -> QArray:
-    """Rebuilds a QArray from :func:`qarray_to_parts` output, validating everything.
-
-    Raises:
-        ValueError: naming ``path`` on a wrong format tag, missing keys or arrays, or arrays that do not
-            match the metadata (shape, dtype, packed length, zero point presence).
-    """
-    if meta.get("format", PARTS_FORMAT) != PARTS_FORMAT:
-        raise ValueError(f"leaf {path!r}: unknown QArray format {meta.get('format')!r}, expected {PARTS_FORMAT!r}")
-    missing = [k for k in ("bits", "shape", "dtype") if k not in meta] + [k for k in ("values", "scale") if k not in arrays]
-    if missing:
-        raise ValueError(f"leaf {path!r}: QArray parts are missing {missing}")
-    symmetric = bool(meta.get("symmetric", "zero_point" not in arrays))
-    if symmetric == ("zero_point" in arrays):
-        raise ValueError(f"leaf {path!r}: symmetric={symmetric} but zero_point is {'present' if symmetric else 'absent'}")
-    try:
-        dtype = jnp.dtype(meta["dtype"])
-    except TypeError as e:
-        raise ValueError(f"leaf {path!r}: bad dtype {meta['dtype']!r}") from e
-    zp = arrays.get("zero_point")
-    return QArray(
-        jnp.asarray(arrays["values"]), jnp.asarray(arrays["scale"]), None if zp is None else jnp.asarray(zp),
-        bits=int(meta["bits"]), shape=tuple(meta["shape"]), dtype=dtype,
-        channel_axes=tuple(meta.get("channel_axes", ())), group_size=meta.get("group_size"),
-        group_axis=meta.get("group_axis"), path=path,
-    )
+def __getattr__(name: str) -> Any:
+    """The former helper functions, now ``QArray`` methods; they still resolve for one release, with a warning."""
+    if name in _DEPRECATED:
+        warnings.warn(f"compressjax.qarray.{name} is deprecated; use {_DEPRECATED[name]}", DeprecationWarning, stacklevel=2)
+        return getattr(QArray, _DEPRECATED[name].split(".")[1])
+    raise AttributeError(f"module 'compressjax.qarray' has no attribute {name!r}")

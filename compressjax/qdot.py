@@ -28,30 +28,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from compressjax.qarray import QuantSpec
-from compressjax.quantization import (
-    DEFAULT_SPEC,
-    _check_input,
-    _codes,
-    _compute_scale_grouped,
-    _given_scale,
-    fake_quant,
-)
+from compressjax.quantization import DEFAULT_SPEC, fake_quant, quantized_codes
 
 __all__ = ["quantized_dot_general"]
 
 MODES = ("fake", "int")
-
-
-def _operand_codes(x, spec: QuantSpec, scale, zero_point, path: str):
-    """int8 codes in the original shape, float32 scale and float zero point in the grouped view, and the layout."""
-    lay = _check_input(x, spec, path)
-    xs = lax.stop_gradient(x)
-    if scale is None:
-        s, z = _compute_scale_grouped(xs.astype(jnp.float32).reshape(lay.grouped_shape), spec, lay.reduce_axes)
-    else:
-        s, z = _given_scale(scale, zero_point, spec, lay, path)
-    q = _codes(xs.astype(jnp.float32).reshape(lay.grouped_shape), s, z, spec).reshape(lay.shape)
-    return q, s, z, lay
 
 
 def _to_out(a, batch, contract, free, side: str, n_other_free: int, what: str):
@@ -75,8 +56,8 @@ def _to_out(a, batch, contract, free, side: str, n_other_free: int, what: str):
 def _int_dot(lhs, rhs, dimension_numbers, wspec, aspec, a_scale, a_zp, preferred_element_type, kwargs):
     (lc, rc), (lb, rb) = dimension_numbers
     lc, rc, lb, rb = (tuple(int(a) % n for a in axes) for axes, n in ((lc, lhs.ndim), (rc, rhs.ndim), (lb, lhs.ndim), (rb, rhs.ndim)))
-    ql, sl, zl, lay_l = _operand_codes(lhs, aspec, a_scale, a_zp, "dot_general lhs (activations)")
-    qr, sr, zr, lay_r = _operand_codes(rhs, wspec, None, None, "dot_general rhs (weights)")
+    ql, sl, zl, lay_l = quantized_codes(lhs, aspec, scale=a_scale, zero_point=a_zp, path="dot_general lhs (activations)")
+    qr, sr, zr, lay_r = quantized_codes(rhs, wspec, path="dot_general rhs (weights)")
     if zr is not None:
         raise ValueError("mode='int' needs a symmetric weight spec (asymmetric weights: use mode='fake')")
     if lay_l.group_axis is not None:

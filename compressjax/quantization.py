@@ -21,6 +21,11 @@ Numerics (see also :mod:`compressjax.qarray`):
   underflowed scale, so no NaN or Inf appears.
 * Arithmetic runs in float32 for float32, bfloat16 and float16 inputs; scales are float32 and
   :func:`dequantize` returns the input dtype.
+* Every finite float32 input gives finite codes, scales and dequantized values, up to float32's max:
+  ranges are formed as ``hi / n - lo / n`` (never ``hi - lo``), codes divide by the scale in a way that
+  cannot flush to zero (see ``_div_scale``), and the 1-bit mean cannot overflow.
+* float64 leaves (64-bit types on) are rejected with a ``TypeError`` naming the leaf (no silent narrowing);
+  zero-size leaves (e.g. shape ``(0, n)``) pass through with scale 1.
 * NaN/Inf inputs raise ``ValueError`` in eager calls. Under ``jit`` the values are not visible: a NaN
   propagates into its scale group (the codes are then undefined), so check weights before tracing.
 
@@ -42,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import tree
-from compressjax.qarray import Layout, QArray, QuantSpec, code_range, codes_to_storage, quantized_ints
+from compressjax.qarray import Layout, QArray, QuantSpec, code_range, codes_to_storage
 
 __all__ = [
     "DTypeError",
@@ -50,7 +55,7 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "compute_scale",
-    "ste_surrogate",
+    "quantized_codes",
     "quantize_params",
     "dequantize_params",
     "fake_quant_params",
@@ -75,16 +80,50 @@ def _check_input(x: Any, spec: QuantSpec, path: str) -> Layout:
         raise TypeError(f"leaf {path!r}: spec must be a QuantSpec, got {spec!r}")
     if isinstance(x, QArray):
         raise TypeError(f"leaf {path!r} is already a QArray ({x!r}); dequantize it first")
+    if tree.is_compressed_leaf(x):
+        raise TypeError(f"leaf {path!r} is already compressed ({type(x).__name__}); decompress it first")
     dtype = getattr(x, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         got = dtype if dtype is not None else type(x).__name__
         raise DTypeError(f"leaf {path!r} has dtype {got}; quantize needs a floating-point array (float32, bfloat16, float16)")
+    if jax.dtypes.canonicalize_dtype(dtype) == jnp.float64:
+        raise DTypeError(
+            f"leaf {path!r} has dtype float64; quantize works in float32 (scales are float32), so cast the leaf "
+            "to float32 first, deliberately (a value such as 1e300 has no float32 code)"
+        )
     tree.check_finite(path, x)
     return Layout(tuple(x.shape), spec.channel_axes, spec.group_size, spec.group_axis, path)
 
 
 def _grouped(x: jax.Array, lay: Layout) -> jax.Array:
     return x.astype(jnp.float32).reshape(lay.grouped_shape)
+
+
+def _div_scale(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x / scale`` for any finite ``x`` and positive finite float32 ``scale``, without a flushed reciprocal.
+
+    XLA rewrites ``x / broadcast(scale)`` into ``x * broadcast(1 / scale)``, and ``1 / scale`` is subnormal
+    (flushed to zero on CPU) once ``scale > 2**126`` (~8.5e37): every code would become 0. Both sides are
+    first multiplied by an exact power of two that brings such a scale below ``2**100`` (scales are normal
+    float32, so ``1 / scale`` never overflows); ordinary scales get the factor 1, so their codes are bit for bit
+    what ``x * (1 / scale)`` gives, at the cost of one more multiply per element. (A constant factor such as
+    ``(x / 4) / (scale / 4)`` does not work: XLA cancels it and flushes again.)
+    """
+    big = scale > 2.0**100
+
+    def rescaled(_):
+        pre = jnp.where(big, jnp.float32(2.0**-64), jnp.float32(1.0))
+        return (x * pre) / (scale * pre)
+
+    # Only tensors with such huge scales pay for the extra multiply (it halves the speed of quantize's
+    # fused compiled function); the branch is chosen on the device, without retracing.
+    return jax.lax.cond(jnp.any(big), rescaled, lambda _: x / scale, None)
+
+
+def _finite(y: jax.Array, dtype) -> jax.Array:
+    """``y`` clipped to the finite range of ``dtype`` (a dequantized value may sit half a step past the max)."""
+    big = float(jnp.finfo(dtype).max)
+    return jnp.clip(y, -big, big)
 
 
 def _qdq(xg, scale, zp, spec: QuantSpec):
@@ -94,20 +133,20 @@ def _qdq(xg, scale, zp, spec: QuantSpec):
         mask = jnp.abs(xg) <= (2.0 + _SLACK) * scale
         return y, mask
     qmin, qmax = code_range(spec.bits, spec.symmetric)
-    t = xg / scale
+    t = _div_scale(xg, scale)
     if zp is not None:
         t = t + zp
     q = jnp.clip(jnp.round(t), qmin, qmax)
     y = (q - zp) * scale if zp is not None else q * scale
     mask = (t >= qmin - 0.5 - _SLACK) & (t <= qmax + 0.5 + _SLACK)
-    return y, mask
+    return _finite(y, jnp.float32), mask
 
 
 def _codes(xg, scale, zp, spec: QuantSpec) -> jax.Array:
     if spec.bits == 1:
         return jnp.where(xg >= 0, 1, -1).astype(jnp.int8)
     qmin, qmax = code_range(spec.bits, spec.symmetric)
-    t = xg / scale
+    t = _div_scale(xg, scale)
     if zp is not None:
         t = t + zp.astype(jnp.float32)
     return jnp.clip(jnp.round(t), qmin, qmax).astype(jnp.int8)
@@ -124,9 +163,10 @@ def _scale_from_range(lo, hi, spec: QuantSpec):
         scale = jnp.where(m > _TINY, m / (spec.qmax + 0.5), 1.0)
         return scale, None
     qmin, qmax = code_range(spec.bits, False)
-    scale = (hi - lo) / (qmax - qmin)
+    # hi / n - lo / n, not (hi - lo) / n: the range of finite inputs can exceed float32's max.
+    scale = hi / (qmax - qmin) - lo / (qmax - qmin)
     scale = jnp.where(scale > _TINY, scale, 1.0)
-    zp = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
+    zp = jnp.clip(qmin - jnp.round(_div_scale(lo, scale)), qmin, qmax)
     return scale, zp
 
 
@@ -137,8 +177,11 @@ def _ranges(xg, spec: QuantSpec, axes):
             a = jnp.abs(xg)
             m = jnp.quantile(a, p, axis=axes, keepdims=True) if axes else a
             return -m, m
-        hi = jnp.quantile(xg, p, axis=axes, keepdims=True) if axes else xg
-        lo = jnp.quantile(xg, 1.0 - p, axis=axes, keepdims=True) if axes else xg
+        # Halved (exactly) before interpolating: the interpolation forms b - a, which can overflow for
+        # finite values of opposite signs near float32's max.
+        h = xg * 0.5
+        hi = 2.0 * jnp.quantile(h, p, axis=axes, keepdims=True) if axes else xg
+        lo = 2.0 * jnp.quantile(h, 1.0 - p, axis=axes, keepdims=True) if axes else xg
     else:
         lo, hi = _reduce(jnp.min, xg, axes), _reduce(jnp.max, xg, axes)
         if spec.symmetric:
@@ -149,8 +192,18 @@ def _ranges(xg, spec: QuantSpec, axes):
 
 @partial(jax.jit, static_argnames=("spec", "axes"))
 def _compute_scale_grouped(xg, spec: QuantSpec, axes):
+    if xg.size == 0:
+        # A zero-size leaf (e.g. an empty kernel of shape (0, n)) has nothing to calibrate: scale 1 (and
+        # zero point 0), so it passes through quantize / quantize_params / save instead of failing in an
+        # empty reduction.
+        shape = tuple(1 if a in axes else d for a, d in enumerate(xg.shape))
+        return jnp.ones(shape, jnp.float32), (None if spec.symmetric else jnp.zeros(shape, jnp.float32))
     if spec.bits == 1:
-        return _reduce(jnp.mean, jnp.abs(xg), axes), None
+        a = jnp.abs(xg)
+        mean = _reduce(jnp.mean, a, axes)
+        # The sum behind the mean overflows for huge weights; the mean of a / 2**32 does not.
+        scaled = _reduce(jnp.mean, a * 2.0**-32, axes) * 2.0**32
+        return jnp.where(jnp.isfinite(mean), mean, scaled), None
     lo, hi = _ranges(xg, spec, axes)
     if spec.calibration != "mse":
         return _scale_from_range(lo, hi, spec)
@@ -158,7 +211,7 @@ def _compute_scale_grouped(xg, spec: QuantSpec, axes):
     def err_of(alpha):
         s, z = _scale_from_range(alpha * lo, alpha * hi, spec)
         y, _ = _qdq(xg, s, z, spec)
-        d = jnp.abs(y - xg)
+        d = jnp.abs(y - xg) * 0.5  # halved: y - xg can exceed float32's max for extreme inputs
         d = d if spec.error_power == 1 else jnp.square(d) if spec.error_power == 2 else d ** spec.error_power
         return _reduce(jnp.sum, d, axes), s, z
 
@@ -180,8 +233,7 @@ def compute_scale(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, path: str = "
     Shapes follow ``Layout.scale_shape``: the grouped view of ``x`` (group axis split into
     ``(n_groups, group_size)``) with the reduced axes kept as size 1.
     """
-    lay = _check_input(x, spec, path)
-    scale, zp = _compute_scale_grouped(_grouped(jax.lax.stop_gradient(x), lay), spec, lay.reduce_axes)
+    _, scale, zp = _scales(x, spec, None, None, path)
     return scale, None if zp is None else zp.astype(jnp.int32)
 
 
@@ -193,6 +245,17 @@ def _given_scale(scale, zero_point, spec, lay, path):
         raise ValueError(f"leaf {path!r}: scale/zero_point do not broadcast to the scale shape {lay.scale_shape}: {e}") from None
     if spec.symmetric != (z is None):
         raise ValueError(f"leaf {path!r}: symmetric={spec.symmetric} spec but zero_point={'missing' if z is None else 'given'}")
+    if not isinstance(s, jax.core.Tracer):
+        # Codes divide by the scale (1 bit does not: there a zero scale is an all-zero group).
+        # Codes divide by the scale, so it must be a normal float32 (CPUs flush subnormals to zero); 1 bit
+        # does not divide, and there a zero scale is an all-zero group.
+        v = np.asarray(s)
+        tiny = float(np.finfo(np.float32).tiny)
+        bad = v[~(np.isfinite(v) & ((v >= tiny) | ((v == 0) & (spec.bits == 1))))]
+        if bad.size:
+            raise ValueError(
+                f"leaf {path!r}: a given scale must be finite and > 0 (a normal float32, >= {tiny:.3g}), got {bad.ravel()[0]}"
+            )
     return s, z
 
 
@@ -211,11 +274,12 @@ def quantize(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, zero_p
         ValueError: NaN/Inf in eager calls, channel axes out of range, a group size that does not divide
             the group axis; all naming ``path``.
     """
-    lay = _check_input(x, spec, path)
     if scale is None:
+        # The core (_compute_scale_grouped, then _codes) fused into one compiled function for eager calls.
+        lay = _check_input(x, spec, path)
         values, s, z = _quantize_calibrated(x, spec, lay.grouped_shape, lay.reduce_axes)
     else:
-        s, z = _given_scale(scale, zero_point, spec, lay, path)
+        lay, s, z = _scales(x, spec, scale, zero_point, path)
         values = _quantize_values(x, s, z, spec, lay.grouped_shape)
         z = None if z is None else z.astype(jnp.int32)
     return QArray(
@@ -251,10 +315,10 @@ def dequantize(q: QArray, *, path: str = "QArray") -> jax.Array:
 @jax.jit
 def _dequantize_core(q: QArray) -> jax.Array:
     lay = q.layout
-    codes = quantized_ints(q).astype(jnp.float32).reshape(lay.grouped_shape)
+    codes = q.ints().astype(jnp.float32).reshape(lay.grouped_shape)
     if q.zero_point is not None:
         codes = codes - q.zero_point.astype(jnp.float32)
-    return (codes * q.scale).reshape(q.shape).astype(q.dtype)
+    return _finite(codes * q.scale, q.dtype).reshape(q.shape).astype(q.dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -276,15 +340,30 @@ def _fq_bwd(spec, res, g):
 _fake_quant_core.defvjp(_fq_fwd, _fq_bwd)
 
 
-def _fake_quant_parts(x, spec, scale, zero_point, path):
+def _scales(x, spec: QuantSpec, scale, zero_point, path: str):
+    """The quantization core's first half, shared by every entry point: check ``x``, then the float32 scale
+    and float zero point in the grouped view, calibrated from ``x`` (``scale=None``) or given; constants
+    for autodiff. Returns ``(layout, scale, zero_point)``; the second half is :func:`_codes` (or
+    :func:`_qdq` for fake quantization)."""
     lay = _check_input(x, spec, path)
     if scale is None:
-        xs = jax.lax.stop_gradient(x).astype(jnp.float32).reshape(lay.grouped_shape)
-        s, z = _compute_scale_grouped(xs, spec, lay.reduce_axes)
+        s, z = _compute_scale_grouped(_grouped(jax.lax.stop_gradient(x), lay), spec, lay.reduce_axes)
     else:
         s, z = _given_scale(scale, zero_point, spec, lay, path)
-        s, z = jax.lax.stop_gradient(s), None if z is None else jax.lax.stop_gradient(z)
-    return lay, s, z
+    return lay, jax.lax.stop_gradient(s), None if z is None else jax.lax.stop_gradient(z)
+
+
+def quantized_codes(x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None, path: str = "x"):
+    """The core for integer kernels (used by :func:`compressjax.quantized_dot_general`'s ``mode="int"``).
+
+    Returns:
+        ``(codes, scale, zero_point, layout)``: ``int8`` codes in ``x``'s shape, the float32 scale and float
+        zero point (``None`` when symmetric) in the grouped view ``layout.grouped_shape``, and the
+        :class:`~compressjax.qarray.Layout`. Errors as in :func:`quantize`.
+    """
+    lay, s, z = _scales(x, spec, scale, zero_point, path)
+    q = _codes(_grouped(jax.lax.stop_gradient(x), lay), s, z, spec).reshape(lay.shape)
+    return q, s, z, lay
 
 
 def fake_quant(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, zero_point=None, path: str = "x") -> jax.Array:
@@ -300,17 +379,19 @@ def fake_quant(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, zero
         Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
         Inference", CVPR 2018.
     """
-    lay, s, z = _fake_quant_parts(x, spec, scale, zero_point, path)
+    lay, s, z = _scales(x, spec, scale, zero_point, path)
     return _fake_quant_core(x.reshape(lay.grouped_shape), s, z, spec).reshape(lay.shape)
 
 
 def ste_surrogate(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, zero_point=None, path: str = "x") -> jax.Array:
     """The smooth function whose gradient the STE of :func:`fake_quant` returns: ``x`` clipped to the range.
 
+    A test aid (not part of the public API): it lets the tests check the STE with finite differences.
+
     ``jax.grad`` of ``fake_quant`` equals ``jax.grad`` of this function almost everywhere, which lets tests
     check the STE against finite differences (``jax.test_util.check_grads``).
     """
-    lay, s, z = _fake_quant_parts(x, spec, scale, zero_point, path)
+    lay, s, z = _scales(x, spec, scale, zero_point, path)
     xg = x.reshape(lay.grouped_shape)
     if spec.bits == 1:
         lo, hi = -2.0 * s, 2.0 * s
@@ -331,6 +412,11 @@ def resolve_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_
     leaf path, or a callable ``(path, leaf) -> bool``) to a ``QuantSpec`` or ``None`` (keep in float). The
     first matching pattern wins; unmatched leaves stay float.
 
+    Already-quantized leaves (:class:`QArray`, or any compressed leaf) are single leaves: the default
+    selection (a single ``QuantSpec``) passes them through untouched, so a partly quantized tree can be
+    finished; a pattern that maps one of them to a ``QuantSpec`` raises ``TypeError`` (quantizing again
+    would quantize its scales). Float64 leaves raise ``TypeError`` (see the module docstring).
+
     A pattern that matches no leaf, or only leaves already taken by earlier patterns, raises ``ValueError``
     with ``on_unmatched="error"`` (default, it usually means a typo), warns with ``"warn"``, and is silent
     with ``"ignore"``.
@@ -342,7 +428,10 @@ def resolve_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_
     if on_unmatched not in ("error", "warn", "ignore"):
         raise ValueError(f"on_unmatched must be 'error', 'warn' or 'ignore', got {on_unmatched!r}")
     if isinstance(rules, QuantSpec):
-        return {p: rules for p, _ in tree.selected_leaves(params, None, is_leaf=is_leaf)}
+        plan = {p: rules for p, _ in tree.selected_leaves(params, None, allow_empty=True, is_leaf=is_leaf)}
+        if not plan:
+            _raise_nothing_to_quantize(params, rules, is_leaf)
+        return plan
     if isinstance(rules, Mapping):
         pairs = list(rules.items())
     elif isinstance(rules, Sequence) and not isinstance(rules, str) and all(isinstance(r, tuple) and len(r) == 2 for r in rules):
@@ -360,7 +449,7 @@ def resolve_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_
     matched = [False] * len(preds)
     taken = [False] * len(preds)
     for path, leaf in tree.leaves_with_paths(params, is_leaf):
-        if leaf is None or isinstance(leaf, QArray):
+        if leaf is None:
             continue
         first = True
         for i, (pattern, pred, spec) in enumerate(preds):
@@ -368,6 +457,12 @@ def resolve_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_
                 matched[i] = True
                 if first:
                     taken[i], first = True, False
+                    if spec is not None and tree.is_compressed_leaf(leaf):
+                        raise TypeError(
+                            f"leaf {path!r} matched by rules pattern {pattern!r} is already quantized "
+                            f"({type(leaf).__name__}); quantizing it again would quantize its scales. Map it "
+                            "to None in the rules, or dequantize_params first"
+                        )
                     if spec is not None:
                         if not tree.is_float_array(leaf):
                             got = getattr(leaf, "dtype", type(leaf).__name__)
@@ -383,8 +478,14 @@ def resolve_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_
             raise ValueError(msg)
         warnings.warn(msg, stacklevel=3)
     if not plan:
-        raise ValueError(f"rules {rules!r} quantize no leaf of the params tree")
+        _raise_nothing_to_quantize(params, rules, is_leaf)
     return plan
+
+
+def _raise_nothing_to_quantize(params: Any, rules: Any, is_leaf) -> None:
+    done = [p for p, x in tree.leaves_with_paths(params, is_leaf) if tree.is_compressed_leaf(x)]
+    hint = f" ({len(done)} leaves are already quantized, e.g. {done[0]!r})" if done else ""
+    raise ValueError(f"rules {rules!r} quantize no leaf of the params tree{hint}")
 
 
 def _map_plan(fn, params, plan, is_leaf=None):
@@ -392,7 +493,7 @@ def _map_plan(fn, params, plan, is_leaf=None):
         p = tree.path_to_str(kp)
         return fn(leaf, plan[p], p) if p in plan and leaf is not None else leaf
 
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_leaf)
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=tree.with_compressed_leaves(is_leaf))
 
 
 def quantize_params(params: Any, rules: Rules = DEFAULT_SPEC, *, on_unmatched: str = "error") -> Any:

@@ -26,12 +26,14 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from compressjax.pruning import check_sparsity, magnitude_masks
+from compressjax.pruning import check_positive_int, check_scope, check_sparsity, magnitude_masks
 from compressjax.tree import (
     PyTree,
     Where,
+    check_mask,
     check_same_structure,
     is_none,
+    leaves_with_paths,
     map_selected,
     path_to_str,
     selected_leaves,
@@ -109,17 +111,33 @@ def keep_masked(masks: PyTree) -> optax.GradientTransformation:
         masks: a mask tree from e.g. :func:`compressjax.magnitude_masks` (``None`` = leaf not masked).
 
     Raises:
-        ValueError: (at ``update``) if the masks do not match the updates tree.
+        ValueError: if the masks do not match the params (at ``init``) or updates (at ``update``) tree, or a
+            mask's shape differs from its leaf's (no broadcasting: a scalar ``False`` or a ``(4, 1)`` mask is
+            refused, naming the path).
+        TypeError: a mask that is not a boolean array, naming the path.
     """
+    for path, mask in leaves_with_paths(masks, is_none):
+        if mask is not None and getattr(mask, "dtype", None) != jnp.bool_:
+            check_mask(path, mask, mask)  # raises the TypeError naming the path
 
     def init(params):
-        check_same_structure(masks, params, "masks", "params")
+        _check_masks(masks, params, "params")
         return optax.EmptyState()
 
     def update(updates, state, params=None):
+        _check_masks(masks, updates, "updates")
         return _masked_updates(masks, updates, params), state
 
     return optax.GradientTransformation(init, update)
+
+
+def _check_masks(masks: PyTree, tree: PyTree, name: str) -> None:
+    """Same structure, and at each masked leaf a boolean mask of the leaf's exact shape (static facts)."""
+    check_same_structure(masks, tree, "masks", name)
+    flat_t = dict(leaves_with_paths(tree, is_none))
+    for path, mask in leaves_with_paths(masks, is_none):
+        if mask is not None:
+            check_mask(path, mask, flat_t[path])
 
 
 class GradualPruningState(NamedTuple):
@@ -158,10 +176,11 @@ def gradual_pruning(
         ValueError: non-positive ``update_every``, unknown scope, ``update()`` called without params,
             ``where`` selecting nothing (at ``init``).
     """
-    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
-        raise ValueError(f"update_every must be a positive int, got {update_every!r}")
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    try:
+        check_positive_int("update_every", update_every)
+    except TypeError as e:
+        raise ValueError(str(e)) from None  # documented as ValueError since the first release
+    check_scope(scope)
     if not callable(schedule):
         constant = check_sparsity(schedule, "schedule")
 

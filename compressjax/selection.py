@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["magnitude_bits", "kth_smallest_magnitude", "exact_keep_masks", "round_half_even_count", "CHUNK"]
+__all__ = ["magnitude_bits", "kth_smallest_magnitude", "exact_keep_masks", "round_half_even_count", "n_chunks", "CHUNK"]
 
 _HI_BITS = 16  # the high digit: bits 15..30 of the pattern (bit 31, the sign, is 0 for magnitudes)
 _LO_BITS = 15  # the low digit: bits 0..14
@@ -55,22 +55,34 @@ def _histogram(idx: jax.Array, nbins: int, acc: jax.Array | None = None) -> jax.
     return acc.at[idx].add(1, mode="promise_in_bounds")
 
 
-def _fold_chunks(x: jax.Array, fn, init):
-    """``fn(acc, bits, valid)`` folded over fixed-size chunks of ``x`` (flat), so no temporary is larger
-    than a chunk. The last chunk is clamped to end at ``x``'s end; ``valid`` marks the elements not
-    already seen by the previous chunk (``None`` when the leaf is one chunk)."""
-    flat = x.reshape(-1)
+def _chunk(flat: jax.Array, i: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Chunk ``i`` of the flat leaf ``flat`` (longer than ``CHUNK``): its magnitude bits, the flat positions,
+    and ``valid``, which marks the elements not already in chunk ``i - 1``. The last chunk is clamped to
+    end at the leaf's end, so every chunk has the static size ``CHUNK``. The one place for the chunk loop's
+    indexing: the counting passes and the tie split both read chunks through it."""
     n = flat.shape[0]
-    if n <= CHUNK:
-        return fn(init, magnitude_bits(flat), None)
+    start = jnp.minimum(i * CHUNK, n - CHUNK)
+    pos = start + lax.iota(jnp.int32, CHUNK)
+    return magnitude_bits(lax.dynamic_slice(flat, (start,), (CHUNK,))), pos, pos >= i * CHUNK
+
+
+def _fold_chunks(x: jax.Array, fn, init):
+    """``fn(acc, bits, valid, i)`` folded over the chunks of ``x`` (flat), so no temporary is larger than a
+    chunk; ``valid`` is ``None`` (and ``i`` is 0) when the leaf is one chunk."""
+    flat = x.reshape(-1)
+    if flat.shape[0] <= CHUNK:
+        return fn(init, magnitude_bits(flat), None, 0)
 
     def body(i, acc):
-        start = jnp.minimum(i * CHUNK, n - CHUNK)
-        bits = magnitude_bits(lax.dynamic_slice(flat, (start,), (CHUNK,)))
-        valid = start + lax.iota(jnp.int32, CHUNK) >= i * CHUNK
-        return fn(acc, bits, valid)
+        bits, _, valid = _chunk(flat, i)
+        return fn(acc, bits, valid, i)
 
-    return lax.fori_loop(0, -(-n // CHUNK), body, init)
+    return lax.fori_loop(0, n_chunks(flat.shape[0]), body, init)
+
+
+def n_chunks(n: int) -> int:
+    """Number of ``CHUNK``-sized chunks that cover ``n`` elements."""
+    return -(-n // CHUNK)
 
 
 def _first_bin_reaching(cum: jax.Array, k: jax.Array) -> jax.Array:
@@ -91,7 +103,8 @@ def kth_smallest_magnitude(leaves: Sequence[jax.Array], k: jax.Array) -> tuple[j
     """
     k = jnp.asarray(k, jnp.int32)
 
-    def hi_pass(acc, b, valid):
+    def hi_pass(acc, b, valid, i):
+        del i
         idx = (b >> _LO_BITS).astype(jnp.int32)
         return _histogram(idx if valid is None else jnp.where(valid, idx, _N_HI), _N_HI, acc)
 
@@ -103,7 +116,8 @@ def kth_smallest_magnitude(leaves: Sequence[jax.Array], k: jax.Array) -> tuple[j
     k_lo = k - below_hi
     d_hi_u = d_hi.astype(jnp.uint32)
 
-    def lo_pass(acc, b, valid):
+    def lo_pass(acc, b, valid, i):
+        del i
         take = (b >> _LO_BITS) == d_hi_u
         take = take if valid is None else take & valid
         # Elements outside the bucket are counted in a second bank of bins, at their high digit (mod 2**15),
@@ -146,21 +160,16 @@ def _leaf_mask(x: jax.Array, t: jax.Array, ties_to_prune: jax.Array, n_equal: ja
             tie = b == t
             rank = jnp.cumsum(tie.astype(jnp.int32))  # 1-based rank of each tie in row-major order
             return ((b > t) | (tie & (rank > ties_to_prune))).reshape(shape)
-        n_chunks = -(-n // CHUNK)
 
-        def count(i, acc):
-            start = jnp.minimum(i * CHUNK, n - CHUNK)
-            b = magnitude_bits(lax.dynamic_slice(flat, (start,), (CHUNK,)))
-            valid = start + lax.iota(jnp.int32, CHUNK) >= i * CHUNK
+        def count(acc, b, valid, i):
             return acc.at[i].set(jnp.sum((b == t) & valid, dtype=jnp.int32))
 
-        per_chunk = lax.fori_loop(0, n_chunks, count, jnp.zeros((n_chunks,), jnp.int32))
+        per_chunk = _fold_chunks(flat, count, jnp.zeros((n_chunks(n),), jnp.int32))
         cum = jnp.cumsum(per_chunk)
         c = jnp.sum(cum < ties_to_prune, dtype=jnp.int32)  # chunk holding the last tie to prune
         need = ties_to_prune - (cum[c] - per_chunk[c])  # its rank among that chunk's new ties
-        start = jnp.minimum(c * CHUNK, n - CHUNK)
-        pos = start + lax.iota(jnp.int32, CHUNK)
-        tie = (magnitude_bits(lax.dynamic_slice(flat, (start,), (CHUNK,))) == t) & (pos >= c * CHUNK)
+        bits, pos, valid = _chunk(flat, c)
+        tie = (bits == t) & valid
         rank = jnp.cumsum(tie.astype(jnp.int32))
         last = jnp.max(jnp.where(tie & (rank == need), pos, -1))  # flat index of the last pruned tie
         b = magnitude_bits(flat)

@@ -7,18 +7,23 @@ linen ``params`` dict give paths that read alike (``"Dense_0/kernel"``, ``"layer
 ``where`` selects the leaves a function touches:
 
 * ``None`` (default): floating-point array leaves with ``ndim >= 2`` (kernels and embeddings, not biases
-  or norm scales);
+  or norm scales), never a compressed leaf;
 * a string: a regular expression searched (``re.search``) in the path string;
 * a callable ``(path: str, leaf) -> bool``.
 
 Unselected leaves pass through untouched; functions that return per-leaf data (masks, statistics) hold
 ``None`` there.
+
+*Compressed leaves*: any object whose class sets ``_cj_compressed_leaf = True`` (:class:`compressjax.QArray`,
+a codebook-coded array, ...) is a pytree node for JAX (its codes and scales are children, so it crosses
+``jit``) but ONE leaf for every function here: its scales are never listed, selected, masked or
+quantized on their own. The default selector skips compressed leaves.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import jax
@@ -37,17 +42,33 @@ __all__ = [
     "selected_leaves",
     "map_selected",
     "map_with_masks",
-    "iter_selected",
     "check_same_structure",
+    "check_mask",
+    "is_compressed_leaf",
+    "with_compressed_leaves",
+    "check_not_float64",
     "is_none",
     "is_float_array",
     "check_finite",
 ]
 
 
+def is_compressed_leaf(x: Any) -> bool:
+    """True for an object whose class sets ``_cj_compressed_leaf = True`` (a QArray, a codebook array, ...)."""
+    return bool(getattr(type(x), "_cj_compressed_leaf", False))
+
+
 def is_none(x: Any) -> bool:
-    """``is_leaf`` predicate that keeps ``None`` as a leaf (masks hold ``None`` at unselected leaves)."""
-    return x is None
+    """``is_leaf`` predicate that keeps ``None`` (and compressed leaves) as leaves; masks hold ``None`` at
+    unselected leaves."""
+    return x is None or is_compressed_leaf(x)
+
+
+def with_compressed_leaves(is_leaf: Callable[[Any], bool] | None) -> Callable[[Any], bool]:
+    """``is_leaf`` extended so that compressed leaves are always leaves."""
+    if is_leaf is None:
+        return is_compressed_leaf
+    return lambda x: is_compressed_leaf(x) or bool(is_leaf(x))
 
 
 def _key_str(key: Any) -> str:
@@ -66,15 +87,33 @@ def path_to_str(path: tuple[Any, ...]) -> str:
 
 
 def leaves_with_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
-    """All leaves of ``tree`` with their path strings, in ``jax.tree_util`` flattening order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    """All leaves of ``tree`` with their path strings, in ``jax.tree_util`` flattening order.
+
+    Compressed leaves (see the module docstring) are kept whole, whatever ``is_leaf`` says.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=with_compressed_leaves(is_leaf))
     return [(path_to_str(p), leaf) for p, leaf in flat]
 
 
 def is_float_array(leaf: Any) -> bool:
-    """True for arrays (JAX, NumPy or tracers) with a floating-point dtype."""
+    """True for arrays (JAX, NumPy or tracers) with a floating-point dtype (compressed leaves excluded)."""
     dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+    return dtype is not None and not is_compressed_leaf(leaf) and jnp.issubdtype(dtype, jnp.floating)
+
+
+def check_not_float64(path: str, leaf: Any, what: str = "compressjax") -> None:
+    """Raises ``TypeError`` naming ``path`` for a leaf that JAX would hold as float64 (64-bit types on).
+
+    compressjax computes in float32 (thresholds on float32 bit patterns, float32 scales); narrowing a
+    float64 leaf silently would reorder or overflow values (``1e300`` becomes ``inf``), so it is rejected.
+    With 64-bit types off, JAX itself narrows NumPy float64 arrays to float32 and they are accepted.
+    """
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jax.dtypes.canonicalize_dtype(dtype) == jnp.float64:
+        raise TypeError(
+            f"leaf {path!r} has dtype float64; {what} works in float32: cast it first "
+            "(e.g. jax.tree.map(lambda x: x.astype(jnp.float32), params)), deliberately, where 1e300 cannot occur"
+        )
 
 
 def _default_where(path: str, leaf: Any) -> bool:
@@ -121,12 +160,19 @@ def selected_leaves(
 
     Raises:
         ValueError: if nothing is selected (unless ``allow_empty``), or the tree is empty.
-        TypeError: if a selected leaf is not a floating-point array (when ``require_float``).
+        TypeError: if a selected leaf is not a floating-point array, is float64 or is a compressed leaf
+            (when ``require_float``), naming its path.
     """
     pred = selector(where)
     chosen = [(p, leaf) for p, leaf in leaves_with_paths(tree, is_leaf) if pred(p, leaf)]
     if require_float:
         for p, leaf in chosen:
+            if is_compressed_leaf(leaf):
+                raise TypeError(
+                    f"leaf {p!r} selected by where={where!r} is already compressed ({type(leaf).__name__}); "
+                    "decompress it first (e.g. compressjax.dequantize_params) or leave it out of `where`"
+                )
+            check_not_float64(p, leaf)
             if not is_float_array(leaf):
                 dtype = getattr(leaf, "dtype", type(leaf).__name__)
                 raise TypeError(f"leaf {p!r} selected by where={where!r} has dtype {dtype}; expected a floating-point array")
@@ -137,15 +183,6 @@ def selected_leaves(
         shown = ", ".join(repr(p) for p in paths[:8]) + (", ..." if len(paths) > 8 else "")
         raise ValueError(f"where={where!r} selects no leaf; the tree's leaves are {shown}")
     return chosen
-
-
-def iter_selected(
-    tree: PyTree, where: Where = None, is_leaf: Callable[[Any], bool] | None = None
-) -> Iterator[tuple[str, Any, bool]]:
-    """Yields ``(path, leaf, selected)`` for every leaf of ``tree``."""
-    pred = selector(where)
-    for p, leaf in leaves_with_paths(tree, is_leaf):
-        yield p, leaf, pred(p, leaf)
 
 
 def map_selected(
@@ -176,7 +213,7 @@ def map_selected(
             return fn(p, leaf)
         return None if unselected == "none" else leaf
 
-    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_leaf)
+    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=with_compressed_leaves(is_leaf))
 
 
 def map_with_masks(fn: Callable[[str, Any, Any], Any], masks: PyTree, params: PyTree) -> PyTree:
@@ -191,7 +228,11 @@ def map_with_masks(fn: Callable[[str, Any, Any], Any], masks: PyTree, params: Py
     check_same_structure(masks, params, "masks", "params")
 
     def visit(path, mask, leaf):
-        return leaf if mask is None else fn(path_to_str(path), mask, leaf)
+        if mask is None:
+            return leaf
+        p = path_to_str(path)
+        check_mask(p, mask, leaf)
+        return fn(p, mask, leaf)
 
     return jax.tree_util.tree_map_with_path(visit, masks, params, is_leaf=is_none)
 
@@ -212,6 +253,30 @@ def check_same_structure(a: PyTree, b: PyTree, name_a: str = "masks", name_b: st
     if not detail:
         detail.append(f"{name_a} has {len(pa)} leaves, {name_b} has {len(pb)}")
     raise ValueError(f"{name_a} and {name_b} trees do not match: " + "; ".join(detail))
+
+
+def check_mask(path: str, mask: Any, leaf: Any) -> None:
+    """Raises naming ``path`` unless ``mask`` is a boolean array of exactly ``leaf``'s shape.
+
+    Static facts only (dtype and shape), so the check also runs under ``jit``. A float mask is refused
+    (``0.1`` would read as "keep"), and so is any broadcasting (a scalar ``False`` or a ``(4, 1)`` mask would
+    prune a whole layer or whole rows).
+
+    Raises:
+        TypeError: the mask is not an array of dtype bool, or the leaf is a compressed leaf.
+        ValueError: the mask's shape differs from the leaf's.
+    """
+    if is_compressed_leaf(leaf):
+        raise TypeError(f"leaf {path!r} is already compressed ({type(leaf).__name__}); masks apply to float leaves")
+    dtype = getattr(mask, "dtype", None)
+    if dtype is None or jnp.dtype(dtype) != jnp.bool_:
+        got = f"dtype {dtype}" if dtype is not None else type(mask).__name__
+        raise TypeError(f"mask for leaf {path!r} must be a boolean array (True = keep), got {got}")
+    if tuple(jnp.shape(mask)) != tuple(jnp.shape(leaf)):
+        raise ValueError(
+            f"mask for leaf {path!r} has shape {tuple(jnp.shape(mask))}, the leaf has {tuple(jnp.shape(leaf))}; "
+            "masks must have the leaf's exact shape (no broadcasting)"
+        )
 
 
 def check_finite(path: str, leaf: Any) -> None:

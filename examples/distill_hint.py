@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from compressjax import DistillState, hint_loss, kd_loss, make_distill_step, softmax_cross_entropy
+from compressjax import DistillState, hint_loss, kd_loss, make_distill_step, softmax_cross_entropy_with_integer_labels
 
 
 class MLP(nn.Module):
@@ -53,7 +53,7 @@ def train_teacher(model, params, x, y, steps, batch):
     @jax.jit
     def step(params, opt_state, xb, yb):
         def loss(p):
-            return softmax_cross_entropy(model.apply(p, xb), yb).mean()
+            return softmax_cross_entropy_with_integer_labels(model.apply(p, xb), yb).mean()
 
         grads = jax.grad(loss)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -98,7 +98,7 @@ def main(argv=None):
     def loss_fn(s, t, labels):
         # The same mix as distillation_loss(..., temperature=4.0, alpha=0.9), with its terms reported.
         kd = kd_loss(s["logits"], t["logits"], temperature=4.0)
-        ce = softmax_cross_entropy(s["logits"], labels)
+        ce = softmax_cross_entropy_with_integer_labels(s["logits"], labels)
         hint = hint_loss(s["features"], t["features"], s["projection"])
         return 0.9 * kd + 0.1 * ce + args.hint_weight * hint, {"kd": kd, "ce": ce, "hint": hint}
 

@@ -46,7 +46,7 @@ from compressjax import (  # noqa: E402
     masks_from_state,
     polynomial_sparsity,
     quantize_params,
-    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
     sparsity_summary,
 )
 
@@ -81,7 +81,7 @@ def train_teacher(params, x, y, steps, batch):
 
     @jax.jit
     def step(params, opt_state, xb, yb):
-        grads = jax.grad(lambda p: softmax_cross_entropy(mlp_apply(p, xb), yb).mean())(params)
+        grads = jax.grad(lambda p: softmax_cross_entropy_with_integer_labels(mlp_apply(p, xb), yb).mean())(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 

@@ -82,7 +82,7 @@ def test_saved_model_loads_and_reproduces_the_compressed_accuracy(quick_run):
     d = data.load_mnist1d()
     acc = float(jnp.mean(jnp.argmax(model.apply({"params": params}, d.x_test), -1) == d.y_test))
     assert acc == pytest.approx(compressed["accuracy"], abs=1e-6)
-    kernels = [np.asarray(v) for p, v in cj.leaves_with_paths(params) if p.endswith("kernel")]
+    kernels = [np.asarray(v) for p, v in cj.tree.leaves_with_paths(params) if p.endswith("kernel")]
     nnz = sum(int(np.count_nonzero(k)) for k in kernels)
     total = sum(k.size for k in kernels)
     assert nnz / total == pytest.approx(0.2, abs=0.01)  # global 80% sparsity over the kernels
@@ -229,3 +229,51 @@ def test_runner_quick_runs_every_benchmark(tmp_path):
     assert {"cpu_model", "cpu_cores", "device_kind", "jax"} <= set(saved["machine"])
     assert saved["benchmarks"]["demo"]["ratios"]["distilled_over_student"] > 0
     assert "benchmark" in proc.stdout and "ratio" in proc.stdout  # the table's header
+
+
+# ------------------------------------------------------------------ issue 11 item 15: CLI argument checks
+def _no_training(monkeypatch):
+    import compressjax.demo.pipeline as pipeline
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the demo started training despite a bad --out")
+
+    monkeypatch.setattr(pipeline, "run_demo", fail)
+
+
+def test_demo_out_that_is_a_file_fails_before_training(tmp_path, monkeypatch, capsys):
+    from compressjax import cli
+
+    _no_training(monkeypatch)
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    for out in (f, f / "sub"):
+        assert cli.main(["demo", "--quick", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("compressjax demo: error: --out") and str(out) in err and "\n" not in err
+
+
+def test_demo_out_that_cannot_be_written_fails_before_training(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from compressjax import cli
+
+    _no_training(monkeypatch)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)  # root ignores permission bits: simulate
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a writable folder" in err and "Permission denied" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("bits", ["4.5", "0", "9", "four"])
+def test_demo_bits_says_which_values_are_allowed(bits, capsys):
+    from compressjax import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--bits", bits])
+    assert e.value.code == 2
+    assert "must be one of 1, 2, 3, 4, 5, 6, 7, 8" in capsys.readouterr().err

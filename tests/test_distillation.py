@@ -14,14 +14,13 @@ import pytest
 from conftest import run_example, run_with_8_devices
 from flax import nnx
 
-from compressjax.distillation import (
-    DistillState,
+from compressjax.distillation import DistillState, make_distill_step
+from compressjax.losses import (
     cosine_loss,
     distillation_loss,
     hint_loss,
     kd_loss,
-    make_distill_step,
-    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
 )
 
 
@@ -85,7 +84,7 @@ def test_one_step_matches_manual_eager_computation():
     s_out = mlp_apply(student, x)
     np.testing.assert_allclose(metrics["loss"], loss(student), rtol=1e-5)
     np.testing.assert_allclose(metrics["kd"], kd_loss(s_out, t_out).mean(), rtol=1e-5)
-    np.testing.assert_allclose(metrics["ce"], softmax_cross_entropy(s_out, y).mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["ce"], softmax_cross_entropy_with_integer_labels(s_out, y).mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["accuracy"], np.mean(np.argmax(s_out, -1) == np.asarray(y)), rtol=1e-6)
     assert set(metrics) == {"loss", "kd", "ce", "accuracy"}
     assert all(v.shape == () for v in metrics.values())
@@ -132,7 +131,7 @@ def test_custom_loss_fn_per_example_and_pair():
 
     def pair_loss(s, t, labels):
         kd = kd_loss(s, t, temperature=4.0)
-        ce = softmax_cross_entropy(s, labels)
+        ce = softmax_cross_entropy_with_integer_labels(s, labels)
         return 0.9 * kd + 0.1 * ce, {"kd": kd, "ce": ce, "extra": jnp.float32(7.0)}
 
     step2 = make_distill_step(mlp_apply, mlp_apply, tx, loss_fn=pair_loss, donate=False)
@@ -146,7 +145,7 @@ def test_custom_loss_fn_per_example_and_pair():
     part = functools.partial(distillation_loss, temperature=3.0, alpha=0.8)
     _, m3 = make_distill_step(mlp_apply, mlp_apply, tx, loss_fn=part, donate=False)(state, teacher, (x, y))
     np.testing.assert_allclose(m3["kd"], kd_loss(s_out, t_out, temperature=3.0).mean(), rtol=1e-5)
-    np.testing.assert_allclose(m3["ce"], softmax_cross_entropy(s_out, y).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m3["ce"], softmax_cross_entropy_with_integer_labels(s_out, y).mean(), rtol=1e-5)
     np.testing.assert_allclose(m3["loss"], 0.8 * m3["kd"] + 0.2 * m3["ce"], rtol=1e-5)
 
     bad = make_distill_step(mlp_apply, mlp_apply, tx, loss_fn=lambda s, t, labels: (s, t, labels), donate=False)
@@ -461,7 +460,8 @@ MESH_SCRIPT = textwrap.dedent(
     import functools, json
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, PartitionSpec
-    from compressjax.distillation import DistillState, distillation_loss, make_distill_step
+    from compressjax.distillation import DistillState, make_distill_step
+    from compressjax.losses import distillation_loss
     assert jax.device_count() == 8, jax.devices()
 
     def init(key, sizes):
@@ -590,3 +590,66 @@ def test_example_runs_in_quick_mode(script):
     assert "test accuracy" in proc.stdout
     if script == "distill_mesh.py":
         assert "mesh: 8 cpu devices" in proc.stdout and "90.0% zeros" in proc.stdout
+
+
+# ------------------------------------------------------------------ issue 11 items 7 and 14
+def test_non_finite_teacher_shows_in_the_step_metrics():
+    teacher, student, x, y = problem()
+    tx = optax.sgd(0.1)
+    step = make_distill_step(mlp_apply, lambda p, v: mlp_apply(p, v).at[0, 0].set(jnp.nan), tx, donate=False)
+    _, metrics = step(DistillState.create(student, tx), teacher, (x, y))
+    assert np.isnan(float(metrics["loss"])) and np.isnan(float(metrics["kd"]))
+
+
+def test_list_batch_is_read_like_a_tuple():
+    teacher, student, x, y = problem()
+    tx = optax.sgd(0.1)
+    step = make_distill_step(mlp_apply, mlp_apply, tx, donate=False)
+    state = DistillState.create(student, tx)
+    s1, m1 = step(state, teacher, (x, y))
+    s2, m2 = step(state, teacher, [x, y])
+    chex.assert_trees_all_close(m1, m2)
+    chex.assert_trees_all_close(s1.params, s2.params)
+    assert "accuracy" in m2
+
+
+def test_two_inputs_as_a_batch_give_the_batch_convention():
+    teacher, student, x, _ = problem()
+    tx = optax.sgd(0.1)
+    step = make_distill_step(lambda p, b: mlp_apply(p, b[0] + b[1]), lambda p, b: mlp_apply(p, b[0] + b[1]), tx, donate=False)
+    state = DistillState.create(student, tx)
+    for batch in ((x, x), [x, x]):
+        with pytest.raises(TypeError, match=r"float32.*\(inputs, labels\).*\(\(x1, x2\), labels\)"):
+            step(state, teacher, batch)
+    _, metrics = step(state, teacher, ((x, x), None))  # the documented way to pass two inputs
+    assert np.isfinite(float(metrics["loss"]))
+    with pytest.raises(TypeError, match=r"\(inputs, labels\)"):
+        step(state, teacher, (x, "labels"))
+
+
+def test_keyword_partial_reports_terms_without_identity_tests():
+    teacher, student, x, y = problem()
+    tx = optax.sgd(0.1)
+    state = DistillState.create(student, tx)
+    step = make_distill_step(mlp_apply, mlp_apply, tx, loss_fn=functools.partial(distillation_loss, temperature=3.0, alpha=0.7), donate=False)
+    _, m = step(state, teacher, (x, y))
+    s_out, t_out = mlp_apply(student, x), mlp_apply(teacher, x)
+    np.testing.assert_allclose(m["kd"], kd_loss(s_out, t_out, temperature=3.0).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["ce"], softmax_cross_entropy_with_integer_labels(s_out, y).mean(), rtol=1e-5)
+    # A wrapper with the same behaviour is recognised by its protocol attribute, not by identity.
+
+    def my_loss(s, t, labels, **kw):
+        return distillation_loss(s, t, labels, **kw)
+
+    my_loss._cj_with_terms = distillation_loss._cj_with_terms
+    step2 = make_distill_step(mlp_apply, mlp_apply, tx, loss_fn=functools.partial(my_loss, temperature=3.0, alpha=0.7), donate=False)
+    _, m2 = step2(state, teacher, (x, y))
+    chex.assert_trees_all_close(m, m2)
+
+
+def test_losses_are_no_longer_re_exported_by_distillation():
+    import compressjax.distillation as d
+
+    assert "kd_loss" not in d.__all__
+    with pytest.warns(DeprecationWarning, match="compressjax.losses"):
+        assert d.kd_loss is kd_loss

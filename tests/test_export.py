@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compressjax.export import FORMAT_VERSION, FormatError, _codec, _container, load, save, size_report
-from compressjax.qarray import QArray, QuantSpec, quantized_ints
+from compressjax.qarray import QArray, QuantSpec
 from compressjax.quantization import dequantize_params, quantize_params
 
 
@@ -149,7 +149,7 @@ def test_prequantized_qarrays_and_dequantize_false(tmp_path):
         assert type(a) is type(b)
         if isinstance(a, QArray):
             assert (a.bits, a.shape, a.channel_axes) == (b.bits, b.shape, b.channel_axes)
-            np.testing.assert_array_equal(quantized_ints(a), quantized_ints(b))
+            np.testing.assert_array_equal(a.ints(), b.ints())
             np.testing.assert_array_equal(a.values, b.values)
             np.testing.assert_array_equal(a.scale, b.scale)
     assert_bit_equal(load(tmp_path / "m.cjx"), dequantize_params(qparams))

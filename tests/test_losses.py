@@ -1,5 +1,7 @@
 """Tests for the distillation losses against NumPy references, gradients, stability and bad input."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,14 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from compressjax import losses
-from compressjax.losses import cosine_loss, distillation_loss, hint_loss, kd_loss, mse_loss, softmax_cross_entropy
+from compressjax.losses import (
+    cosine_loss,
+    distillation_loss,
+    hint_loss,
+    kd_loss,
+    mse_loss,
+    softmax_cross_entropy_with_integer_labels,
+)
 
 
 def np_log_softmax(x, axis=-1):
@@ -101,7 +110,7 @@ def test_kd_t_squared_keeps_gradient_magnitude():
 def test_softmax_cross_entropy_and_distillation_loss_match_numpy():
     s, t = logits(0), logits(1)
     labels = jnp.array([0, 4, 2, 1, 3, 0])
-    ce = softmax_cross_entropy(s, labels)
+    ce = softmax_cross_entropy_with_integer_labels(s, labels)
     np.testing.assert_allclose(ce, np_ce(np.asarray(s), np.asarray(labels)), rtol=1e-5)
     for alpha in (0.0, 0.3, 1.0):
         got = distillation_loss(s, t, labels, temperature=3.0, alpha=alpha)
@@ -230,9 +239,9 @@ def test_labels_out_of_range(bad):
 
 
 def test_labels_out_of_range_under_jit_give_nan_not_a_wrapped_class():
-    got = jax.jit(softmax_cross_entropy)(jnp.zeros((3, 4)), jnp.array([0, 4, -1]))
+    got = jax.jit(softmax_cross_entropy_with_integer_labels)(jnp.zeros((3, 4)), jnp.array([0, 4, -1]))
     assert np.isfinite(got[0]) and np.isnan(got[1]) and np.isnan(got[2])
-    g = jax.grad(lambda x: jax.jit(softmax_cross_entropy)(x, jnp.array([0, 4, -1]))[0])(jnp.zeros((3, 4)))
+    g = jax.grad(lambda x: jax.jit(softmax_cross_entropy_with_integer_labels)(x, jnp.array([0, 4, -1]))[0])(jnp.zeros((3, 4)))
     assert np.all(np.isfinite(g))
 
 
@@ -240,7 +249,7 @@ def test_float_labels_and_wrong_label_shape():
     with pytest.raises(TypeError, match="float32"):
         distillation_loss(logits(0), logits(1), jnp.zeros(6, jnp.float32))
     with pytest.raises(ValueError, match=r"shape \(5,\)"):
-        softmax_cross_entropy(logits(0), jnp.zeros(5, jnp.int32))
+        softmax_cross_entropy_with_integer_labels(logits(0), jnp.zeros(5, jnp.int32))
     # Under jit the static checks (dtype, shape) still fire.
     with pytest.raises(TypeError, match="integer"):
         jax.jit(distillation_loss)(logits(0), logits(1), jnp.zeros(6, jnp.float32))
@@ -267,3 +276,34 @@ def test_bad_axis():
 def test_module_all_is_public():
     for name in losses.__all__:
         assert callable(getattr(losses, name))
+
+
+# ------------------------------------------------------------------ issue 11 item 7: non-finite teachers
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_teacher_logits_give_nan_not_a_silent_constant(bad):
+    s = jnp.array([[0.5, -1.0, 2.0], [0.1, 0.2, 0.3]])
+    t = jnp.array([[bad, 0.0, 1.0], [1.0, 0.0, -1.0]])
+    for temperature in (1.0, 4.0):
+        loss = kd_loss(s, t, temperature=temperature)
+        assert np.isnan(loss[0]) and np.isfinite(loss[1]), loss
+        assert np.isnan(jax.jit(functools.partial(kd_loss, temperature=temperature))(s, t)[0])
+        assert np.isnan(distillation_loss(s, t, jnp.array([0, 1]), temperature=temperature)[0])
+
+
+def test_minus_inf_teacher_logits_stay_a_zero_probability():
+    s = jnp.array([[0.5, -1.0, 2.0]])
+    t = jnp.array([[-jnp.inf, 0.0, 1.0]])
+    assert np.isfinite(kd_loss(s, t)[0])
+    # A non-finite logit in a class that `where` leaves out does not count.
+    where = jnp.array([[False, True, True]])
+    assert np.isfinite(kd_loss(s, t.at[0, 0].set(jnp.nan), where=where)[0])
+
+
+def test_softmax_cross_entropy_old_name_is_a_deprecated_alias():
+    import compressjax as cj
+
+    with pytest.warns(DeprecationWarning, match="softmax_cross_entropy_with_integer_labels"):
+        old = losses.softmax_cross_entropy
+    assert old is softmax_cross_entropy_with_integer_labels
+    with pytest.warns(DeprecationWarning, match="softmax_cross_entropy_with_integer_labels"):
+        assert cj.softmax_cross_entropy is softmax_cross_entropy_with_integer_labels

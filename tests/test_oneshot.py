@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from compressjax import QuantSpec, apply_masks, dequantize, load, magnitude_masks, quantize, save
 from compressjax.hessians import Hessian, collect_hessians
 from compressjax.oneshot import error_feedback, gptq, layerwise, sparsegpt, wanda_masks
-from compressjax.qarray import QArray, quantized_ints
+from compressjax.qarray import QArray
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -240,7 +240,7 @@ def test_gptq_matches_numpy_reference_and_beats_rtn(wide, spec_kw, act_order):
     q = out["k"]
     assert isinstance(q, QArray) and q.bits == spec.bits and q.group_size == g and q.shape == W.shape
     ref = np_gptq(W, H, spec.bits, spec.symmetric, g, 32, 0.01, act_order)
-    codes = np.asarray(quantized_ints(q))
+    codes = np.asarray(q.ints())
     assert np.mean(codes == ref) > 0.95  # float32 vs float64: a few rounding flips
     wq = np.asarray(dequantize(q))
     rtn = np.asarray(dequantize(quantize(jnp.asarray(W), spec)))
@@ -254,7 +254,7 @@ def test_gptq_block_size_equal_to_group_is_the_reference_exactly_on_a_well_condi
     W = rng.normal(size=(32, 8)).astype(np.float32)
     H = X.T @ X
     q = gptq({"k": jnp.asarray(W)}, {"k": jnp.asarray(H)}, QuantSpec(bits=4, group_size=16), block_size=16)["k"]
-    np.testing.assert_array_equal(np.asarray(quantized_ints(q)), np_gptq(W, H, 4, True, 16, 16))
+    np.testing.assert_array_equal(np.asarray(q.ints()), np_gptq(W, H, 4, True, 16, 16))
 
 
 def test_gptq_passes_other_leaves_and_layouts_roundtrip_through_save(tmp_path):
@@ -406,7 +406,7 @@ def test_layerwise_calibrates_each_stage_on_the_compressed_model():
     p1 = gptq(params, collect_hessians(apply, params, batches, where=stages[0]), rules)
     p2 = gptq(p1, collect_hessians(apply, p1, batches, where=stages[1]), rules)
     for path in ("layers_0", "layers_2"):
-        np.testing.assert_array_equal(np.asarray(quantized_ints(out["params"][path]["kernel"])), np.asarray(quantized_ints(p2["params"][path]["kernel"])))
+        np.testing.assert_array_equal(np.asarray(out["params"][path]["kernel"].ints()), np.asarray(p2["params"][path]["kernel"].ints()))
     assert not isinstance(out["params"]["layers_4"]["kernel"], QArray)
     pruned, masks = layerwise(apply, params, batches, lambda p, h: sparsegpt(p, h, 0.5), stages=stages)
     assert masks["params"]["layers_0"]["kernel"] is not None and masks["params"]["layers_2"]["kernel"] is not None

@@ -91,7 +91,7 @@ def test_round_trip_within_half_a_step(shape, bits, gran, dtype, symmetric, seed
     q = cj.quantize(x, spec)
     y = cj.dequantize(q)
     assert y.dtype == dtype and y.shape == x.shape
-    ints = np.asarray(cj.quantized_ints(q))
+    ints = np.asarray(q.ints())
     lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     assert ints.min() >= lo and ints.max() <= hi
     x32, y32 = np.asarray(x, np.float32), np.asarray(y, np.float32)
@@ -104,7 +104,7 @@ def test_round_trip_within_half_a_step(shape, bits, gran, dtype, symmetric, seed
 def test_textbook_range_never_uses_most_negative_code():
     x = jnp.linspace(-1, 1, 101).reshape(101, 1)
     q = cj.quantize(x, cj.QuantSpec(4))
-    assert int(cj.quantized_ints(q).min()) == -7 and int(cj.quantized_ints(q).max()) == 7
+    assert int(q.ints().min()) == -7 and int(q.ints().max()) == 7
 
 
 def test_round_half_to_even():
@@ -112,7 +112,7 @@ def test_round_half_to_even():
     s = 2.0
     x = jnp.array([0.5, 1.5, 2.5, -0.5, -2.5]) * s
     q = cj.quantize(x, spec, scale=s)
-    np.testing.assert_array_equal(cj.quantized_ints(q), [0, 2, 2, 0, -2])
+    np.testing.assert_array_equal(q.ints(), [0, 2, 2, 0, -2])
 
 
 def test_absmax_scale_is_qwix_style_and_error_matches_reference():
@@ -177,7 +177,7 @@ def test_one_bit_is_sign_times_mean_abs():
     q = cj.quantize(x, cj.QuantSpec(1))
     want = jnp.where(x >= 0, 1.0, -1.0) * jnp.mean(jnp.abs(x), axis=0, keepdims=True)
     np.testing.assert_allclose(cj.dequantize(q), want, rtol=1e-6)
-    assert set(np.unique(cj.quantized_ints(q))) <= {-1, 1}
+    assert set(np.unique(q.ints())) <= {-1, 1}
 
 
 def test_asymmetric_zero_point_and_positive_inputs():
@@ -224,7 +224,7 @@ def test_pack_unpack_round_trip(bits, n):
 
 
 def test_four_bit_layout_is_two_nibbles_per_byte():
-    q = cj.qarray_from_ints(jnp.array([[1, -2], [7, -7]], jnp.int8), jnp.ones((1, 1)), bits=4)
+    q = cj.QArray.from_ints(jnp.array([[1, -2], [7, -7]], jnp.int8), jnp.ones((1, 1)), bits=4)
     # unsigned codes 9, 6, 15, 1: low nibble first
     np.testing.assert_array_equal(np.asarray(q.values), [9 | (6 << 4), 15 | (1 << 4)])
 
@@ -236,23 +236,23 @@ def test_parts_and_ints_round_trip(bits, symmetric):
         return
     x = normal((32, 6), seed=bits)
     q = cj.quantize(x, cj.QuantSpec(bits, symmetric, group_size=8))
-    arrays, meta = cj.qarray_to_parts(q)
+    arrays, meta = q.to_parts()
     json.dumps(meta)
     assert all(isinstance(a, np.ndarray) for a in arrays.values())
-    q2 = cj.qarray_from_parts(arrays, meta)
+    q2 = cj.QArray.from_parts(arrays, meta)
     np.testing.assert_array_equal(cj.dequantize(q2), cj.dequantize(q))
-    ints = cj.quantized_ints(q)
+    ints = q.ints()
     assert ints.shape == x.shape and ints.dtype == jnp.int8
-    q3 = cj.qarray_from_ints(np.asarray(ints), arrays["scale"], arrays.get("zero_point"), meta)
+    q3 = cj.QArray.from_ints(np.asarray(ints), arrays["scale"], arrays.get("zero_point"), meta)
     np.testing.assert_array_equal(q3.values, q.values)
     assert q3.nbytes == q.nbytes
-    flat = cj.qarray_from_ints(np.asarray(ints).ravel(), arrays["scale"], arrays.get("zero_point"), meta)
+    flat = cj.QArray.from_ints(np.asarray(ints).ravel(), arrays["scale"], arrays.get("zero_point"), meta)
     np.testing.assert_array_equal(flat.values, q.values)
 
 
 def test_pruned_zeros_have_zero_codes():
     x = normal((16, 8)).at[::2].set(0.0)
-    ints = np.asarray(cj.quantized_ints(cj.quantize(x, cj.QuantSpec(4))))
+    ints = np.asarray(cj.quantize(x, cj.QuantSpec(4)).ints())
     assert np.all(ints[::2] == 0)
 
 
@@ -285,18 +285,18 @@ def test_qarray_is_a_pytree_node_and_crosses_jit():
     ],
 )
 def test_from_parts_rejects_mismatched_metadata(mutate, match):
-    arrays, meta = cj.qarray_to_parts(cj.quantize(normal((8, 4)), cj.QuantSpec(4)))
+    arrays, meta = cj.quantize(normal((8, 4)), cj.QuantSpec(4)).to_parts()
     mutate(arrays, meta)
     with pytest.raises(ValueError, match=match) as e:
-        cj.qarray_from_parts(arrays, meta, path="dense/kernel")
+        cj.QArray.from_parts(arrays, meta, path="dense/kernel")
     assert "dense/kernel" in str(e.value)
 
 
 def test_from_ints_rejects_out_of_range_codes():
     with pytest.raises(ValueError, match="'w'.*code -8 is outside \\[-7, 7\\]"):
-        cj.qarray_from_ints(np.array([[-8, 1]]), np.ones((1, 1), np.float32), bits=4, path="w")
+        cj.QArray.from_ints(np.array([[-8, 1]]), np.ones((1, 1), np.float32), bits=4, path="w")
     with pytest.raises(ValueError, match="is 0"):
-        cj.qarray_from_ints(np.array([[0, 1]]), np.ones((1, 1), np.float32), bits=1)
+        cj.QArray.from_ints(np.array([[0, 1]]), np.ones((1, 1), np.float32), bits=1)
 
 
 # ---------------------------------------------------------------- bad input
@@ -426,14 +426,14 @@ def test_ste_matches_surrogate_and_check_grads(spec):
     w = normal((8, 3), seed=6)
 
     g_fq = jax.grad(lambda v: jnp.sum(w * cj.fake_quant(v, spec)))(x)
-    g_sur = jax.grad(lambda v: jnp.sum(w * cj.ste_surrogate(v, spec)))(x)
+    g_sur = jax.grad(lambda v: jnp.sum(w * cj.quantization.ste_surrogate(v, spec)))(x)
     np.testing.assert_allclose(g_fq, g_sur, rtol=1e-6)
-    clipped = np.asarray(cj.ste_surrogate(x, spec)) != np.asarray(x)
+    clipped = np.asarray(cj.quantization.ste_surrogate(x, spec)) != np.asarray(x)
     assert np.all(np.asarray(g_fq)[clipped] == 0)
     # finite differences on the surrogate, away from the clip points (absmax puts the max on one)
-    scale, zp = cj.compute_scale(x, spec)
+    scale, zp = cj.quantization.compute_scale(x, spec)
     scale = scale * 1.01
-    sur = lambda v: cj.ste_surrogate(v, spec, scale=scale, zero_point=zp)  # noqa: E731
+    sur = lambda v: cj.quantization.ste_surrogate(v, spec, scale=scale, zero_point=zp)  # noqa: E731
     check_grads(lambda v: jnp.sum(w * sur(v) ** 2), (x,), order=1, modes=("fwd", "rev"), eps=1e-3)
 
 
@@ -501,3 +501,249 @@ def test_tiny_ranges_never_give_nan(v):
         assert np.all(np.isfinite(y)) and np.all(np.abs(y - np.asarray(x)) <= 0.5 * full_scale(q) * (1 + 1e-5))
         g = jax.grad(lambda a, s=spec: jnp.sum(cj.fake_quant(a, s)))(x)
         assert np.all(np.isfinite(np.asarray(g)))
+
+
+# ---------------------------------------------------------------- issue 11: extreme values, float64, empty leaves
+F32_MAX = float(np.finfo(np.float32).max)
+EXTREME_SPECS = [
+    cj.QuantSpec(b, symmetric=sym, calibration=cal, channel_axes=axes)
+    for b in (1, 2, 3, 4, 8)
+    for sym in (True, False)
+    for cal in ("absmax", "percentile", "mse")
+    for axes in ((-1,), ())
+    if not (b == 1 and not sym)
+]
+
+
+def _assert_finite_quantization(x, spec):
+    q = cj.quantize(x, spec)
+    ints = np.asarray(q.ints())
+    scale = np.asarray(q.scale)
+    assert np.all(np.isfinite(scale)) and np.all(scale >= 0 if spec.bits == 1 else scale > 0), (spec, scale)
+    lo, hi = (-1, 1) if spec.bits == 1 else (spec.qmin, spec.qmax)
+    assert ints.min() >= lo and ints.max() <= hi
+    y = np.asarray(cj.dequantize(q))
+    assert np.all(np.isfinite(y)), (spec, x, y)
+    fq = np.asarray(cj.fake_quant(x, spec))
+    assert np.all(np.isfinite(fq)), (spec, x, fq)
+    s, _ = cj.quantization.compute_scale(x, spec)
+    assert np.all(np.isfinite(np.asarray(s)))
+    return q, ints, y
+
+
+def test_two_bit_codes_of_huge_weights_are_not_flushed_to_zero():
+    # Regression: 1 / scale was subnormal (flushed to 0 on CPU) for max|x| >= 1.3e38: all codes were 0.
+    x = jnp.array([[1.4e38], [-1e38], [3.0], [0.0]], jnp.float32)
+    q, ints, y = _assert_finite_quantization(x, cj.QuantSpec(2))
+    np.testing.assert_array_equal(ints.ravel(), [1, -1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(cj.fake_quant(x, cj.QuantSpec(2))), y)
+    # Every element is within half a step (absmax clips the largest by at most half a step).
+    assert np.all(np.abs(np.asarray(x, np.float64) - y) <= 0.5 * float(q.scale[0, 0]) * (1 + 1e-6))
+
+
+def test_asymmetric_range_beyond_float32_max_is_finite():
+    # Regression: hi - lo overflowed to inf, giving scale inf and NaN outputs.
+    x = jnp.array([[F32_MAX], [-F32_MAX], [1.0]], jnp.float32)
+    q, ints, y = _assert_finite_quantization(x, cj.QuantSpec(4, symmetric=False))
+    step = float(q.scale[0, 0])
+    assert abs(step - 2 * F32_MAX / 15) <= 1e-6 * step
+    assert np.all(np.abs(np.asarray(x, np.float64) - y) <= step * (1 + 1e-6))
+
+
+def test_one_bit_scale_whose_mean_would_overflow():
+    # Regression: the sum behind mean|x| overflowed to inf.
+    x = jnp.full((8, 1), 3e38, jnp.float32).at[0, 0].set(-3e38)
+    q, ints, y = _assert_finite_quantization(x, cj.QuantSpec(1))
+    np.testing.assert_allclose(float(q.scale[0, 0]), 3e38, rtol=1e-6)
+    np.testing.assert_array_equal(ints.ravel(), [-1] + [1] * 7)
+
+
+_FQ_JIT = {}
+
+
+def _check_extreme(data, spec):
+    x = jnp.asarray(np.resize(np.asarray(data, np.float32), 12).reshape(-1, 1))  # one shape: one compile per spec
+    _assert_finite_quantization(x, spec)
+    fq = _FQ_JIT.setdefault(spec, jax.jit(lambda v: cj.fake_quant(v, spec)))
+    np.testing.assert_array_equal(np.asarray(fq(x)), np.asarray(cj.fake_quant(x, spec)))  # jit == no jit
+
+
+FLOATS32 = st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1, max_size=12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=FLOATS32, spec=st.sampled_from([cj.QuantSpec(1), cj.QuantSpec(2), cj.QuantSpec(4, symmetric=False),
+                                             cj.QuantSpec(4, symmetric=False, calibration="percentile"),
+                                             cj.QuantSpec(8, calibration="mse")]))
+def test_every_finite_float32_input_gives_finite_codes_and_scales(data, spec):
+    _check_extreme(data, spec)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None)
+@given(data=FLOATS32, spec=st.sampled_from(EXTREME_SPECS))
+def test_every_finite_float32_input_gives_finite_codes_and_scales_wide(data, spec):
+    _check_extreme(data, spec)
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1.0, 1e20, 1e37, 1.3e38, F32_MAX])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_round_trip_within_half_a_step_at_every_magnitude(magnitude, bits):
+    x = normal((64, 3), seed=bits)
+    x = (x / jnp.max(jnp.abs(x), axis=0, keepdims=True) * magnitude).astype(jnp.float32)
+    q = cj.quantize(x, cj.QuantSpec(bits))
+    err = np.abs(np.asarray(x, np.float64) - np.asarray(cj.dequantize(q), np.float64))
+    assert np.all(err <= 0.5 * full_scale(q).astype(np.float64) * (1 + 1e-5)), (magnitude, bits)
+
+
+def test_float64_leaves_are_rejected_naming_the_path():
+    with jax.enable_x64(True):
+        x = jnp.asarray([[1e300, 1e39], [1e200, 1e100]])
+        assert x.dtype == jnp.float64
+        with pytest.raises(TypeError, match=r"'w'.*float64"):
+            cj.quantize(x, path="w")
+        with pytest.raises(TypeError, match=r"'dense/kernel'.*float64"):
+            cj.quantize_params({"dense": {"kernel": x}})
+        with pytest.raises(TypeError, match=r"'dense/kernel'.*float64"):
+            cj.quantize_params({"dense": {"kernel": x}}, {"kernel": cj.QuantSpec(4)})
+        with pytest.raises(TypeError, match=r"'dense/kernel'.*float64"):
+            cj.fake_quant_params({"dense": {"kernel": x}})
+        with pytest.raises(TypeError, match="float64"):
+            cj.quantization.compute_scale(x)
+        # float32 leaves still work with x64 on
+        q = cj.quantize(jnp.ones((2, 2), jnp.float32))
+        assert q.scale.dtype == jnp.float32
+
+
+def test_numpy_float64_is_narrowed_by_jax_when_x64_is_off():
+    # With 64-bit types off JAX itself narrows NumPy float64: that is accepted (documented).
+    q = cj.quantize(np.ones((2, 2)))
+    assert q.dtype == jnp.float64 or q.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [cj.QuantSpec(4), cj.QuantSpec(8, symmetric=False), cj.QuantSpec(4, calibration="percentile"), cj.QuantSpec(1),
+     cj.QuantSpec(4, calibration="mse"), cj.QuantSpec(4, channel_axes=()), cj.QuantSpec(4, group_size=2)],
+)
+def test_zero_size_leaves_pass_through(spec):
+    x = jnp.zeros((0, 4), jnp.float32)
+    q = cj.quantize(x, spec, path="empty")
+    assert q.shape == (0, 4) and q.values.size == 0
+    assert np.all(np.asarray(q.scale) == 1)
+    assert cj.dequantize(q).shape == (0, 4)
+    assert cj.fake_quant(x, spec).shape == (0, 4)
+    assert jax.jit(lambda v: cj.fake_quant(v, spec))(x).shape == (0, 4)
+    assert np.all(np.asarray(cj.quantization.compute_scale(x, spec)[0]) == 1)
+
+
+def test_zero_size_kernel_in_quantize_params_and_calibration():
+    params = {"empty": {"kernel": jnp.zeros((0, 4))}, "dense": {"kernel": normal((3, 4))}}
+    qp = cj.quantize_params(params, cj.QuantSpec(4))
+    assert qp["empty"]["kernel"].shape == (0, 4)
+    back = cj.dequantize_params(qp)
+    assert back["empty"]["kernel"].shape == (0, 4)
+    assert back["dense"]["kernel"].shape == (3, 4)
+    ranges = cj.calibrate(lambda p, x: {"act": x}, None, [jnp.zeros((0, 3))], cj.QuantSpec(8, channel_axes=(), calibration="percentile"))
+    assert float(ranges["act"].scale.reshape(())) == 1.0
+
+
+# ---------------------------------------------------------------- issue 11: QArray leaves stay leaves
+def _partly_quantized():
+    params = {"d": {"kernel": normal((3, 4)), "bias": jnp.ones(4)}, "e": {"kernel": normal((4, 2), seed=1)}}
+    return params, cj.quantize_params(params, {"d/kernel": cj.QuantSpec(4)})
+
+
+def test_qarray_is_a_compressed_leaf_for_the_tree_utilities():
+    from compressjax import tree
+
+    assert cj.QArray._cj_compressed_leaf is True
+    _, qp = _partly_quantized()
+    paths = [p for p, _ in tree.leaves_with_paths(qp)]
+    assert paths == ["d/bias", "d/kernel", "e/kernel"]
+    assert not tree.selector(None)("d/kernel", qp["d"]["kernel"])
+    assert [p for p, _ in tree.selected_leaves(qp)] == ["e/kernel"]
+    # any class with the attribute is a leaf (e.g. another compressed format)
+
+    @jax.tree_util.register_pytree_node_class
+    class Coded:
+        _cj_compressed_leaf = True
+
+        def __init__(self, a):
+            self.a = a
+
+        def tree_flatten(self):
+            return (self.a,), None
+
+        @classmethod
+        def tree_unflatten(cls, aux, children):
+            return cls(*children)
+
+    t = {"c": Coded(jnp.ones((3, 3))), "w": jnp.ones((2, 2))}
+    assert [p for p, _ in tree.leaves_with_paths(t)] == ["c", "w"]
+    assert [p for p, _ in tree.selected_leaves(t)] == ["w"]
+
+
+def test_quantize_params_again_skips_or_refuses_quantized_leaves():
+    params, qp = _partly_quantized()
+    again = cj.quantize_params(qp)  # default selection: the QArray passes through, the float kernel is quantized
+    assert again["d"]["kernel"] is qp["d"]["kernel"]
+    assert isinstance(again["e"]["kernel"], cj.QArray)
+    assert not isinstance(again["d"]["kernel"].scale, cj.QArray)
+    back = cj.dequantize_params(again)  # used to crash on a QArray inside a QArray
+    np.testing.assert_array_equal(back["d"]["kernel"], cj.dequantize(qp["d"]["kernel"]))
+    with pytest.raises(TypeError, match=r"'d/kernel'.*already quantized"):
+        cj.quantize_params(qp, {"kernel": cj.QuantSpec(4)})
+    with pytest.raises(ValueError, match="already quantized"):
+        cj.quantize_params(again)
+    with pytest.raises(TypeError, match="already"):
+        cj.quantize(qp["d"]["kernel"])
+
+
+def test_fake_quant_params_leaves_quantized_scales_alone():
+    _, qp = _partly_quantized()
+    out = cj.fake_quant_params(qp)
+    assert out["d"]["kernel"] is qp["d"]["kernel"]
+    np.testing.assert_array_equal(out["d"]["kernel"].scale, qp["d"]["kernel"].scale)
+
+
+def test_sparsity_summary_and_masks_never_see_scale_leaves():
+    _, qp = _partly_quantized()
+    summary = cj.sparsity_summary(qp)
+    assert [r.path for r in summary.leaves] == ["d/kernel", "e/kernel"]
+    assert summary.leaves[0].size == 12  # the QArray counted as its 12 weights, not its scales
+    masks = cj.magnitude_masks(qp, 0.5)
+    assert masks["d"]["kernel"] is None and masks["e"]["kernel"].shape == (4, 2)
+    with pytest.raises(TypeError, match=r"'d/kernel'.*already compressed"):
+        cj.magnitude_masks(qp, 0.5, where="kernel")
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, np.inf, np.nan])
+def test_given_scale_must_be_positive_and_finite(bad):
+    with pytest.raises(ValueError, match=r"'w'.*finite and > 0"):
+        cj.quantize(jnp.ones((2, 2)), cj.QuantSpec(4), scale=bad, path="w")
+    with pytest.raises(ValueError, match=r"'w'.*finite and > 0"):
+        cj.fake_quant(jnp.ones((2, 2)), cj.QuantSpec(4), scale=bad, path="w")
+
+
+def test_zero_size_kernel_through_masks_save_and_load(tmp_path):
+    params = {"empty": {"kernel": jnp.zeros((0, 4))}, "dense": {"kernel": normal((4, 4))}}
+    masks = cj.magnitude_masks(params, 0.5)
+    assert masks["empty"]["kernel"].shape == (0, 4)
+    path = tmp_path / "m.cjx"
+    cj.save(path, params, masks=masks, rules=cj.QuantSpec(4))
+    assert cj.load(path)["empty"]["kernel"].shape == (0, 4)
+    q = cj.load(path, dequantize=False)["empty"]["kernel"]
+    assert isinstance(q, cj.QArray) and q.shape == (0, 4)
+
+
+def test_extreme_given_scales_still_give_finite_codes():
+    x = jnp.array([[0.0, 1e-30, -3e38, 3e38]])
+    with pytest.raises(ValueError, match="normal float32"):
+        cj.quantize(x, cj.QuantSpec(4), scale=1e-40)  # subnormal: flushed to zero by the CPU
+    for scale in (2e-38, 1e-30, 3e38):
+        codes = cj.quantize(x, cj.QuantSpec(4), scale=scale).ints()
+        assert np.all(np.abs(np.asarray(codes)) <= 7), scale
+        assert np.all(np.isfinite(np.asarray(cj.fake_quant(x, cj.QuantSpec(4), scale=scale)))), scale
+    q = cj.quantize(jnp.zeros((2, 2)), cj.QuantSpec(1), scale=0.0)  # 1 bit: a zero scale is an all-zero group
+    assert np.all(np.asarray(cj.dequantize(q)) == 0)

@@ -90,3 +90,94 @@ def test_check_finite_names_path():
     with pytest.raises(ValueError, match="'w'.*non-finite"):
         tree.check_finite("w", jnp.array([1.0, jnp.nan]))
     jax.jit(lambda x: tree.check_finite("w", x) or x)(jnp.array([jnp.nan]))  # traced: skipped
+
+
+# ------------------------------------------------------------------ issue 13: the public API surface
+MOVED = {
+    "leaves_with_paths": "compressjax.tree.leaves_with_paths",
+    "path_to_str": "compressjax.tree.path_to_str",
+    "selector": "compressjax.tree.selector",
+    "compute_scale": "compressjax.quantization.compute_scale",
+    "resolve_rules": "compressjax.quantization.resolve_rules",
+    "ste_surrogate": "compressjax.quantization.ste_surrogate",
+    "softmax_cross_entropy": "compressjax.losses.softmax_cross_entropy_with_integer_labels",
+    "qarray_to_parts": "compressjax.qarray.QArray.to_parts",
+    "qarray_from_parts": "compressjax.qarray.QArray.from_parts",
+    "quantized_ints": "compressjax.qarray.QArray.ints",
+    "qarray_from_ints": "compressjax.qarray.QArray.from_ints",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOVED))
+def test_moved_names_still_resolve_with_a_deprecation_warning(name):
+    import compressjax as cj
+
+    assert name not in cj.__all__
+    with pytest.warns(DeprecationWarning, match=MOVED[name].replace(".", r"\.")):
+        obj = getattr(cj, name)
+    assert callable(obj)
+
+
+def test_unknown_top_level_name_is_an_attribute_error():
+    import compressjax as cj
+
+    with pytest.raises(AttributeError, match="no_such_name"):
+        cj.no_such_name  # noqa: B018
+
+
+def test_every_exported_name_resolves_and_init_is_grouped():
+    import compressjax as cj
+
+    for name in cj.__all__:
+        assert getattr(cj, name) is not None
+    text = open(cj.__file__).read()
+    groups = [line[len("# --- "):] for line in text.splitlines() if line.startswith("# --- ")]
+    assert groups == ["tree selection", "pruning", "quantization", "distillation", "export"]
+
+
+def test_deprecated_qarray_helpers_behave_like_the_methods():
+    import compressjax as cj
+
+    q = cj.quantize(jnp.arange(12.0).reshape(3, 4), cj.QuantSpec(4))
+    with pytest.warns(DeprecationWarning):
+        ints = cj.quantized_ints(q)
+    np.testing.assert_array_equal(ints, q.ints())
+    arrays, meta = q.to_parts()
+    with pytest.warns(DeprecationWarning):
+        q2 = cj.qarray_from_ints(np.asarray(ints), arrays["scale"], None, meta)
+    np.testing.assert_array_equal(q2.values, q.values)
+
+
+def test_from_ints_takes_meta_or_keywords_not_both():
+    import compressjax as cj
+
+    q = cj.quantize(jnp.arange(12.0).reshape(3, 4), cj.QuantSpec(4))
+    arrays, meta = q.to_parts()
+    with pytest.raises(ValueError, match="either meta or keywords"):
+        cj.QArray.from_ints(q.ints(), arrays["scale"], meta=meta, bits=4)
+    a = cj.QArray.from_ints(q.ints(), arrays["scale"], meta=meta)
+    b = cj.QArray.from_ints(q.ints(), arrays["scale"], bits=4, channel_axes=(1,))
+    np.testing.assert_array_equal(a.values, b.values)
+    with pytest.raises(ValueError, match="needs bits"):
+        cj.QArray.from_ints(q.ints(), arrays["scale"])
+
+
+def test_dead_helpers_are_gone():
+    from compressjax import pruning
+
+    assert not hasattr(tree, "iter_selected")
+    assert not hasattr(pruning, "masks_match")
+
+
+def test_map_selected_and_masks_keep_compressed_leaves_whole():
+    import compressjax as cj
+
+    params = {"q": cj.quantize(jnp.ones((4, 4))), "w": jnp.ones((4, 4))}
+    seen = []
+    tree.map_selected(lambda p, x: seen.append(p) or x, params, lambda p, x: True, unselected="keep")
+    assert seen == ["q", "w"]
+    masks = {"q": None, "w": jnp.ones((4, 4), bool)}
+    out = cj.apply_masks(params, masks)
+    assert out["q"] is params["q"]
+    with pytest.raises(TypeError, match="'q'.*already compressed"):
+        cj.apply_masks(params, {"q": jnp.ones((4, 4), bool), "w": None})

@@ -151,10 +151,8 @@ def _check_leaf(x: Any, path: str) -> None:
 def _plan_leaf(x: Any, path: str, sw: _codec.StreamWriter) -> tuple[dict, tuple]:
     """The leaf's record with candidate streams (not yet committed) and its report fields."""
     if _is_qarray(x):
-        from compressjax.qarray import qarray_to_parts, quantized_ints
-
-        arrays, meta = qarray_to_parts(x)
-        ints = _host(quantized_ints(x), path)
+        arrays, meta = x.to_parts()
+        ints = _host(x.ints(), path)
         rec = {"e": "q", "meta": meta, "codes": _codec.encode_array(ints, path, sw),
                "scale": _codec.encode_array(arrays["scale"], path, sw)}
         if "zero_point" in arrays:
@@ -320,7 +318,7 @@ def pack_codes_np(ints: np.ndarray, bits: int) -> np.ndarray:
 
 def _qarray_from_codes(ints: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, meta: dict, what: str):
     """A validated QArray from decoded integer codes (range-checked here: a forged code must not wrap)."""
-    from compressjax.qarray import code_range, qarray_from_parts
+    from compressjax.qarray import QArray, code_range
 
     bits = meta["bits"]
     lo, hi = code_range(bits, zp is None)
@@ -328,7 +326,7 @@ def _qarray_from_codes(ints: np.ndarray, scale: np.ndarray, zp: np.ndarray | Non
         raise FormatError(f"{what}: {bits}-bit codes outside [{lo}, {hi}]")
     values = pack_codes_np(ints, bits) if bits <= 4 else ints
     arrays = {"values": values, "scale": scale} | ({} if zp is None else {"zero_point": zp})
-    return qarray_from_parts(arrays, {k: meta[k] for k in _QMETA_KEYS}, path=what)
+    return QArray.from_parts(arrays, {k: meta[k] for k in _QMETA_KEYS}, path=what)
 
 
 def _header_budget(max_bytes: int | None, file_size: int) -> int:
