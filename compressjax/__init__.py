@@ -48,6 +48,17 @@ from compressjax.schedules import (
 )
 from compressjax.tree import Where, leaves_with_paths, path_to_str, selector
 
+# weight sharing
+from compressjax.codebook import (
+    Codebook,
+    codebook_student,
+    decode_params,
+    kmeans_codebooks,
+    merge_centroids,
+    reassign_indices,
+    split_centroids,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -101,4 +112,12 @@ __all__ = [
     "SizeReport",
     "LeafSize",
     "FormatError",
+    # weight sharing
+    "Codebook",
+    "kmeans_codebooks",
+    "decode_params",
+    "split_centroids",
+    "merge_centroids",
+    "codebook_student",
+    "reassign_indices",
 ]
