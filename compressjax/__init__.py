@@ -5,6 +5,17 @@ modules, plain dicts) and runs under ``jax.jit``. See README.md for a tour.
 """
 
 from compressjax.calibration import ActivationRange, calibrate
+
+# weight sharing
+from compressjax.codebook import (
+    Codebook,
+    codebook_student,
+    decode_params,
+    kmeans_codebooks,
+    merge_centroids,
+    reassign_indices,
+    split_centroids,
+)
 from compressjax.distillation import DistillState, make_distill_step
 from compressjax.export import FormatError, LeafSize, SizeReport, load, save, size_report
 from compressjax.losses import cosine_loss, distillation_loss, hint_loss, kd_loss, mse_loss, softmax_cross_entropy
@@ -47,17 +58,6 @@ from compressjax.schedules import (
     polynomial_sparsity,
 )
 from compressjax.tree import Where, leaves_with_paths, path_to_str, selector
-
-# weight sharing
-from compressjax.codebook import (
-    Codebook,
-    codebook_student,
-    decode_params,
-    kmeans_codebooks,
-    merge_centroids,
-    reassign_indices,
-    split_centroids,
-)
 
 __version__ = "0.1.0"
 

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.test_util import check_grads
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.test_util import check_grads
 
 import compressjax as cj
 from compressjax.codebook import INITS, is_codebook, pack_indices, unpack_indices
@@ -449,3 +449,174 @@ print("OK", len(jax.devices()))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OK 8" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _bit_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8))
+
+
+@pytest.mark.parametrize("bits", [2, 5, *(pytest.param(b, marks=pytest.mark.slow) for b in (1, 3, 8))])
+def test_save_load_bit_exact(tmp_path, bits):
+    x = kernel((300, 8), seed=bits)
+    params = {"d": {"kernel": x, "bias": jnp.arange(8.0)}}
+    masks = cj.magnitude_masks(params, 0.6)
+    for pc in (False, True):
+        for m in (None, masks):
+            if m is not None and bits == 8:
+                continue
+            q = cj.kmeans_codebooks(params, bits, per_channel=pc, masks=m)
+            if pc:
+                q["d"]["kernel"] = q["d"]["kernel"].astype_centroids(jnp.float16)
+            path = tmp_path / f"m{bits}{pc}{m is None}.cjx"
+            report = cj.save(path, q)
+            _bit_equal(cj.load(path), cj.decode_params(q))
+            raw = cj.load(path, dequantize=False)["d"]["kernel"]
+            cb = q["d"]["kernel"]
+            assert isinstance(raw, cj.Codebook) and raw._aux() == cb._aux()
+            _bit_equal((raw.indices, raw.centroids), (cb.indices, cb.centroids))
+            leaf = next(s for s in report.leaves if s.path == "d/kernel")
+            assert leaf.encoding.startswith(f"cb{bits}")
+            assert leaf.index_bits is not None and 0 <= leaf.index_entropy <= bits
+            # Entropy-coded indices take at most the packed width (plus a little framing).
+            assert leaf.index_bits <= bits + 0.5
+            # Bits per weight include the codebooks.
+            c_bytes = cb.centroids.size * (2 if pc else 4)
+            assert leaf.stored_bytes >= c_bytes
+            from_file = cj.size_report(path)
+            assert from_file.total_bytes == report.total_bytes == path.stat().st_size
+            ff = next(s for s in from_file.leaves if s.path == "d/kernel")
+            assert (ff.stored_bytes, ff.index_bits, ff.index_entropy) == (leaf.stored_bytes, leaf.index_bits, leaf.index_entropy)
+            assert "b/idx H=" in str(from_file)
+
+
+def test_pruned_codebook_file_is_small(tmp_path):
+    x = kernel((300, 100))
+    masks = cj.magnitude_masks({"w": x}, 0.92)
+    q = cj.kmeans_codebooks({"w": x}, 5, masks=masks)
+    report = cj.save(tmp_path / "p.cjx", q)
+    leaf = report.leaves[0]
+    assert leaf.encoding.startswith("cb5 sparse")
+    assert leaf.nnz == int(jnp.sum(masks["w"]))
+    assert report.ratio > 30  # 8% survivors at 5 bits + positions
+
+
+def test_masks_or_rules_with_codebook_leaves_is_an_error(tmp_path):
+    q = cj.kmeans_codebooks({"w": kernel((16, 4))}, 2)
+    with pytest.raises(ValueError, match="already hold QArray or Codebook leaves"):
+        cj.save(tmp_path / "x.cjx", q, rules=cj.QuantSpec(4))
+
+
+@pytest.fixture(scope="module")
+def cb_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cb") / "m.cjx"
+    x = kernel((40, 8), seed=3)
+    q = cj.kmeans_codebooks({"a": x}, 3, masks=cj.magnitude_masks({"a": x}, 0.5))
+    q["b"] = cj.kmeans_codebooks({"b": x}, 4, per_channel=True)["b"]
+    cj.save(path, q)
+    return path.read_bytes(), cj.load(path)
+
+
+def _resign(original, edit):
+    import json
+
+    from compressjax.export import _container
+
+    header_json, payload, _ = _container.parse(original)
+    header = edit(json.loads(header_json))
+    return b"".join(bytes(c) for c in _container.assemble(json.dumps(header).encode(), [bytes(payload)]))
+
+
+def _set(path, value):
+    def edit(h):
+        node = h
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+        return h
+
+    return edit
+
+
+def _cb_leaf(h, which):
+    return [i for i, r in enumerate(h["leaves"]) if r.get("e") == "cb"][which]
+
+
+FORGED = {
+    "bits 0": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "bits"], 0)(h),
+    "bits 9": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "bits"], 9)(h),
+    "bits smaller than the indices": lambda h: _set(["leaves", _cb_leaf(h, 1), "meta", "bits"], 2)(h),
+    "bits bool": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "bits"], True)(h),
+    "huge shape": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "shape"], [1 << 40, 8])(h),
+    "wrong shape": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "shape"], [8, 40])(h),
+    "int dtype": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "dtype"], "int32")(h),
+    "per_channel flipped": lambda h: _set(["leaves", _cb_leaf(h, 1), "meta", "per_channel"], False)(h),
+    "per_channel not bool": lambda h: _set(["leaves", _cb_leaf(h, 1), "meta", "per_channel"], 1)(h),
+    "zero missing": lambda h: (h["leaves"][_cb_leaf(h, 0)]["meta"].pop("zero"), h)[1],
+    "unknown meta field": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "eval"], "x")(h),
+    "wrong format": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "format"], "compressjax.codebook/9")(h),
+    "entropy out of range": lambda h: _set(["leaves", _cb_leaf(h, 0), "h"], 9.5)(h),
+    "entropy string": lambda h: _set(["leaves", _cb_leaf(h, 0), "h"], "2")(h),
+    "index record not a dict": lambda h: _set(["leaves", _cb_leaf(h, 0), "idx"], [1])(h),
+    "unknown index encoding": lambda h: _set(["leaves", _cb_leaf(h, 0), "idx", "e"], "huffman")(h),
+    "centroids missing": lambda h: (h["leaves"][_cb_leaf(h, 0)].pop("c"), h)[1],
+    "centroid shape": lambda h: _set(["leaves", _cb_leaf(h, 0), "c", "sh"], [4])(h),
+    "extra record field": lambda h: _set(["leaves", _cb_leaf(h, 0), "x"], 1)(h),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGED))
+def test_forged_codebook_records_raise_format_error(tmp_path, cb_file, name):
+    original, _ = cb_file
+    path = tmp_path / "f.cjx"
+    path.write_bytes(_resign(original, FORGED[name]))
+    with pytest.raises(cj.FormatError) as e:
+        cj.load(path, max_bytes=1 << 26)
+    assert not str(e.value).startswith("malformed header:"), e.value  # validated, not the safety net
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 2**40) | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_fuzz_codebook_records(tmp_path_factory, cb_file, data):
+    """Any value of a codebook record replaced by arbitrary JSON: FormatError, or a well-formed tree."""
+    import json
+
+    from compressjax.export import _container
+
+    original, _ = cb_file
+    header = json.loads(_container.parse(original)[0])
+    slots = []
+
+    def collect(node, path):
+        slots.append(path)
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            collect(v, [*path, k])
+
+    for i, rec in enumerate(header["leaves"]):
+        if rec.get("e") == "cb":
+            collect(rec, ["leaves", i])
+    path = data.draw(st.sampled_from(slots[1:]))
+    blob = _resign(original, _set(path, data.draw(JSON)))
+    f = tmp_path_factory.mktemp("fz") / "f.cjx"
+    f.write_bytes(blob)
+    try:
+        out = cj.load(f, max_bytes=1 << 26)
+    except cj.FormatError as e:
+        assert not str(e).startswith("malformed header:"), e
+        return
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(out))
