@@ -9,6 +9,7 @@ from compressjax.calibration import ActivationRange, calibrate
 # weight sharing
 from compressjax.codebook import (
     Codebook,
+    cast_centroids,
     codebook_student,
     decode_params,
     kmeans_codebooks,
@@ -120,4 +121,5 @@ __all__ = [
     "merge_centroids",
     "codebook_student",
     "reassign_indices",
+    "cast_centroids",
 ]

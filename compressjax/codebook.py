@@ -48,6 +48,7 @@ __all__ = [
     "merge_centroids",
     "codebook_student",
     "reassign_indices",
+    "cast_centroids",
     "is_codebook",
     "pack_indices",
     "unpack_indices",
@@ -555,6 +556,16 @@ def _kmeans_leaf(path, x, bits, k, per_channel, init, iterations, w, m, reserve_
 
 
 # ------------------------------------------------------------------------------------------------ training
+
+
+def cast_centroids(params: Any, dtype: Any = jnp.float16) -> Any:
+    """Every :class:`Codebook`'s centroids cast to ``dtype`` (float16 halves them in memory and on disk).
+
+    ``save`` stores centroids in their own dtype, so this is how a file gets float16 codebooks; decoded
+    weights keep each Codebook's ``dtype``.
+    """
+    return jax.tree.map(lambda x: x.astype_centroids(dtype) if isinstance(x, Codebook) else x, params,
+                        is_leaf=_is_compressed)
 
 
 def decode_params(params: Any) -> Any:
