@@ -60,6 +60,11 @@ from compressjax.schedules import (
 )
 from compressjax.tree import Where, leaves_with_paths, path_to_str, selector
 
+# isort: split
+# one-shot compression
+from compressjax.hessians import Hessian, collect_hessians
+from compressjax.oneshot import error_feedback, gptq, layerwise, sparsegpt, wanda_masks
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -122,4 +127,12 @@ __all__ = [
     "codebook_student",
     "reassign_indices",
     "cast_centroids",
+    # one-shot compression
+    "Hessian",
+    "collect_hessians",
+    "error_feedback",
+    "gptq",
+    "sparsegpt",
+    "wanda_masks",
+    "layerwise",
 ]

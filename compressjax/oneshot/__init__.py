@@ -1,0 +1,13 @@
+"""One-shot compression from calibration data: GPTQ, SparseGPT, Wanda and the layerwise mode.
+
+Every solver takes the params and a Hessian tree from :func:`compressjax.collect_hessians` (the Hessian
+tree is the selection) and returns the library's own types: ``QArray`` leaves and boolean keep-masks.
+"""
+
+from compressjax.oneshot._gptq import gptq
+from compressjax.oneshot._layerwise import layerwise
+from compressjax.oneshot._sparsegpt import sparsegpt
+from compressjax.oneshot._sweep import error_feedback
+from compressjax.oneshot._wanda import wanda_masks
+
+__all__ = ["error_feedback", "gptq", "sparsegpt", "wanda_masks", "layerwise"]
