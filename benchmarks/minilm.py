@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import compressjax as cj  # noqa: E402
+from benchmarks import _minilm_codebook  # noqa: E402  (weight sharing settings, issue 12)
 from examples import minilm  # noqa: E402
 
 ENCODER_KERNELS = r"layer_\d+/.*kernel$"
@@ -246,9 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--qad-seconds", type=float, default=540.0, help="wall-time cap of int4 QAD")
     parser.add_argument("--distill-steps", type=int, default=24, help="steps of each pruning distillation")
     parser.add_argument("--distill-seconds", type=float, default=150.0, help="wall-time cap of each")
-    parser.add_argument("--only", help="comma-separated groups to run: int8,int4,qad,prune,matmul (default all)")
+    parser.add_argument("--only", help="comma-separated groups to run: int8,int4,qad,prune,matmul,kmeans (default all)")
     args = parser.parse_args(argv)
     all_groups = {"int8", "int4", "qad", "prune", "matmul"}
+    all_groups.add(_minilm_codebook.GROUP)  # weight sharing (issue 12)
     groups = set(args.only.split(",")) if args.only else all_groups
     if groups - all_groups:
         parser.error(f"--only: unknown groups {sorted(groups - all_groups)}; choose from {sorted(all_groups)}")
@@ -293,6 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
         run_pruning(bench, batches, steps=distill_steps, seconds=args.distill_seconds)
     if "matmul" in groups:
         run_int8_matmul(bench)
+    if _minilm_codebook.GROUP in groups:  # weight sharing (issue 12)
+        _minilm_codebook.run_kmeans(bench, batches, distill=distill, seconds=args.distill_seconds, quick=args.quick)
 
     result = {"port_min_cosine": port, "float32_bytes": bench.float_bytes, "train_sentences": len(train),
               "eval_sentences": len(evaluation), "quick": bool(args.quick),

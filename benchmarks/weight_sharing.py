@@ -30,7 +30,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,11 +42,12 @@ from compressjax.demo.pipeline import shift_signals  # noqa: E402
 SIZES = (40, 300, 100, 10)
 SPARSITY = 0.92
 BITS = 5
-BIAS_BITS = 4
+BIAS_BITS = int(os.environ.get("WS_BIAS_BITS", "3"))
 UNIFORM_BITS = 4
 KERNELS = r"kernel"
-OUTPUT_KEEP = 0.26
-SCOPE = os.environ.get("WS_SCOPE", "layer")
+SCOPE = os.environ.get("WS_SCOPE", "global")
+INIT = os.environ.get("WS_INIT", "linear")
+PRUNE_LR = float(os.environ.get("WS_PRUNE_LR", "3e-3"))
 
 
 def init_mlp(key, sizes=SIZES):
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     data = load_mnist1d()
     x, y, xt, yt = (jnp.asarray(a) for a in (data.x_train, data.y_train, data.x_test, data.y_test))
-    steps_float, steps_prune, steps_tune = (500, 500, 250) if args.quick else (6000, 6000, 2000)
+    steps_float, steps_prune, steps_tune = (500, 500, 250) if args.quick else (6000, 12000, 3000)
     key = jax.random.key(0)
     k_init, k_float, k_prune, k_tune, k_qat = jax.random.split(key, 5)
 
@@ -115,30 +115,20 @@ def main(argv=None) -> dict:
     params, _ = train(init_mlp(k_init), x, y, steps=steps_float, lr=3e-3, key=k_float)
     float_acc = accuracy(params, xt, yt)
 
-    # 2. Gradual pruning to 92% of all kernel weights, training on. As in the paper (LeNet-300-100 keeps
-    # 8% / 9% / 26% of its three layers), the small output layer keeps more: 26% of fc2, and fc0 + fc1
-    # share one global threshold at the sparsity that brings the total to 92%.
-    n_k = {name: params[name]["kernel"].size for name in params}
-    keep_last = round(OUTPUT_KEEP * n_k["fc2"])
-    hidden_sparsity = 1 - (round((1 - SPARSITY) * sum(n_k.values())) - keep_last) / (n_k["fc0"] + n_k["fc1"])
-    every = max(steps_prune // 100, 1)
-    end = steps_prune * 3 // 4
-    pruner = optax.chain(
-        cj.gradual_pruning(cj.polynomial_sparsity(hidden_sparsity, begin_step=0, end_step=end), update_every=every,
-                           where=r"fc[01]/kernel", scope=SCOPE),
-        cj.gradual_pruning(cj.polynomial_sparsity(1 - OUTPUT_KEEP, begin_step=0, end_step=end), update_every=every,
-                           where=r"fc2/kernel"),
-    )
-    pruned, state = train(params, x, y, steps=steps_prune, lr=1e-3, key=k_prune, extra=pruner)
-    m_hidden, m_last = state[1][0].masks, state[1][1].masks
-    masks = jax.tree.map(lambda a, b: b if a is None else a, m_hidden, m_last, is_leaf=lambda v: v is None)
+    # 2. Gradual pruning to 92% of all kernel weights (one global magnitude threshold over the three
+    # kernels, Zhu & Gupta's cubic schedule over the first half of the stage), training on.
+    every = max(steps_prune // 200, 1)
+    schedule = cj.polynomial_sparsity(SPARSITY, begin_step=0, end_step=steps_prune // 2)
+    pruner = cj.gradual_pruning(schedule, update_every=every, where=KERNELS, scope=SCOPE)
+    pruned, state = train(params, x, y, steps=steps_prune, lr=PRUNE_LR, key=k_prune, extra=pruner)
+    masks = cj.masks_from_state(state)
     pruned = cj.apply_masks(pruned, masks)
     pruned_acc = accuracy(pruned, xt, yt)
 
     # 3. Weight sharing: 5-bit codebooks on the surviving kernel weights, 4-bit ones for the biases.
     t_km = time.perf_counter()
-    shared = cj.kmeans_codebooks(pruned, BITS, where=KERNELS, masks=masks)
-    shared = cj.kmeans_codebooks(shared, BIAS_BITS, where=r"fc[01]/bias")  # fc2 has only 10
+    shared = cj.kmeans_codebooks(pruned, BITS, where=KERNELS, masks=masks, init=INIT)
+    shared = cj.kmeans_codebooks(shared, BIAS_BITS, where=r"fc[01]/bias", init=INIT)  # fc2 has only 10
     kmeans_s = time.perf_counter() - t_km
     shared_acc = accuracy(cj.decode_params(shared), xt, yt)
 

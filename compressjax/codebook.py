@@ -49,6 +49,7 @@ __all__ = [
     "codebook_student",
     "reassign_indices",
     "cast_centroids",
+    "codebook_error_feedback",
     "is_codebook",
     "pack_indices",
     "unpack_indices",
@@ -690,3 +691,95 @@ def reassign_indices(params: Any, reference: Any) -> Any:
                         per_channel=x.per_channel, zero_reserved=x.zero_reserved, path=p)
 
     return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_compressed)
+
+
+# ------------------------------------------------------------------------------------------------ error feedback
+
+
+def _nearest_row(c: jax.Array, zero_reserved: bool):
+    """``quantize_column`` for :func:`compressjax.oneshot.error_feedback`: each entry of a kernel row to the
+    nearest centroid of its output channel's codebook (``c``: ``(d_out, k)`` or ``(k,)``)."""
+    c = jnp.asarray(c, jnp.float32)
+
+    def quantize_row(row, j, keep=None):
+        table = c if c.ndim == 2 else jnp.broadcast_to(c, (row.shape[0], c.shape[0]))
+        cand = table[:, 1:] if zero_reserved else table
+        a = jnp.argmin(jnp.abs(row[:, None] - cand), axis=1)
+        q = jnp.take_along_axis(cand, a[:, None], axis=1)[:, 0]
+        return q if keep is None else jnp.where(keep, q, 0.0)
+
+    return quantize_row
+
+
+def codebook_error_feedback(params: Any, reference: Any, hessians: Any, *, block_size: int = 128, damp: float = 0.01) -> Any:
+    """Re-assigns the indices of 2-D :class:`Codebook` kernels with GPTQ's error feedback.
+
+    For each Codebook leaf of ``params`` whose path has a Hessian in ``hessians`` (as returned by
+    :func:`compressjax.collect_hessians`; ``.h`` or a plain ``(d_in, d_in)`` array), the float kernel in
+    ``reference`` is swept one input row at a time (:func:`compressjax.error_feedback`): each row is
+    replaced by the nearest centroid of each output channel's codebook, and its error, weighted by the
+    inverse Hessian, is pushed onto the rows not yet assigned. The centroids are kept; pruned weights of
+    a ``zero_reserved`` codebook stay on the exact zero. This is what lifts 3-bit per-channel codebooks on
+    MiniLM from 0.89-0.90 to about 0.97 mean cosine (issue 12's table).
+
+    Args:
+        params: a tree with Codebook leaves (from :func:`kmeans_codebooks`).
+        reference: the float params the codebooks were fitted to (same structure as ``params``).
+        hessians: a tree like ``params`` with a Hessian (or ``None``) per leaf; Codebook leaves without one
+            are left as they are.
+        block_size, damp: as for :func:`compressjax.error_feedback`.
+
+    Raises:
+        ValueError: a Codebook with a Hessian that is not 2-D ``(d_in, d_out)``, or a reference leaf of the
+            wrong shape, naming the leaf.
+
+    References:
+        Frantar et al., "GPTQ", ICLR 2023 (the column sweep); Han et al., "Deep Compression", ICLR 2016.
+    """
+    from compressjax.oneshot import error_feedback
+
+    refs = dict(tree.leaves_with_paths(reference, lambda x: x is None or _is_compressed(x)))
+    hs = dict(tree.leaves_with_paths(hessians, lambda x: x is None or hasattr(x, "in_axes")))
+
+    def visit(kp, x):
+        if not isinstance(x, Codebook):
+            return x
+        p = tree.path_to_str(kp)
+        h = hs.get(p)
+        if h is None:
+            return x
+        h = getattr(h, "h", h)
+        if x.ndim != 2:
+            raise ValueError(f"leaf {p!r}: error feedback needs a 2-D (d_in, d_out) kernel, got shape {x.shape}")
+        r = refs.get(p)
+        if r is None or tuple(getattr(r, "shape", ())) != x.shape:
+            raise ValueError(f"leaf {p!r}: reference weights of shape {x.shape} needed, got "
+                             f"{None if r is None else getattr(r, 'shape', type(r).__name__)}")
+        tree.check_finite(p, r)
+        quantize_row = _nearest_row(x.centroids, x.zero_reserved)
+        if x.zero_reserved:
+            keep = x.index_array() != 0
+            w = jnp.where(keep, jnp.asarray(r, jnp.float32), 0.0)
+            fn = _KeepRow(quantize_row, keep)
+        else:
+            w, fn = jnp.asarray(r, jnp.float32), quantize_row
+        try:
+            wq = error_feedback(w, h, fn, block_size=block_size, damp=damp)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"leaf {p!r}: {e}") from e
+        valid = keep if x.zero_reserved else jnp.ones(x.shape, bool)
+        a = _nearest(wq, x.centroids, valid, per_channel=x.per_channel, zero_reserved=x.zero_reserved, shape=x.shape)
+        return Codebook(_pack_jit(a, x.bits), x.centroids, bits=x.bits, shape=x.shape, dtype=x.dtype,
+                        per_channel=x.per_channel, zero_reserved=x.zero_reserved, path=p)
+
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_compressed)
+
+
+class _KeepRow:
+    """``quantize_column`` that keeps pruned entries (row ``j`` of ``keep`` False) at exactly zero."""
+
+    def __init__(self, quantize_row, keep):
+        self.quantize_row, self.keep = quantize_row, keep
+
+    def __call__(self, row, j):
+        return self.quantize_row(row, j, jax.lax.dynamic_index_in_dim(self.keep, j, keepdims=False))

@@ -80,7 +80,7 @@ def plan(x: Any, path: str, sw: _codec.StreamWriter) -> tuple[dict, tuple]:
     meta = {"format": FORMAT, "bits": x.bits, "shape": list(x.shape), "dtype": x.dtype.name,
             "per_channel": x.per_channel, "zero": x.zero_reserved}
     rec = {"e": "cb", "meta": meta, "idx": coded, "c": _codec.encode_array(centroids, path + " centroids", sw),
-           "h": entropy_bits(u, 1 << x.bits)}
+           "h": round(entropy_bits(u, 1 << x.bits), 4)}
     nnz = int(coded.get("nnz", n)) if coded["e"] == "sparse" else int(np.count_nonzero(u)) if x.zero_reserved else n
     return rec, (path, tuple(x.shape), x.dtype.name, _encoding(rec), nnz)
 
