@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import tree
+from compressjax.qarray import QArray
 
 __all__ = [
     "Codebook",
@@ -66,7 +67,8 @@ def is_codebook(x: Any) -> bool:
 
 
 def _is_compressed(x: Any) -> bool:
-    return bool(getattr(type(x), "_cj_compressed_leaf", False))
+    """Codebooks, QArrays and any class marked ``_cj_compressed_leaf``: kept whole, never re-clustered."""
+    return bool(getattr(type(x), "_cj_compressed_leaf", False)) or isinstance(x, QArray)
 
 
 def _packed_len(n: int, bits: int) -> int:

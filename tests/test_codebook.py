@@ -620,3 +620,63 @@ def test_fuzz_codebook_records(tmp_path_factory, cb_file, data):
         assert not str(e).startswith("malformed header:"), e
         return
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(out))
+
+
+# ------------------------------------------------------------------------------------------------ error feedback
+
+
+def test_error_feedback_lowers_the_layer_output_error():
+    from compressjax.codebook import codebook_error_feedback
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((256, 48), np.float32) @ rng.standard_normal((48, 48), np.float32))
+    w = kernel((48, 16), seed=1)
+    h = x.T @ x
+    params = {"w": w}
+    out_err = lambda cb: float(jnp.sum((x @ w - x @ cb.decode()) ** 2))  # noqa: E731
+    masks = cj.magnitude_masks(params, 0.5)
+    for m in (None, masks):
+        q = cj.kmeans_codebooks(params, 2, per_channel=True, masks=m,
+                                weights={"w": jnp.broadcast_to(jnp.diagonal(h)[:, None], w.shape)})
+        fed = codebook_error_feedback(q, params, {"w": h})
+        assert out_err(fed["w"]) < out_err(q["w"])
+        np.testing.assert_array_equal(np.asarray(fed["w"].centroids), np.asarray(q["w"].centroids))
+        if m is not None:
+            idx = np.asarray(fed["w"].index_array())
+            assert np.all((idx == 0) == ~np.asarray(m["w"]))
+    untouched = codebook_error_feedback(q, params, {"w": None})
+    assert untouched["w"] is q["w"]
+    with pytest.raises(ValueError, match="'w': Hessian has shape \\(4, 4\\)"):
+        codebook_error_feedback(q, params, {"w": jnp.eye(4)})
+    with pytest.raises(ValueError, match="'w': reference weights of shape \\(48, 16\\) needed"):
+        codebook_error_feedback(q, {"w": w[:4]}, {"w": h})
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+
+def test_demo_codebook_bits_option():
+    from compressjax.cli import build_parser
+    from compressjax.demo.pipeline import DemoConfig
+
+    args = build_parser().parse_args(["demo", "--codebook-bits", "5"])
+    assert args.codebook_bits == 5
+    assert build_parser().parse_args(["demo"]).codebook_bits is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--codebook-bits", "9"])
+    assert DemoConfig().codebook_bits is None
+    for bad in (0, 9, 2.0, True):
+        with pytest.raises(ValueError, match="codebook_bits must be None or an int in 1..8"):
+            DemoConfig(codebook_bits=bad)
+
+
+@pytest.mark.slow
+def test_demo_quick_with_codebooks(tmp_path):
+    from compressjax.demo.pipeline import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig.quick(codebook_bits=4, sparsity=0.8), tmp_path)
+    row = result.stage("compressed")
+    assert row.nonzero <= 0.25 * row.params and row.bytes < result.stage("student").bytes / 5
+    back = cj.load(result.model_path, dequantize=False)
+    kernels = [x for p, x in cj.leaves_with_paths(back, is_codebook) if p.endswith("kernel")]
+    assert kernels and all(isinstance(k, cj.Codebook) and k.bits == 4 and k.zero_reserved for k in kernels)
