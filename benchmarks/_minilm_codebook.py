@@ -9,9 +9,9 @@ row, as in the int4 PTQ settings, so that the files compare. Settings:
 * ``kmeans-3-ch-gptq``: the same codebooks fitted by k-means weighted with the Hessian diagonal (SqueezeLLM),
   then the indices re-assigned with GPTQ's error feedback (``codebook_error_feedback``, the one-shot
   issue's ``error_feedback`` sweep with "nearest centroid" as the quantizer), from the Gram matrices
-  ``collect_hessians`` gathers on calibration batches of the training sentences.
-* ``kmeans-3-ch-kd``: ``kmeans-3-ch``'s codebooks whose centroids alone (``split_centroids``) are
-  distilled from the float model (cosine loss on the embeddings, ``codebook_student`` as the
+  ``collect_hessians`` gathers on all the training sentences (padding tokens left out).
+* ``kmeans-3-ch-kd``: ``kmeans-3-ch-gptq``'s codebooks whose centroids alone (``split_centroids``) are
+  then distilled from the float model (cosine loss on the embeddings, ``codebook_student`` as the
   ``student_transform``), for at most ``--distill-seconds`` of wall time.
 
 Each row adds ``kernel_bits_per_weight``: the encoder kernels' bytes in the file (indices, positions and
@@ -27,12 +27,10 @@ import jax
 import jax.numpy as jnp
 
 import compressjax as cj
-from compressjax.codebook import codebook_error_feedback
 
 GROUP = "kmeans"
 ENCODER_KERNELS = r"layer_\d+/.*kernel$"
 EMBEDDING_RULES = {r"embeddings/(word|position|token_type)$": cj.QuantSpec(bits=8, channel_axes=(0,))}
-CALIBRATION_BATCHES = 8
 KD_STEPS, KD_LR = 10_000, 2e-4
 
 
@@ -81,23 +79,24 @@ def run_kmeans(bench, batches: list, *, distill, seconds: float, quick: bool = F
     # Error feedback: Gram matrices of every kernel's inputs on calibration batches (padding rows left out).
     t0 = time.perf_counter()
     apply = lambda p, b: bench_encode(p, b)  # noqa: E731
-    calib = batches[: 2 if quick else CALIBRATION_BATCHES]
+    calib = batches[:2] if quick else batches  # every training batch (they are sorted by length)
     hessians = cj.collect_hessians(apply, params, calib, where=ENCODER_KERNELS, row_mask=lambda b: b[1] > 0)
     t_h = time.perf_counter() - t0
     weighted = cj.kmeans_codebooks(params, 3, where=ENCODER_KERNELS, per_channel=True,
                                    weights=hessian_weights(params, hessians))
     weighted_q = bench.quality(cj.decode_params(_embeddings_int8(cj.cast_centroids(weighted, jnp.float16))))
-    gptq = codebook_error_feedback(weighted, params, hessians)
+    gptq = cj.codebook_error_feedback(weighted, params, hessians)
     _record(bench, "kmeans-3-ch-gptq", gptq, hessian_seconds=round(t_h, 2),
             seconds=round(time.perf_counter() - t0, 2), calibration_sentences=sum(int(b[0].shape[0]) for b in calib),
             weighted_only=weighted_q)
 
-    # Centroid distillation from the float model, starting from kmeans-3-ch.
-    trainable, frozen = cj.split_centroids(k3)
+    # Centroid distillation from the float model, starting from kmeans-3-ch-gptq's codebooks.
+    trainable, frozen = cj.split_centroids(gptq)
     steps = 1 if quick else KD_STEPS  # in practice the wall-time cap ends it
+    before = bench.quality(cj.decode_params(_embeddings_int8(cj.cast_centroids(gptq, jnp.float16))))
     student, info = distill(trainable, params, batches, steps=steps, seconds=seconds, lr=KD_LR,
                             transform=cj.codebook_student(frozen))
-    _record(bench, "kmeans-3-ch-kd", cj.merge_centroids(student, frozen), **info)
+    _record(bench, "kmeans-3-ch-kd", cj.merge_centroids(student, frozen), before_distill=before, **info)
 
 
 def bench_encode(params, batch):

@@ -10,6 +10,7 @@ from compressjax.calibration import ActivationRange, calibrate
 from compressjax.codebook import (
     Codebook,
     cast_centroids,
+    codebook_error_feedback,
     codebook_student,
     decode_params,
     kmeans_codebooks,
@@ -127,6 +128,7 @@ __all__ = [
     "codebook_student",
     "reassign_indices",
     "cast_centroids",
+    "codebook_error_feedback",
     # one-shot compression
     "Hessian",
     "collect_hessians",
