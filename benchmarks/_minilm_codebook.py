@@ -9,7 +9,8 @@ row, as in the int4 PTQ settings, so that the files compare. Settings:
 * ``kmeans-3-ch-gptq``: the same codebooks fitted by k-means weighted with the Hessian diagonal (SqueezeLLM),
   then the indices re-assigned with GPTQ's error feedback (``codebook_error_feedback``, the one-shot
   issue's ``error_feedback`` sweep with "nearest centroid" as the quantizer), from the Gram matrices
-  ``collect_hessians`` gathers on all the training sentences (padding tokens left out).
+  ``collect_hessians`` gathers on all the training sentences (padding tokens left out); finally the
+  centroids are refitted by least squares under each Gram matrix for the new indices (``refit_centroids``).
 * ``kmeans-3-ch-kd``: ``kmeans-3-ch-gptq``'s codebooks whose centroids alone (``split_centroids``) are
   then distilled from the float model (cosine loss on the embeddings, ``codebook_student`` as the
   ``student_transform``), for at most ``--distill-seconds`` of wall time.
@@ -85,10 +86,12 @@ def run_kmeans(bench, batches: list, *, distill, seconds: float, quick: bool = F
     weighted = cj.kmeans_codebooks(params, 3, where=ENCODER_KERNELS, per_channel=True,
                                    weights=hessian_weights(params, hessians))
     weighted_q = bench.quality(cj.decode_params(_embeddings_int8(cj.cast_centroids(weighted, jnp.float16))))
-    gptq = cj.codebook_error_feedback(weighted, params, hessians)
+    fed = cj.codebook_error_feedback(weighted, params, hessians)
+    fed_q = bench.quality(cj.decode_params(_embeddings_int8(cj.cast_centroids(fed, jnp.float16))))
+    gptq = cj.refit_centroids(fed, params, hessians)  # least-squares centroids for the new assignment
     _record(bench, "kmeans-3-ch-gptq", gptq, hessian_seconds=round(t_h, 2),
             seconds=round(time.perf_counter() - t0, 2), calibration_sentences=sum(int(b[0].shape[0]) for b in calib),
-            weighted_only=weighted_q)
+            weighted_only=weighted_q, error_feedback_without_refit=fed_q)
 
     # Centroid distillation from the float model, starting from kmeans-3-ch-gptq's codebooks.
     trainable, frozen = cj.split_centroids(gptq)

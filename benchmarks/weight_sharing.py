@@ -47,6 +47,7 @@ UNIFORM_BITS = 4
 KERNELS = r"kernel"
 SCOPE = os.environ.get("WS_SCOPE", "global")
 INIT = os.environ.get("WS_INIT", "linear")
+TUNE_LR = float(os.environ.get("WS_TUNE_LR", "3e-4"))
 PRUNE_LR = float(os.environ.get("WS_PRUNE_LR", "3e-3"))
 
 
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
     # 4. Centroid fine-tuning (indices fixed, pruned weights on the reserved zero).
     trainable, frozen = cj.split_centroids(shared)
     merge = functools.partial(cj.merge_centroids, frozen=frozen)
-    trainable, _ = train(trainable, x, y, steps=steps_tune, lr=3e-4, key=k_tune,
+    trainable, _ = train(trainable, x, y, steps=steps_tune, lr=TUNE_LR, key=k_tune,
                          transform=lambda t: cj.decode_params(merge(t)))
     tuned = merge(trainable)
     tuned = cj.cast_centroids(tuned, jnp.float16)
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
 
     # 5. The alternative: 4-bit uniform QAT (per-channel int4 kernels, int8 biases) on the same pruned net.
     rules = {KERNELS: cj.QuantSpec(bits=UNIFORM_BITS), "bias": cj.QuantSpec(bits=8, channel_axes=())}
-    qat, _ = train(pruned, x, y, steps=steps_tune, lr=3e-4, key=k_qat, extra=cj.keep_masked(masks),
+    qat, _ = train(pruned, x, y, steps=steps_tune, lr=TUNE_LR, key=k_qat, extra=cj.keep_masked(masks),
                    transform=lambda p: cj.fake_quant_params(p, rules))
     qat = cj.apply_masks(qat, masks)
 

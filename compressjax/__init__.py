@@ -16,6 +16,7 @@ from compressjax.codebook import (
     kmeans_codebooks,
     merge_centroids,
     reassign_indices,
+    refit_centroids,
     split_centroids,
 )
 from compressjax.distillation import DistillState, make_distill_step
@@ -129,6 +130,7 @@ __all__ = [
     "reassign_indices",
     "cast_centroids",
     "codebook_error_feedback",
+    "refit_centroids",
     # one-shot compression
     "Hessian",
     "collect_hessians",

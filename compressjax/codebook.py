@@ -51,6 +51,7 @@ __all__ = [
     "reassign_indices",
     "cast_centroids",
     "codebook_error_feedback",
+    "refit_centroids",
     "is_codebook",
     "pack_indices",
     "unpack_indices",
@@ -785,3 +786,63 @@ class _KeepRow:
 
     def __call__(self, row, j):
         return self.quantize_row(row, j, jax.lax.dynamic_index_in_dim(self.keep, j, keepdims=False))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "per_channel", "zero_reserved"))
+def _refit(w, h, idx, c_old, ridge, *, k, per_channel, zero_reserved):
+    a = jax.nn.one_hot(idx.T, k, dtype=jnp.float32)  # (d_out, d_in, k)
+    if zero_reserved:
+        a = a.at[..., 0].set(0.0)  # the reserved zero is not a free parameter
+    ha = jnp.einsum("ij,ojk->oik", h, a, precision=jax.lax.Precision.HIGHEST)
+    gram = jnp.einsum("oik,oil->okl", a, ha, precision=jax.lax.Precision.HIGHEST)  # A^T H A per channel
+    rhs = jnp.einsum("oik,io->ok", ha, w, precision=jax.lax.Precision.HIGHEST)  # A^T H w per channel
+    c_old = jnp.asarray(c_old, jnp.float32)
+    if not per_channel:
+        gram, rhs, c_old = gram.sum(0, keepdims=True), rhs.sum(0, keepdims=True), c_old[None, :]
+    lam = ridge * jnp.mean(jnp.diagonal(h)) * jnp.maximum(1.0, jnp.mean(jnp.diagonal(gram, axis1=1, axis2=2), axis=1))
+    lam = jnp.maximum(lam, 1e-30)[:, None, None]
+    eye = jnp.eye(k, dtype=jnp.float32)[None]
+    c = jnp.linalg.solve(gram + lam * eye, (rhs + lam[:, :, 0] * c_old)[..., None])[..., 0]
+    return c if per_channel else c[0]
+
+
+def refit_centroids(params: Any, reference: Any, hessians: Any, *, ridge: float = 1e-4) -> Any:
+    """Least-squares centroids for fixed indices under each kernel's input Gram matrix.
+
+    For every 2-D :class:`Codebook` kernel with a Hessian ``H`` (``(d_in, d_in)``, e.g. from
+    :func:`compressjax.collect_hessians`), the centroids become the minimiser of the layer's output error
+    ``sum_o (w_o - A_o c)^T H (w_o - A_o c)`` over the reference weights ``w`` (``A_o`` the one-hot indices of
+    output channel ``o``; per channel or shared, as the codebook is), with a small ridge ``ridge *
+    mean(diag H)`` towards the current centroids that keeps empty clusters in place. The indices do not
+    change; a reserved zero stays zero. Use after :func:`codebook_error_feedback`, whose assignments were
+    made against the k-means centroids: refitting them can only lower the output error.
+
+    Raises:
+        ValueError: a reference leaf or Hessian of the wrong shape, naming the leaf.
+    """
+    refs = dict(tree.leaves_with_paths(reference, lambda x: x is None or _is_compressed(x)))
+    hs = dict(tree.leaves_with_paths(hessians, lambda x: x is None or hasattr(x, "in_axes")))
+
+    def visit(kp, x):
+        if not isinstance(x, Codebook):
+            return x
+        p = tree.path_to_str(kp)
+        h = hs.get(p)
+        if h is None:
+            return x
+        h = jnp.asarray(getattr(h, "h", h), jnp.float32)
+        r = refs.get(p)
+        if x.ndim != 2 or r is None or tuple(getattr(r, "shape", ())) != x.shape:
+            raise ValueError(f"leaf {p!r}: refitting needs a 2-D kernel and reference weights of shape {x.shape}, got "
+                             f"{None if r is None else getattr(r, 'shape', type(r).__name__)}")
+        if tuple(h.shape) != (x.shape[0], x.shape[0]):
+            raise ValueError(f"leaf {p!r}: Hessian has shape {tuple(h.shape)}, expected {(x.shape[0], x.shape[0])}")
+        tree.check_finite(p, r)
+        tree.check_finite(p, h)
+        c = _refit(jnp.asarray(r, jnp.float32), h, x.index_array(), x.centroids, float(ridge), k=x.num_centroids,
+                   per_channel=x.per_channel, zero_reserved=x.zero_reserved)
+        if x.zero_reserved:
+            c = c.at[..., 0].set(0.0)
+        return x.with_centroids(c.astype(x.centroids.dtype))
+
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_compressed)

@@ -146,6 +146,9 @@ def test_where_selection_nbytes_and_skips():
     assert again["dense"]["kernel"] is cb and isinstance(again["emb"], cj.Codebook)
     with pytest.raises(TypeError, match="'dense/kernel' is already compressed"):
         cj.kmeans_codebooks(out, 4, where="kernel")
+    mixed = {"q": cj.quantize(params["emb"], cj.QuantSpec(4)), "w": params["emb"]}
+    done = cj.kmeans_codebooks(mixed, 2)  # the QArray is skipped whole
+    assert isinstance(done["q"], cj.QArray) and isinstance(done["w"], cj.Codebook)
 
 
 @pytest.mark.slow
@@ -640,6 +643,9 @@ def test_error_feedback_lowers_the_layer_output_error():
                                 weights={"w": jnp.broadcast_to(jnp.diagonal(h)[:, None], w.shape)})
         fed = codebook_error_feedback(q, params, {"w": h})
         assert out_err(fed["w"]) < out_err(q["w"])
+        refit = cj.refit_centroids(fed, params, {"w": h})
+        assert out_err(refit["w"]) <= out_err(fed["w"]) * (1 + 1e-5)
+        np.testing.assert_array_equal(np.asarray(refit["w"].indices), np.asarray(fed["w"].indices))
         np.testing.assert_array_equal(np.asarray(fed["w"].centroids), np.asarray(q["w"].centroids))
         if m is not None:
             idx = np.asarray(fed["w"].index_array())
@@ -650,6 +656,8 @@ def test_error_feedback_lowers_the_layer_output_error():
         codebook_error_feedback(q, params, {"w": jnp.eye(4)})
     with pytest.raises(ValueError, match="'w': reference weights of shape \\(48, 16\\) needed"):
         codebook_error_feedback(q, {"w": w[:4]}, {"w": h})
+    with pytest.raises(ValueError, match="'w': Hessian has shape \\(4, 4\\), expected \\(48, 48\\)"):
+        cj.refit_centroids(q, params, {"w": jnp.eye(4)})
 
 
 # ------------------------------------------------------------------------------------------------ demo
