@@ -81,7 +81,7 @@ def accuracy(params, x, y) -> float:
     return float(jnp.mean(jnp.argmax(apply_mlp(params, x), -1) == y))
 
 
-def train(params, x, y, *, steps, lr, key, transform=None, extra=None, teacher=None, chunk=250, batch=128, max_shift=3):
+def train(params, x, y, *, steps, lr, key, transform=None, extra=None, teacher=None, chunk=100, batch=128, max_shift=3):
     """AdamW (warm-up, cosine decay) on ``loss(transform(params))``; ``extra`` is chained after it.
 
     The loss is cross-entropy on the labels, or with ``teacher`` (float params) Hinton's distillation loss
@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     data = load_mnist1d()
     x, y, xt, yt = (jnp.asarray(a) for a in (data.x_train, data.y_train, data.x_test, data.y_test))
-    steps_float, steps_prune, steps_tune = (500, 500, 250) if args.quick else (6000, 12000, 3000)
+    steps_float, steps_prune, steps_tune = (200, 200, 100) if args.quick else (6000, 12000, 3000)
     key = jax.random.key(0)
     k_init, k_float, k_prune, k_tune, k_qat = jax.random.split(key, 5)
 

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 INITS = ("density", "linear", "random")
-DEFAULT_ITERATIONS = 300
+DEFAULT_ITERATIONS = 1000
 
 
 def is_codebook(x: Any) -> bool:
