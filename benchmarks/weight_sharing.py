@@ -58,6 +58,7 @@ TUNE_LR = float(os.environ.get("WS_TUNE_LR", "3e-4"))
 PRUNE_LR = float(os.environ.get("WS_PRUNE_LR", "3e-3"))
 KD_ALPHA = float(os.environ.get("WS_KD_ALPHA", "0.5"))
 USE_KD = os.environ.get("WS_KD", "1") == "1"
+CHUNK = [250]
 
 
 def init_mlp(key, sizes=SIZES):
@@ -81,7 +82,7 @@ def accuracy(params, x, y) -> float:
     return float(jnp.mean(jnp.argmax(apply_mlp(params, x), -1) == y))
 
 
-def train(params, x, y, *, steps, lr, key, transform=None, extra=None, teacher=None, chunk=100, batch=128, max_shift=3):
+def train(params, x, y, *, steps, lr, key, transform=None, extra=None, teacher=None, chunk=None, batch=128, max_shift=3):
     """AdamW (warm-up, cosine decay) on ``loss(transform(params))``; ``extra`` is chained after it.
 
     The loss is cross-entropy on the labels, or with ``teacher`` (float params) Hinton's distillation loss
@@ -92,6 +93,7 @@ def train(params, x, y, *, steps, lr, key, transform=None, extra=None, teacher=N
     if extra is not None:
         tx = optax.chain(tx, extra)
     transform = transform or (lambda p: p)
+    chunk = chunk or CHUNK[0]
     x, y = jnp.asarray(x), jnp.asarray(y)
 
     def loss_fn(p, xb, yb):
@@ -126,6 +128,7 @@ def main(argv=None) -> dict:
     data = load_mnist1d()
     x, y, xt, yt = (jnp.asarray(a) for a in (data.x_train, data.y_train, data.x_test, data.y_test))
     steps_float, steps_prune, steps_tune = (200, 200, 100) if args.quick else (6000, 12000, 3000)
+    CHUNK[0] = 100 if args.quick else 250  # steps per compiled scan (the full run's numbers use 250)
     key = jax.random.key(0)
     k_init, k_float, k_prune, k_tune, k_qat = jax.random.split(key, 5)
 
