@@ -513,7 +513,7 @@ def test_pruned_codebook_file_is_small(tmp_path):
 
 def test_masks_or_rules_with_codebook_leaves_is_an_error(tmp_path):
     q = cj.kmeans_codebooks({"w": kernel((16, 4))}, 2)
-    with pytest.raises(ValueError, match="already hold QArray or Codebook leaves"):
+    with pytest.raises(ValueError, match="already hold Codebook leaves"):
         cj.save(tmp_path / "x.cjx", q, rules=cj.QuantSpec(4))
 
 

@@ -122,9 +122,11 @@ def _prepare(params: Any, masks: Any, rules: Any) -> Any:
 
         is_q = lambda x: isinstance(x, QArray) or _codebook.is_codebook(x)  # noqa: E731
         quantized = [p for p, x in leaves_with_paths(params, is_leaf=is_q) if is_q(x)]
+        kinds = {type(x).__name__ for _, x in leaves_with_paths(params, is_leaf=is_q) if is_q(x)}
+        kind = " and ".join(sorted(kinds))  # "QArray", "Codebook" or both
         if quantized:
             raise ValueError(
-                f"params already hold QArray or Codebook leaves (e.g. {quantized[0]!r}); masks= and rules= "
+                f"params already hold {kind} leaves (e.g. {quantized[0]!r}); masks= and rules= "
                 "apply to float params: save the quantized tree as it is, or pass the float params with masks/rules"
             )
     if masks is not None:
