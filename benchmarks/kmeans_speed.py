@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import compressjax as cj  # noqa: E402
 from benchmarks._common import finish, parser  # noqa: E402
-from compressjax.codebook import _lloyd, _rows  # noqa: E402
+from compressjax.codebook._kmeans import _lloyd, _rows  # noqa: E402
 
 
 def case(shape, bits, per_channel, repeats):
