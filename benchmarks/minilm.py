@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import compressjax as cj  # noqa: E402
+from benchmarks import _minilm_codebook  # noqa: E402  (weight sharing settings, issue 12)
 from benchmarks._common import finish, interleaved_medians, parser  # noqa: E402
 from examples import minilm  # noqa: E402
 
@@ -236,9 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser_.add_argument("--qad-seconds", type=float, default=540.0, help="wall-time cap of int4 QAD")
     parser_.add_argument("--distill-steps", type=int, default=24, help="steps of each pruning distillation")
     parser_.add_argument("--distill-seconds", type=float, default=150.0, help="wall-time cap of each")
-    parser_.add_argument("--only", help="comma-separated groups to run: int8,int4,qad,prune,matmul,oneshot (default all)")
+    parser_.add_argument("--only", help="comma-separated groups to run: int8,int4,qad,prune,matmul,oneshot,kmeans (default all)")
     args = parser_.parse_args(argv)
-    all_groups = {"int8", "int4", "qad", "prune", "matmul", "oneshot"}
+    all_groups = {"int8", "int4", "qad", "prune", "matmul", "oneshot", _minilm_codebook.GROUP}
     groups = set(args.only.split(",")) if args.only else all_groups
     if args.quick and not args.only:
         groups = groups - {"oneshot"}  # its compilations take minutes; smoke-test it with --only oneshot --quick
@@ -285,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
         run_pruning(bench, batches, steps=distill_steps, seconds=args.distill_seconds)
     if "matmul" in groups:
         run_int8_matmul(bench)
+    if _minilm_codebook.GROUP in groups:  # weight sharing (issue 12)
+        _minilm_codebook.run_kmeans(bench, batches, distill=distill, seconds=args.distill_seconds, quick=args.quick)
     oneshot_extra = {}
     if "oneshot" in groups:  # GPTQ / SparseGPT / Wanda (benchmarks/_minilm_oneshot.py)
         from benchmarks._minilm_oneshot import run_oneshot

@@ -63,10 +63,23 @@ from compressjax.distillation import DistillState, make_distill_step
 # --- export
 from compressjax.export import FormatError, LeafSize, SizeReport, load, save, size_report
 
-# isort: split
-# one-shot compression
+# --- one-shot compression
 from compressjax.hessians import Hessian, collect_hessians
 from compressjax.oneshot import error_feedback, gptq, layerwise, sparsegpt, wanda_masks
+
+# --- weight sharing
+from compressjax.codebook import (
+    Codebook,
+    cast_centroids,
+    codebook_error_feedback,
+    codebook_student,
+    decode_params,
+    kmeans_codebooks,
+    merge_centroids,
+    reassign_indices,
+    refit_centroids,
+    split_centroids,
+)
 
 __version__ = "0.1.0"
 
@@ -124,6 +137,17 @@ __all__ = [
     "sparsegpt",
     "wanda_masks",
     "layerwise",
+    # weight sharing
+    "Codebook",
+    "kmeans_codebooks",
+    "decode_params",
+    "split_centroids",
+    "merge_centroids",
+    "codebook_student",
+    "reassign_indices",
+    "cast_centroids",
+    "codebook_error_feedback",
+    "refit_centroids",
 ]
 
 # Names that left the top level in 0.2; they still resolve for one release, with a DeprecationWarning

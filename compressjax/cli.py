@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weight bits of the compressed student, an integer in 1..8 (default 4)")
     demo.add_argument("--epochs", type=_positive, default=None,
                       help="epochs of the 4000 labelled examples per training stage (default 64; 2 with --quick)")
+    demo.add_argument("--codebook-bits", type=_bits, default=None,
+                      help="replace uniform QAT by weight sharing: k-means codebooks of this many bits (default: off)")
     demo.add_argument("--out", default=".", help="folder for the JSON, PNG and model files (default: current folder)")
 
     inspect = sub.add_parser(
@@ -115,14 +117,14 @@ def _demo(args: argparse.Namespace) -> int:
     from compressjax.demo.pipeline import DemoConfig, run_demo
 
     overrides = {"seed": args.seed}
-    for name in ("sparsity", "bits", "epochs"):
+    for name in ("sparsity", "bits", "epochs", "codebook_bits"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
 
     console = Console()
     console.print(f"[bold]compressjax demo[/bold]: {cfg.steps} steps per stage, sparsity {cfg.sparsity:g}, "
-                  f"{cfg.bits}-bit weights, seed {cfg.seed}{' (quick)' if args.quick else ''}")
+                  f"{f'{cfg.codebook_bits}-bit codebooks' if cfg.codebook_bits else f'{cfg.bits}-bit weights'}, seed {cfg.seed}{' (quick)' if args.quick else ''}")
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn())
     with Progress(*columns, console=console) as bars:

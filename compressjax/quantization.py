@@ -503,11 +503,20 @@ def quantize_params(params: Any, rules: Rules = DEFAULT_SPEC, *, on_unmatched: s
 
 
 def dequantize_params(qparams: Any) -> Any:
-    """Replaces every :class:`QArray` in ``qparams`` with its dequantized array (original shape and dtype)."""
-    is_q = lambda x: isinstance(x, QArray)  # noqa: E731
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, x: dequantize(x, path=tree.path_to_str(kp)) if is_q(x) else x, qparams, is_leaf=is_q
-    )
+    """Replaces every :class:`QArray` in ``qparams`` with its dequantized array (original shape and dtype).
+
+    Weight-shared :class:`~compressjax.Codebook` leaves are decoded too (``Codebook.decode``).
+    """
+    from compressjax.codebook import Codebook  # weight sharing
+
+    is_q = lambda x: isinstance(x, (QArray, Codebook))  # noqa: E731
+
+    def visit(kp, x):
+        if isinstance(x, Codebook):
+            return x.decode()
+        return dequantize(x, path=tree.path_to_str(kp)) if isinstance(x, QArray) else x
+
+    return jax.tree_util.tree_map_with_path(visit, qparams, is_leaf=is_q)
 
 
 def fake_quant_params(params: Any, rules: Rules = DEFAULT_SPEC, *, on_unmatched: str = "error") -> Any:

@@ -14,6 +14,7 @@ consistent", arXiv:2106.05237: the teacher sees the same augmented input as the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -78,6 +79,9 @@ class DemoConfig:
             (the true labels on the training inputs, the teacher's argmax on the extra inputs).
         chunk: optimizer steps per compiled ``lax.scan`` call (progress granularity).
         teacher / student: model shapes.
+        codebook_bits: ``None`` (default) for uniform ``bits``-bit QAT in stage 4; an int in 1..8 replaces
+            it by weight sharing (Deep Compression): prune in float, ``kmeans_codebooks`` with that many
+            bits on the surviving kernel weights, then distil the centroids alone (a quarter of the steps).
     """
 
     seed: int = 0
@@ -94,6 +98,7 @@ class DemoConfig:
     chunk: int = 50
     teacher: models.CNNConfig = field(default=models.TEACHER)
     student: models.CNNConfig = field(default=models.STUDENT)
+    codebook_bits: int | None = None  # weight sharing instead of uniform QAT (issue 12)
 
     def __post_init__(self):
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -102,6 +107,10 @@ class DemoConfig:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be an int in 1..8, got {self.bits!r}")
+        if self.codebook_bits is not None and (
+            isinstance(self.codebook_bits, bool) or not isinstance(self.codebook_bits, int) or not 1 <= self.codebook_bits <= 8
+        ):
+            raise ValueError(f"codebook_bits must be None or an int in 1..8, got {self.codebook_bits!r}")
         if self.transfer_size < 10:
             raise ValueError(f"transfer_size must be >= 10, got {self.transfer_size!r}")
 
@@ -347,8 +356,26 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike = ".", *, progress: Pro
                        size_report(d_params).total_bytes, teacher_f32, t_stage))
     say(f"distilled: {rows[-1].accuracy:.4f}")
 
-    # 4. Continue distilling while pruning gradually and training through b-bit fake quantization.
+    # 4-5. Compress (gradual pruning with b-bit QAT, or k-means weight sharing), save, load, evaluate the file.
     t_stage = time.perf_counter()
+    compress = _uniform_stages if cfg.codebook_bits is None else _weight_sharing_stages
+    path, report, loaded = compress(cfg, student, teacher, t_params, d_params, x_transfer, y_transfer, k_c_train,
+                                    out_dir, progress)
+    c_acc = accuracy(student, loaded, data.x_test, data.y_test)
+    rows.append(_stage("compressed", c_acc, loaded, report.total_bytes, teacher_f32, t_stage))
+    say(f"compressed: {c_acc:.4f}, {report.total_bytes} bytes")
+
+    # 6. One-shot: GPTQ of the distilled student from a few hundred training inputs, no training.
+    rows.append(_one_shot(student, d_params, data, cfg, out_dir, teacher_f32))
+    say(f"one-shot: {rows[-1].accuracy:.4f}, {rows[-1].bytes} bytes, {rows[-1].seconds:.1f} s")
+    return DemoResult(tuple(rows), time.perf_counter() - t0, path, cfg)
+
+
+def _uniform_stages(cfg: DemoConfig, student, teacher, t_params, d_params, x_transfer, y_transfer, key, out_dir,
+                    progress: Progress | None):
+    """Stages 4-5 by default: gradual pruning to ``cfg.sparsity`` with ``cfg.bits`` fake quantization, distilling
+    on; then ``save`` with the masks and rules and ``load``. Returns ``(path, size report, loaded params)``."""
+    # 4. Continue distilling while pruning gradually and training through b-bit fake quantization.
     rules = cfg.rules()
     steps = cfg.steps
     schedule = polynomial_sparsity(cfg.sparsity, begin_step=0, end_step=max(int(0.6 * steps), 1))
@@ -359,7 +386,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike = ".", *, progress: Pro
     # Pruned weights are exactly zero in the params (gradual_pruning's update), and zero stays zero under
     # symmetric quantization, so the forward transform needs only the fake quantization.
     state = distill(student, teacher, t_params, DistillState.create(d_params, tx_c), tx_c, x_transfer, y_transfer,
-                    cfg, k_c_train, "compressed", student_transform=lambda p, _step: fake_quant_params(p, rules),
+                    cfg, key, "compressed", student_transform=lambda p, _step: fake_quant_params(p, rules),
                     progress=progress)
     masks = masks_from_state(state.opt_state)
 
@@ -368,14 +395,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike = ".", *, progress: Pro
     path = os.path.join(os.fspath(out_dir), "compressjax-demo-student.cjx")
     report = save(path, state.params, masks=masks, rules=rules)
     loaded = load(path)
-    c_acc = accuracy(student, loaded, data.x_test, data.y_test)
-    rows.append(_stage("compressed", c_acc, loaded, report.total_bytes, teacher_f32, t_stage))
-    say(f"compressed: {c_acc:.4f}, {report.total_bytes} bytes")
-
-    # 6. One-shot: GPTQ of the distilled student from a few hundred training inputs, no training.
-    rows.append(_one_shot(student, d_params, data, cfg, out_dir, teacher_f32))
-    say(f"one-shot: {rows[-1].accuracy:.4f}, {rows[-1].bytes} bytes, {rows[-1].seconds:.1f} s")
-    return DemoResult(tuple(rows), time.perf_counter() - t0, path, cfg)
+    return path, report, loaded
 
 
 def _one_shot(student, d_params, data, cfg: DemoConfig, out_dir, teacher_f32: int, n_calib: int = 512) -> Stage:
@@ -391,3 +411,37 @@ def _one_shot(student, d_params, data, cfg: DemoConfig, out_dir, teacher_f32: in
     loaded = load(path)
     acc = accuracy(student, loaded, data.x_test, data.y_test)
     return _stage("one-shot", acc, loaded, report.total_bytes, teacher_f32, t_stage)
+
+
+def _weight_sharing_stages(cfg: DemoConfig, student, teacher, t_params, d_params, x_transfer, y_transfer, key,
+                           out_dir, progress: Progress | None):
+    """Stages 4-5 with ``--codebook-bits``: Deep Compression's pruning, weight sharing and centroid tuning.
+
+    The distilled student is pruned gradually to ``cfg.sparsity`` (float, distilling on), its kernels become
+    ``cfg.codebook_bits``-bit k-means codebooks on the surviving weights (pruned ones on the reserved zero)
+    and the centroids alone are distilled for a quarter of the steps; biases are stored as int8. Returns
+    ``(path, size report, loaded params)``.
+    """
+    from compressjax import cast_centroids, codebook_student, kmeans_codebooks, merge_centroids, split_centroids
+    from compressjax import quantize_params as _quantize_params
+
+    k_prune, k_tune = jax.random.split(key)
+    steps = cfg.steps
+    schedule = polynomial_sparsity(cfg.sparsity, begin_step=0, end_step=max(int(0.6 * steps), 1))
+    tx_c = optax.chain(make_optimizer(cfg.learning_rate, steps, weight_decay=0.0),
+                       gradual_pruning(schedule, update_every=max(steps // 40, 1)))
+    state = distill(student, teacher, t_params, DistillState.create(d_params, tx_c), tx_c, x_transfer, y_transfer,
+                    cfg, k_prune, "prune", progress=progress)
+    masks = masks_from_state(state.opt_state)
+    shared = kmeans_codebooks(state.params, cfg.codebook_bits, masks=masks)
+    trainable, frozen = split_centroids(shared)
+    tune_cfg = dataclasses.replace(cfg, epochs=max(cfg.epochs // 4, 1))
+    tx_t = make_optimizer(cfg.learning_rate / 10, tune_cfg.steps, weight_decay=0.0)
+    state = distill(student, teacher, t_params, DistillState.create(trainable, tx_t), tx_t, x_transfer, y_transfer,
+                    tune_cfg, k_tune, "centroids", student_transform=codebook_student(frozen), progress=progress)
+    tree = cast_centroids(merge_centroids(state.params, frozen))
+    tree = _quantize_params(tree, {"bias": QuantSpec(bits=8, channel_axes=())}, on_unmatched="ignore")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(os.fspath(out_dir), "compressjax-demo-student.cjx")
+    report = save(path, tree)
+    return path, report, load(path)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax.export import _codec, _container, _structure
+from compressjax.export import _codebook, _codec, _container, _structure
 from compressjax.export import _validate as v
 from compressjax.export._container import FormatError
 
@@ -28,7 +28,7 @@ def _is_qarray(x: Any) -> bool:
 
 
 def _is_leaf(x: Any) -> bool:
-    return _structure.is_array(x) or _is_qarray(x)
+    return _structure.is_array(x) or _is_qarray(x) or _codebook.is_codebook(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,9 @@ class LeafSize:
     encoding: str
     nnz: int
     stored_bytes: int
+    # Codebook leaves only: measured bits per stored index and the indices' Shannon entropy (bits).
+    index_bits: float | None = None
+    index_entropy: float | None = None
 
     @property
     def num_elements(self) -> int:
@@ -96,7 +99,9 @@ class SizeReport:
     def __str__(self) -> str:
         head = ("leaf", "shape", "dtype", "encoding", "density", "bytes", "bits/w", "x f32")
         rows = [
-            (leaf.path or "<root>", "x".join(map(str, leaf.shape)) or "()", leaf.dtype, leaf.encoding,
+            (leaf.path or "<root>", "x".join(map(str, leaf.shape)) or "()", leaf.dtype,
+             leaf.encoding if leaf.index_bits is None else  # codebooks: measured bits per index vs entropy
+             f"{leaf.encoding} {leaf.index_bits:.2f}b/idx H={leaf.index_entropy:.2f}",
              f"{leaf.nnz / leaf.num_elements:.3f}" if leaf.num_elements else "-", f"{leaf.stored_bytes:,}",
              f"{leaf.bits_per_weight:.2f}", f"{leaf.ratio:.1f}")
             for leaf in self.leaves
@@ -116,11 +121,13 @@ def _prepare(params: Any, masks: Any, rules: Any) -> Any:
         from compressjax.qarray import QArray
         from compressjax.tree import leaves_with_paths
 
-        is_q = lambda x: isinstance(x, QArray)  # noqa: E731
+        is_q = lambda x: isinstance(x, QArray) or _codebook.is_codebook(x)  # noqa: E731
         quantized = [p for p, x in leaves_with_paths(params, is_leaf=is_q) if is_q(x)]
+        kinds = {type(x).__name__ for _, x in leaves_with_paths(params, is_leaf=is_q) if is_q(x)}
+        kind = " and ".join(sorted(kinds))  # "QArray", "Codebook" or both
         if quantized:
             raise ValueError(
-                f"params already hold QArray leaves (e.g. {quantized[0]!r}); masks= and rules= "
+                f"params already hold {kind} leaves (e.g. {quantized[0]!r}); masks= and rules= "
                 "apply to float params: save the quantized tree as it is, or pass the float params with masks/rules"
             )
     if masks is not None:
@@ -144,12 +151,16 @@ def _check_leaf(x: Any, path: str) -> None:
         raise TypeError(f"leaf {path!r} is a tracer: save() runs outside jax.jit on concrete arrays")
     if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         raise TypeError(f"leaf {path!r} is a typed PRNG key array; save jax.random.key_data(key) instead")
-    if not _is_qarray(x):
+    if not _is_qarray(x) and not _codebook.is_codebook(x):
         _codec.dtype_name(x.dtype, path)
 
 
 def _plan_leaf(x: Any, path: str, sw: _codec.StreamWriter) -> tuple[dict, tuple]:
     """The leaf's record with candidate streams (not yet committed) and its report fields."""
+    if _codebook.is_codebook(x):
+        _check_leaf(x.indices, path)
+        _check_leaf(x.centroids, path)
+        return _codebook.plan(x, path, sw)
     if _is_qarray(x):
         arrays, meta = x.to_parts()
         ints = _host(x.ints(), path)
@@ -182,7 +193,10 @@ def _encode(params: Any, masks: Any, rules: Any, level: int | None) -> tuple[lis
         rec, info = planned[i].result() if big else _plan_leaf(x, path, sw)
         first = len(sw.table)
         records.append(_codec.commit_record(rec, sw))
-        sizes.append(LeafSize(*info, sum(entry[1] for entry in sw.table[first:])))
+        size = LeafSize(*info, sum(entry[1] for entry in sw.table[first:]))
+        if rec.get("e") == "cb":
+            size = dataclasses.replace(size, **dict(zip(("index_bits", "index_entropy"), _codebook.index_stats(rec, sw.table, size.num_elements), strict=True)))
+        sizes.append(size)
     header = {"format": "compressjax", "tree": node, "leaves": records, "streams": sw.table}
     header_json = json.dumps(header, separators=(",", ":")).encode()
     chunks = _container.assemble(header_json, sw.chunks, sw.payload_hash())
@@ -196,7 +210,9 @@ def save(path: str | os.PathLike, params: Any, *, masks: Any = None, rules: Any 
 
     Each array is stored dense, or sparse as its non-zero values plus their positions (a bitmask or Deep
     Compression-style relative indices, whichever is smaller); each :class:`~compressjax.QArray` (given, or
-    made on the fly by ``rules``) as its integer codes (sparse when that is smaller) plus scales. Every
+    made on the fly by ``rules``) as its integer codes (sparse when that is smaller) plus scales; each
+    :class:`~compressjax.Codebook` as its indices (entropy coded, sparse when pruned) plus its centroids in
+    their own dtype (see ``compressjax.export._codebook``). Every
     stream is zstd-coded when that makes it smaller (Han et al., 2016, "Deep Compression: Compressing Deep
     Neural Networks with Pruning, Trained Quantization and Huffman Coding", ICLR). The write is atomic: a
     temporary file in the same folder (``.{name}.{pid}.{random}.cjx-tmp``), flushed and fsynced, then renamed
@@ -234,6 +250,8 @@ def save(path: str | os.PathLike, params: Any, *, masks: Any = None, rules: Any 
 def _decode_leaf(rec: Any, sr: _codec.StreamReader, what: str, dequantize: bool) -> Any:
     if not isinstance(rec, dict):
         raise FormatError(f"{what}: malformed leaf record")
+    if rec.get("e") == "cb":
+        return _codebook.decode(rec, sr, what, dequantize)
     if rec.get("e") != "q":
         arr = _codec.decode_array(rec, sr, what)
         if jax.dtypes.canonicalize_dtype(arr.dtype) != arr.dtype:
@@ -447,6 +465,10 @@ def _report_from_header(header: dict, total: int) -> SizeReport:
     table = header["streams"]
     sizes = []
     for i, rec in enumerate(header["leaves"]):
+        if isinstance(rec, dict) and rec.get("e") == "cb":
+            info, stored, bpi, h = _codebook.report_leaf(rec, table, f"leaf #{i}")
+            sizes.append(LeafSize(*info, stored, index_bits=bpi, index_entropy=h))
+            continue
         arr = rec["codes"] if rec.get("e") == "q" else rec
         streams = [s for key in ("codes", "scale", "zp") if rec.get("e") == "q" and key in rec for s in rec[key]["s"]]
         streams = streams or rec["s"]

@@ -1,0 +1,236 @@
+"""The :class:`Codebook` leaf and its index packing (see :mod:`compressjax.codebook`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compressjax.qarray import QArray
+
+INITS = ("density", "linear", "random")
+DEFAULT_ITERATIONS = 1000
+
+
+def is_codebook(x: Any) -> bool:
+    """``is_leaf`` predicate that keeps :class:`Codebook` nodes whole when flattening a tree."""
+    return isinstance(x, Codebook)
+
+
+def _is_compressed(x: Any) -> bool:
+    """Codebooks, QArrays and any class marked ``_cj_compressed_leaf``: kept whole, never re-clustered."""
+    return bool(getattr(type(x), "_cj_compressed_leaf", False)) or isinstance(x, QArray)
+
+
+def _packed_len(n: int, bits: int) -> int:
+    return -(-n * bits // 8)
+
+
+def pack_indices(u: jax.Array, bits: int) -> jax.Array:
+    """Packs unsigned indices (values in ``[0, 2^bits)``, any shape) into a flat little-endian ``uint8`` stream.
+
+    Index ``i`` (C order) takes bits ``[bits*i, bits*i + bits)`` of the stream (the layout of
+    :func:`compressjax.qarray.pack_codes`, extended to 5-8 bits); the stream has ``ceil(n * bits / 8)`` bytes.
+    """
+    u = jnp.ravel(u).astype(jnp.uint8)
+    n = u.size
+    if bits == 8:
+        return u
+    planes = (u[:, None] >> jnp.arange(bits, dtype=jnp.uint8)) & 1
+    flat = planes.reshape(-1)
+    flat = jnp.pad(flat, (0, (-flat.size) % 8)).reshape(-1, 8)
+    out = jnp.sum(flat << jnp.arange(8, dtype=jnp.uint8), axis=1, dtype=jnp.uint8)
+    return out[: _packed_len(n, bits)]
+
+
+def unpack_indices(packed: jax.Array, bits: int, n: int) -> jax.Array:
+    """Inverse of :func:`pack_indices`: the first ``n`` indices as a flat ``uint8`` array."""
+    packed = jnp.asarray(packed, jnp.uint8)
+    if bits == 8:
+        return packed[:n]
+    planes = (packed[:, None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
+    planes = planes.reshape(-1)[: n * bits].reshape(n, bits)
+    return jnp.sum(planes << jnp.arange(bits, dtype=jnp.uint8), axis=1, dtype=jnp.uint8)
+
+
+_pack_jit = jax.jit(pack_indices, static_argnums=1)
+_unpack_jit = jax.jit(unpack_indices, static_argnums=(1, 2))
+
+
+@jax.tree_util.register_pytree_node_class
+class Codebook:
+    """A weight-shared array: packed integer indices into float centroids, and static metadata.
+
+    A pytree *node* whose children are ``indices`` and ``centroids`` (so it crosses ``jit``, ``grad`` and
+    ``device_put``); ``bits``, ``shape``, ``dtype``, ``per_channel`` and ``zero_reserved`` are static. It
+    carries ``_cj_compressed_leaf = True``: compressjax's tree utilities treat it as one leaf. When
+    flattening a tree yourself, pass ``is_leaf=compressjax.codebook.is_codebook``.
+
+    Attributes:
+        indices: ``uint8`` bit stream of ``ceil(size * bits / 8)`` bytes (see :func:`pack_indices`).
+        centroids: float array (float32 by default; float16 / bfloat16 to store them smaller), shape
+            ``(2^bits,)`` for one codebook, or ``(shape[-1], 2^bits)`` with ``per_channel``.
+        bits: index width, 1 to 8.
+        shape, dtype: the decoded array's shape and floating-point dtype.
+        per_channel: one codebook per output channel (the last axis) instead of one per array.
+        zero_reserved: index 0 always decodes to exactly ``0`` whatever ``centroids[..., 0]`` holds (the
+            pruned weights' code, so they stay zero through training; its gradient is zero).
+    """
+
+    _cj_compressed_leaf = True
+
+    def __init__(self, indices, centroids, *, bits, shape, dtype=jnp.float32, per_channel=False, zero_reserved=False,
+                 path: str = "Codebook"):
+        self.indices = indices
+        self.centroids = centroids
+        self.bits = bits
+        self.shape = shape
+        self.dtype = dtype
+        self.per_channel = per_channel
+        self.zero_reserved = zero_reserved
+        self.validate(path)
+        self.bits = int(bits)
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = jnp.dtype(dtype)
+        self.per_channel = bool(per_channel)
+        self.zero_reserved = bool(zero_reserved)
+
+    @classmethod
+    def from_indices(cls, indices, centroids, *, bits, dtype=jnp.float32, per_channel=False, zero_reserved=False,
+                     path: str = "Codebook") -> Codebook:
+        """Builds a Codebook from unpacked integer indices (any integer dtype, the array's shape)."""
+        idx = jnp.asarray(indices)
+        if not jnp.issubdtype(idx.dtype, jnp.integer):
+            raise TypeError(f"leaf {path!r}: indices must be integers, got dtype {idx.dtype}")
+        _check_bits(bits, path)
+        if not isinstance(idx, jax.core.Tracer) and idx.size:
+            lo, hi = int(jnp.min(idx)), int(jnp.max(idx))
+            if lo < 0 or hi >= 1 << int(bits):
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"leaf {path!r}: index {bad} is outside [0, {(1 << int(bits)) - 1}] for {bits} bits")
+        return cls(_pack_jit(idx, int(bits)), centroids, bits=bits, shape=idx.shape, dtype=dtype,
+                   per_channel=per_channel, zero_reserved=zero_reserved, path=path)
+
+    def validate(self, path: str = "Codebook") -> None:
+        """Raises ``ValueError`` / ``TypeError`` naming ``path`` if the parts disagree with the metadata."""
+        _check_bits(self.bits, path)
+        try:
+            shape = tuple(int(d) for d in self.shape)
+        except TypeError:
+            raise TypeError(f"leaf {path!r}: Codebook shape must be a tuple of ints, got {self.shape!r}") from None
+        if any(d < 0 for d in shape):
+            raise ValueError(f"leaf {path!r}: Codebook shape {shape} has a negative dimension")
+        try:
+            dtype = jnp.dtype(self.dtype)
+        except TypeError:
+            raise TypeError(f"leaf {path!r}: Codebook dtype {self.dtype!r} is not a dtype") from None
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"leaf {path!r}: Codebook dtype {dtype} is not a floating-point dtype")
+        for name in ("per_channel", "zero_reserved"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"leaf {path!r}: Codebook {name} must be a bool, got {getattr(self, name)!r}")
+        if self.per_channel and not shape:
+            raise ValueError(f"leaf {path!r}: per_channel codebooks need an array with at least one axis")
+        v = self.indices
+        want = (_packed_len(math.prod(shape), int(self.bits)),)
+        if not hasattr(v, "shape") or jnp.dtype(v.dtype) != jnp.uint8 or tuple(v.shape) != want:
+            got = (jnp.dtype(v.dtype), tuple(v.shape)) if hasattr(v, "shape") else type(v).__name__
+            raise ValueError(f"leaf {path!r}: a {self.bits}-bit Codebook of shape {shape} needs packed uint8 "
+                             f"indices of shape {want}, got {got}")
+        c = self.centroids
+        k = 1 << int(self.bits)
+        want_c = (shape[-1], k) if self.per_channel else (k,)
+        if not hasattr(c, "shape") or not jnp.issubdtype(c.dtype, jnp.floating) or tuple(c.shape) != want_c:
+            got = (jnp.dtype(c.dtype), tuple(c.shape)) if hasattr(c, "shape") else type(c).__name__
+            raise ValueError(f"leaf {path!r}: a {self.bits}-bit Codebook of shape {shape} needs floating-point "
+                             f"centroids of shape {want_c}, got {got}")
+
+    def _aux(self):
+        return (self.bits, self.shape, self.dtype.name, self.per_channel, self.zero_reserved)
+
+    def tree_flatten(self):
+        return (self.indices, self.centroids), self._aux()
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        # No validation: jax unflattens with tracers, float0 cotangents and placeholder objects.
+        cb = object.__new__(cls)
+        cb.indices, cb.centroids = children
+        cb.bits, cb.shape, dtype, cb.per_channel, cb.zero_reserved = aux
+        cb.dtype = jnp.dtype(dtype)
+        return cb
+
+    @property
+    def num_centroids(self) -> int:
+        """Entries per codebook, ``2^bits`` (the reserved zero included)."""
+        return 1 << self.bits
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.shape[-1] if self.per_channel else 1
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Honest storage bytes: the packed indices plus the centroids in their dtype."""
+        return int(self.indices.size) + int(self.centroids.size) * jnp.dtype(self.centroids.dtype).itemsize
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / self.size if self.size else 0.0
+
+    def index_array(self) -> jax.Array:
+        """The unpacked indices as ``int32`` of shape ``shape``."""
+        return unpack_indices(self.indices, self.bits, self.size).astype(jnp.int32).reshape(self.shape)
+
+    def decode(self) -> jax.Array:
+        """The float weights: ``centroids[index]`` (per channel: ``centroids[channel, index]``), in ``dtype``.
+
+        A ``jnp.take`` of the centroids, so ``jax.grad`` with respect to ``centroids`` is the sum of the
+        gradients of the weights sharing each centroid (Han et al., 2016, eq. 3), with no custom rule.
+        """
+        u = unpack_indices(self.indices, self.bits, self.size).astype(jnp.int32)
+        k = self.num_centroids
+        table = self.centroids
+        if self.per_channel:
+            c = self.shape[-1]
+            flat = (u.reshape(-1, c) + (jnp.arange(c, dtype=jnp.int32) * k)[None, :]).reshape(-1)
+            vals = jnp.take(table.reshape(-1), flat, mode="clip")
+        else:
+            vals = jnp.take(table, u, mode="clip")
+        if self.zero_reserved:
+            vals = jnp.where(u == 0, jnp.zeros((), vals.dtype), vals)
+        return vals.astype(self.dtype).reshape(self.shape)
+
+    def with_centroids(self, centroids) -> Codebook:
+        """The same indices with new centroids (same shape; any floating dtype, e.g. float16 for storage)."""
+        return Codebook(self.indices, centroids, bits=self.bits, shape=self.shape, dtype=self.dtype,
+                        per_channel=self.per_channel, zero_reserved=self.zero_reserved)
+
+    def astype_centroids(self, dtype) -> Codebook:
+        """The same codebook with its centroids cast to ``dtype`` (``jnp.float16`` halves their bytes)."""
+        return self.with_centroids(jnp.asarray(self.centroids).astype(dtype))
+
+    def __repr__(self) -> str:
+        kind = f"{self.shape[-1]} per-channel codebooks" if self.per_channel else "one codebook"
+        zero = ", zero reserved" if self.zero_reserved else ""
+        return f"Codebook(shape={self.shape}, dtype={self.dtype.name}, bits={self.bits}, {kind}{zero})"
+
+
+def _check_bits(bits: Any, path: str) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise TypeError(f"leaf {path!r}: bits must be an int in 1..8, got {bits!r}")
+    if not 1 <= int(bits) <= 8:
+        raise ValueError(f"leaf {path!r}: bits must be in 1..8, got {bits!r}")
+
+
