@@ -10,7 +10,7 @@ Each is timed cold (first call: tracing and XLA compilation included) and warm (
 calls, the cost of every further kernel of the same shape), with the Lloyd iteration count and the mean
 squared error against the density (quantile) initialisation alone. ``--quick`` uses 1/16 of the sizes.
 
-Run ``python benchmarks/kmeans_speed.py [--quick] [--json PATH]``; the last line printed is JSON.
+Run ``python -m benchmarks.kmeans_speed [--quick] [--json PATH]``; the last line printed is JSON.
 """
 
 from __future__ import annotations

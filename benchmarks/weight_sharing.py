@@ -23,7 +23,7 @@ Environment knobs for experiments (defaults in brackets): ``WS_SPARSITY`` [0.92]
 ``WS_BIAS_BITS`` [3], ``WS_SCOPE`` [global], ``WS_PRUNE_LR`` [3e-3], ``WS_TUNE_LR`` [3e-4], ``WS_KD`` [1],
 ``WS_KD_ALPHA`` [0.5].
 
-Run ``python benchmarks/weight_sharing.py [--quick] [--json PATH]``; the last line printed is JSON with
+Run ``python -m benchmarks.weight_sharing [--quick] [--json PATH]``; the last line printed is JSON with
 ``float_accuracy``, ``accuracy``, ``bytes``, ``ratio`` and ``uniform: {accuracy, bytes, ratio}``.
 """
 

@@ -132,7 +132,8 @@ def test_every_exported_name_resolves_and_init_is_grouped():
         assert getattr(cj, name) is not None
     text = open(cj.__file__).read()
     groups = [line[len("# --- "):] for line in text.splitlines() if line.startswith("# --- ")]
-    assert groups == ["tree selection", "pruning", "quantization", "distillation", "export"]
+    assert groups == ["tree selection", "pruning", "quantization", "distillation", "export", "one-shot compression",
+                      "weight sharing"]
 
 
 def test_deprecated_qarray_helpers_behave_like_the_methods():
