@@ -30,6 +30,34 @@ def _nearest_row(c: jax.Array, zero_reserved: bool):
     return quantize_row
 
 
+def _map_codebook_kernels(fn, params: Any, reference: Any, hessians: Any, what: str) -> Any:
+    """Calls ``fn(path, codebook, h, w)`` on each 2-D Codebook leaf of ``params`` that has a Hessian in
+    ``hessians`` (``.h`` or a plain ``(d_in, d_in)`` array), with its float reference kernel ``w`` from
+    ``reference`` (checked: same shape, finite) and ``h`` as float32; other leaves pass through."""
+    refs = dict(tree.leaves_with_paths(reference, lambda x: x is None or _is_compressed(x)))
+    hs = dict(tree.leaves_with_paths(hessians, lambda x: x is None or hasattr(x, "in_axes")))
+
+    def visit(kp, x):
+        if not isinstance(x, Codebook):
+            return x
+        p = tree.path_to_str(kp)
+        h = hs.get(p)
+        if h is None:
+            return x
+        h = jnp.asarray(getattr(h, "h", h), jnp.float32)
+        r = refs.get(p)
+        if x.ndim != 2 or r is None or tuple(getattr(r, "shape", ())) != x.shape:
+            raise ValueError(f"leaf {p!r}: reference weights of shape {x.shape} needed ({what} takes 2-D (d_in, d_out) "
+                             f"kernels), got {None if r is None else getattr(r, 'shape', type(r).__name__)}")
+        if tuple(h.shape) != (x.shape[0], x.shape[0]):
+            raise ValueError(f"leaf {p!r}: Hessian has shape {tuple(h.shape)}, expected {(x.shape[0], x.shape[0])}")
+        tree.check_finite(p, r)
+        tree.check_finite(p, h)
+        return fn(p, x, h, jnp.asarray(r, jnp.float32))
+
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_compressed)
+
+
 def codebook_error_feedback(params: Any, reference: Any, hessians: Any, *, block_size: int = 128, damp: float = 0.01) -> Any:
     """Re-assigns the indices of 2-D :class:`Codebook` kernels with GPTQ's error feedback.
 
@@ -57,31 +85,14 @@ def codebook_error_feedback(params: Any, reference: Any, hessians: Any, *, block
     """
     from compressjax.oneshot import error_feedback
 
-    refs = dict(tree.leaves_with_paths(reference, lambda x: x is None or _is_compressed(x)))
-    hs = dict(tree.leaves_with_paths(hessians, lambda x: x is None or hasattr(x, "in_axes")))
-
-    def visit(kp, x):
-        if not isinstance(x, Codebook):
-            return x
-        p = tree.path_to_str(kp)
-        h = hs.get(p)
-        if h is None:
-            return x
-        h = getattr(h, "h", h)
-        if x.ndim != 2:
-            raise ValueError(f"leaf {p!r}: error feedback needs a 2-D (d_in, d_out) kernel, got shape {x.shape}")
-        r = refs.get(p)
-        if r is None or tuple(getattr(r, "shape", ())) != x.shape:
-            raise ValueError(f"leaf {p!r}: reference weights of shape {x.shape} needed, got "
-                             f"{None if r is None else getattr(r, 'shape', type(r).__name__)}")
-        tree.check_finite(p, r)
+    def assign(p, x, h, r):
         quantize_row = _nearest_row(x.centroids, x.zero_reserved)
         if x.zero_reserved:
             keep = x.index_array() != 0
-            w = jnp.where(keep, jnp.asarray(r, jnp.float32), 0.0)
+            w = jnp.where(keep, r, 0.0)
             fn = _KeepRow(quantize_row, keep)
         else:
-            w, fn = jnp.asarray(r, jnp.float32), quantize_row
+            w, fn = r, quantize_row
         try:
             wq = error_feedback(w, h, fn, block_size=block_size, damp=damp)
         except (TypeError, ValueError) as e:
@@ -91,7 +102,7 @@ def codebook_error_feedback(params: Any, reference: Any, hessians: Any, *, block
         return Codebook(_pack_jit(a, x.bits), x.centroids, bits=x.bits, shape=x.shape, dtype=x.dtype,
                         per_channel=x.per_channel, zero_reserved=x.zero_reserved, path=p)
 
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_compressed)
+    return _map_codebook_kernels(assign, params, reference, hessians, "error feedback")
 
 
 class _KeepRow:
@@ -136,30 +147,12 @@ def refit_centroids(params: Any, reference: Any, hessians: Any, *, ridge: float 
     Raises:
         ValueError: a reference leaf or Hessian of the wrong shape, naming the leaf.
     """
-    refs = dict(tree.leaves_with_paths(reference, lambda x: x is None or _is_compressed(x)))
-    hs = dict(tree.leaves_with_paths(hessians, lambda x: x is None or hasattr(x, "in_axes")))
-
-    def visit(kp, x):
-        if not isinstance(x, Codebook):
-            return x
-        p = tree.path_to_str(kp)
-        h = hs.get(p)
-        if h is None:
-            return x
-        h = jnp.asarray(getattr(h, "h", h), jnp.float32)
-        r = refs.get(p)
-        if x.ndim != 2 or r is None or tuple(getattr(r, "shape", ())) != x.shape:
-            raise ValueError(f"leaf {p!r}: refitting needs a 2-D kernel and reference weights of shape {x.shape}, got "
-                             f"{None if r is None else getattr(r, 'shape', type(r).__name__)}")
-        if tuple(h.shape) != (x.shape[0], x.shape[0]):
-            raise ValueError(f"leaf {p!r}: Hessian has shape {tuple(h.shape)}, expected {(x.shape[0], x.shape[0])}")
-        tree.check_finite(p, r)
-        tree.check_finite(p, h)
-        c = _refit(jnp.asarray(r, jnp.float32), h, x.index_array(), x.centroids, float(ridge), k=x.num_centroids,
+    def refit(p, x, h, r):
+        c = _refit(r, h, x.index_array(), x.centroids, float(ridge), k=x.num_centroids,
                    per_channel=x.per_channel, zero_reserved=x.zero_reserved)
         if x.zero_reserved:
             c = c.at[..., 0].set(0.0)
         return x.with_centroids(c.astype(x.centroids.dtype))
 
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_compressed)
+    return _map_codebook_kernels(refit, params, reference, hessians, "refitting")
 
