@@ -5,7 +5,8 @@ process alone); also usable by hand::
 
     python tests/fuzz_export.py --cases 3000 --seed 0
 
-(Linux: memory is read from ``/proc/self/statm`` and ``resource.getrusage``.)
+(Linux: memory is read from ``/proc/self/statm`` and ``/proc/self/status``'s ``VmHWM``, reset before the
+cases, with ``resource.getrusage`` as the fallback.)
 
 Each case takes one of several real files (dense, sparse with each position encoding, quantized with
 1/3/4/8 bits, groups, asymmetric, NNX variables, Python scalars), picks one field anywhere in its JSON
@@ -136,6 +137,35 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> None:
+    """Resets this process's peak-RSS mark (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``), if allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_kib() -> int:
+    """Peak resident memory of this process in KiB: ``VmHWM`` (this process's own mapping, reset by
+    :func:`_reset_peak`), else ``resource.getrusage``. getrusage alone is not enough when the process was
+    started by a large one: Linux carries the parent's high-water mark across fork and exec, so under a
+    pytest run that has grown to gigabytes ``ru_maxrss`` reports the parent's peak."""
+    hwm = _status_kib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def check_tree(tree) -> None:
     for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QArray)):
         # A jax Ref is what a saved nnx variable with ref=True holds.
@@ -158,6 +188,7 @@ def main(argv=None) -> int:
         check_tree(load(path))  # warm up: imports, compiled kernels
         check_tree(load(path, dequantize=False))
     base = _rss_kib()  # resident now (ru_maxrss would be the high-water mark of importing jax)
+    _reset_peak()
     counts = {"loaded": 0, "FormatError": 0, "failed": 0}
     failures, slowest = [], (0.0, "")
     target = os.path.join(folder, "case.cjx")
@@ -193,7 +224,7 @@ def main(argv=None) -> int:
         took = time.perf_counter() - start
         if took > slowest[0]:
             slowest = (took, what)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_kib()
     print(json.dumps({
         "cases": args.cases, **counts, "failures": failures[:20], "slowest_s": round(slowest[0], 4),
         "slowest_case": slowest[1], "peak_rss_mib": round(peak / 1024, 1),

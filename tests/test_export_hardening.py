@@ -1,8 +1,10 @@
 """Regression tests for issue 11, items 1-6: bounded loading of untrusted files, argument errors, 64-bit
 leaves, and what ``save`` does with the umask, read-only files, symbolic links and killed saves.
 
-Memory is measured with ``resource.getrusage`` in a subprocess (peak RSS growth of that process alone,
-after a warm-up load); no test asserts a time.
+Memory is measured in a subprocess, as the peak RSS growth of that process alone after a warm-up load:
+``resource.getrusage`` in a child forked for the one load, and ``VmHWM`` (reset before the cases) in the
+fuzzer, because Linux carries a large parent's (pytest's) high-water mark into ``ru_maxrss`` of a process it
+starts. No test asserts a time.
 """
 
 from __future__ import annotations
