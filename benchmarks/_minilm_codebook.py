@@ -54,10 +54,10 @@ def _record(bench, name: str, codebooks: Any, **extra) -> dict:
 
 def hessian_weights(params: Any, hessians: Any) -> Any:
     """Per-weight importances for weighted k-means: the Hessian diagonal of each kernel's input rows."""
-    hs = dict(cj.leaves_with_paths(hessians, lambda x: x is None or isinstance(x, cj.Hessian)))
+    hs = dict(cj.tree.leaves_with_paths(hessians, lambda x: x is None or isinstance(x, cj.Hessian)))
 
     def visit(kp, leaf):
-        h = hs.get(cj.path_to_str(kp))
+        h = hs.get(cj.tree.path_to_str(kp))
         if h is None:
             return None
         return jnp.broadcast_to(jnp.diagonal(h.h)[:, None], leaf.shape)

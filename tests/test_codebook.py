@@ -690,5 +690,5 @@ def test_demo_quick_with_codebooks(tmp_path):
     row = result.stage("compressed")
     assert row.nonzero <= 0.25 * row.params and row.bytes < result.stage("student").bytes / 5
     back = cj.load(result.model_path, dequantize=False)
-    kernels = [x for p, x in cj.leaves_with_paths(back, is_codebook) if p.endswith("kernel")]
+    kernels = [x for p, x in cj.tree.leaves_with_paths(back, is_codebook) if p.endswith("kernel")]
     assert kernels and all(isinstance(k, cj.Codebook) and k.bits == 4 and k.zero_reserved for k in kernels)
