@@ -71,3 +71,27 @@ def run_with_8_devices(code: str, timeout: float = 240) -> str:
 def run_example(script: str, *args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python examples/<script> <args>`` from the repository root (exit status 0 asserted)."""
     return run_python([str(ROOT / "examples" / script), *args], timeout=timeout, env=env)
+
+
+def resign(original: bytes, edit) -> bytes:
+    """A saved file whose JSON header is passed through ``edit(header) -> header`` and signed with a *valid*
+    checksum, so that a test exercises the validation behind the checksum."""
+    import json
+
+    from compressjax.export import _container
+
+    header_json, payload, _ = _container.parse(original)
+    header = edit(json.loads(header_json))
+    return b"".join(bytes(c) for c in _container.assemble(json.dumps(header).encode(), [bytes(payload)]))
+
+
+def set_field(path, value):
+    """An ``edit`` for :func:`resign` that sets the header field at ``path`` (keys and indices) to ``value``."""
+    def edit(h):
+        node = h
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+        return h
+
+    return edit

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import resign, set_field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
@@ -530,25 +531,6 @@ def cb_file(tmp_path_factory):
     return path.read_bytes(), cj.load(path)
 
 
-def _resign(original, edit):
-    import json
-
-    from compressjax.export import _container
-
-    header_json, payload, _ = _container.parse(original)
-    header = edit(json.loads(header_json))
-    return b"".join(bytes(c) for c in _container.assemble(json.dumps(header).encode(), [bytes(payload)]))
-
-
-def _set(path, value):
-    def edit(h):
-        node = h
-        for k in path[:-1]:
-            node = node[k]
-        node[path[-1]] = value
-        return h
-
-    return edit
 
 
 def _cb_leaf(h, which):
@@ -556,25 +538,25 @@ def _cb_leaf(h, which):
 
 
 FORGED = {
-    "bits 0": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "bits"], 0)(h),
-    "bits 9": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "bits"], 9)(h),
-    "bits smaller than the indices": lambda h: _set(["leaves", _cb_leaf(h, 1), "meta", "bits"], 2)(h),
-    "bits bool": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "bits"], True)(h),
-    "huge shape": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "shape"], [1 << 40, 8])(h),
-    "wrong shape": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "shape"], [8, 40])(h),
-    "int dtype": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "dtype"], "int32")(h),
-    "per_channel flipped": lambda h: _set(["leaves", _cb_leaf(h, 1), "meta", "per_channel"], False)(h),
-    "per_channel not bool": lambda h: _set(["leaves", _cb_leaf(h, 1), "meta", "per_channel"], 1)(h),
+    "bits 0": lambda h: set_field(["leaves", _cb_leaf(h, 0), "meta", "bits"], 0)(h),
+    "bits 9": lambda h: set_field(["leaves", _cb_leaf(h, 0), "meta", "bits"], 9)(h),
+    "bits smaller than the indices": lambda h: set_field(["leaves", _cb_leaf(h, 1), "meta", "bits"], 2)(h),
+    "bits bool": lambda h: set_field(["leaves", _cb_leaf(h, 0), "meta", "bits"], True)(h),
+    "huge shape": lambda h: set_field(["leaves", _cb_leaf(h, 0), "meta", "shape"], [1 << 40, 8])(h),
+    "wrong shape": lambda h: set_field(["leaves", _cb_leaf(h, 0), "meta", "shape"], [8, 40])(h),
+    "int dtype": lambda h: set_field(["leaves", _cb_leaf(h, 0), "meta", "dtype"], "int32")(h),
+    "per_channel flipped": lambda h: set_field(["leaves", _cb_leaf(h, 1), "meta", "per_channel"], False)(h),
+    "per_channel not bool": lambda h: set_field(["leaves", _cb_leaf(h, 1), "meta", "per_channel"], 1)(h),
     "zero missing": lambda h: (h["leaves"][_cb_leaf(h, 0)]["meta"].pop("zero"), h)[1],
-    "unknown meta field": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "eval"], "x")(h),
-    "wrong format": lambda h: _set(["leaves", _cb_leaf(h, 0), "meta", "format"], "compressjax.codebook/9")(h),
-    "entropy out of range": lambda h: _set(["leaves", _cb_leaf(h, 0), "h"], 9.5)(h),
-    "entropy string": lambda h: _set(["leaves", _cb_leaf(h, 0), "h"], "2")(h),
-    "index record not a dict": lambda h: _set(["leaves", _cb_leaf(h, 0), "idx"], [1])(h),
-    "unknown index encoding": lambda h: _set(["leaves", _cb_leaf(h, 0), "idx", "e"], "huffman")(h),
+    "unknown meta field": lambda h: set_field(["leaves", _cb_leaf(h, 0), "meta", "eval"], "x")(h),
+    "wrong format": lambda h: set_field(["leaves", _cb_leaf(h, 0), "meta", "format"], "compressjax.codebook/9")(h),
+    "entropy out of range": lambda h: set_field(["leaves", _cb_leaf(h, 0), "h"], 9.5)(h),
+    "entropy string": lambda h: set_field(["leaves", _cb_leaf(h, 0), "h"], "2")(h),
+    "index record not a dict": lambda h: set_field(["leaves", _cb_leaf(h, 0), "idx"], [1])(h),
+    "unknown index encoding": lambda h: set_field(["leaves", _cb_leaf(h, 0), "idx", "e"], "huffman")(h),
     "centroids missing": lambda h: (h["leaves"][_cb_leaf(h, 0)].pop("c"), h)[1],
-    "centroid shape": lambda h: _set(["leaves", _cb_leaf(h, 0), "c", "sh"], [4])(h),
-    "extra record field": lambda h: _set(["leaves", _cb_leaf(h, 0), "x"], 1)(h),
+    "centroid shape": lambda h: set_field(["leaves", _cb_leaf(h, 0), "c", "sh"], [4])(h),
+    "extra record field": lambda h: set_field(["leaves", _cb_leaf(h, 0), "x"], 1)(h),
 }
 
 
@@ -582,7 +564,7 @@ FORGED = {
 def test_forged_codebook_records_raise_format_error(tmp_path, cb_file, name):
     original, _ = cb_file
     path = tmp_path / "f.cjx"
-    path.write_bytes(_resign(original, FORGED[name]))
+    path.write_bytes(resign(original, FORGED[name]))
     with pytest.raises(cj.FormatError) as e:
         cj.load(path, max_bytes=1 << 26)
     assert not str(e.value).startswith("malformed header:"), e.value  # validated, not the safety net
@@ -617,7 +599,7 @@ def test_fuzz_codebook_records(tmp_path_factory, cb_file, data):
         if rec.get("e") == "cb":
             collect(rec, ["leaves", i])
     path = data.draw(st.sampled_from(slots[1:]))
-    blob = _resign(original, _set(path, data.draw(JSON)))
+    blob = resign(original, set_field(path, data.draw(JSON)))
     f = tmp_path_factory.mktemp("fz") / "f.cjx"
     f.write_bytes(blob)
     try:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import resign, set_field
 from flax import nnx
 from flax.core import FrozenDict
 from hypothesis import HealthCheck, given, settings
@@ -297,43 +298,27 @@ def test_fuzz_mutated_and_truncated_files(tmp_path, small_file, data):
     assert_bit_equal(out, reference)
 
 
-def _resign(original: bytes, edit) -> bytes:
-    """A file with an edited JSON header and a *valid* checksum: exercises the validation behind it."""
-    header_json, payload, _ = _container.parse(original)
-    header = edit(json.loads(header_json))
-    return b"".join(bytes(c) for c in _container.assemble(json.dumps(header).encode(), [bytes(payload)]))
-
-
-def _set(path, value):
-    def edit(h):
-        node = h
-        for k in path[:-1]:
-            node = node[k]
-        node[path[-1]] = value
-        return h
-
-    return edit
 
 
 FORGED = {
-    "huge shape": _set(["leaves", 0, "sh"], [1 << 40, 1 << 7]),
-    "negative dim": _set(["leaves", 0, "sh"], [-1, 16]),
-    "huge nnz": _set(["leaves", 0, "nnz"], 1 << 50),
-    "bool nnz": _set(["leaves", 0, "nnz"], True),
-    "huge raw length": lambda h: _set(["streams", 0, 2], 1 << 45)(h),
-    "stored length beyond payload": lambda h: _set(["streams", 0, 1], h["streams"][0][1] + 10)(h),
-    "stream index out of range": _set(["leaves", 1, "s"], [99]),
-    "stream used twice": lambda h: _set(["leaves", 1, "s"], h["leaves"][0]["s"][:1])(h),
-    "unknown dtype": _set(["leaves", 1, "dt"], "object"),
-    "unknown encoding": _set(["leaves", 1, "e"], "lz77"),
-    "unknown codec": lambda h: _set(["streams", 0, 0], 7)(h),
-    "wrong shape for stream": _set(["leaves", 1, "sh"], [17]),
-    "unknown node": _set(["tree", "t"], "eval"),
-    "leaf index out of range": lambda h: _set(["tree", "k", 0, 1], {"t": "leaf", "i": 10**9})(h),
-    "unknown variable class": _set(["tree"], {"t": "var", "cls": "os.system", "m": {}, "v": {"t": "none"}}),
-    "deep nesting": _set(["tree"], json.loads('{"t":"list","c":[' * 400 + "]}" * 400)),
-    "q codes out of range": lambda h: _set(["leaves", 2, "meta", "bits"], 2)(h),
-    "q bad dtype": lambda h: _set(["leaves", 2, "meta", "dtype"], "int32")(h),
+    "huge shape": set_field(["leaves", 0, "sh"], [1 << 40, 1 << 7]),
+    "negative dim": set_field(["leaves", 0, "sh"], [-1, 16]),
+    "huge nnz": set_field(["leaves", 0, "nnz"], 1 << 50),
+    "bool nnz": set_field(["leaves", 0, "nnz"], True),
+    "huge raw length": lambda h: set_field(["streams", 0, 2], 1 << 45)(h),
+    "stored length beyond payload": lambda h: set_field(["streams", 0, 1], h["streams"][0][1] + 10)(h),
+    "stream index out of range": set_field(["leaves", 1, "s"], [99]),
+    "stream used twice": lambda h: set_field(["leaves", 1, "s"], h["leaves"][0]["s"][:1])(h),
+    "unknown dtype": set_field(["leaves", 1, "dt"], "object"),
+    "unknown encoding": set_field(["leaves", 1, "e"], "lz77"),
+    "unknown codec": lambda h: set_field(["streams", 0, 0], 7)(h),
+    "wrong shape for stream": set_field(["leaves", 1, "sh"], [17]),
+    "unknown node": set_field(["tree", "t"], "eval"),
+    "leaf index out of range": lambda h: set_field(["tree", "k", 0, 1], {"t": "leaf", "i": 10**9})(h),
+    "unknown variable class": set_field(["tree"], {"t": "var", "cls": "os.system", "m": {}, "v": {"t": "none"}}),
+    "deep nesting": set_field(["tree"], json.loads('{"t":"list","c":[' * 400 + "]}" * 400)),
+    "q codes out of range": lambda h: set_field(["leaves", 2, "meta", "bits"], 2)(h),
+    "q bad dtype": lambda h: set_field(["leaves", 2, "meta", "dtype"], "int32")(h),
     "not a dict": lambda h: [h],
     "no leaves": lambda h: {k: v for k, v in h.items() if k != "leaves"},
 }
@@ -343,7 +328,7 @@ FORGED = {
 def test_forged_headers_with_valid_checksum(tmp_path, small_file, name):
     _, original, _ = small_file
     with pytest.raises(FormatError):
-        _load_bytes(tmp_path, _resign(original, FORGED[name]))
+        _load_bytes(tmp_path, resign(original, FORGED[name]))
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -367,7 +352,7 @@ def test_fuzz_signed_header_integers(tmp_path, small_file, data):
     collect(header, [])
     path = data.draw(st.sampled_from(slots))
     value = data.draw(st.one_of(st.integers(-2, 300), st.integers(-(2**63), 2**63)))
-    blob = _resign(original, _set(path, value))
+    blob = resign(original, set_field(path, value))
     try:
         out = _load_bytes(tmp_path, blob, max_bytes=1 << 26)
     except FormatError:
@@ -401,7 +386,7 @@ def test_fuzz_signed_header_any_value(tmp_path, small_file, data):
 
     collect(header, [])
     path = data.draw(st.sampled_from(slots[1:]))
-    blob = _resign(original, _set(path, data.draw(JSON)))
+    blob = resign(original, set_field(path, data.draw(JSON)))
     try:
         out = _load_bytes(tmp_path, blob, max_bytes=1 << 26)
     except FormatError:
