@@ -95,3 +95,12 @@ def set_field(path, value):
         return h
 
     return edit
+
+
+def json_paths(node, path=()) -> list[list]:
+    """``path`` and the path (keys and indices) of every value below it in a JSON value, parents first."""
+    out = [list(path)]
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        out.extend(json_paths(v, [*path, k]))
+    return out

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import resign, set_field
+from conftest import json_paths, resign, set_field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
@@ -587,17 +587,7 @@ def test_fuzz_codebook_records(tmp_path_factory, cb_file, data):
 
     original, _ = cb_file
     header = json.loads(_container.parse(original)[0])
-    slots = []
-
-    def collect(node, path):
-        slots.append(path)
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        for k, v in items:
-            collect(v, [*path, k])
-
-    for i, rec in enumerate(header["leaves"]):
-        if rec.get("e") == "cb":
-            collect(rec, ["leaves", i])
+    slots = [p for i, rec in enumerate(header["leaves"]) if rec.get("e") == "cb" for p in json_paths(rec, ["leaves", i])]
     path = data.draw(st.sampled_from(slots[1:]))
     blob = resign(original, set_field(path, data.draw(JSON)))
     f = tmp_path_factory.mktemp("fz") / "f.cjx"

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import resign, set_field
+from conftest import json_paths, resign, set_field
 from flax import nnx
 from flax.core import FrozenDict
 from hypothesis import HealthCheck, given, settings
@@ -376,15 +376,7 @@ def test_fuzz_signed_header_any_value(tmp_path, small_file, data):
     """Replace any value of the (re-signed) header by arbitrary JSON: FormatError or a well-formed tree."""
     _, original, reference = small_file
     header = json.loads(_container.parse(original)[0])
-    slots = []
-
-    def collect(node, path):
-        slots.append(path)
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        for k, v in items:
-            collect(v, [*path, k])
-
-    collect(header, [])
+    slots = json_paths(header)
     path = data.draw(st.sampled_from(slots[1:]))
     blob = resign(original, set_field(path, data.draw(JSON)))
     try:
