@@ -1,5 +1,6 @@
 """Tests for the compact model file: exact round trips, sizes, safety (fuzzing, forged headers), atomicity."""
 
+import hashlib
 import json
 import os
 import struct
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import zstandard
 from conftest import json_paths, resign, set_field
 from flax import nnx
 from flax.core import FrozenDict
@@ -404,6 +406,29 @@ def test_future_format_version_is_a_clear_error(tmp_path, small_file):
     struct.pack_into("<H", blob, 8, FORMAT_VERSION + 1)
     with pytest.raises(FormatError, match=f"format version {FORMAT_VERSION + 1}.*newer compressjax"):
         _load_bytes(tmp_path, bytes(blob))
+
+
+def test_header_dictionary_flag(tmp_path, small_file):
+    """Headers are coded against the built-in vocabulary (flag bit 0); files written before it (flag 0,
+    plain zstd) still load, and undefined flag bits or a header coded the other way are clear errors."""
+    _, original, _ = small_file
+    header_json, payload, _ = _container.parse(original)
+    assert struct.unpack_from("<H", original, 10)[0] == _container.FLAG_HEADER_DICT
+    plain = zstandard.ZstdCompressor(level=19, write_checksum=False).compress(header_json)
+    coded = original[_container.PREAMBLE_SIZE:_container.PREAMBLE_SIZE + struct.unpack_from("<I", original, 12)[0]]
+    assert len(coded) < len(plain)
+
+    def write(flags: int, header: bytes) -> bytes:
+        fixed = struct.pack("<8sHHIIQ", _container.MAGIC, 1, flags, len(header), len(header_json), len(payload))
+        return fixed + hashlib.sha256(bytes(payload) + header + fixed).digest() + header + bytes(payload)
+
+    old = _load_bytes(tmp_path, write(0, plain))
+    new = _load_bytes(tmp_path, original)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), old, new))
+    with pytest.raises(FormatError, match="unknown flags 0x0002"):
+        _load_bytes(tmp_path, write(2, plain))
+    with pytest.raises(FormatError, match="zstd"):  # dictionary-coded bytes declared plain
+        _load_bytes(tmp_path, write(0, coded))
 
 
 def test_max_bytes_limits_allocation(tmp_path):

@@ -5,12 +5,18 @@ Layout (all integers little-endian)::
     offset  size  field
     0       8     magic  b"\\x89CJXMDL\\n" (a non-ASCII first byte and a newline catch text-mode mangling)
     8       2     format version (uint16), currently 1
-    10      2     flags (uint16), must be 0 in version 1
+    10      2     flags (uint16): bit 0 set = the header is coded with the built-in dictionary
+                  (:data:`HEADER_DICT_V1`); no other bit is defined in version 1
     12      4     header_len: stored (zstd) length of the JSON header
     16      4     header_raw_len: its decompressed length
     20      8     payload_len: length of the payload that follows the header
     28      32    SHA-256 of payload + header + bytes [0, 28)
     60      ...   header (one zstd frame of UTF-8 JSON), then payload (the leaves' streams back to back)
+
+The header frame is coded against a fixed dictionary of the header's own vocabulary (its keys, record
+kinds, dtypes and format names): a zstd frame starts with empty history, so without it every key is
+spelled out once per file, which is most of a small model's header (a 43,410-weight MLP's 1,899-byte
+header: 498 bytes plain, 256 with the dictionary). Files with flag 0 (written before it) still load.
 
 The file size must equal ``60 + header_len + payload_len`` exactly. Every length of the preamble is
 checked against the file's size (from ``fstat``, before the file is read) and the header's JSON length
@@ -58,6 +64,31 @@ HEADER_FLOOR = 1 << 20
 HEADER_EXPANSION = 32
 
 
+FLAG_HEADER_DICT = 0x0001
+# The header's vocabulary, as zstd raw content: frozen, since files coded with it must stay readable (a new
+# vocabulary needs a new flag bit). Later bytes are cheaper to refer to, so the commonest come last.
+HEADER_DICT_V1 = (
+    '{"t":"var","cls":"Param","m":{},"v":{"t":"py","v":null}},{"t":"tuple","c":[{"t":"none"}]},'
+    '{"e":"q","meta":{"format":"compressjax.qarray/1","bits":8,"shape":[],"dtype":"bfloat16","symmetric":false,'
+    '"packed":false,"channel_axes":[],"group_size":128,"group_axis":0},"codes":{"dt":"int8","sh":[],"e":"dense",'
+    '"s":[]},"scale":{"dt":"float32","sh":[1],"e":"dense","s":[]},"zp":{"dt":"int8","sh":[1],"e":"dense","s":[]}},'
+    '{"e":"q","meta":{"format":"compressjax.qarray/1","bits":4,"shape":[],"dtype":"float32","symmetric":true,'
+    '"packed":true,"channel_axes":[1],"group_size":null,"group_axis":null},"codes":{"dt":"int8","sh":[],'
+    '"e":"sparse","nnz":0,"pos":"delta16","s":[]},"scale":{"dt":"float32","sh":[1,],"e":"dense","s":[]}},'
+    '{"e":"cb","meta":{"format":"compressjax.codebook/1","bits":4,"shape":[],"dtype":"float32","per_channel":true,'
+    '"zero":false},"idx":{"e":"packed","s":[]},"c":{"dt":"float16","sh":[],"e":"dense","s":[]},"h":0.0},'
+    '{"e":"cb","meta":{"format":"compressjax.codebook/1","bits":5,"shape":[],"dtype":"float32","per_channel":false,'
+    '"zero":true},"idx":{"dt":"uint8","sh":[],"e":"sparse","nnz":0,"pos":"delta8","s":[]},"c":{"dt":"float16",'
+    '"sh":[],"e":"dense","s":[]},"h":1.0},{"dt":"bfloat16","sh":[],"e":"sparse","nnz":0,"pos":"bitmask","s":[]},'
+    '{"dt":"float16","sh":[],"e":"dense","s":[]},{"dt":"int32","sh":[],"e":"dense","s":[]},'
+    '{"format":"compressjax","tree":{"t":"dict","k":[["params",{"t":"dict","k":[["bias",{"t":"leaf","i":0}],'
+    '["kernel",{"t":"leaf","i":1}]]}],["layers",{"t":"list","c":[{"t":"leaf","i":2}]}]]},"leaves":['
+    '{"dt":"float32","sh":[],"e":"sparse","nnz":0,"pos":"delta8","s":[]},'
+    '{"dt":"float32","sh":[],"e":"dense","s":[0,1,2,3]}],"streams":[[1,0,0],[0,0,0]]}'
+).encode()
+_HEADER_DICT = zstandard.ZstdCompressionDict(HEADER_DICT_V1, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
 def header_limit(file_size: int) -> int:
     """The most bytes of JSON a header may declare in a file of ``file_size`` bytes."""
     return min(MAX_HEADER_RAW, max(HEADER_FLOOR, HEADER_RATIO * file_size))
@@ -77,7 +108,7 @@ def assemble(header_json: bytes, payload: list[bytes | memoryview], payload_hash
 
     ``payload_hash``: a :func:`new_hash` object already fed with exactly the payload (else computed here).
     """
-    header = zstandard.ZstdCompressor(level=19, write_checksum=False).compress(header_json)
+    header = zstandard.ZstdCompressor(level=19, dict_data=_HEADER_DICT, write_checksum=False).compress(header_json)
     payload_len = sum(len(p) for p in payload)
     limit = header_limit(PREAMBLE_SIZE + len(header) + payload_len)
     if len(header_json) > limit:
@@ -85,7 +116,7 @@ def assemble(header_json: bytes, payload: list[bytes | memoryview], payload_hash
             f"the tree's JSON description takes {len(header_json)} bytes, more than load() accepts for a file of this "
             f"size ({limit} bytes: {HEADER_RATIO} x the file size, at least {HEADER_FLOOR}); save fewer, larger leaves"
         )
-    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, 0, len(header), len(header_json), payload_len)
+    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, FLAG_HEADER_DICT, len(header), len(header_json), payload_len)
     if payload_hash is None:
         payload_hash = new_hash()
         for chunk in payload:
@@ -95,9 +126,9 @@ def assemble(header_json: bytes, payload: list[bytes | memoryview], payload_hash
     return [fixed + payload_hash.digest(), header, *payload]
 
 
-def check_preamble(head: bytes | memoryview, size: int) -> tuple[int, int, int]:
+def check_preamble(head: bytes | memoryview, size: int) -> tuple[int, int, int, int]:
     """Validates the preamble ``head`` of a file of ``size`` bytes; returns ``(header_len, header_raw_len,
-    payload_len)``. Needs only the first :data:`PREAMBLE_SIZE` bytes, so a file is judged before it is read.
+    payload_len, flags)``. Needs only the first :data:`PREAMBLE_SIZE` bytes, so a file is judged before it is read.
 
     Raises:
         FormatError: for a foreign, truncated, padded or future-version file, or a header longer than
@@ -116,7 +147,7 @@ def check_preamble(head: bytes | memoryview, size: int) -> tuple[int, int, int]:
         )
     if version < 1:
         raise FormatError(f"invalid format version {version} in the preamble")
-    if flags != 0:
+    if flags & ~FLAG_HEADER_DICT:
         raise FormatError(f"unknown flags 0x{flags:04x} in a format version {version} file")
     expected = PREAMBLE_SIZE + header_len + payload_len
     if size < expected:
@@ -132,7 +163,7 @@ def check_preamble(head: bytes | memoryview, size: int) -> tuple[int, int, int]:
             f"the header declares {header_raw_len} bytes of JSON, more than a {size}-byte file may hold "
             f"({limit} bytes: {HEADER_RATIO} x the file size, at least {HEADER_FLOOR})"
         )
-    return header_len, header_raw_len, payload_len
+    return header_len, header_raw_len, payload_len, flags
 
 
 def parse(
@@ -151,7 +182,7 @@ def parse(
         FormatError: for a foreign, truncated, padded or future-version file.
     """
     view = memoryview(data)
-    header_len, header_raw_len, _ = check_preamble(view[:PREAMBLE_SIZE], len(view))
+    header_len, header_raw_len, _, flags = check_preamble(view[:PREAMBLE_SIZE], len(view))
     verify = _verifier(view, header_len)
     if header_raw_len > max_header_raw:
         verify()
@@ -163,7 +194,8 @@ def parse(
     try:
         if zstandard.frame_content_size(header) != header_raw_len:
             raise FormatError("the header's zstd frame does not declare the header length given in the preamble")
-        header_json = zstandard.ZstdDecompressor().decompress(header, max_output_size=header_raw_len)
+        dictionary = _HEADER_DICT if flags & FLAG_HEADER_DICT else None
+        header_json = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(header, max_output_size=header_raw_len)
         if len(header_json) != header_raw_len:
             raise FormatError(f"the header decompressed to {len(header_json)} bytes, the preamble declares {header_raw_len}")
     except (FormatError, zstandard.ZstdError) as e:
