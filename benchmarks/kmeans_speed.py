@@ -45,8 +45,8 @@ def case(shape, bits, per_channel, repeats):
         warm.append(time.perf_counter() - t0)
     rows = _rows(w, per_channel)
     valid = jnp.ones(rows.shape, bool)
-    its = int(_lloyd(rows, valid, None, jax.random.key(0), k=1 << bits, iterations=1000, init="density",
-                     has_mask=False, has_weights=False)[2])
+    its = int(_lloyd(rows, valid, None, jax.random.key(0), 0.0, k=1 << bits, iterations=1000, init="density",
+                     has_mask=False, has_weights=False, has_rate=False)[2])
     init_only = cj.kmeans_codebooks({"w": w}, bits, per_channel=per_channel, iterations=1)["w"]
     mse = float(jnp.mean((cb.decode() - w) ** 2))
     mse1 = float(jnp.mean((init_only.decode() - w) ** 2))

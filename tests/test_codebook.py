@@ -132,6 +132,77 @@ def test_iterations_cap_is_respected():
     np.testing.assert_allclose(np.asarray(one.centroids), c_ref, rtol=2e-5, atol=2e-6)
 
 
+def np_ecsq(x, k, rate):
+    """Direct NumPy entropy-constrained Lloyd (Chou et al., 1989) with linear init: each value goes to
+    ``argmin_j (x - c_j)^2 + rate * var(x) * code_len_j`` (ties to the lower index), code lengths
+    ``-log2`` of the previous step's cluster shares (an empty cluster: infinite, it stays empty)."""
+    x = np.asarray(x, np.float64).ravel()
+    lam = rate * x.var()
+    c = x.min() + (x.max() - x.min()) * np.arange(k) / (k - 1)
+    code_len = np.full(k, np.log2(k))
+
+    def assign(c, code_len):
+        cost = (x[:, None] - c[None, :]) ** 2 + np.where(np.isinf(code_len), np.inf, lam * code_len)[None, :]
+        return np.argmin(cost, axis=1)
+
+    a = assign(c, code_len)
+    for _ in range(1000):
+        n = np.bincount(a, minlength=k)
+        c = np.where(n > 0, np.bincount(a, x, minlength=k) / np.maximum(n, 1), c)
+        order = np.argsort(c, kind="stable")
+        c, n = c[order], n[order]
+        code_len = np.where(n > 0, -np.log2(np.maximum(n, 1) / x.size), np.inf)
+        new = assign(c, code_len)
+        if np.array_equal(new, a):
+            break
+        a = new
+    return c, a
+
+
+def index_entropy(cb) -> float:
+    p = np.bincount(np.asarray(cb.index_array()).ravel()) / cb.size
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05, 0.3])
+def test_entropy_weight_matches_numpy_ecsq(rate):
+    x = kernel((60, 3), seed=11)
+    cb = cj.kmeans_codebooks({"w": x}, 4, init="linear", entropy_weight=rate)["w"]
+    c_ref, a_ref = np_ecsq(x, 16, rate)
+    np.testing.assert_array_equal(np.asarray(cb.index_array()).ravel(), a_ref)
+    used = np.unique(a_ref)
+    np.testing.assert_allclose(np.asarray(cb.centroids)[used], c_ref[used], rtol=2e-5, atol=2e-6)
+    per_ch = cj.kmeans_codebooks({"w": x}, 3, init="linear", per_channel=True, entropy_weight=rate)["w"]
+    for ch in range(3):
+        c_ref, a_ref = np_ecsq(x[:, ch], 8, rate)
+        np.testing.assert_array_equal(np.asarray(per_ch.index_array())[:, ch], a_ref)
+
+
+def test_entropy_weight_trades_error_for_entropy_and_keeps_pruned_zero():
+    x = kernel((64, 64), seed=12)
+    masks = {"w": jnp.abs(x) > 0.8}
+    entropy, error = [], []
+    for rate in (0.0, 0.003, 0.01, 0.03, 0.1):
+        cb = cj.kmeans_codebooks({"w": x}, 5, init="linear", masks=masks, entropy_weight=rate)["w"]
+        decoded = cb.decode()
+        assert bool(jnp.all(jnp.where(masks["w"], True, decoded == 0.0)))  # the reserved zero
+        entropy.append(index_entropy(cb))
+        error.append(float(jnp.mean((decoded - x)[masks["w"]] ** 2)))
+    assert entropy == sorted(entropy, reverse=True) and entropy[-1] < entropy[0] - 1.0
+    assert error == sorted(error)
+    plain = cj.kmeans_codebooks({"w": x}, 5, init="linear", masks=masks)["w"]
+    np.testing.assert_array_equal(np.asarray(plain.indices), np.asarray(
+        cj.kmeans_codebooks({"w": x}, 5, init="linear", masks=masks, entropy_weight=0.0)["w"].indices))
+
+
+@pytest.mark.parametrize("bad,err", [(-0.1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+                                     (True, TypeError), ("0.1", TypeError)])
+def test_entropy_weight_rejects_bad_values(bad, err):
+    with pytest.raises(err, match="entropy_weight"):
+        cj.kmeans_codebooks({"w": kernel((8, 8))}, 2, entropy_weight=bad)
+
+
 def test_where_selection_nbytes_and_skips():
     params = {"dense": {"kernel": kernel((64, 32)), "bias": kernel((32,))}, "emb": kernel((10, 8), seed=1)}
     out = cj.kmeans_codebooks(params, 5, where="kernel")
