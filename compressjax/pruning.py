@@ -14,7 +14,10 @@ flattening), then row-major flat index, the earliest first, i.e. the order of a 
 concatenated magnitudes.
 
 The global threshold is found by an exact radix select over float32 bit patterns with a fixed number of
-counting passes (``compressjax.selection``): no sort and no concatenation of the parameters.
+counting passes (``compressjax.selection``): no sort and no concatenation of the parameters. Its layout
+follows the backend of the leaves (chunked passes on CPU, whole-leaf passes on GPU and TPU) with the same
+masks on every backend; the environment variable ``COMPRESSJAX_SELECT_STRATEGY`` (``chunked``, ``whole``,
+``fused`` or ``auto``) overrides the choice.
 
 Training-time transforms (schedules, ``keep_masked``, ``gradual_pruning``) live in
 ``compressjax.schedules``.
@@ -28,6 +31,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from fractions import Fraction
 from numbers import Real
@@ -37,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax.selection import exact_keep_masks, round_half_even_count
+from compressjax.selection import exact_keep_masks, resolve_strategy, round_half_even_count
 from compressjax.tree import (
     PyTree,
     Where,
@@ -130,9 +134,9 @@ def _rebuild(tree: PyTree, where: Where, new_leaves: list[Any], is_leaf=None) ->
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-@jax.jit
-def _global_flat_masks(leaves: list[jax.Array], k: jax.Array) -> list[jax.Array]:
-    return exact_keep_masks(leaves, k)
+@functools.partial(jax.jit, static_argnames="strategy")
+def _global_flat_masks(leaves: list[jax.Array], k: jax.Array, strategy: str) -> list[jax.Array]:
+    return exact_keep_masks(leaves, k, strategy=strategy)
 
 
 def _masks_from_scores(tree: PyTree, sparsity: Any, scope: str, where: Where, what: str) -> PyTree:
@@ -145,11 +149,16 @@ def _masks_from_scores(tree: PyTree, sparsity: Any, scope: str, where: Where, wh
             bad = np.asarray(leaf)[np.asarray(leaf) < 0].ravel()[0]
             raise ValueError(f"scores must be non-negative; leaf {path!r} holds {bad}")
     leaves = [jnp.asarray(leaf) for _, leaf in chosen]
+    # The layout (chunked on CPU, whole-leaf on accelerators) is chosen here, outside the jit, from the
+    # leaves' backend and COMPRESSJAX_SELECT_STRATEGY, so that it is part of the jit cache key.
+    strategy = resolve_strategy("auto", leaves)
     if scope == "global":
         n = sum(int(x.size) for x in leaves)
-        masks = _global_flat_masks(leaves, jnp.asarray(prune_count(s, n), jnp.int32))
+        masks = _global_flat_masks(leaves, jnp.asarray(prune_count(s, n), jnp.int32), strategy)
     else:
-        masks = [_global_flat_masks([x], jnp.asarray(prune_count(s, int(x.size)), jnp.int32))[0] for x in leaves]
+        masks = [
+            _global_flat_masks([x], jnp.asarray(prune_count(s, int(x.size)), jnp.int32), strategy)[0] for x in leaves
+        ]
     return _rebuild(tree, where, masks)
 
 
@@ -258,7 +267,8 @@ def channel_masks(params: PyTree, sparsity: float | jax.Array, *, axis: int = -1
     for _, leaf in _leaves_with_axis(params, where, axis):
         x = jnp.moveaxis(jnp.asarray(leaf).astype(jnp.float32), axis, -1)
         norms = jnp.sqrt(jnp.sum(jnp.square(x.reshape(-1, x.shape[-1])), axis=0))
-        keep = _global_flat_masks([norms], jnp.asarray(prune_count(s, norms.size), jnp.int32))[0]
+        k = jnp.asarray(prune_count(s, norms.size), jnp.int32)
+        keep = _global_flat_masks([norms], k, resolve_strategy("auto", [norms]))[0]
         full = jnp.broadcast_to(keep, x.shape)
         masks.append(jnp.moveaxis(full, -1, axis))
     return _rebuild(params, where, masks)

@@ -1,5 +1,6 @@
 """Tests for compressjax.selection: exact k-th value selection and exact half-even counts."""
 
+import functools
 from fractions import Fraction
 
 import jax
@@ -70,6 +71,7 @@ def _stable_ref(arrays, k):
 
 _masks = jax.jit(exact_keep_masks)
 _kth = jax.jit(kth_smallest_magnitude)
+_masks_by_strategy = {s: jax.jit(functools.partial(exact_keep_masks, strategy=s)) for s in selection.STRATEGIES}
 
 
 def test_kth_smallest_matches_sort():
@@ -103,9 +105,10 @@ def test_values_spanning_both_digits():
     kind=st.sampled_from(["normal", "ints", "zeros", "tiny"]),
     frac=st.floats(0, 1),
     seed=st.integers(0, 2**16),
+    strategy=st.sampled_from(selection.STRATEGIES),
 )
 @pytest.mark.slow
-def test_exact_keep_masks_equal_stable_sort(sizes, kind, frac, seed):
+def test_exact_keep_masks_equal_stable_sort(sizes, kind, frac, seed, strategy):
     rng = np.random.default_rng(seed)
     if kind == "normal":
         xs = [rng.standard_normal(s) for s in sizes]
@@ -118,22 +121,132 @@ def test_exact_keep_masks_equal_stable_sort(sizes, kind, frac, seed):
     xs = [jnp.asarray(x, jnp.float32) for x in xs]
     n = sum(sizes)
     k = round(frac * n)
-    got = np.concatenate([np.asarray(m).ravel() for m in _masks(xs, k)])
+    got = np.concatenate([np.asarray(m).ravel() for m in _masks_by_strategy[strategy](xs, k)])
     assert int(np.sum(~got)) == k
     assert (got == _stable_ref(xs, k)).all()
 
 
-@pytest.mark.parametrize("kind", ["ints", "normal"])
-def test_chunked_passes_match_stable_sort(monkeypatch, kind):
-    # Leaves larger than CHUNK are read chunk by chunk (last chunk clamped and overlapping); shrink CHUNK so
-    # the chunked histogram passes and the chunked tie split run on small arrays.
+# ------------------------------------------------------------------ layouts: chunked (CPU), whole, fused (GPU/TPU)
+STRATEGIES = list(selection.STRATEGIES)
+
+
+def _leaves(kind: str, rng: np.random.Generator, sizes) -> list[jax.Array]:
+    if kind == "ints":  # many duplicates: the run of ties is cut inside a leaf for most k
+        return [jnp.asarray(rng.integers(-3, 4, s), jnp.float32) for s in sizes]
+    if kind == "normal":
+        return [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in sizes]
+    if kind == "equal":  # every magnitude the same: one run of ties across all leaves
+        return [jnp.asarray(rng.choice([-1.5, 1.5], s), jnp.float32) for s in sizes]
+    if kind == "zeros":  # a pruned model: most weights exactly 0 (both signs), the rest spread
+        return [jnp.asarray(np.where(rng.random(s) < 0.7, rng.choice([0.0, -0.0], s), rng.standard_normal(s)), jnp.float32) for s in sizes]
+    if kind == "bf16":  # bf16 leaves (widened to float32) next to a float32 one; bf16 has few distinct values
+        xs = [jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in sizes[:-1]]
+        return [*xs, jnp.asarray(rng.integers(-2, 3, sizes[-1]), jnp.float32)]
+    raise AssertionError(kind)
+
+
+def _small_chunks_and_banks(monkeypatch):
+    # Leaves larger than CHUNK take the chunk loop and the chunked tie split; several histogram copies
+    # (banks) are used by the vectorised layouts even for these tiny leaves (normally only from 2**16 up).
     monkeypatch.setattr(selection, "CHUNK", 16)
-    rng = np.random.default_rng(3)
-    sizes = [(5, 10), (16,), (7,), (33,)]
-    make = (lambda s: rng.integers(-3, 4, s)) if kind == "ints" else (lambda s: rng.standard_normal(s))
-    xs = [jnp.asarray(make(s), jnp.float32) for s in sizes]
-    f = jax.jit(lambda xs, k: exact_keep_masks(xs, k))  # a fresh function: traced with CHUNK = 16
+    monkeypatch.setattr(selection, "_n_banks", lambda n, bins, cap=selection.BANKS: max(1, min(cap, 3)))
+
+
+@pytest.mark.parametrize("kind", ["ints", "normal", "equal", "zeros", "bf16"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_matches_stable_sort(monkeypatch, strategy, kind):
+    _small_chunks_and_banks(monkeypatch)
+    rng = np.random.default_rng(len(kind))
+    xs = _leaves(kind, rng, [(5, 10), (16,), (7,), (33,), (1,)])
+    f = jax.jit(lambda xs, k: exact_keep_masks(xs, k, strategy=strategy))  # fresh: traced with the patches
     n = sum(int(x.size) for x in xs)
-    for k in [0, 1, 9, 40, 53, 77, 100, n - 1, n]:
+    for k in range(n + 1):  # one trace: k is an argument
         got = np.concatenate([np.asarray(m).ravel() for m in f(xs, k)])
-        np.testing.assert_array_equal(got, _stable_ref(xs, k), err_msg=f"k={k}")
+        np.testing.assert_array_equal(got, _stable_ref(xs, k), err_msg=f"{strategy} {kind} k={k}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_gives_the_same_threshold_and_counts(monkeypatch, strategy):
+    _small_chunks_and_banks(monkeypatch)
+    xs = _leaves("ints", np.random.default_rng(7), [(3, 11), (40,), (2, 2)])
+    kth = jax.jit(lambda xs, k: kth_smallest_magnitude(xs, k, strategy=strategy))
+    ref = jax.jit(lambda xs, k: kth_smallest_magnitude(xs, k, strategy="chunked"))
+    for k in range(0, 78, 5):
+        for a, b in zip(kth(xs, k), ref(xs, k), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{strategy} k={k}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_with_traced_sparsity(monkeypatch, strategy):
+    from compressjax import magnitude_masks
+
+    monkeypatch.setenv(selection.STRATEGY_ENV, strategy)
+    monkeypatch.setattr(selection, "CHUNK", 64)
+    rng = np.random.default_rng(11)
+    params = {"a": {"kernel": jnp.asarray(rng.integers(-4, 5, (10, 20)), jnp.float32)},
+              "b": {"kernel": jnp.asarray(rng.standard_normal((3, 30)), jnp.bfloat16), "bias": jnp.ones(30)}}
+    leaves = [params["a"]["kernel"], params["b"]["kernel"]]
+    f = jax.jit(lambda p, s: magnitude_masks(p, s, scope="global"))
+    for s in [0.0, 0.1, 0.33, 0.5, 0.7, 0.999, 1.0]:
+        m = f(params, jnp.float32(s))
+        assert m["b"]["bias"] is None
+        got = np.concatenate([np.asarray(m["a"]["kernel"]).ravel(), np.asarray(m["b"]["kernel"]).ravel()])
+        k = exact_round(np.float32(s), got.size)
+        np.testing.assert_array_equal(got, _stable_ref(leaves, k), err_msg=f"{strategy} s={s}")
+
+
+def test_vectorised_layouts_have_no_chunk_loop_and_one_conditional(monkeypatch):
+    import re
+
+    monkeypatch.setattr(selection, "CHUNK", 16)
+    xs = [jnp.ones((8, 9)), jnp.ones((40,)), jnp.ones((3,))]  # two leaves above CHUNK, one below
+
+    def count(strategy):
+        text = str(jax.make_jaxpr(lambda xs, k: exact_keep_masks(xs, k, strategy=strategy))(xs, 5))
+        return {op: len(re.findall(rf"\b{op}\[", text)) for op in ("cond", "scan", "while", "scatter-add")}
+
+    # chunked: a loop per pass and per tie split in each leaf above CHUNK, a cond per leaf
+    assert count("chunked") == {"cond": 3, "scan": 6, "while": 0, "scatter-add": 6}
+    # whole: a scatter per leaf and pass; fused: one per pass; both one lax.switch for the cut, no loop
+    assert count("whole") == {"cond": 1, "scan": 0, "while": 0, "scatter-add": 6}
+    assert count("fused") == {"cond": 1, "scan": 0, "while": 0, "scatter-add": 2}
+
+
+def test_auto_is_chunked_on_cpu_and_can_be_overridden(monkeypatch):
+    monkeypatch.delenv(selection.STRATEGY_ENV, raising=False)
+    x = jnp.ones((4, 4))
+    assert jax.default_backend() == "cpu"
+    assert selection.resolve_strategy("auto", [x]) == "chunked"
+    assert selection.resolve_strategy("auto", [np.ones(3)]) == "chunked"  # no device: the default backend
+    seen = []
+    jax.jit(lambda x: seen.append(selection.resolve_strategy("auto", [x])) or x)(x)  # tracer: default backend
+    assert seen == ["chunked"]
+    for s in STRATEGIES:
+        assert selection.resolve_strategy(s, [x]) == s
+        monkeypatch.setenv(selection.STRATEGY_ENV, s)
+        assert selection.resolve_strategy("auto", [x]) == s
+        assert selection.resolve_strategy("chunked", [x]) == "chunked"  # an explicit argument wins
+    monkeypatch.setenv(selection.STRATEGY_ENV, "auto")
+    assert selection.resolve_strategy("auto", [x]) == "chunked"
+
+
+def test_auto_follows_the_backend_of_the_leaves(monkeypatch):
+    monkeypatch.delenv(selection.STRATEGY_ENV, raising=False)
+    monkeypatch.setattr(selection, "_platform", lambda leaves: "gpu")
+    assert selection.resolve_strategy("auto", [jnp.ones(2)]) == selection.ACCELERATOR_STRATEGY
+    monkeypatch.setattr(selection, "_platform", lambda leaves: "tpu")
+    assert selection.resolve_strategy("auto", [jnp.ones(2)]) == selection.ACCELERATOR_STRATEGY
+
+
+def test_unknown_strategy_is_rejected_by_name(monkeypatch):
+    from compressjax import magnitude_masks
+
+    xs = [jnp.ones((2, 2))]
+    for fn in (exact_keep_masks, kth_smallest_magnitude):
+        with pytest.raises(ValueError, match="'sorted'"):
+            fn(xs, 1, strategy="sorted")
+    monkeypatch.setenv(selection.STRATEGY_ENV, "bogus")
+    with pytest.raises(ValueError, match=f"{selection.STRATEGY_ENV}.*'bogus'"):
+        magnitude_masks({"w": jnp.ones((2, 2))}, 0.5)
+    with pytest.raises(ValueError, match="at least one leaf"):
+        kth_smallest_magnitude([], 0, strategy="chunked")
