@@ -1,14 +1,20 @@
 """Global magnitude pruning at scale: radix select (compressjax) vs concatenate + sort.
 
 Builds a pytree of about 50 million float32 weights in several leaves and measures, in one process,
-(a) ``magnitude_masks(params, s, scope="global")`` jitted and compiled before timing, and (b) the
+(a) ``magnitude_masks(params, s, scope="global")`` jitted and compiled before timing (the layout that
+``strategy="auto"`` picks for this backend), (b) the same selection in each layout of
+``compressjax.selection`` (``chunked``, ``whole``, ``fused``; interleaved with (a)), and (c) the
 straightforward method: concatenate all magnitudes, ``jnp.sort``, take the k-th value as the threshold.
-Checks that the masks agree everywhere except among weights tied at the threshold (the exact method
-splits ties to hit the count; the sort threshold keeps or drops all of them), then prints the time ratio.
-Peak RSS of each method is measured in separate subprocesses (``--rss METHOD``).
+Checks that every layout gives the same masks as (a), that the count is exact, and that the masks agree
+with (c) everywhere except among weights tied at the threshold (the exact method splits ties to hit the
+count; the sort threshold keeps or drops all of them), then prints the time ratios. With ``--peak-gbps``
+it also reports the fraction of the memory-bandwidth limit reached: the selection reads the params three
+times (two counting passes and the mask pass), so ``3 * param bytes / time / peak``. Peak RSS of (a) and
+(c) is measured in separate subprocesses (``--rss METHOD``).
 
     python -m benchmarks.pruning            # ~50M weights (several minutes: the sort is slow on CPU)
     python -m benchmarks.pruning --quick    # ~1M weights, seconds
+    python -m benchmarks.pruning --strategies chunked --no-rss   # only some layouts, no RSS subprocesses
 """
 
 from __future__ import annotations
@@ -47,6 +53,22 @@ def ours(params, sparsity):
     from compressjax import magnitude_masks
 
     return magnitude_masks(params, sparsity, scope="global")
+
+
+def by_strategy(strategy: str):
+    """``magnitude_masks(params, s, scope="global")`` with the selection's layout fixed to ``strategy``:
+    the same steps (the selected leaves, the exact count in-graph, ``exact_keep_masks``) without the checks."""
+    from compressjax.selection import exact_keep_masks, round_half_even_count
+
+    def masks(params, sparsity):
+        sel = [p for p, w in params.items() if w.ndim >= 2]
+        leaves = [params[p] for p in sel]
+        k = round_half_even_count(sparsity, sum(int(w.size) for w in leaves))
+        out = dict.fromkeys(params)
+        out.update(zip(sel, exact_keep_masks(leaves, k, strategy=strategy), strict=True))
+        return out
+
+    return masks
 
 
 def sort_baseline(params, sparsity):
@@ -147,7 +169,7 @@ def alternatives(quick: bool, repeats: int = 5) -> dict:
     chunked = jax.jit(
         lambda x: selection._fold_chunks(
             x,
-            lambda acc, bb, v: selection._histogram(
+            lambda acc, bb, v, i: selection._histogram(
                 jnp.where(v, (bb >> 15).astype(jnp.int32), 65536) if v is not None else (bb >> 15).astype(jnp.int32),
                 65536,
                 acc,
@@ -181,10 +203,20 @@ def alternatives(quick: bool, repeats: int = 5) -> dict:
 
 
 def main(argv=None) -> dict:
+    from compressjax import selection
+
     ap = parser(__doc__)  # --quick: ~1M weights, seconds
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per method (median reported)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--alternatives", action="store_true", help="only time one pass of each candidate scheme")
+    ap.add_argument(
+        "--strategies",
+        default=",".join(selection.STRATEGIES),
+        help="comma-separated layouts of the selection to time next to the automatic one (default: all)",
+    )
+    ap.add_argument(
+        "--peak-gbps", type=float, default=None, help="the device's peak memory bandwidth in GB/s (for bandwidth_fraction)"
+    )
     ap.add_argument("--rss", choices=["ours", "sort"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss:
@@ -194,23 +226,33 @@ def main(argv=None) -> dict:
     if args.alternatives:
         res = {"benchmark": "pruning_alternatives", "quick": args.quick, "pass_ms": alternatives(args.quick)}
         return finish(res, args.json)
+    strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    for name in strategies:
+        if name not in selection.STRATEGIES:
+            ap.error(f"--strategies: {name!r} is not one of {selection.STRATEGIES}")
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     params = make_params(shapes)
     n_sel = sum(int(w.size) for w in params.values() if w.ndim >= 2)
+    sel_bytes = sum(int(w.nbytes) for w in params.values() if w.ndim >= 2)
+    auto = selection.resolve_strategy("auto", list(params.values()))
     s = jnp.float32(SPARSITY)
     # The sparsity is passed as a float32 array (traced under jit): k is its exact product with n, rounded
     # half to even (float32(0.7) = 0.69999999, so this can differ from round(0.7 * n) by one).
     k = round(Fraction(float(np.float32(SPARSITY))) * n_sel)
     print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
+        f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs; "
         f"{n_sel:,} selected float32 weights in {sum(w.ndim >= 2 for w in params.values())} leaves; "
-        f"sparsity {SPARSITY} -> k = {k:,}"
+        f"sparsity {SPARSITY} -> k = {k:,}; strategy auto = {auto}"
     )
 
     f_ours, f_sort = jax.jit(ours), jax.jit(sort_baseline)
+    f_strat = {name: jax.jit(by_strategy(name)) for name in strategies}
     reps_ours = args.repeats or (5 if args.quick else 5)
     reps_sort = args.repeats or (3 if args.quick else 2)
-    t_ours = time_fn(f_ours, params, s, repeats=reps_ours)
+    # magnitude_masks and the layouts in turn (machine load hits them alike), then the slow sort alone.
+    fns = [lambda: f_ours(params, s)] + [lambda f=f: f(params, s) for f in f_strat.values()]
+    t_all = interleaved(fns, reps_ours)
+    t_ours, t_strat = t_all[0], dict(zip(f_strat, t_all[1:], strict=True))
     t_sort = time_fn(f_sort, params, s, repeats=reps_sort)
 
     m_ours = f_ours(params, s)
@@ -225,15 +267,40 @@ def main(argv=None) -> dict:
         disagree += int(np.sum(a != b))
         ties += int(np.sum(tie))
         disagree_off_tie += int(np.sum((a != b) & ~tie))
-    ok = pruned == k and disagree_off_tie == 0
+    same = {}
+    for name, f in f_strat.items():
+        m = f(params, s)
+        same[name] = all(m[p] is None if m_ours[p] is None else bool(np.array_equal(m[p], m_ours[p])) for p in params)
+        del m
+    ok = pruned == k and disagree_off_tie == 0 and all(same.values())
     med_o, med_s = statistics.median(t_ours), statistics.median(t_sort)
+
+    def bandwidth(seconds: float) -> dict:
+        gbps = 3 * sel_bytes / seconds / 1e9
+        out = {"gbps_three_passes": gbps}
+        if args.peak_gbps:
+            out["bandwidth_fraction"] = gbps / args.peak_gbps
+        return out
+
+    def runs(ts: list[float]) -> str:
+        return ", ".join(f"{t * 1e3:.3g}" for t in ts)
+
+    print(f"magnitude_masks(global) [{auto}]: median {med_o * 1e3:9.3f} ms  (runs: {runs(t_ours)})")
+    strat_res = {}
+    for name, ts in t_strat.items():
+        med = statistics.median(ts)
+        strat_res[name] = {"ms": med * 1e3, "speedup": med_s / med, "same_masks": same[name], **bandwidth(med)}
+        print(
+            f"  strategy {name:8s}        : median {med * 1e3:9.3f} ms  speed-up {med_s / med:7.2f}x  "
+            f"{strat_res[name]['gbps_three_passes']:8.1f} GB/s (3 passes)  same masks: {same[name]}  (runs: {runs(ts)})"
+        )
+    print(f"concat + jnp.sort              : median {med_s * 1e3:9.3f} ms  (runs: {runs(t_sort)})")
+    bw = bandwidth(med_o)
     print(
-        f"magnitude_masks(global): median {med_o * 1e3:9.1f} ms  (runs: {', '.join(f'{t * 1e3:.0f}' for t in t_ours)})"
+        f"speed-up: {med_s / med_o:.2f}x (target >= 50x on CPU, >= 5x on GPU); "
+        f"{bw['gbps_three_passes']:.1f} GB/s over three passes"
+        + (f" = {bw['bandwidth_fraction']:.1%} of {args.peak_gbps:g} GB/s (target >= 25%)" if args.peak_gbps else "")
     )
-    print(
-        f"concat + jnp.sort      : median {med_s * 1e3:9.1f} ms  (runs: {', '.join(f'{t * 1e3:.0f}' for t in t_sort)})"
-    )
-    print(f"speed-up: {med_s / med_o:.1f}x (target >= 50x)")
     print(
         f"pruned exactly {pruned:,} (k = {k:,}): {pruned == k}; masks differ at {disagree} positions, "
         f"all among the {ties} weights tied at the threshold: {disagree_off_tie == 0}"
@@ -248,7 +315,14 @@ def main(argv=None) -> dict:
         "speedup": med_s / med_o,
         "exact_count": pruned == k,
         "agree_except_ties": disagree_off_tie == 0,
-        "ratios": {"speedup_vs_sort": med_s / med_o},  # what benchmarks/run.py shows
+        "strategy_auto": auto,
+        "params_bytes": sel_bytes,
+        **bw,
+        "peak_gbps": args.peak_gbps,
+        "strategies": strat_res,
+        "same_masks_every_strategy": all(same.values()),
+        # what benchmarks/run.py shows
+        "ratios": {"speedup_vs_sort": med_s / med_o} | {f"speedup_{n}": r["speedup"] for n, r in strat_res.items()},
     }
     if not args.no_rss:
         del params, m_ours, m_sort
@@ -260,6 +334,9 @@ def main(argv=None) -> dict:
                 text=True,
                 check=True,
                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                # On a GPU this process keeps its preallocated device memory: the child must not ask for
+                # the same share again (it measures host RSS either way).
+                env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
             )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             result[f"{method}_rss"] = r

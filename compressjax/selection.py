@@ -85,7 +85,7 @@ ACCELERATOR_STRATEGY = "fused"  # what "auto" picks on GPU and TPU (provisional 
 # copies take 8 MiB and keep a warp's 32 lanes on distinct counters even when all their digits are equal.
 BANKS = 32
 # Cap on the second pass's counters in the fused layout (copies x leaves x 2**15), in int32 elements.
-_FUSED_LO_BINS = 1 << 22
+_FUSED_LO_BINS = 1 << 20
 
 
 def _platform(leaves: Sequence) -> str:
