@@ -18,7 +18,15 @@ Printed ratios and their targets:
 * ``compress``: the step with ``student_transform`` = 90% magnitude masks + 4-bit fake quantization (and
   ``keep_masked`` in ``tx``) / the plain step; target <= 1.25.
 
-Run ``python -m benchmarks.distillation [--quick] [--json PATH]``; the last line printed is JSON.
+With ``--batches 256,2048,8192`` the plain and the compressed step are also timed at each of those batch
+sizes (same models; interleaved, median of rounds): step time, FLOP rate and the compressed step over the
+plain one (``batches`` in the JSON). The FLOP rate uses the analytic count of matmul FLOPs above (what a
+step must do); XLA's ``cost_analysis()`` count of the compiled step is reported beside it
+(``xla_cost_gflop``) but not used, since it depends on the backend (on a GPU it omits the GEMM custom
+calls).
+
+Run ``python -m benchmarks.distillation [--quick] [--json PATH] [--batches 256,2048,8192]``; the last line
+printed is JSON.
 """
 
 from __future__ import annotations
@@ -134,11 +142,70 @@ def torch_step_factory(t_sizes, s_sizes, batch, x_np, y_np):
     return {f"torch_step_{threads}t": step, "torch_step_1t": step_one_thread}, f"torch {torch.__version__}"
 
 
+def xla_gflop(jitted, *args) -> float | None:
+    """The compiled computation's FLOPs from XLA's ``cost_analysis()`` (GFLOP), or None if unavailable."""
+    try:
+        cost = jitted.lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost["flops"]) / 1e9 if cost and cost.get("flops") else None
+    except Exception:  # noqa: BLE001 - cost analysis is informational only
+        return None
+
+
+def batch_sweep(t_sizes, s_sizes, batches, rounds, inner, mm_rate=None) -> list[dict]:
+    """Plain and compressed (90% masks + 4-bit) distillation steps at each batch size: time, FLOP rate, ratio."""
+    loss_fn = functools.partial(distillation_loss, temperature=TEMPERATURE, alpha=ALPHA)
+    k = jax.random.split(jax.random.key(1), 4)
+    teacher, student = mlp_init(k[0], t_sizes), mlp_init(k[1], s_sizes)
+    masks = magnitude_masks(student, 0.9)
+    spec = QuantSpec(bits=4)
+    tx, tx_c = optax.adam(LR), optax.chain(optax.adam(LR), keep_masked(masks))
+    plain = make_distill_step(mlp_apply, mlp_apply, tx, loss_fn=loss_fn)
+    compress = make_distill_step(
+        mlp_apply, mlp_apply, tx_c, loss_fn=loss_fn,
+        student_transform=lambda p, s: fake_quant_params(apply_masks(p, masks), spec),
+    )
+    rows = []
+    for batch in batches:
+        x = jax.random.normal(k[2], (batch, t_sizes[0]), jnp.float32)
+        y = jax.random.randint(k[3], (batch,), 0, t_sizes[-1], jnp.int32)
+        state = {"plain": DistillState.create(student, tx), "compress": DistillState.create(student, tx_c)}
+
+        def run(name, step, x=x, y=y, state=state):
+            state[name], m = step(state[name], teacher, (x, y))
+            return m["loss"]
+
+        fns = [repeated(functools.partial(run, "plain", plain), inner), repeated(functools.partial(run, "compress", compress), inner)]
+        t_plain, t_comp = (v / inner for v in medians(interleaved(fns, rounds, warmup=2)))
+        flop = matmul_flops(t_sizes, batch) + matmul_flops(s_sizes, batch) + matmul_flops(s_sizes, batch, backward=True)
+        row = {
+            "batch": batch, "plain_ms": 1e3 * t_plain, "compress_ms": 1e3 * t_comp, "compress_ratio": t_comp / t_plain,
+            "step_gflop": flop / 1e9, "xla_cost_gflop": xla_gflop(plain.jitted, state["plain"], teacher, (x, y)),
+            "gflops_per_s": flop / t_plain / 1e9, "compress_gflops_per_s": flop / t_comp / 1e9,
+        }
+        if mm_rate:
+            row["flops_ratio"] = flop / t_plain / mm_rate
+        rows.append(row)
+        print(
+            f"  batch {batch:6d}: plain {row['plain_ms']:9.3f} ms ({row['gflops_per_s']:9.1f} GFLOP/s)  compressed "
+            f"{row['compress_ms']:9.3f} ms  compressed / plain {row['compress_ratio']:.3f}"
+            + (f"  FLOP rate / matmul {row['flops_ratio']:.3f}" if mm_rate else "")
+        )
+    return rows
+
+
 def main(argv=None):
     ap = parser(__doc__)  # --quick: tiny sizes, a few seconds
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15; 3 with --quick)")
     ap.add_argument("--inner", type=int, default=None, help="back-to-back calls per sample (default 5; 2 with --quick)")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes for the step-time sweep, e.g. 256,2048,8192")
     args = ap.parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else []
+    except ValueError:
+        ap.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    if any(b < 1 for b in batches):
+        ap.error(f"--batches must be positive, got {args.batches!r}")
     if args.quick:
         t_sizes, s_sizes, batch, n_mm = [64, 128, 128, 10], [64, 64, 64, 10], 32, 256
         rounds, inner = args.rounds or 3, args.inner or 2
@@ -219,13 +286,7 @@ def main(argv=None):
     step_flops = (
         matmul_flops(t_sizes, batch) + matmul_flops(s_sizes, batch) + matmul_flops(s_sizes, batch, backward=True)
     )
-    xla_flops = None
-    try:
-        cost = step.jitted.lower(state["plain"], teacher, (x, y)).compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        xla_flops = float(cost.get("flops")) if cost and cost.get("flops") else None
-    except Exception:  # noqa: BLE001 - cost analysis is informational only
-        pass
+    xla_gf = xla_gflop(step.jitted, state["plain"], teacher, (x, y))
     mm_rate = 2 * n_mm**3 / med["matmul"]
     step_rate = step_flops / med["distill_step"]
 
@@ -236,7 +297,7 @@ def main(argv=None):
         "inner": inner,
         "ms": {name: 1e3 * v for name, v in med.items()},
         "step_gflop": step_flops / 1e9,
-        "xla_cost_gflop": None if xla_flops is None else xla_flops / 1e9,
+        "xla_cost_gflop": xla_gf,
         "step_gflops_per_s": step_rate / 1e9,
         "matmul_gflops_per_s": mm_rate / 1e9,
         "ratios": {
@@ -276,6 +337,10 @@ def main(argv=None):
         print(f"PyTorch eager step / jit step = {r['torch']:.3f}   (target >= 1.0; {torch_info})")
     else:
         print("PyTorch eager comparison skipped: torch is not installed")
+    if batches:
+        print(f"batch sweep (teacher {t_sizes}, student {s_sizes}; rounds {rounds} x {inner} calls, median):")
+        results["batches"] = batch_sweep(t_sizes, s_sizes, batches, rounds, inner, mm_rate)
+        results["ratios"] |= {f"compress_b{r['batch']}": r["compress_ratio"] for r in results["batches"]}
     return finish(results, args.json)
 
 

@@ -28,7 +28,7 @@ from benchmarks._common import machine
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SKIP = {"__init__", "__main__", "run", "summary"}  # summary.py writes BENCHMARKS.md, it measures nothing
+SKIP = {"__init__", "__main__", "run", "summary", "gpu_suite"}  # summary.py writes BENCHMARKS.md; gpu_suite runs others
 
 
 def discover() -> list[str]:
