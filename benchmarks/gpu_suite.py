@@ -4,8 +4,9 @@ Runs, one after the other (they time things, so they must not share the device),
 ``python -m benchmarks.<name> --json OUT/<device>-<name>.json``:
 
 1. ``pruning``: 50.8M weights, ``magnitude_masks(global)`` in the automatic layout and in every layout of
-   ``compressjax.selection`` side by side with concatenate + sort, with the fraction of the memory-bandwidth
-   limit when the device's peak is known (``--peak-gbps``, or the table ``PEAK_GBPS`` by device kind);
+   ``compressjax.selection`` side by side with concatenate + sort (the vectorised layouts also with 1 and 8
+   histogram copies instead of 32), with the fraction of the memory-bandwidth limit when the device's peak
+   is known (``--peak-gbps``, or the table ``PEAK_GBPS`` by device kind);
 2. ``quantization``: ``quantize`` / ``fake_quant`` throughput against ``x * 2.0``, QAT overhead, errors, and
    int8 x int8 -> int32 against float32 and bfloat16 matmuls at transformer shapes with the compiled-HLO
    check for an integer dot;
@@ -79,7 +80,7 @@ def commands(quick: bool, peak: float | None) -> dict[str, list[str]]:
             "distillation": ["--quick", "--batches", "16,64"],
         }
     return {
-        "pruning": ["--repeats", "11"] + (["--peak-gbps", f"{peak:g}"] if peak else []),
+        "pruning": ["--repeats", "11", "--banks", "1,8"] + (["--peak-gbps", f"{peak:g}"] if peak else []),
         "quantization": ["--reps", "11"],
         "distillation": ["--batches", "256,2048,8192"],
     }

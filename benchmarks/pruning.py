@@ -215,6 +215,12 @@ def main(argv=None) -> dict:
         help="comma-separated layouts of the selection to time next to the automatic one (default: all)",
     )
     ap.add_argument(
+        "--banks",
+        default="",
+        help="also time the whole and fused layouts with these numbers of histogram copies, e.g. 1,8 "
+        f"(selection.BANKS, default {selection.BANKS}); entries named like 'whole/banks=1'",
+    )
+    ap.add_argument(
         "--peak-gbps", type=float, default=None, help="the device's peak memory bandwidth in GB/s (for bandwidth_fraction)"
     )
     ap.add_argument("--rss", choices=["ours", "sort"], default=None, help=argparse.SUPPRESS)
@@ -230,6 +236,12 @@ def main(argv=None) -> dict:
     for name in strategies:
         if name not in selection.STRATEGIES:
             ap.error(f"--strategies: {name!r} is not one of {selection.STRATEGIES}")
+    try:
+        banks = [int(b) for b in args.banks.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--banks must be comma-separated integers, got {args.banks!r}")
+    if any(b < 1 for b in banks):
+        ap.error(f"--banks must be positive, got {args.banks!r}")
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     params = make_params(shapes)
     n_sel = sum(int(w.size) for w in params.values() if w.ndim >= 2)
@@ -247,6 +259,14 @@ def main(argv=None) -> dict:
 
     f_ours, f_sort = jax.jit(ours), jax.jit(sort_baseline)
     f_strat = {name: jax.jit(by_strategy(name)) for name in strategies}
+    default_banks = selection.BANKS
+    for nb in banks:  # selection.BANKS is read when tracing: compile each variant while it is set
+        selection.BANKS = nb
+        try:
+            for name in (n for n in strategies if n != "chunked"):
+                f_strat[f"{name}/banks={nb}"] = jax.jit(by_strategy(name)).lower(params, s).compile()
+        finally:
+            selection.BANKS = default_banks
     reps_ours = args.repeats or (5 if args.quick else 5)
     reps_sort = args.repeats or (3 if args.quick else 2)
     # magnitude_masks and the layouts in turn (machine load hits them alike), then the slow sort alone.
@@ -291,7 +311,7 @@ def main(argv=None) -> dict:
         med = statistics.median(ts)
         strat_res[name] = {"ms": med * 1e3, "speedup": med_s / med, "same_masks": same[name], **bandwidth(med)}
         print(
-            f"  strategy {name:8s}        : median {med * 1e3:9.3f} ms  speed-up {med_s / med:7.2f}x  "
+            f"  strategy {name:15s} : median {med * 1e3:9.3f} ms  speed-up {med_s / med:7.2f}x  "
             f"{strat_res[name]['gbps_three_passes']:8.1f} GB/s (3 passes)  same masks: {same[name]}  (runs: {runs(ts)})"
         )
     print(f"concat + jnp.sort              : median {med_s * 1e3:9.3f} ms  (runs: {runs(t_sort)})")

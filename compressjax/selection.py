@@ -18,8 +18,8 @@ out per backend:
   chunk's bit patterns stay in cache between their computation and the scatter. The tie split also walks
   the chunks (a count per chunk, then one cumsum over the one chunk that holds the cut), under a
   ``lax.cond`` per leaf.
-* ``"whole"`` (accelerators): one scatter-add per leaf and digit over the whole leaf, no loop. The first
-  digit's histogram is kept in ``BANKS`` copies (element ``i`` adds to copy ``i % BANKS``), so that
+* ``"whole"`` (accelerators): one scatter-add per leaf and digit over the whole leaf, no loop. The
+  histograms are kept in up to ``BANKS`` copies (element ``i`` adds to copy ``i % BANKS``), so that
   neighbouring threads of a GPU do not contend for the same counter when many weights share a digit (zeros
   of an already pruned model); in the second pass the elements outside the selected bucket are dropped
   (out-of-bounds index) instead of counted. The tie split is one whole-leaf cumsum in the one leaf where the
@@ -207,10 +207,11 @@ def _bank(n: int, banks: int) -> jax.Array:
     return lax.rem(lax.iota(jnp.int32, n), jnp.int32(banks)) if banks > 1 else jnp.zeros((n,), jnp.int32)
 
 
-def _n_banks(n: int, bins: int, cap: int = BANKS) -> int:
-    """Histogram copies for ``n`` elements over ``bins`` counters: up to ``cap``, never more counters than
-    elements (a small input does not pay for zeroing and summing copies it cannot fill)."""
-    return max(1, min(cap, n // bins))
+def _n_banks(n: int, bins: int, cap: int | None = None) -> int:
+    """Histogram copies for ``n`` elements over ``bins`` counters: up to ``cap`` (default ``BANKS``, read
+    when traced), never more counters than elements (a small input does not pay for zeroing and summing
+    copies it cannot fill)."""
+    return max(1, min(BANKS if cap is None else cap, n // bins))
 
 
 def _hist_hi_vector(leaves: Sequence[jax.Array], fused: bool) -> jax.Array:
