@@ -30,12 +30,18 @@ out per backend:
   kernel whatever the number of leaves. This costs an int32 index per element unless XLA fuses the
   concatenation into the scatter.
 
+Memory beyond the inputs and masks: O(CHUNK) for ``"chunked"``; for the vectorised layouts up to 8 MiB of
+counters and, in the leaf where the ties are cut, an int32 cumsum the size of that leaf (plus the fused
+layout's index array if it is not fused away).
+
 ``strategy="auto"`` (the default everywhere) reads the environment variable ``COMPRESSJAX_SELECT_STRATEGY``
-(one of ``STRATEGIES`` or ``"auto"``; read each time a selection is traced, so set it before the first
-call of a jitted function) and otherwise picks by the backend of the leaves: ``"chunked"`` on CPU,
+(one of ``STRATEGIES`` or ``"auto"``) and otherwise picks by the backend of the leaves: ``"chunked"`` on CPU,
 ``ACCELERATOR_STRATEGY`` on GPU and TPU. Concrete arrays name their devices; under ``jax.jit`` the leaves
 are tracers that carry no device, and ``jax.default_backend()`` decides (a jitted function whose inputs
-live on a non-default backend should pass ``strategy=`` or set the variable).
+live on a non-default backend should pass ``strategy=`` or set the variable). The pruning functions
+(``magnitude_masks``, ``score_masks``, ``channel_masks``) resolve it at every call, outside their jit, so
+the variable takes effect on the next call; inside a user's ``jax.jit`` it is read when that function is
+traced.
 
 Choice of scheme (``python -m benchmarks.pruning --alternatives``, XLA CPU, one pass over 10M weights):
 a fused ``sum(bits < t)`` costs about 5x a chunked histogram pass and bisection needs 31 of them; seven
