@@ -429,6 +429,9 @@ def test_header_dictionary_flag(tmp_path, small_file):
         _load_bytes(tmp_path, write(2, plain))
     with pytest.raises(FormatError, match="zstd"):  # dictionary-coded bytes declared plain
         _load_bytes(tmp_path, write(0, coded))
+    # Files coded with it must stay readable: the dictionary never changes (a new one needs a new flag bit).
+    assert hashlib.sha256(_container.HEADER_DICT_V1).hexdigest() == (
+        "289c08db3ba8bd92043cbd7f3414148367bd537c807afeb2353a4cdfcf038c37")
 
 
 def test_max_bytes_limits_allocation(tmp_path):

@@ -68,24 +68,24 @@ FLAG_HEADER_DICT = 0x0001
 # The header's vocabulary, as zstd raw content: frozen, since files coded with it must stay readable (a new
 # vocabulary needs a new flag bit). Later bytes are cheaper to refer to, so the commonest come last.
 HEADER_DICT_V1 = (
-    '{"t":"var","cls":"Param","m":{},"v":{"t":"py","v":null}},{"t":"tuple","c":[{"t":"none"}]},'
-    '{"e":"q","meta":{"format":"compressjax.qarray/1","bits":8,"shape":[],"dtype":"bfloat16","symmetric":false,'
-    '"packed":false,"channel_axes":[],"group_size":128,"group_axis":0},"codes":{"dt":"int8","sh":[],"e":"dense",'
-    '"s":[]},"scale":{"dt":"float32","sh":[1],"e":"dense","s":[]},"zp":{"dt":"int8","sh":[1],"e":"dense","s":[]}},'
-    '{"e":"q","meta":{"format":"compressjax.qarray/1","bits":4,"shape":[],"dtype":"float32","symmetric":true,'
-    '"packed":true,"channel_axes":[1],"group_size":null,"group_axis":null},"codes":{"dt":"int8","sh":[],'
-    '"e":"sparse","nnz":0,"pos":"delta16","s":[]},"scale":{"dt":"float32","sh":[1,],"e":"dense","s":[]}},'
-    '{"e":"cb","meta":{"format":"compressjax.codebook/1","bits":4,"shape":[],"dtype":"float32","per_channel":true,'
-    '"zero":false},"idx":{"e":"packed","s":[]},"c":{"dt":"float16","sh":[],"e":"dense","s":[]},"h":0.0},'
-    '{"e":"cb","meta":{"format":"compressjax.codebook/1","bits":5,"shape":[],"dtype":"float32","per_channel":false,'
-    '"zero":true},"idx":{"dt":"uint8","sh":[],"e":"sparse","nnz":0,"pos":"delta8","s":[]},"c":{"dt":"float16",'
-    '"sh":[],"e":"dense","s":[]},"h":1.0},{"dt":"bfloat16","sh":[],"e":"sparse","nnz":0,"pos":"bitmask","s":[]},'
-    '{"dt":"float16","sh":[],"e":"dense","s":[]},{"dt":"int32","sh":[],"e":"dense","s":[]},'
-    '{"format":"compressjax","tree":{"t":"dict","k":[["params",{"t":"dict","k":[["bias",{"t":"leaf","i":0}],'
-    '["kernel",{"t":"leaf","i":1}]]}],["layers",{"t":"list","c":[{"t":"leaf","i":2}]}]]},"leaves":['
-    '{"dt":"float32","sh":[],"e":"sparse","nnz":0,"pos":"delta8","s":[]},'
-    '{"dt":"float32","sh":[],"e":"dense","s":[0,1,2,3]}],"streams":[[1,0,0],[0,0,0]]}'
-).encode()
+    b'{"t":"var","cls":"Param","m":{},"v":{"t":"py","v":null}},{"t":"tuple","c":[{"t":"none"}]},'
+    b'{"e":"q","meta":{"format":"compressjax.qarray/1","bits":8,"shape":[],"dtype":"bfloat16","symmetric":false,'
+    b'"packed":false,"channel_axes":[],"group_size":128,"group_axis":0},"codes":{"dt":"int8","sh":[],"e":"dense",'
+    b'"s":[]},"scale":{"dt":"float32","sh":[1],"e":"dense","s":[]},"zp":{"dt":"int8","sh":[1],"e":"dense","s":[]}},'
+    b'{"e":"q","meta":{"format":"compressjax.qarray/1","bits":4,"shape":[],"dtype":"float32","symmetric":true,'
+    b'"packed":true,"channel_axes":[1],"group_size":null,"group_axis":null},"codes":{"dt":"int8","sh":[],'
+    b'"e":"sparse","nnz":0,"pos":"delta16","s":[]},"scale":{"dt":"float32","sh":[1,],"e":"dense","s":[]}},'
+    b'{"e":"cb","meta":{"format":"compressjax.codebook/1","bits":4,"shape":[],"dtype":"float32","per_channel":true,'
+    b'"zero":false},"idx":{"e":"packed","s":[]},"c":{"dt":"float16","sh":[],"e":"dense","s":[]},"h":0.0},'
+    b'{"e":"cb","meta":{"format":"compressjax.codebook/1","bits":5,"shape":[],"dtype":"float32","per_channel":false,'
+    b'"zero":true},"idx":{"dt":"uint8","sh":[],"e":"sparse","nnz":0,"pos":"delta8","s":[]},"c":{"dt":"float16",'
+    b'"sh":[],"e":"dense","s":[]},"h":1.0},{"dt":"bfloat16","sh":[],"e":"sparse","nnz":0,"pos":"bitmask","s":[]},'
+    b'{"dt":"float16","sh":[],"e":"dense","s":[]},{"dt":"int32","sh":[],"e":"dense","s":[]},'
+    b'{"format":"compressjax","tree":{"t":"dict","k":[["params",{"t":"dict","k":[["bias",{"t":"leaf","i":0}],'
+    b'["kernel",{"t":"leaf","i":1}]]}],["layers",{"t":"list","c":[{"t":"leaf","i":2}]}]]},"leaves":['
+    b'{"dt":"float32","sh":[],"e":"sparse","nnz":0,"pos":"delta8","s":[]},'
+    b'{"dt":"float32","sh":[],"e":"dense","s":[0,1,2,3]}],"streams":[[1,0,0],[0,0,0]]}'
+)
 _HEADER_DICT = zstandard.ZstdCompressionDict(HEADER_DICT_V1, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
 
