@@ -5,7 +5,12 @@ ICLR) is trained on MNIST-1D's 4000 training signals (shift augmentation, AdamW;
 
 1. pruned to 92% of its kernel weights with ``gradual_pruning`` (Zhu & Gupta's cubic schedule over the
    first half of 12000 steps, one global magnitude threshold over the three kernels) while training goes
-   on, with Hinton's distillation loss from the float model (T = 2, alpha = 0.5) added to the labels;
+   on, with Hinton's distillation loss from the float model (T = 2, alpha = 0.5) added to the labels.
+   With ``WS_UNITS=f``, a fraction ``f`` of each hidden layer's units is removed first (the columns with
+   the smallest L2 norm, ``channel_masks``, and the matching rows of the next kernel, kept at zero by
+   ``keep_masked``); their weights count among the 92%, so as many weights survive, packed into fewer
+   units. After pruning, dead units are permuted to the end of their layer (the same function), where
+   the surviving weights' positions cost fewer bits (at ``f = 0.5`` about 3 bits each instead of 4.4-5.6);
 2. **weight sharing**: ``kmeans_codebooks(params, 5, masks=masks, init="linear")``, one 5-bit codebook per
    kernel fitted to its surviving weights (pruned ones on the reserved exact zero), and 3-bit codebooks
    for the biases; ``WS_ENTROPY=λ`` makes it entropy-constrained (``entropy_weight=λ``, Choi et al., 2017):
@@ -22,13 +27,14 @@ with at most 0.5 points of accuracy lost.
 
 Environment knobs for experiments (defaults in brackets): ``WS_SPARSITY`` [0.92], ``WS_INIT`` [linear],
 ``WS_BIAS_BITS`` [3], ``WS_SCOPE`` [global], ``WS_PRUNE_LR`` [3e-3], ``WS_TUNE_LR`` [3e-4], ``WS_KD`` [1],
-``WS_KD_ALPHA`` [0.5], ``WS_ENTROPY`` [0].
+``WS_KD_ALPHA`` [0.5], ``WS_ENTROPY`` [0], ``WS_UNITS`` [0].
 
-The entropy weight was chosen with ``--sweep``, which never looks at the test set: it holds out the last
-500 of the 4000 training signals, trains the float and pruned models on the other 3500, and reports, for
-each entropy weight, validation accuracy and file size; the default is the largest weight whose validation
-accuracy, averaged over three seeds (``--seeds``), stays within 0.5 points of the pruned model's. That was
-0: 0.005 lost 0.53 points, 0.01 1.4 and 0.015 (the first above 40x) 2.0.
+The unit fraction and the entropy weight were chosen with ``--sweep``, which never looks at the test set:
+it holds out the last 500 of the 4000 training signals, trains on the other 3500, and reports for each
+setting validation accuracy and file size, averaged over three seeds (``--seeds``); the default is the
+smallest file whose validation accuracy stays within 0.5 points of the plain pipeline's (no units removed,
+plain k-means). That is the plain pipeline itself: removing half the units (41x) cost 1.0 point, an
+entropy weight of 0.015 (40.6x) 2.1 (BENCHMARKS.md has the table).
 
 Run ``python -m benchmarks.weight_sharing [--quick] [--json PATH]``; the last line printed is JSON with
 ``float_accuracy``, ``accuracy``, ``bytes``, ``ratio`` and ``uniform: {accuracy, bytes, ratio}``.
@@ -67,7 +73,10 @@ TUNE_LR = float(os.environ.get("WS_TUNE_LR", "3e-4"))
 PRUNE_LR = float(os.environ.get("WS_PRUNE_LR", "3e-3"))
 KD_ALPHA = float(os.environ.get("WS_KD_ALPHA", "0.5"))
 ENTROPY_WEIGHT = float(os.environ.get("WS_ENTROPY", "0"))  # what --sweep chose (see the docstring)
-SWEEP_WEIGHTS = (0.0, 0.005, 0.01, 0.015, 0.02, 0.04)
+UNITS = float(os.environ.get("WS_UNITS", "0"))  # fraction of hidden units removed (what --sweep chose)
+# (fraction of hidden units removed, entropy weight); the first is the plain pipeline the others are held to.
+SWEEP_SETTINGS = ((0.0, 0.0), (0.0, 0.005), (0.0, 0.01), (0.0, 0.015), (0.0, 0.02), (0.33, 0.0), (0.5, 0.0),
+                  (0.5, 0.005), (0.5, 0.01), (0.65, 0.0))
 N_VALIDATION = 500
 USE_KD = os.environ.get("WS_KD", "1") == "1"
 CHUNK = [250]
@@ -134,22 +143,67 @@ def train(params, x, y, *, steps, lr, key, transform=None, extra=None, teacher=N
     return carry
 
 
-def float_and_pruned(x, y, key, steps_float: int, steps_prune: int):
+def float_and_pruned(x, y, key, steps_float: int, steps_prune: int, units: float = UNITS):
     """Stages 1-2: the float model, then gradual pruning to ``SPARSITY`` while training goes on.
 
     Returns ``(params, pruned, masks, teacher)``; ``teacher`` is the float model when distilling.
     """
     k_init, k_float, k_prune = jax.random.split(key, 3)
     params, _ = train(init_mlp(k_init), x, y, steps=steps_float, lr=3e-3, key=k_float)
+    pruned, masks = prune(params, x, y, k_prune, steps_prune, units)
+    return params, pruned, masks, params if USE_KD else None
+
+
+def prune(params, x, y, key, steps: int, units: float):
+    """Gradual pruning of ``params`` to ``SPARSITY`` of the kernel weights, after removing the fraction
+    ``units`` of each hidden layer's units. Returns ``(pruned, masks)``, dead units moved last."""
     # One global magnitude threshold over the three kernels, Zhu & Gupta's cubic schedule over the first
-    # half of the stage.
-    every = max(steps_prune // 200, 1)
-    schedule = cj.polynomial_sparsity(SPARSITY, begin_step=0, end_step=steps_prune // 2)
+    # half of the stage; the removed units' weights stay zero throughout and count among the pruned.
+    every = max(steps // 200, 1)
+    schedule = cj.polynomial_sparsity(SPARSITY, begin_step=0, end_step=steps // 2)
     pruner = cj.gradual_pruning(schedule, update_every=every, where=KERNELS, scope=SCOPE)
+    structure = unit_masks(params, units)
+    start = cj.apply_masks(params, structure)
     teacher = params if USE_KD else None
-    pruned, state = train(params, x, y, steps=steps_prune, lr=PRUNE_LR, key=k_prune, extra=pruner, teacher=teacher)
-    masks = cj.masks_from_state(state)
-    return params, cj.apply_masks(pruned, masks), masks, teacher
+    pruned, state = train(start, x, y, steps=steps, lr=PRUNE_LR, key=key, teacher=teacher,
+                          extra=optax.chain(pruner, cj.keep_masked(structure)))
+    masks = jax.tree.map(lambda a, b: a & b, cj.masks_from_state(state), structure)
+    return dead_units_last(cj.apply_masks(pruned, masks), masks)
+
+
+def unit_masks(params, fraction: float):
+    """Masks that remove ``fraction`` of each hidden layer's units: the unit's incoming weights (a column,
+    by L2 norm: ``channel_masks``, Li et al., 2017) and its outgoing ones (the next kernel's row)."""
+    n = len(params)
+    masks = {f"fc{i}": {"kernel": jnp.ones(params[f"fc{i}"]["kernel"].shape, bool), "bias": None} for i in range(n)}
+    if fraction == 0:
+        return masks
+    hidden = "|".join(f"fc{i}/kernel" for i in range(n - 1))
+    columns = cj.channel_masks(params, fraction, where=f"^({hidden})$")
+    for i in range(n - 1):  # hidden layers only: the output layer keeps its ten classes
+        keep = columns[f"fc{i}"]["kernel"][0]
+        masks[f"fc{i}"]["kernel"] = masks[f"fc{i}"]["kernel"] & keep[None, :]
+        masks[f"fc{i + 1}"]["kernel"] = masks[f"fc{i + 1}"]["kernel"] & keep[:, None]
+    return masks
+
+
+def dead_units_last(params, masks):
+    """Permutes each hidden layer's units so that the dead ones (no surviving incoming or outgoing weight)
+    come last, and zeroes their biases: the same function, and each kernel's surviving weights packed into
+    its leading rows and columns, where their positions cost fewer bits (the relative indices between them
+    are short; the dead block is one long jump per row). A unit with outgoing weights but no incoming ones
+    is alive (a constant)."""
+    params = jax.tree.map(lambda a: a, params)  # copies of the containers
+    masks = jax.tree.map(lambda a: a, masks, is_leaf=lambda v: v is None)
+    for i in range(len(params) - 1):
+        a, b = f"fc{i}", f"fc{i + 1}"
+        alive = jnp.any(masks[b]["kernel"], axis=1)
+        order = jnp.argsort(~alive, stable=True)
+        for tree_ in (params, masks):
+            tree_[a]["kernel"] = tree_[a]["kernel"][:, order]
+            tree_[b]["kernel"] = tree_[b]["kernel"][order, :]
+        params[a]["bias"] = jnp.where(alive[order], params[a]["bias"][order], 0.0)
+    return params, masks
 
 
 def weight_share(pruned, masks, x, y, key, *, steps_tune: int, teacher, entropy_weight: float):
@@ -173,46 +227,55 @@ def saved_size_and_accuracy(tree, x, y, **save_kw) -> tuple[int, float, object]:
 
 
 def sweep(args) -> dict:
-    """Validation table over the entropy weight: train on 3500 signals, evaluate on the held-out 500.
+    """Validation table over the settings that matter (units removed, entropy weight): train on 3500
+    signals, evaluate on the held-out 500, never on the test set.
 
-    Per seed, the float and pruned models are trained once and every entropy weight is applied to the same
-    pruned model; the table averages the seeds. The chosen weight is the largest whose mean validation
-    accuracy stays within 0.5 points of the pruned model's (weight sharing should cost nothing on top of
-    pruning; the pruning stage's own cost is reported apart).
+    Per seed, the float model is trained once, each unit fraction is pruned once, and every entropy weight
+    is applied to the same pruned model; the table averages the seeds. The default is the smallest file
+    whose mean validation accuracy stays within 0.5 points of the plain pipeline's (no units removed,
+    plain k-means).
     """
     data = load_mnist1d()
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     xv, yv, x, y = x[-N_VALIDATION:], y[-N_VALIDATION:], x[:-N_VALIDATION], y[:-N_VALIDATION]
     steps_float, steps_prune, steps_tune = (200, 200, 100) if args.quick else (6000, 12000, 3000)
     CHUNK[0] = 100 if args.quick else 250
-    weights = SWEEP_WEIGHTS[:2] if args.quick else SWEEP_WEIGHTS
+    settings = (SWEEP_SETTINGS[0], SWEEP_SETTINGS[6]) if args.quick else SWEEP_SETTINGS
     seeds = [int(v) for v in args.seeds.split(",")]
-    per_seed = []
+    runs = []
     for seed in seeds:
-        _, k_stages, k_tune = jax.random.split(jax.random.key(seed), 3)
-        params, pruned, masks, teacher = float_and_pruned(x, y, k_stages, steps_float, steps_prune)
-        float_bytes = 4 * sum(a.size for a in jax.tree.leaves(params))
-        run = {"seed": seed, "float": accuracy(params, xv, yv), "pruned": accuracy(pruned, xv, yv), "rows": []}
-        print(f"seed {seed}: validation accuracy float {run['float']:.3f}, pruned {run['pruned']:.3f}", flush=True)
-        for weight in weights:
+        k_init, k_float, k_prune = jax.random.split(jax.random.split(jax.random.key(seed), 3)[1], 3)
+        k_tune = jax.random.split(jax.random.key(seed), 3)[2]
+        params, _ = train(init_mlp(k_init), x, y, steps=steps_float, lr=3e-3, key=k_float)
+        teacher = params if USE_KD else None
+        run = {"seed": seed, "float": accuracy(params, xv, yv), "rows": []}
+        print(f"seed {seed}: validation accuracy float {run['float']:.3f}", flush=True)
+        pruned_by_units = {}
+        for units, weight in settings:
+            if units not in pruned_by_units:
+                pruned_by_units[units] = prune(params, x, y, k_prune, steps_prune, units)
+            pruned, masks = pruned_by_units[units]
             tuned, _ = weight_share(pruned, masks, x, y, k_tune, steps_tune=steps_tune, teacher=teacher,
                                     entropy_weight=weight)
             nbytes, acc, _ = saved_size_and_accuracy(tuned, xv, yv)
-            run["rows"].append({"entropy_weight": weight, "accuracy": acc, "bytes": nbytes})
-            print(f"  entropy_weight {weight:<6} validation accuracy {acc:.3f}, {nbytes} bytes "
-                  f"({float_bytes / nbytes:.1f}x)", flush=True)
-        per_seed.append(run)
+            run["rows"].append({"units": units, "entropy_weight": weight, "pruned": accuracy(pruned, xv, yv),
+                                "accuracy": acc, "bytes": nbytes})
+            print(f"  units removed {units:<5} entropy_weight {weight:<6} validation accuracy pruned "
+                  f"{run['rows'][-1]['pruned']:.3f}, shared {acc:.3f}, {nbytes} bytes", flush=True)
+        runs.append(run)
     mean = lambda vals: sum(vals) / len(vals)  # noqa: E731
-    pruned_acc = mean([r["pruned"] for r in per_seed])
+    float_bytes = 4 * sum(a.size for a in jax.tree.leaves(init_mlp(jax.random.key(0))))
     table = []
-    for i, weight in enumerate(weights):
-        acc = mean([r["rows"][i]["accuracy"] for r in per_seed])
-        nbytes = mean([r["rows"][i]["bytes"] for r in per_seed])
-        table.append({"entropy_weight": weight, "validation_accuracy": acc, "bytes": nbytes,
-                      "ratio": float_bytes / nbytes})
-    ok = [r["entropy_weight"] for r in table if r["validation_accuracy"] >= pruned_acc - 0.005]
-    result = {"table": table, "per_seed": per_seed, "float_validation_accuracy": mean([r["float"] for r in per_seed]),
-              "pruned_validation_accuracy": pruned_acc, "seeds": seeds, "chosen": max(ok) if ok else 0.0,
+    for i, (units, weight) in enumerate(settings):
+        nbytes = mean([r["rows"][i]["bytes"] for r in runs])
+        table.append({"units": units, "entropy_weight": weight, "bytes": nbytes, "ratio": float_bytes / nbytes,
+                      "pruned_accuracy": mean([r["rows"][i]["pruned"] for r in runs]),
+                      "validation_accuracy": mean([r["rows"][i]["accuracy"] for r in runs])})
+    plain = table[0]["validation_accuracy"]
+    ok = [r for r in table if r["validation_accuracy"] >= plain - 0.005]
+    chosen = min(ok, key=lambda r: r["bytes"])
+    result = {"table": table, "per_seed": runs, "float_validation_accuracy": mean([r["float"] for r in runs]),
+              "seeds": seeds, "chosen": {"units": chosen["units"], "entropy_weight": chosen["entropy_weight"]},
               "quick": bool(args.quick)}
     return finish(result, args.json)
 
@@ -270,6 +333,8 @@ def main(argv=None) -> dict:
         "sparsity": float(cj.sparsity_summary(masks).fraction),
         "bits": BITS,
         "entropy_weight": ENTROPY_WEIGHT,
+        "units_removed": UNITS,
+        "alive_units": [int(jnp.sum(jnp.any(masks[f"fc{i + 1}"]["kernel"], axis=1))) for i in range(len(SIZES) - 2)],
         "index_bits": {p: s.index_bits for p, s in leaves.items() if s.index_bits is not None},
         "index_entropy": {p: s.index_entropy for p, s in leaves.items() if s.index_entropy is not None},
         "weight_sharing_seconds": share_s,

@@ -1,7 +1,8 @@
 """Smoke tests of the benchmark scripts that the GPU suite runs: tiny sizes on the CPU, no timing assertions.
 
 They check that each script runs every variant it reports (every selection layout, the matmul and HLO
-check, the batch sweep) and writes the JSON keys that the GPU suite and BENCHMARKS.md read.
+check, the batch sweep) and writes the JSON keys that the GPU suite and BENCHMARKS.md read; and that the
+weight-sharing pipeline's unit removal and dead-unit permutation keep the network's function.
 """
 
 from __future__ import annotations
@@ -121,3 +122,29 @@ def test_gpu_suite_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         gpu_suite.main(["--only", "pruning,nothing"])
     assert "nothing" in capsys.readouterr().err
+
+
+def test_weight_sharing_unit_removal_and_dead_units_last_keep_the_function():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import weight_sharing as ws
+
+    params = ws.init_mlp(jax.random.key(0))
+    for i in range(3):
+        params[f"fc{i}"]["bias"] = jax.random.normal(jax.random.key(i + 1), params[f"fc{i}"]["bias"].shape)
+    masks = ws.unit_masks(params, 0.5)
+    # half of each hidden layer's units: the column of the unit's kernel and the row of the next one
+    assert [int(jnp.sum(jnp.any(masks[f"fc{i}"]["kernel"], axis=0))) for i in range(2)] == [150, 50]
+    assert [int(jnp.sum(jnp.any(masks[f"fc{i}"]["kernel"], axis=1))) for i in (1, 2)] == [150, 50]
+    assert bool(jnp.all(masks["fc2"]["kernel"].any(axis=0)))  # the ten outputs stay
+    pruned = ws.cj.apply_masks(params, masks)
+    permuted, pmasks = ws.dead_units_last(pruned, masks)
+    x = jax.random.normal(jax.random.key(9), (16, 40))
+    np.testing.assert_allclose(ws.apply_mlp(permuted, x), ws.apply_mlp(pruned, x), rtol=1e-5, atol=1e-5)
+    for i, width in ((1, 150), (2, 50)):  # the alive units first, then the dead ones
+        alive = np.asarray(jnp.any(pmasks[f"fc{i}"]["kernel"], axis=1))
+        assert alive[:width].all() and not alive[width:].any()
+    assert bool(jnp.all(permuted["fc0"]["bias"][150:] == 0.0))
+    assert ws.unit_masks(params, 0.0)["fc1"]["kernel"].all()
