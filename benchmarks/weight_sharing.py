@@ -146,13 +146,24 @@ def train(params, x, y, *, steps, lr, key, transform=None, extra=None, teacher=N
     return carry
 
 
+def float_bytes(params) -> int:
+    """Bytes of ``params`` as float32: the denominator of every ratio."""
+    return 4 * sum(a.size for a in jax.tree.leaves(params))
+
+
+def float_model(x, y, key, steps: int):
+    """Stage 1, the float model; returns ``(params, key of the pruning stage)`` (both from ``key``)."""
+    k_init, k_float, k_prune = jax.random.split(key, 3)
+    params, _ = train(init_mlp(k_init), x, y, steps=steps, lr=3e-3, key=k_float)
+    return params, k_prune
+
+
 def float_and_pruned(x, y, key, steps_float: int, steps_prune: int, units: float = UNITS):
     """Stages 1-2: the float model, then gradual pruning to ``SPARSITY`` while training goes on.
 
     Returns ``(params, pruned, masks, teacher)``; ``teacher`` is the float model when distilling.
     """
-    k_init, k_float, k_prune = jax.random.split(key, 3)
-    params, _ = train(init_mlp(k_init), x, y, steps=steps_float, lr=3e-3, key=k_float)
+    params, k_prune = float_model(x, y, key, steps_float)
     pruned, masks = prune(params, x, y, k_prune, steps_prune, units)
     return params, pruned, masks, params if USE_KD else None
 
@@ -244,12 +255,13 @@ def sweep_prune_lr(args) -> dict:
     lrs = [float(v) for v in args.prune_lrs.split(",")]
     rows = {lr: [] for lr in lrs}
     for seed in (int(v) for v in args.seeds.split(",")):
-        k_init, k_float, k_prune = jax.random.split(jax.random.split(jax.random.key(seed), 3)[1], 3)
-        params, _ = train(init_mlp(k_init), x, y, steps=steps_float, lr=3e-3, key=k_float)
+        _, k_stages, _ = jax.random.split(jax.random.key(seed), 3)  # the keys of --sweep for this seed
+        params, k_prune = float_model(x, y, k_stages, steps_float)
+        float_acc = accuracy(params, xv, yv)
         for lr in lrs:
             pruned, _ = prune(params, x, y, k_prune, steps_prune, UNITS, lr=lr)
             rows[lr].append(accuracy(pruned, xv, yv))
-            print(f"seed {seed}: float {accuracy(params, xv, yv):.3f}, pruned with lr {lr:g}: {rows[lr][-1]:.3f}", flush=True)
+            print(f"seed {seed}: float {float_acc:.3f}, pruned with lr {lr:g}: {rows[lr][-1]:.3f}", flush=True)
     table = [{"prune_lr": lr, "validation_accuracy": sum(a) / len(a), "per_seed": a} for lr, a in rows.items()]
     return finish({"prune_lr_table": table, "chosen": max(table, key=lambda r: r["validation_accuracy"])["prune_lr"],
                    "quick": bool(args.quick)}, args.json)
@@ -271,31 +283,30 @@ def sweep(args) -> dict:
     seeds = [int(v) for v in args.seeds.split(",")]
     runs = []
     for seed in seeds:
-        k_init, k_float, k_prune = jax.random.split(jax.random.split(jax.random.key(seed), 3)[1], 3)
-        k_tune = jax.random.split(jax.random.key(seed), 3)[2]
-        params, _ = train(init_mlp(k_init), x, y, steps=steps_float, lr=3e-3, key=k_float)
+        _, k_stages, k_tune = jax.random.split(jax.random.key(seed), 3)
+        params, k_prune = float_model(x, y, k_stages, steps_float)
         teacher = params if USE_KD else None
         run = {"seed": seed, "float": accuracy(params, xv, yv), "rows": []}
         print(f"seed {seed}: validation accuracy float {run['float']:.3f}", flush=True)
         pruned_by_units = {}
         for units, weight in settings:
             if units not in pruned_by_units:
-                pruned_by_units[units] = prune(params, x, y, k_prune, steps_prune, units)
-            pruned, masks = pruned_by_units[units]
+                pruned, masks = prune(params, x, y, k_prune, steps_prune, units)
+                pruned_by_units[units] = pruned, masks, accuracy(pruned, xv, yv)
+            pruned, masks, pruned_acc = pruned_by_units[units]
             tuned, _ = weight_share(pruned, masks, x, y, k_tune, steps_tune=steps_tune, teacher=teacher,
                                     entropy_weight=weight)
             nbytes, acc, _ = saved_size_and_accuracy(tuned, xv, yv)
-            run["rows"].append({"units": units, "entropy_weight": weight, "pruned": accuracy(pruned, xv, yv),
+            run["rows"].append({"units": units, "entropy_weight": weight, "pruned": pruned_acc,
                                 "accuracy": acc, "bytes": nbytes})
             print(f"  units removed {units:<5} entropy_weight {weight:<6} validation accuracy pruned "
                   f"{run['rows'][-1]['pruned']:.3f}, shared {acc:.3f}, {nbytes} bytes", flush=True)
         runs.append(run)
     mean = lambda vals: sum(vals) / len(vals)  # noqa: E731
-    float_bytes = 4 * sum(a.size for a in jax.tree.leaves(init_mlp(jax.random.key(0))))
     table = []
     for i, (units, weight) in enumerate(settings):
         nbytes = mean([r["rows"][i]["bytes"] for r in runs])
-        table.append({"units": units, "entropy_weight": weight, "bytes": nbytes, "ratio": float_bytes / nbytes,
+        table.append({"units": units, "entropy_weight": weight, "bytes": nbytes, "ratio": float_bytes(params) / nbytes,
                       "pruned_accuracy": mean([r["rows"][i]["pruned"] for r in runs]),
                       "validation_accuracy": mean([r["rows"][i]["accuracy"] for r in runs])})
     plain = table[0]["validation_accuracy"]
@@ -346,7 +357,7 @@ def main(argv=None) -> dict:
                    transform=lambda p: cj.fake_quant_params(p, rules))
     qat = cj.apply_masks(qat, masks)
 
-    float_bytes = 4 * sum(a.size for a in jax.tree.leaves(params))
+    f32_bytes = float_bytes(params)
     ws_bytes, acc, report = saved_size_and_accuracy(tuned, xt, yt)
     uq_bytes, uq_acc, uq_report = saved_size_and_accuracy(qat, xt, yt, rules=rules)
     print(report)
@@ -356,9 +367,9 @@ def main(argv=None) -> dict:
         "float_accuracy": float_acc,
         "accuracy": acc,
         "bytes": ws_bytes,
-        "ratio": float_bytes / ws_bytes,
-        "uniform": {"accuracy": uq_acc, "bytes": uq_bytes, "ratio": float_bytes / uq_bytes},
-        "float_bytes": float_bytes,
+        "ratio": f32_bytes / ws_bytes,
+        "uniform": {"accuracy": uq_acc, "bytes": uq_bytes, "ratio": f32_bytes / uq_bytes},
+        "float_bytes": f32_bytes,
         "pruned_accuracy": pruned_acc,
         "shared_before_tuning_accuracy": shared_acc,
         "shared_after_tuning_accuracy": tuned_acc,
