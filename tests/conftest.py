@@ -85,6 +85,18 @@ def resign(original: bytes, edit) -> bytes:
     return b"".join(bytes(c) for c in _container.assemble(json.dumps(header).encode(), [bytes(payload)]))
 
 
+def signed_file(header: bytes, raw_len: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    """A format-version-1 file around an already coded ``header`` (``raw_len`` bytes of JSON once decoded)
+    and ``payload``, with the given preamble ``flags`` and a *valid* checksum."""
+    import hashlib
+    import struct
+
+    from compressjax.export import _container
+
+    fixed = struct.pack("<8sHHIIQ", _container.MAGIC, 1, flags, len(header), raw_len, len(payload))
+    return fixed + hashlib.sha256(payload + header + fixed).digest() + header + payload
+
+
 def set_field(path, value):
     """An ``edit`` for :func:`resign` that sets the header field at ``path`` (keys and indices) to ``value``."""
     def edit(h):

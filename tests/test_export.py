@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import zstandard
-from conftest import json_paths, resign, set_field
+from conftest import json_paths, resign, set_field, signed_file
 from flax import nnx
 from flax.core import FrozenDict
 from hypothesis import HealthCheck, given, settings
@@ -419,8 +419,7 @@ def test_header_dictionary_flag(tmp_path, small_file):
     assert len(coded) < len(plain)
 
     def write(flags: int, header: bytes) -> bytes:
-        fixed = struct.pack("<8sHHIIQ", _container.MAGIC, 1, flags, len(header), len(header_json), len(payload))
-        return fixed + hashlib.sha256(bytes(payload) + header + fixed).digest() + header + bytes(payload)
+        return signed_file(header, len(header_json), bytes(payload), flags)
 
     old = _load_bytes(tmp_path, write(0, plain))
     new = _load_bytes(tmp_path, original)

@@ -9,11 +9,9 @@ starts. No test asserts a time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
-import struct
 import sys
 import textwrap
 
@@ -22,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import zstandard
-from conftest import ROOT, run_python
+from conftest import ROOT, run_python, signed_file
 
 from compressjax.export import FormatError, _container, load, save, size_report
 from compressjax.export import _validate as v
@@ -37,9 +35,7 @@ def forge(path, chunks, raw_len: int, payload: bytes = b"") -> int:
     through zstd so that it is never held in memory whole), with a *valid* checksum. Returns the file size."""
     cobj = zstandard.ZstdCompressor(level=1, write_checksum=False).compressobj(size=raw_len)
     header = b"".join(cobj.compress(c) for c in chunks) + cobj.flush()
-    fixed = struct.pack("<8sHHIIQ", _container.MAGIC, 1, 0, len(header), raw_len, len(payload))
-    digest = hashlib.sha256(payload + header + fixed).digest()
-    path.write_bytes(fixed + digest + header + payload)
+    path.write_bytes(signed_file(header, raw_len, payload))
     return os.path.getsize(path)
 
 
