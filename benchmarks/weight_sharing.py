@@ -240,11 +240,21 @@ def saved_size_and_accuracy(tree, x, y, **save_kw) -> tuple[int, float, object]:
         return os.path.getsize(path), accuracy(cj.load(path), x, y), report
 
 
-def validation_split():
-    """``(x, y, x_val, y_val)``: the first 3500 training signals, and the last 500 held out."""
+def validation_split(fold: int | None = None):
+    """``(x, y, x_val, y_val)``: 500 of the 4000 training signals held out, the other 3500 to train on.
+
+    ``fold=None`` holds out the last 500; ``fold=f`` the f-th block of 500 (f in 0-7: eight disjoint
+    folds cover the whole training set, and fold 7 is the last block).
+    """
     data = load_mnist1d()
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-    return x[:-N_VALIDATION], y[:-N_VALIDATION], x[-N_VALIDATION:], y[-N_VALIDATION:]
+    n = x.shape[0]
+    lo = n - N_VALIDATION if fold is None else fold * N_VALIDATION
+    if not 0 <= lo <= n - N_VALIDATION:
+        raise ValueError(f"fold {fold} is outside the {n // N_VALIDATION} folds of {N_VALIDATION} signals")
+    held = slice(lo, lo + N_VALIDATION)
+    keep = jnp.concatenate([jnp.arange(lo), jnp.arange(lo + N_VALIDATION, n)])
+    return x[keep], y[keep], x[held], y[held]
 
 
 def sweep_prune_lr(args) -> dict:
@@ -271,23 +281,30 @@ def sweep(args) -> dict:
     """Validation table over the settings that matter (units removed, entropy weight): train on 3500
     signals, evaluate on the held-out 500, never on the test set.
 
-    Per seed, the float model is trained once, each unit fraction is pruned once, and every entropy weight
-    is applied to the same pruned model; the table averages the seeds. The default is the smallest file
-    whose mean validation accuracy stays within 0.5 points of the plain pipeline's (no units removed,
-    plain k-means).
+    Per run (a seed, and with ``--folds N`` its own fold: run i is seed i holding out block i, so N = 8
+    covers all 4000 training signals once), the float model is trained once, each unit fraction is pruned
+    once, and every entropy weight is applied to the same pruned model; the table averages the runs and
+    gives each setting's paired difference to the plain pipeline (no units removed, plain k-means) with
+    its standard error over the runs. The default is the smallest file whose mean validation accuracy
+    stays within 0.5 points of the plain pipeline's.
     """
-    x, y, xv, yv = validation_split()
     steps_float, steps_prune, steps_tune = (200, 200, 100) if args.quick else (6000, 12000, 3000)
     CHUNK[0] = 100 if args.quick else 250
-    settings = (SWEEP_SETTINGS[0], SWEEP_SETTINGS[6]) if args.quick else SWEEP_SETTINGS
-    seeds = [int(v) for v in args.seeds.split(",")]
+    settings = parse_settings(args.settings) if args.settings else SWEEP_SETTINGS
+    if args.quick and not args.settings:
+        settings = (SWEEP_SETTINGS[0], SWEEP_SETTINGS[6])
+    if args.folds:
+        plan = [(i, i) for i in range(args.folds)]
+    else:
+        plan = [(int(v), None) for v in args.seeds.split(",")]
     runs = []
-    for seed in seeds:
+    for seed, fold in plan:
+        x, y, xv, yv = validation_split(fold)
         _, k_stages, k_tune = jax.random.split(jax.random.key(seed), 3)
         params, k_prune = float_model(x, y, k_stages, steps_float)
         teacher = params if USE_KD else None
-        run = {"seed": seed, "float": accuracy(params, xv, yv), "rows": []}
-        print(f"seed {seed}: validation accuracy float {run['float']:.3f}", flush=True)
+        run = {"seed": seed, "fold": fold, "float": accuracy(params, xv, yv), "rows": []}
+        print(f"seed {seed}, fold {fold}: validation accuracy float {run['float']:.3f}", flush=True)
         pruned_by_units = {}
         for units, weight in settings:
             if units not in pruned_by_units:
@@ -302,27 +319,59 @@ def sweep(args) -> dict:
             print(f"  units removed {units:<5} entropy_weight {weight:<6} validation accuracy pruned "
                   f"{run['rows'][-1]['pruned']:.3f}, shared {acc:.3f}, {nbytes} bytes", flush=True)
         runs.append(run)
-    mean = lambda vals: sum(vals) / len(vals)  # noqa: E731
-    table = []
-    for i, (units, weight) in enumerate(settings):
-        nbytes = mean([r["rows"][i]["bytes"] for r in runs])
-        table.append({"units": units, "entropy_weight": weight, "bytes": nbytes, "ratio": float_bytes(params) / nbytes,
-                      "pruned_accuracy": mean([r["rows"][i]["pruned"] for r in runs]),
-                      "validation_accuracy": mean([r["rows"][i]["accuracy"] for r in runs])})
+    table = sweep_table(settings, runs, float_bytes(params))
     plain = table[0]["validation_accuracy"]
     ok = [r for r in table if r["validation_accuracy"] >= plain - 0.005]
     chosen = min(ok, key=lambda r: r["bytes"])
-    result = {"table": table, "per_seed": runs, "float_validation_accuracy": mean([r["float"] for r in runs]),
-              "seeds": seeds, "chosen": {"units": chosen["units"], "entropy_weight": chosen["entropy_weight"]},
+    result = {"table": table, "per_seed": runs, "float_validation_accuracy": _mean([r["float"] for r in runs]),
+              "seeds": [seed for seed, _ in plan], "folds": args.folds or None,
+              "chosen": {"units": chosen["units"], "entropy_weight": chosen["entropy_weight"]},
               "prune_lr": PRUNE_LR,
               "quick": bool(args.quick)}
     return finish(result, args.json)
+
+
+def _mean(vals):
+    return sum(vals) / len(vals)
+
+
+def sweep_table(settings, runs, f32_bytes: int) -> list[dict]:
+    """One row per setting: means over the runs, and the paired difference to the first setting (the plain
+    pipeline) with its standard error over the runs (``None`` with a single run)."""
+    table = []
+    for i, (units, weight) in enumerate(settings):
+        nbytes = _mean([r["rows"][i]["bytes"] for r in runs])
+        diffs = [r["rows"][i]["accuracy"] - r["rows"][0]["accuracy"] for r in runs]
+        d = _mean(diffs)
+        se = (sum((v - d) ** 2 for v in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5 if len(diffs) > 1 else None
+        table.append({"units": units, "entropy_weight": weight, "bytes": nbytes, "ratio": f32_bytes / nbytes,
+                      "pruned_accuracy": _mean([r["rows"][i]["pruned"] for r in runs]),
+                      "validation_accuracy": _mean([r["rows"][i]["accuracy"] for r in runs]),
+                      "vs_plain": d, "vs_plain_se": se})
+    return table
+
+
+def parse_settings(text: str) -> tuple[tuple[float, float], ...]:
+    """``"0:0,0.5:0.005"`` -> ``((0.0, 0.0), (0.5, 0.005))``: (fraction of units removed, entropy weight)
+    pairs, the first being the plain pipeline the others are held to."""
+    try:
+        pairs = tuple(tuple(float(v) for v in item.split(":")) for item in text.split(","))
+    except ValueError:
+        pairs = ()
+    if not pairs or any(len(p) != 2 or not 0 <= p[0] < 1 or p[1] < 0 for p in pairs):
+        raise ValueError(f"--settings wants comma-separated UNITS:ENTROPY pairs (0 <= UNITS < 1, ENTROPY >= 0), "
+                         f"got {text!r}")
+    return pairs
 
 
 def main(argv=None) -> dict:
     p = parser(__doc__)
     p.add_argument("--sweep", action="store_true", help="validation table over the entropy weight (no test data)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the --sweep runs (averaged)")
+    p.add_argument("--folds", type=int, default=0, help="with --sweep: run i uses seed i and holds out block i "
+                   "of 500 training signals (8 covers all 4000); replaces --seeds")
+    p.add_argument("--settings", default=None, help="with --sweep: UNITS:ENTROPY pairs, the first the reference "
+                   "(default: the built-in list)")
     p.add_argument("--seed", type=int, default=0, help="seed of the main run (its test accuracy is reported)")
     p.add_argument("--prune-lrs", default=None, help="comma-separated pruning learning rates: validation accuracy "
                    "of the pruned model for each (no test data)")
