@@ -77,9 +77,23 @@ PRUNE_LR = float(os.environ.get("WS_PRUNE_LR", "1e-2"))  # what --prune-lrs chos
 KD_ALPHA = float(os.environ.get("WS_KD_ALPHA", "0.5"))
 ENTROPY_WEIGHT = float(os.environ.get("WS_ENTROPY", "0.005"))  # what --sweep chose (see the docstring)
 UNITS = float(os.environ.get("WS_UNITS", "0"))  # fraction of hidden units removed (what --sweep chose)
+
+
+def parse_block(text: str) -> tuple[int, int] | None:
+    """``"1x2"`` -> ``(1, 2)`` (the tiles of block pruning); ``""``, ``"none"`` or ``"1x1"`` -> ``None``."""
+    if text.lower() in ("", "none", "1x1"):
+        return None
+    try:
+        r, c = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a block is written RxC (e.g. 1x2), got {text!r}") from None
+    return (r, c)
+
+
+BLOCK = parse_block(os.environ.get("WS_BLOCK", ""))  # tiles pruned whole (what --sweep chose)
 # (fraction of hidden units removed, entropy weight); the first is the plain pipeline the others are held to.
-SWEEP_SETTINGS = ((0.0, 0.0), (0.0, 0.005), (0.0, 0.01), (0.0, 0.015), (0.0, 0.02), (0.33, 0.0), (0.5, 0.0),
-                  (0.5, 0.005), (0.5, 0.01), (0.65, 0.0))
+SWEEP_SETTINGS = tuple((u, w, None) for u, w in ((0.0, 0.0), (0.0, 0.005), (0.0, 0.01), (0.0, 0.015), (0.0, 0.02),
+                                                  (0.33, 0.0), (0.5, 0.0), (0.5, 0.005), (0.5, 0.01), (0.65, 0.0)))
 N_VALIDATION = 500
 USE_KD = os.environ.get("WS_KD", "1") == "1"
 CHUNK = [250]
@@ -158,31 +172,32 @@ def float_model(x, y, key, steps: int):
     return params, k_prune
 
 
-def float_and_pruned(x, y, key, steps_float: int, steps_prune: int, units: float = UNITS):
+def float_and_pruned(x, y, key, steps_float: int, steps_prune: int, units: float = UNITS, block=BLOCK):
     """Stages 1-2: the float model, then gradual pruning to ``SPARSITY`` while training goes on.
 
     Returns ``(params, pruned, masks, teacher)``; ``teacher`` is the float model when distilling.
     """
     params, k_prune = float_model(x, y, key, steps_float)
-    pruned, masks = prune(params, x, y, k_prune, steps_prune, units)
+    pruned, masks = prune(params, x, y, k_prune, steps_prune, units, block=block)
     return params, pruned, masks, params if USE_KD else None
 
 
-def prune(params, x, y, key, steps: int, units: float, lr: float | None = None):
+def prune(params, x, y, key, steps: int, units: float, lr: float | None = None, block=BLOCK):
     """Gradual pruning of ``params`` to ``SPARSITY`` of the kernel weights, after removing the fraction
-    ``units`` of each hidden layer's units. Returns ``(pruned, masks)``, dead units moved last."""
+    ``units`` of each hidden layer's units; with ``block=(r, c)`` whole ``r x c`` tiles are pruned.
+    Returns ``(pruned, masks)``, dead units moved last."""
     # One global magnitude threshold over the three kernels, Zhu & Gupta's cubic schedule over the first
     # half of the stage; the removed units' weights stay zero throughout and count among the pruned.
     every = max(steps // 200, 1)
     schedule = cj.polynomial_sparsity(SPARSITY, begin_step=0, end_step=steps // 2)
-    pruner = cj.gradual_pruning(schedule, update_every=every, where=KERNELS, scope=SCOPE)
+    pruner = cj.gradual_pruning(schedule, update_every=every, where=KERNELS, scope=SCOPE, block=block)
     structure = unit_masks(params, units)
     start = cj.apply_masks(params, structure)
     teacher = params if USE_KD else None
     pruned, state = train(start, x, y, steps=steps, lr=PRUNE_LR if lr is None else lr, key=key, teacher=teacher,
                           extra=optax.chain(pruner, cj.keep_masked(structure)))
     masks = jax.tree.map(lambda a, b: a & b, cj.masks_from_state(state), structure)
-    return dead_units_last(cj.apply_masks(pruned, masks), masks)
+    return remove_dead_units(cj.apply_masks(pruned, masks), masks)
 
 
 def unit_masks(params, fraction: float):
@@ -201,22 +216,48 @@ def unit_masks(params, fraction: float):
     return masks
 
 
-def dead_units_last(params, masks):
-    """Permutes each hidden layer's units so that the dead ones (no surviving incoming or outgoing weight)
-    come last, and zeroes their biases: the same function, and each kernel's surviving weights packed into
-    its leading rows and columns, where their positions cost fewer bits (the relative indices between them
-    are short; the dead block is one long jump per row). A unit with outgoing weights but no incoming ones
-    is alive (a constant)."""
+def remove_dead_units(params, masks):
+    """Exact clean-up of a pruned MLP, then dead units moved last. Returns ``(params, masks)``.
+
+    Pruning leaves two kinds of useless weights, and removing them computes the same function (up to
+    float rounding) with fewer survivors to store:
+
+    1. a hidden unit with no surviving outgoing weight feeds nothing: its incoming weights and bias are
+       dropped (from the last hidden layer to the first, since dropping them can starve earlier units);
+    2. a hidden unit with no surviving incoming weight outputs the constant ``relu(bias)``: that constant
+       times its outgoing weights is folded into the next layer's bias and the outgoing weights dropped
+       (from the first hidden layer to the last).
+
+    Then each hidden layer's units are permuted so that the dead ones come last (the same function): with
+    ``WS_UNITS`` each kernel's surviving weights sit in its leading rows and columns, where their
+    positions cost fewer bits (the relative indices between them are short; the dead block is one long
+    jump per row).
+    """
     params = jax.tree.map(lambda a: a, params)  # copies of the containers
     masks = jax.tree.map(lambda a: a, masks, is_leaf=lambda v: v is None)
-    for i in range(len(params) - 1):
+    hidden = range(len(params) - 1)
+    for i in reversed(hidden):  # 1. no outgoing weight: drop the incoming ones
+        a, b = f"fc{i}", f"fc{i + 1}"
+        feeds = jnp.any(masks[b]["kernel"], axis=1)
+        masks[a]["kernel"] = masks[a]["kernel"] & feeds[None, :]
+        params[a]["kernel"] = jnp.where(masks[a]["kernel"], params[a]["kernel"], 0.0)
+        params[a]["bias"] = jnp.where(feeds, params[a]["bias"], 0.0)
+    for i in hidden:  # 2. no incoming weight: a constant, folded into the next bias
+        a, b = f"fc{i}", f"fc{i + 1}"
+        constant = ~jnp.any(masks[a]["kernel"], axis=0)
+        value = jnp.where(constant, jax.nn.relu(params[a]["bias"]), 0.0)
+        params[b]["bias"] = params[b]["bias"] + value @ params[b]["kernel"]
+        masks[b]["kernel"] = masks[b]["kernel"] & ~constant[:, None]
+        params[b]["kernel"] = jnp.where(masks[b]["kernel"], params[b]["kernel"], 0.0)
+        params[a]["bias"] = jnp.where(constant, 0.0, params[a]["bias"])
+    for i in hidden:  # 3. dead units last
         a, b = f"fc{i}", f"fc{i + 1}"
         alive = jnp.any(masks[b]["kernel"], axis=1)
         order = jnp.argsort(~alive, stable=True)
         for tree_ in (params, masks):
             tree_[a]["kernel"] = tree_[a]["kernel"][:, order]
             tree_[b]["kernel"] = tree_[b]["kernel"][order, :]
-        params[a]["bias"] = jnp.where(alive[order], params[a]["bias"][order], 0.0)
+        params[a]["bias"] = params[a]["bias"][order]
     return params, masks
 
 
@@ -305,18 +346,18 @@ def sweep(args) -> dict:
         teacher = params if USE_KD else None
         run = {"seed": seed, "fold": fold, "float": accuracy(params, xv, yv), "rows": []}
         print(f"seed {seed}, fold {fold}: validation accuracy float {run['float']:.3f}", flush=True)
-        pruned_by_units = {}
-        for units, weight in settings:
-            if units not in pruned_by_units:
-                pruned, masks = prune(params, x, y, k_prune, steps_prune, units)
-                pruned_by_units[units] = pruned, masks, accuracy(pruned, xv, yv)
-            pruned, masks, pruned_acc = pruned_by_units[units]
+        pruned_by_structure = {}
+        for units, weight, block in settings:
+            if (units, block) not in pruned_by_structure:
+                pruned, masks = prune(params, x, y, k_prune, steps_prune, units, block=block)
+                pruned_by_structure[units, block] = pruned, masks, accuracy(pruned, xv, yv)
+            pruned, masks, pruned_acc = pruned_by_structure[units, block]
             tuned, _ = weight_share(pruned, masks, x, y, k_tune, steps_tune=steps_tune, teacher=teacher,
                                     entropy_weight=weight)
             nbytes, acc, _ = saved_size_and_accuracy(tuned, xv, yv)
-            run["rows"].append({"units": units, "entropy_weight": weight, "pruned": pruned_acc,
+            run["rows"].append({"units": units, "entropy_weight": weight, "block": block, "pruned": pruned_acc,
                                 "accuracy": acc, "bytes": nbytes})
-            print(f"  units removed {units:<5} entropy_weight {weight:<6} validation accuracy pruned "
+            print(f"  units removed {units:<5} entropy_weight {weight:<6} block {block} validation accuracy pruned "
                   f"{run['rows'][-1]['pruned']:.3f}, shared {acc:.3f}, {nbytes} bytes", flush=True)
         runs.append(run)
     table = sweep_table(settings, runs, float_bytes(params))
@@ -325,7 +366,7 @@ def sweep(args) -> dict:
     chosen = min(ok, key=lambda r: r["bytes"])
     result = {"table": table, "per_seed": runs, "float_validation_accuracy": _mean([r["float"] for r in runs]),
               "seeds": [seed for seed, _ in plan], "folds": args.folds or None,
-              "chosen": {"units": chosen["units"], "entropy_weight": chosen["entropy_weight"]},
+              "chosen": {"units": chosen["units"], "entropy_weight": chosen["entropy_weight"], "block": chosen["block"]},
               "prune_lr": PRUNE_LR,
               "quick": bool(args.quick)}
     return finish(result, args.json)
@@ -339,29 +380,35 @@ def sweep_table(settings, runs, f32_bytes: int) -> list[dict]:
     """One row per setting: means over the runs, and the paired difference to the first setting (the plain
     pipeline) with its standard error over the runs (``None`` with a single run)."""
     table = []
-    for i, (units, weight) in enumerate(settings):
+    for i, (units, weight, block) in enumerate(settings):
         nbytes = _mean([r["rows"][i]["bytes"] for r in runs])
         diffs = [r["rows"][i]["accuracy"] - r["rows"][0]["accuracy"] for r in runs]
         d = _mean(diffs)
         se = (sum((v - d) ** 2 for v in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5 if len(diffs) > 1 else None
-        table.append({"units": units, "entropy_weight": weight, "bytes": nbytes, "ratio": f32_bytes / nbytes,
+        table.append({"units": units, "entropy_weight": weight, "block": block, "bytes": nbytes, "ratio": f32_bytes / nbytes,
                       "pruned_accuracy": _mean([r["rows"][i]["pruned"] for r in runs]),
                       "validation_accuracy": _mean([r["rows"][i]["accuracy"] for r in runs]),
                       "vs_plain": d, "vs_plain_se": se})
     return table
 
 
-def parse_settings(text: str) -> tuple[tuple[float, float], ...]:
-    """``"0:0,0.5:0.005"`` -> ``((0.0, 0.0), (0.5, 0.005))``: (fraction of units removed, entropy weight)
-    pairs, the first being the plain pipeline the others are held to."""
-    try:
-        pairs = tuple(tuple(float(v) for v in item.split(":")) for item in text.split(","))
-    except ValueError:
-        pairs = ()
-    if not pairs or any(len(p) != 2 or not 0 <= p[0] < 1 or p[1] < 0 for p in pairs):
-        raise ValueError(f"--settings wants comma-separated UNITS:ENTROPY pairs (0 <= UNITS < 1, ENTROPY >= 0), "
-                         f"got {text!r}")
-    return pairs
+def parse_settings(text: str) -> tuple[tuple[float, float, tuple[int, int] | None], ...]:
+    """``"0:0,0.5:0.005,0:0.005:1x2"`` -> ``((0.0, 0.0, None), (0.5, 0.005, None), (0.0, 0.005, (1, 2)))``:
+    (fraction of units removed, entropy weight, pruning block), the first being the plain pipeline the
+    others are held to."""
+    settings = []
+    for item in text.split(","):
+        fields = item.split(":")
+        try:
+            units, weight = float(fields[0]), float(fields[1])
+            block = parse_block(fields[2]) if len(fields) == 3 else None
+        except (ValueError, IndexError):
+            units = weight = -1.0
+        if len(fields) > 3 or not 0 <= units < 1 or weight < 0:
+            raise ValueError(f"--settings wants comma-separated UNITS:ENTROPY[:RxC] (0 <= UNITS < 1, ENTROPY >= 0), "
+                             f"got {text!r}")
+        settings.append((units, weight, block))
+    return tuple(settings)
 
 
 def main(argv=None) -> dict:
@@ -370,7 +417,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the --sweep runs (averaged)")
     p.add_argument("--folds", type=int, default=0, help="with --sweep: run i uses seed i and holds out block i "
                    "of 500 training signals (8 covers all 4000); replaces --seeds")
-    p.add_argument("--settings", default=None, help="with --sweep: UNITS:ENTROPY pairs, the first the reference "
+    p.add_argument("--settings", default=None, help="with --sweep: UNITS:ENTROPY[:RxC] settings, the first the reference "
                    "(default: the built-in list)")
     p.add_argument("--seed", type=int, default=0, help="seed of the main run (its test accuracy is reported)")
     p.add_argument("--prune-lrs", default=None, help="comma-separated pruning learning rates: validation accuracy "
@@ -426,6 +473,7 @@ def main(argv=None) -> dict:
         "bits": BITS,
         "entropy_weight": ENTROPY_WEIGHT,
         "units_removed": UNITS,
+        "block": BLOCK,
         "prune_lr": PRUNE_LR,
         "alive_units": [int(jnp.sum(jnp.any(masks[f"fc{i + 1}"]["kernel"], axis=1))) for i in range(len(SIZES) - 2)],
         "index_bits": {p: s.index_bits for p, s in leaves.items() if s.index_bits is not None},

@@ -26,7 +26,14 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from compressjax.pruning import check_positive_int, check_scope, check_sparsity, magnitude_masks
+from compressjax.pruning import (
+    check_block,
+    check_positive_int,
+    check_scope,
+    check_sparsity,
+    check_tiles,
+    magnitude_masks,
+)
 from compressjax.tree import (
     PyTree,
     Where,
@@ -153,6 +160,7 @@ def gradual_pruning(
     update_every: int,
     scope: str = "global",
     where: Where = None,
+    block: tuple[int, int] | None = None,
 ) -> optax.GradientTransformation:
     """Gradual magnitude pruning (Zhu & Gupta 2017) as an optax transform; chain it after the optimizer.
 
@@ -171,16 +179,20 @@ def gradual_pruning(
         update_every: recompute the masks every this many steps (positive int).
         scope: ``"global"`` or ``"layer"`` (see :func:`compressjax.magnitude_masks`).
         where: the leaf selector.
+        block: ``(r, c)`` prunes whole ``r x c`` tiles of the last two axes (see
+            :func:`compressjax.magnitude_masks`); the schedule's sparsity is then counted in tiles.
 
     Raises:
         ValueError: non-positive ``update_every``, unknown scope, ``update()`` called without params,
-            ``where`` selecting nothing (at ``init``).
+            ``where`` selecting nothing or a leaf that does not tile into ``block`` (at ``init``), a
+            malformed ``block``.
     """
     try:
         check_positive_int("update_every", update_every)
     except TypeError as e:
         raise ValueError(str(e)) from None  # documented as ValueError since the first release
     check_scope(scope)
+    block = check_block(block)
     if not callable(schedule):
         constant = check_sparsity(schedule, "schedule")
 
@@ -190,6 +202,8 @@ def gradual_pruning(
 
     def init(params):
         selected_leaves(params, where)  # raises for an empty selection or non-float leaves, naming them
+        if block is not None:  # a leaf that does not tile raises here, naming it, not at the first update
+            check_tiles(params, where, block)
         masks = map_selected(lambda p, x: jnp.ones(jnp.shape(x), jnp.bool_), params, where)
         return GradualPruningState(jnp.zeros((), jnp.int32), masks)
 
@@ -207,7 +221,7 @@ def gradual_pruning(
                 is_leaf=is_none,
             )
             sparsity = jnp.asarray(schedule(count), jnp.float32)
-            return magnitude_masks(nxt, sparsity, scope=scope, where=_same_leaves(state.masks))
+            return magnitude_masks(nxt, sparsity, scope=scope, where=_same_leaves(state.masks), block=block)
 
         masks = lax.cond(count % update_every == 0, recompute, lambda _: state.masks, None)
         new_updates = _masked_updates(masks, updates, params)

@@ -124,7 +124,7 @@ def test_gpu_suite_rejects_unknown_names(capsys):
     assert "nothing" in capsys.readouterr().err
 
 
-def test_weight_sharing_unit_removal_and_dead_units_last_keep_the_function():
+def test_weight_sharing_unit_removal_and_dead_unit_clean_up_keep_the_function():
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -139,12 +139,27 @@ def test_weight_sharing_unit_removal_and_dead_units_last_keep_the_function():
     assert [int(jnp.sum(jnp.any(masks[f"fc{i}"]["kernel"], axis=0))) for i in range(2)] == [150, 50]
     assert [int(jnp.sum(jnp.any(masks[f"fc{i}"]["kernel"], axis=1))) for i in (1, 2)] == [150, 50]
     assert bool(jnp.all(masks["fc2"]["kernel"].any(axis=0)))  # the ten outputs stay
-    pruned = ws.cj.apply_masks(params, masks)
-    permuted, pmasks = ws.dead_units_last(pruned, masks)
-    x = jax.random.normal(jax.random.key(9), (16, 40))
-    np.testing.assert_allclose(ws.apply_mlp(permuted, x), ws.apply_mlp(pruned, x), rtol=1e-5, atol=1e-5)
-    for i, width in ((1, 150), (2, 50)):  # the alive units first, then the dead ones
-        alive = np.asarray(jnp.any(pmasks[f"fc{i}"]["kernel"], axis=1))
-        assert alive[:width].all() and not alive[width:].any()
-    assert bool(jnp.all(permuted["fc0"]["bias"][150:] == 0.0))
     assert ws.unit_masks(params, 0.0)["fc1"]["kernel"].all()
+    # Sparse random masks on top leave units with no outgoing weight (their incoming ones are useless) and
+    # units with no incoming weight (constants, folded into the next bias), in both hidden layers.
+    for i, keep in enumerate((0.02, 0.01, 0.1)):
+        rand = jax.random.uniform(jax.random.key(10 + i), params[f"fc{i}"]["kernel"].shape) < keep
+        masks[f"fc{i}"]["kernel"] = masks[f"fc{i}"]["kernel"] & rand
+    pruned = ws.cj.apply_masks(params, masks)
+    for i in range(2):
+        a, b = masks[f"fc{i}"]["kernel"], masks[f"fc{i + 1}"]["kernel"]
+        has_in, has_out = np.asarray(a.any(axis=0)), np.asarray(b.any(axis=1))
+        assert (has_in & ~has_out).any() and (~has_in & has_out).any()
+    clean, cmasks = ws.remove_dead_units(pruned, masks)
+    x = jax.random.normal(jax.random.key(9), (16, 40))
+    np.testing.assert_allclose(ws.apply_mlp(clean, x), ws.apply_mlp(pruned, x), rtol=1e-5, atol=1e-5)
+    for i in range(3):  # the masks describe the weights, and only weights were dropped
+        w, m = np.asarray(clean[f"fc{i}"]["kernel"]), np.asarray(cmasks[f"fc{i}"]["kernel"])
+        assert not w[~m].any() and m.sum() < np.asarray(masks[f"fc{i}"]["kernel"]).sum() + (i == 2)
+    for i in range(2):  # every unit left has both inputs and outputs, and comes first; dead ones have bias 0
+        has_in = np.asarray(cmasks[f"fc{i}"]["kernel"].any(axis=0))
+        has_out = np.asarray(cmasks[f"fc{i + 1}"]["kernel"].any(axis=1))
+        np.testing.assert_array_equal(has_in, has_out)
+        width = int(has_out.sum())
+        assert has_out[:width].all() and not has_out[width:].any()
+        assert not np.asarray(clean[f"fc{i}"]["bias"])[width:].any()
