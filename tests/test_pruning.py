@@ -92,6 +92,63 @@ def test_exact_counts_with_heavy_ties(kind, scope):
                 assert int(np.sum(~m)) == count(s, sizes[p]), p
 
 
+def ref_block_masks(tree, sparsity, block, scope="global"):
+    """Sort-based reference for ``block``: tiles ranked by their sum of squares (stable, leaf then tile
+    row-major order), whole tiles pruned."""
+    r, c = block
+    energies = {}
+    for p, w in cj.tree.leaves_with_paths(tree):
+        if w.ndim >= 2:
+            *lead, a, b = w.shape
+            tiles = np.square(np.asarray(w, np.float32)).reshape(*lead, a // r, r, b // c, c)
+            energies[p] = tiles.sum(axis=(-3, -1), dtype=np.float32)
+    keep = ref_masks({p: jnp.asarray(e) for p, e in energies.items()}, sparsity, scope)
+    return {p: np.repeat(np.repeat(keep[p], r, axis=-2), c, axis=-1) for p in keep}
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    kind=st.sampled_from(["normal", "ints", "zeros"]),
+    sparsity=st.floats(0, 1),
+    scope=st.sampled_from(["global", "layer"]),
+    block=st.sampled_from([(1, 2), (2, 1), (2, 2), (1, 4)]),
+)
+def test_block_masks_prune_whole_tiles_like_the_sort_reference(seed, kind, sparsity, scope, block):
+    if block == (2, 2) and kind == "normal":
+        kind = "ints"  # four float squares may be summed in another order by XLA: keep the sums exact
+    tree = make_tree(seed, kind)
+    got = as_dict(cj.magnitude_masks(tree, sparsity, scope=scope, block=block))
+    want = ref_block_masks(tree, sparsity, block, scope)
+    assert got.keys() == want.keys()
+    for p in want:
+        np.testing.assert_array_equal(got[p], want[p], err_msg=p)
+    tiles = {p: m.size // (block[0] * block[1]) for p, m in got.items()}
+    pruned = sum(int((~m).sum()) for m in got.values())
+    if scope == "global":
+        assert pruned == count(sparsity, sum(tiles.values())) * block[0] * block[1]
+    jitted = jax.jit(cj.magnitude_masks, static_argnames=("scope", "block"))
+    again = as_dict(jitted(tree, jnp.float32(sparsity), scope=scope, block=block))
+    for p in want:
+        np.testing.assert_array_equal(again[p], got[p], err_msg=p)
+
+
+def test_block_one_by_one_is_unstructured_and_bad_blocks_raise():
+    tree = make_tree(3)
+    for s in (0.3, 0.75):
+        one = as_dict(cj.magnitude_masks(tree, s, block=(1, 1)))
+        plain = as_dict(cj.magnitude_masks(tree, s))
+        for p in plain:
+            np.testing.assert_array_equal(one[p], plain[p], err_msg=p)
+    for bad in [(0, 2), (1,), (1, 2, 3), "1x2", (1.0, 2), (True, 2), 2]:
+        with pytest.raises(ValueError, match="block must be None or a pair of positive ints"):
+            cj.magnitude_masks(tree, 0.5, block=bad)
+    with pytest.raises(ValueError, match=r"leaf 'conv/kernel' of shape \(3, 3, 2, 4\) does not tile into 4x1 blocks"):
+        cj.magnitude_masks(tree, 0.5, block=(4, 1))
+    with pytest.raises(ValueError, match=r"leaf 'conv/bias' of shape \(4,\) does not tile"):
+        cj.magnitude_masks(tree, 0.5, block=(1, 2), where="conv/bias")
+
+
 def test_sparsity_zero_and_one_are_exact():
     tree = make_tree(2)
     assert all(m.all() for m in as_dict(cj.magnitude_masks(tree, 0.0)).values())
@@ -364,6 +421,31 @@ def test_gradual_pruning_linen_training_loop():
     assert expected == round(0.75 * n)
     assert len(traces) == 1
     assert cj.sparsity_summary(params).zeros == expected
+
+
+def test_gradual_pruning_with_blocks_prunes_whole_tiles():
+    model = MLP()
+    x = jax.random.normal(jax.random.key(0), (64, 8))
+    y = jax.random.normal(jax.random.key(1), (64, 4))
+    params = model.init(jax.random.key(2), x)
+    tx = optax.chain(optax.adam(1e-2), cj.gradual_pruning(cj.polynomial_sparsity(0.75, begin_step=0, end_step=6),
+                                                          update_every=2, block=(2, 1)))
+    opt_state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(jax.grad(lambda q: jnp.mean((model.apply(q, x) - y) ** 2))(p), s, p))
+    for _ in range(8):
+        updates, opt_state = step(params, opt_state)
+        params = optax.apply_updates(params, updates)
+    masks = as_dict(cj.masks_from_state(opt_state))
+    weights = dict(cj.tree.leaves_with_paths(params))
+    tiles = sum(m.size // 2 for m in masks.values())
+    assert sum(int((~m).sum()) for m in masks.values()) == 2 * round(0.75 * tiles)
+    for p, m in masks.items():
+        np.testing.assert_array_equal(m[0::2], m[1::2], err_msg=p)  # pairs of rows: whole 2x1 tiles
+        assert (np.asarray(weights[p])[~m] == 0.0).all()
+    with pytest.raises(ValueError, match="does not tile into 1x3 blocks"):
+        cj.gradual_pruning(0.5, update_every=1, block=(1, 3)).init(params)
+    with pytest.raises(ValueError, match="block must be None"):
+        cj.gradual_pruning(0.5, update_every=1, block=(1, 0))
 
 
 def test_gradual_pruning_bad_arguments():
