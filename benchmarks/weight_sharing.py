@@ -272,7 +272,9 @@ def weight_share(pruned, masks, x, y, key, *, steps_tune: int, teacher, entropy_
     """Stages 3-4: 5-bit codebooks on the surviving kernel weights (3-bit ones for the biases), then the
     centroids fine-tuned with the indices fixed. Returns ``(tuned with float16 centroids, shared)``."""
     shared = cj.kmeans_codebooks(pruned, BITS, where=KERNELS, masks=masks, init=INIT, entropy_weight=entropy_weight)
-    shared = cj.kmeans_codebooks(shared, BIAS_BITS, where=r"bias", init=INIT)
+    for name in pruned:  # a codebook needs fewer centroids than values: the 10 output biases get at most 3 bits
+        bits = min(BIAS_BITS, pruned[name]["bias"].size.bit_length() - 1)
+        shared = cj.kmeans_codebooks(shared, bits, where=f"^{name}/bias$", init=INIT)
     trainable, frozen = cj.split_centroids(shared)
     merge = functools.partial(cj.merge_centroids, frozen=frozen)
     trainable, _ = train(trainable, x, y, steps=steps_tune, lr=TUNE_LR, key=key, teacher=teacher,
