@@ -428,6 +428,8 @@ def main(argv=None) -> dict:
                    "of 500 training signals (8 covers all 4000); replaces --seeds")
     p.add_argument("--settings", default=None, help="with --sweep: UNITS:ENTROPY[:RxC] settings, the first the reference "
                    "(default: the built-in list)")
+    p.add_argument("--data-seed", type=int, default=None, help="train and test on a fresh MNIST-1D draw with this "
+                   "seed (same sizes and distribution) instead of the standard split")
     p.add_argument("--seed", type=int, default=0, help="seed of the main run (its test accuracy is reported)")
     p.add_argument("--prune-lrs", default=None, help="comma-separated pruning learning rates: validation accuracy "
                    "of the pruned model for each (no test data)")
@@ -437,7 +439,7 @@ def main(argv=None) -> dict:
     if args.sweep:
         return sweep(args)
     t0 = time.perf_counter()
-    data = load_mnist1d()
+    data = load_mnist1d() if args.data_seed is None else load_mnist1d(seed=args.data_seed)
     x, y, xt, yt = (jnp.asarray(a) for a in (data.x_train, data.y_train, data.x_test, data.y_test))
     steps_float, steps_prune, steps_tune = (200, 200, 100) if args.quick else (6000, 12000, 3000)
     CHUNK[0] = 100 if args.quick else 250  # steps per compiled scan (the full run's numbers use 250)
@@ -489,6 +491,7 @@ def main(argv=None) -> dict:
         "index_entropy": {p: s.index_entropy for p, s in leaves.items() if s.index_entropy is not None},
         "weight_sharing_seconds": share_s,
         "seed": args.seed,
+        "data_seed": args.data_seed,
         "steps": {"float": steps_float, "prune": steps_prune, "tune": steps_tune},
         "quick": bool(args.quick),
         "seconds": time.perf_counter() - t0,

@@ -277,3 +277,17 @@ def test_demo_bits_says_which_values_are_allowed(bits, capsys):
         cli.main(["demo", "--bits", bits])
     assert e.value.code == 2
     assert "must be one of 1, 2, 3, 4, 5, 6, 7, 8" in capsys.readouterr().err
+
+
+def test_mnist1d_fresh_draw_with_another_seed(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    d = data.load_mnist1d()
+    fresh = data.load_mnist1d(seed=1001)
+    assert fresh.x_train.shape == (4000, 40) and fresh.x_test.shape == (1000, 40)
+    assert set(np.unique(fresh.y_test)) == set(range(10))
+    assert not np.array_equal(fresh.x_train, d.x_train)
+    explicit = data.load_mnist1d(seed=data.DATASET_SEED)
+    np.testing.assert_array_equal(explicit.x_test, d.x_test)
+    for bad in (-1, 1.5, True, "7"):
+        with pytest.raises(ValueError, match="seed must be a non-negative int"):
+            data.load_mnist1d(seed=bad)
