@@ -80,7 +80,7 @@ def resign(original: bytes, edit) -> bytes:
 
     from compressjax.export import _container
 
-    header_json, payload, _ = _container.parse(original)
+    header_json, payload, *_ = _container.parse(original)
     header = edit(json.loads(header_json))
     return b"".join(bytes(c) for c in _container.assemble(json.dumps(header).encode(), [bytes(payload)]))
 

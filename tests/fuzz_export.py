@@ -118,7 +118,7 @@ def mutate(header: dict, rnd: random.Random) -> tuple[dict, str]:
 
 
 def resign(original: bytes, header: dict) -> bytes:
-    header_json, payload, _ = _container.parse(original)
+    header_json, payload, *_ = _container.parse(original)
     return b"".join(bytes(c) for c in _container.assemble(json.dumps(header).encode(), [bytes(payload)]))
 
 

@@ -408,29 +408,86 @@ def test_future_format_version_is_a_clear_error(tmp_path, small_file):
         _load_bytes(tmp_path, bytes(blob))
 
 
-def test_header_dictionary_flag(tmp_path, small_file):
-    """Headers are coded against the built-in vocabulary (flag bit 0); files written before it (flag 0,
-    plain zstd) still load, and undefined flag bits or a header coded the other way are clear errors."""
+def _rewrite_frames(original: bytes, flags: int) -> bytes:
+    """``original`` rewritten with the preamble ``flags`` (bit 0: dictionary-coded header; bit 1: bare zstd
+    frames), every frame coded accordingly: how files written before either flag look."""
+    header_json, payload, _, old_flags = _container.parse(original)
+    assert old_flags == _container.FLAG_HEADER_DICT | _container.FLAG_BARE_FRAMES
+    bare = bool(flags & _container.FLAG_BARE_FRAMES)
+    dctx = _container.decompressor(old_flags)
+    params = (lambda lvl: _container.bare_params(lvl)) if bare else (
+        lambda lvl: zstandard.ZstdCompressionParameters.from_level(lvl, write_checksum=0))
+    header = json.loads(header_json)
+    chunks, offset = [], 0
+    for entry in header["streams"]:
+        codec, stored, raw = entry
+        frame = bytes(payload[offset:offset + stored])
+        offset += stored
+        if codec == 1:
+            frame = zstandard.ZstdCompressor(compression_params=params(19)).compress(
+                _container.decompress(dctx, frame, raw, old_flags, "test"))
+            entry[1] = len(frame)
+        chunks.append(frame)
+    header_json = json.dumps(header, separators=(",", ":")).encode()
+    dictionary = _container._HEADER_DICT if flags & _container.FLAG_HEADER_DICT else None
+    coded = zstandard.ZstdCompressor(compression_params=params(19), dict_data=dictionary).compress(header_json)
+    return signed_file(coded, len(header_json), b"".join(chunks), flags)
+
+
+def test_header_dictionary_and_bare_frame_flags(tmp_path, small_file):
+    """New files code the header against the built-in vocabulary (flag bit 0) and write bare zstd frames
+    (bit 1: no magic number, no content size); files with any older combination still load; undefined flag
+    bits, or frames coded otherwise than the flags say, are clear errors."""
     _, original, _ = small_file
-    header_json, payload, _ = _container.parse(original)
-    assert struct.unpack_from("<H", original, 10)[0] == _container.FLAG_HEADER_DICT
-    plain = zstandard.ZstdCompressor(level=19, write_checksum=False).compress(header_json)
-    coded = original[_container.PREAMBLE_SIZE:_container.PREAMBLE_SIZE + struct.unpack_from("<I", original, 12)[0]]
-    assert len(coded) < len(plain)
-
-    def write(flags: int, header: bytes) -> bytes:
-        return signed_file(header, len(header_json), bytes(payload), flags)
-
-    old = _load_bytes(tmp_path, write(0, plain))
+    both = _container.FLAG_HEADER_DICT | _container.FLAG_BARE_FRAMES
+    assert struct.unpack_from("<H", original, 10)[0] == both
     new = _load_bytes(tmp_path, original)
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), old, new))
-    with pytest.raises(FormatError, match="unknown flags 0x0002"):
-        _load_bytes(tmp_path, write(2, plain))
-    with pytest.raises(FormatError, match="zstd"):  # dictionary-coded bytes declared plain
-        _load_bytes(tmp_path, write(0, coded))
+    sizes = {}
+    for flags in (0, 1, 2, 3):
+        blob = _rewrite_frames(original, flags)
+        sizes[flags] = len(blob)
+        old = _load_bytes(tmp_path, blob)
+        assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), old, new)), flags
+    assert sizes[3] == len(original) and sizes[3] < sizes[1] < sizes[0] and sizes[3] < sizes[2] < sizes[0]
+    plain = _rewrite_frames(original, 0)
+    with pytest.raises(FormatError, match="unknown flags 0x0004"):
+        _load_bytes(tmp_path, resign_preamble(bytearray(plain), 4))
+    # Frames coded otherwise than the flags say (a plain frame needs no dictionary, so declaring one is
+    # harmless; the other mismatches cannot decode).
+    for blob, wrong in ((plain, 2), (plain, 3), (_rewrite_frames(original, 1), 0), (original, 1), (original, 0)):
+        with pytest.raises(FormatError, match="zstd frame"):
+            _load_bytes(tmp_path, resign_preamble(bytearray(blob), wrong))
     # Files coded with it must stay readable: the dictionary never changes (a new one needs a new flag bit).
     assert hashlib.sha256(_container.HEADER_DICT_V1).hexdigest() == (
         "289c08db3ba8bd92043cbd7f3414148367bd537c807afeb2353a4cdfcf038c37")
+
+
+def resign_preamble(blob: bytearray, flags: int | None = None) -> bytes:
+    """``blob`` with its preamble ``flags`` replaced (if given) and its checksum recomputed."""
+    if flags is not None:
+        struct.pack_into("<H", blob, 10, flags)
+    header_len, payload_len = struct.unpack_from("<I", blob, 12)[0], struct.unpack_from("<Q", blob, 20)[0]
+    head = _container.PREAMBLE_SIZE
+    assert len(blob) == head + header_len + payload_len
+    payload, header = bytes(blob[head + header_len:]), bytes(blob[head:head + header_len])
+    blob[28:head] = hashlib.sha256(payload + header + bytes(blob[:28])).digest()
+    return bytes(blob)
+
+
+def test_bare_frames_that_lie_about_their_length_raise(tmp_path, small_file):
+    """A bare frame holds no length of its own: the stream table's is enforced (never more bytes out)."""
+    _, original, _ = small_file
+
+    def shift(delta):
+        def edit(h):
+            i = next(k for k, e in enumerate(h["streams"]) if e[0] == 1)
+            h["streams"][i][2] += delta
+            return h
+        return edit
+
+    for delta in (-1, 1, 1000):
+        with pytest.raises(FormatError, match=r"zstd frame|declares|expected"):
+            _load_bytes(tmp_path, resign(original, shift(delta)))
 
 
 def test_max_bytes_limits_allocation(tmp_path):

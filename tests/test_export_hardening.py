@@ -105,7 +105,7 @@ def qfile(tmp_path):
 
 
 def resign(original: bytes, edit) -> bytes:
-    header_json, payload, _ = _container.parse(original)
+    header_json, payload, *_ = _container.parse(original)
     header = json.loads(header_json)
     edit(header)
     return b"".join(bytes(c) for c in _container.assemble(json.dumps(header).encode(), [bytes(payload)]))

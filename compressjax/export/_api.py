@@ -357,11 +357,11 @@ def _header_budget(max_bytes: int | None, file_size: int) -> int:
 
 
 def _decode(data: bytes | bytearray, *, dequantize: bool, max_bytes: int | None) -> tuple[Any, dict]:
-    header_json, payload, verify = _container.parse(data, max_header_raw=_header_budget(max_bytes, len(data)))
+    header_json, payload, verify, flags = _container.parse(data, max_header_raw=_header_budget(max_bytes, len(data)))
     if max_bytes is not None:  # the file and the parsed header are allocations of this load too
         max_bytes -= len(data) + _container.HEADER_EXPANSION * len(header_json)
     try:
-        out = _decode_verified_later(header_json, payload, dequantize=dequantize, max_bytes=max_bytes)
+        out = _decode_verified_later(header_json, payload, flags, dequantize=dequantize, max_bytes=max_bytes)
     except FormatError:
         verify()  # a corrupted file is reported as such, whatever the decoder tripped on first
         raise
@@ -373,11 +373,13 @@ def _decode(data: bytes | bytearray, *, dequantize: bool, max_bytes: int | None)
     return out
 
 
-def _decode_verified_later(header_json: bytes, payload: memoryview, *, dequantize: bool, max_bytes: int | None) -> tuple[Any, dict]:
+def _decode_verified_later(
+    header_json: bytes, payload: memoryview, flags: int, *, dequantize: bool, max_bytes: int | None
+) -> tuple[Any, dict]:
     header = _parse_header(header_json)
     records = header["leaves"]
     budget = _codec.Budget(max_bytes)
-    sr = _codec.StreamReader(payload, header.get("streams"), budget)
+    sr = _codec.StreamReader(payload, header.get("streams"), budget, flags)
     decode = lambda i: _decode_leaf(records[i], sr, f"leaf #{i}", dequantize)  # noqa: E731
     if len(payload) >= _PARALLEL_LEAVES_BYTES // 4 and len(records) > 1:
         leaves = list(_codec.leaf_pool().map(decode, range(len(records))))
@@ -500,7 +502,7 @@ def size_report(path_or_params: Any, *, masks: Any = None, rules: Any = None, le
         if masks is not None or rules is not None:
             raise ValueError("masks= and rules= apply to params, not to a saved file")
         data = _container.read_file(path_or_params)
-        header_json, _, verify = _container.parse(data)
+        header_json, _, verify, _ = _container.parse(data)
         verify()  # the header is trusted only once the whole file's checksum matched
         header = _parse_header(header_json)
         try:  # the streams are not decoded: the header alone says where the bytes go

@@ -31,7 +31,7 @@ import ml_dtypes
 import numpy as np
 import zstandard
 
-from compressjax.export._container import FormatError, new_hash
+from compressjax.export._container import FLAG_BARE_FRAMES, FormatError, bare_params, decompress, decompressor, new_hash
 
 RAW, ZSTD = 0, 1
 # A leaf denser than this is stored dense without trying the sparse candidates.
@@ -125,13 +125,9 @@ class StreamWriter:
             level = 19 if nbytes <= _STRONG_BYTES else "literal"
         cache = self._cctx.__dict__.setdefault("cache", {})  # a ZstdCompressor is not thread-safe
         if level not in cache:
-            if level == "literal":
-                params = zstandard.ZstdCompressionParameters.from_level(
-                    1, min_match=7, search_log=1, hash_log=10, write_checksum=0, write_content_size=1
-                )
-                cache[level] = zstandard.ZstdCompressor(compression_params=params)
-            else:
-                cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=False)
+            # Bare frames (FLAG_BARE_FRAMES): the stream table holds the lengths, so no magic, no content size.
+            params = bare_params(1, min_match=7, search_log=1, hash_log=10) if level == "literal" else bare_params(level)
+            cache[level] = zstandard.ZstdCompressor(compression_params=params)
         return cache[level]
 
     def compress(self, raw: np.ndarray) -> tuple[int, bytes | memoryview, int]:
@@ -312,12 +308,16 @@ def encode_array(arr: np.ndarray, path: str, sw: StreamWriter) -> dict:
 
 
 class StreamReader:
-    """Hands out the payload's streams, each at most once, after checking its declared lengths."""
+    """Hands out the payload's streams, each at most once, after checking its declared lengths.
 
-    def __init__(self, payload: memoryview, table: Any, budget: Budget):
+    ``flags`` are the file's preamble flags; they say how the zstd frames are coded (bare by default, as
+    :class:`StreamWriter` writes them).
+    """
+
+    def __init__(self, payload: memoryview, table: Any, budget: Budget, flags: int = FLAG_BARE_FRAMES):
         if not isinstance(table, list):
             raise FormatError("the header's stream table is not a list")
-        self.payload, self.budget = payload, budget
+        self.payload, self.budget, self.flags = payload, budget, flags
         self.entries: list[tuple[int, int, int, int]] = []
         offset = 0
         for i, entry in enumerate(table):
@@ -352,17 +352,9 @@ class StreamReader:
         if codec == RAW:
             return np.frombuffer(data, np.uint8)
         self.budget.charge(raw, what)
-        try:
-            if zstandard.frame_content_size(data) != raw:
-                raise FormatError(f"{what}: the zstd frame of stream {index} does not declare {raw} bytes")
-            if not hasattr(self._local, "dctx"):
-                self._local.dctx = zstandard.ZstdDecompressor()
-            out = self._local.dctx.decompress(data, max_output_size=raw)
-        except zstandard.ZstdError as e:
-            raise FormatError(f"{what}: stream {index} is not a valid zstd frame: {e}") from e
-        if len(out) != raw:
-            raise FormatError(f"{what}: stream {index} decompressed to {len(out)} bytes, expected {raw}")
-        return np.frombuffer(out, np.uint8)
+        if not hasattr(self._local, "dctx"):
+            self._local.dctx = decompressor(self.flags)
+        return np.frombuffer(decompress(self._local.dctx, data, raw, self.flags, f"{what}: stream {index}"), np.uint8)
 
 
 def _is_int(v: Any) -> bool:
