@@ -2,7 +2,7 @@
 
 They check that each script runs every variant it reports (every selection layout, the matmul and HLO
 check, the batch sweep) and writes the JSON keys that the GPU suite and BENCHMARKS.md read; and that the
-weight-sharing pipeline's unit removal and dead-unit permutation keep the network's function.
+weight-sharing pipeline runs and that its unit removal and dead-unit clean-up keep the network's function.
 """
 
 from __future__ import annotations
@@ -163,3 +163,21 @@ def test_weight_sharing_unit_removal_and_dead_unit_clean_up_keep_the_function():
         width = int(has_out.sum())
         assert has_out[:width].all() and not has_out[width:].any()
         assert not np.asarray(clean[f"fc{i}"]["bias"])[width:].any()
+
+
+@pytest.mark.slow
+def test_weight_sharing_quick_writes_the_issue_keys(tmp_path):
+    from benchmarks import weight_sharing as ws
+
+    out = tmp_path / "ws.json"
+    res = ws.main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text())["bytes"] == res["bytes"]
+    for key in ("float_accuracy", "accuracy", "bytes", "ratio"):
+        assert key in res
+    assert res["ratio"] == pytest.approx(res["float_bytes"] / res["bytes"])
+    for side in (res["uniform"], res["uniform_same_sparsity"]):
+        assert {"accuracy", "bytes", "ratio"} <= side.keys() and 0 <= side["accuracy"] <= 1
+    # the uniform side at about the weight-shared file's size (one proportional step): pruned harder
+    assert res["uniform"]["sparsity"] > res["sparsity"] - 0.01
+    assert abs(res["uniform"]["bytes"] - res["bytes"]) < 0.1 * res["bytes"]
+    assert res["uniform_same_sparsity"]["bytes"] > res["uniform"]["bytes"]
