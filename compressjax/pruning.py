@@ -233,9 +233,9 @@ def magnitude_masks(
         block: ``(r, c)`` prunes whole ``r x c`` tiles of the last two axes, smallest L2 norm first, instead
             of single weights (block sparsity: Narang et al., "Block-Sparse Recurrent Neural Networks",
             2017). The count is exact in tiles: ``round(sparsity * tiles)``. Every selected leaf's last two
-            axes must be multiples of ``(r, c)``. ``(1, 1)`` gives the same masks as ``None``. Tiles along a
-            row (``(1, c)``) keep survivors next to each other in memory, which makes their positions
-            cheaper to store (fewer bits per surviving weight in a saved file).
+            axes must be multiples of ``(r, c)``. ``(1, 1)`` gives the same masks as ``None``. Tiles make
+            the survivors' positions cheaper to store: neighbours in a row (``(1, c)``) or rows that repeat
+            the one above (``(r, 1)``), which the file's entropy coder stores for a fraction of the bits.
 
     Returns:
         A tree like ``params`` with a bool array (``True`` = keep) at each selected leaf, ``None`` elsewhere.
