@@ -451,27 +451,23 @@ def test_header_dictionary_and_bare_frame_flags(tmp_path, small_file):
     assert sizes[3] == len(original) and sizes[3] < sizes[1] < sizes[0] and sizes[3] < sizes[2] < sizes[0]
     plain = _rewrite_frames(original, 0)
     with pytest.raises(FormatError, match="unknown flags 0x0004"):
-        _load_bytes(tmp_path, resign_preamble(bytearray(plain), 4))
+        _load_bytes(tmp_path, resign_preamble(plain, 4))
     # Frames coded otherwise than the flags say (a plain frame needs no dictionary, so declaring one is
     # harmless; the other mismatches cannot decode).
     for blob, wrong in ((plain, 2), (plain, 3), (_rewrite_frames(original, 1), 0), (original, 1), (original, 0)):
         with pytest.raises(FormatError, match="zstd frame"):
-            _load_bytes(tmp_path, resign_preamble(bytearray(blob), wrong))
+            _load_bytes(tmp_path, resign_preamble(blob, wrong))
     # Files coded with it must stay readable: the dictionary never changes (a new one needs a new flag bit).
     assert hashlib.sha256(_container.HEADER_DICT_V1).hexdigest() == (
         "289c08db3ba8bd92043cbd7f3414148367bd537c807afeb2353a4cdfcf038c37")
 
 
-def resign_preamble(blob: bytearray, flags: int | None = None) -> bytes:
+def resign_preamble(blob: bytes, flags: int | None = None) -> bytes:
     """``blob`` with its preamble ``flags`` replaced (if given) and its checksum recomputed."""
-    if flags is not None:
-        struct.pack_into("<H", blob, 10, flags)
-    header_len, payload_len = struct.unpack_from("<I", blob, 12)[0], struct.unpack_from("<Q", blob, 20)[0]
+    _, _, old_flags, header_len, raw_len, _ = struct.unpack_from("<8sHHIIQ", blob)
     head = _container.PREAMBLE_SIZE
-    assert len(blob) == head + header_len + payload_len
-    payload, header = bytes(blob[head + header_len:]), bytes(blob[head:head + header_len])
-    blob[28:head] = hashlib.sha256(payload + header + bytes(blob[:28])).digest()
-    return bytes(blob)
+    return signed_file(bytes(blob[head:head + header_len]), raw_len, bytes(blob[head + header_len:]),
+                       old_flags if flags is None else flags)
 
 
 def test_bare_frames_that_lie_about_their_length_raise(tmp_path, small_file):
