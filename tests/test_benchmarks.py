@@ -34,7 +34,7 @@ def test_pruning_strategy_subset_and_bad_name(tmp_path):
     res = pruning.main(["--quick", "--no-rss", "--repeats", "1", "--strategies", "chunked,whole", "--banks", "1"])
     assert list(res["strategies"]) == ["chunked", "whole", "whole/banks=1"]  # no copies in the chunked layout
     assert res["same_masks_every_strategy"] and "bandwidth_fraction" not in res  # no --peak-gbps
-    assert selection.BANKS == 32  # restored after compiling the variant
+    assert selection.BANKS == 32  # a module constant: the variant is an argument, nothing is mutated
     for bad in (["--strategies", "sorted"], ["--banks", "0"], ["--banks", "x"]):
         with pytest.raises(SystemExit):
             pruning.main(["--quick", *bad])
