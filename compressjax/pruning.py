@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from fractions import Fraction
 from numbers import Real
 from typing import Any
@@ -389,11 +388,6 @@ class SparsitySummary:
         out = {r.path: {"size": r.size, "zeros": r.zeros, "fraction": r.fraction} for r in self.leaves}
         out["total"] = {"size": self.size, "zeros": self.zeros, "fraction": self.fraction}
         return out
-
-    def as_dict(self) -> dict[str, dict[str, float]]:
-        """Deprecated alias of :meth:`to_dict` (one name for dict conversion across compressjax)."""
-        warnings.warn("SparsitySummary.as_dict is deprecated; use to_dict", DeprecationWarning, stacklevel=2)
-        return self.to_dict()
 
     def __str__(self) -> str:
         width = max([len("total")] + [len(r.path) for r in self.leaves])
