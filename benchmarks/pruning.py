@@ -3,7 +3,7 @@
 Builds a pytree of about 50 million float32 weights in several leaves and measures, in one process,
 (a) ``magnitude_masks(params, s, scope="global")`` jitted and compiled before timing (the layout that
 ``strategy="auto"`` picks for this backend), (b) the same selection in each layout of
-``compressjax.selection`` (``chunked``, ``whole``, ``fused``; interleaved with (a)), and (c) the
+``compressjax.radix_select`` (``chunked``, ``whole``, ``fused``; interleaved with (a)), and (c) the
 straightforward method: concatenate all magnitudes, ``jnp.sort``, take the k-th value as the threshold.
 Checks that every layout gives the same masks as (a), that the count is exact, and that the masks agree
 with (c) everywhere except among weights tied at the threshold (the exact method splits ties to hit the
@@ -36,7 +36,7 @@ from jax import lax
 
 import compressjax as cj
 from benchmarks._common import finish, interleaved, parser
-from compressjax import selection
+from compressjax import radix_select
 
 FULL_SHAPES = [(4096, 4096), (4096, 4096), (2048, 4096), (4096, 1024), (1024, 4096), (512, 1000), (1000,)]
 QUICK_SHAPES = [(512, 512), (512, 512), (256, 1024), (1024, 128), (100, 10)]
@@ -57,16 +57,16 @@ def ours(params, sparsity):
     return cj.magnitude_masks(params, sparsity, scope="global")
 
 
-def by_strategy(strategy: str, banks: int = selection.BANKS):
+def by_strategy(strategy: str, banks: int = radix_select.BANKS):
     """``magnitude_masks(params, s, scope="global")`` with the selection's layout fixed to ``strategy`` (and
     at most ``banks`` histogram copies): the same steps (the selected leaves, the exact count in-graph,
     ``exact_keep_masks``) without the checks."""
     def masks(params, sparsity):
         sel = [p for p, w in params.items() if w.ndim >= 2]
         leaves = [params[p] for p in sel]
-        k = selection.round_half_even_count(sparsity, sum(int(w.size) for w in leaves))
+        k = radix_select.round_half_even_count(sparsity, sum(int(w.size) for w in leaves))
         out = dict.fromkeys(params)
-        out.update(zip(sel, selection.exact_keep_masks(leaves, k, strategy=strategy, banks=banks), strict=True))
+        out.update(zip(sel, radix_select.exact_keep_masks(leaves, k, strategy=strategy, banks=banks), strict=True))
         return out
 
     return masks
@@ -155,16 +155,16 @@ def rss_child(method: str, quick: bool) -> dict:
 
 
 def alternatives(quick: bool, repeats: int = 5) -> dict:
-    """Times one counting pass of each candidate scheme on one leaf (what selection.py chose between)."""
+    """Times one counting pass of each candidate scheme on one leaf (what compressjax.radix_select chose between)."""
     n = (1 << 20) if quick else 10 * (1 << 20)
     x = jax.random.normal(jax.random.key(1), (n,), jnp.float32)
     b = lax.bitcast_convert_type(jnp.abs(x), jnp.uint32)
     t = jnp.uint32(0x3F000000)
     ts7 = jnp.arange(1, 8, dtype=jnp.uint32) * jnp.uint32(0x3F800000 // 8)
     chunked = jax.jit(
-        lambda x: selection._fold_chunks(
+        lambda x: radix_select._fold_chunks(
             x,
-            lambda acc, bb, v, i: selection._histogram(
+            lambda acc, bb, v, i: radix_select._histogram(
                 jnp.where(v, (bb >> 15).astype(jnp.int32), 65536) if v is not None else (bb >> 15).astype(jnp.int32),
                 65536,
                 acc,
@@ -202,10 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per method (median reported)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--alternatives", action="store_true", help="only time one pass of each candidate scheme")
-    ap.add_argument("--strategies", default=",".join(selection.STRATEGIES),
+    ap.add_argument("--strategies", default=",".join(radix_select.STRATEGIES),
                     help="comma-separated layouts of the selection to time next to the automatic one (default: all)")
     ap.add_argument("--banks", default="", help="also time the whole and fused layouts with at most these numbers of "
-                    f"histogram copies, e.g. 1,8 (default {selection.BANKS}); entries named like 'whole/banks=1'")
+                    f"histogram copies, e.g. 1,8 (default {radix_select.BANKS}); entries named like 'whole/banks=1'")
     ap.add_argument("--peak-gbps", type=float, default=None,
                     help="the device's peak memory bandwidth in GB/s (for bandwidth_fraction)")
     ap.add_argument("--rss", choices=["ours", "sort"], default=None, help=argparse.SUPPRESS)
@@ -216,8 +216,8 @@ def parse_layouts(ap: argparse.ArgumentParser, args) -> tuple[list[str], list[in
     """``(strategies, banks)`` from the flags; a bad value is a usage error."""
     strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
     for name in strategies:
-        if name not in selection.STRATEGIES:
-            ap.error(f"--strategies: {name!r} is not one of {selection.STRATEGIES}")
+        if name not in radix_select.STRATEGIES:
+            ap.error(f"--strategies: {name!r} is not one of {radix_select.STRATEGIES}")
     try:
         banks = [int(b) for b in args.banks.split(",") if b.strip()]
     except ValueError:
@@ -304,7 +304,7 @@ def report(params, times: dict, checks: dict, peak_gbps: float | None, quick: bo
     """Prints the timings and returns the result dict (ratios to the sort, bandwidth)."""
     n_sel = sum(int(w.size) for w in params.values() if w.ndim >= 2)
     sel_bytes = sum(int(w.nbytes) for w in params.values() if w.ndim >= 2)
-    auto = selection.resolve_strategy("auto", list(params.values()))
+    auto = radix_select.resolve_strategy("auto", list(params.values()))
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs; "
           f"{n_sel:,} selected float32 weights in {sum(w.ndim >= 2 for w in params.values())} leaves; "
           f"sparsity {SPARSITY} -> k = {checks['k']:,}; strategy auto = {auto}")

@@ -6,7 +6,7 @@ modules, plain dicts) and runs under ``jax.jit``. See README.md for a tour.
 The layout below is the architecture: each ``# --- group`` is one layer of the library (the API reference
 is generated from these groups). Helpers live in the submodules: :mod:`compressjax.tree` (leaf paths and
 the ``where`` selector), :mod:`compressjax.quantization` (``compute_scale``, ``resolve_rules``),
-:mod:`compressjax.losses`, :mod:`compressjax.selection`.
+:mod:`compressjax.losses`, :mod:`compressjax.radix_select` (the exact k-th value behind magnitude pruning).
 """
 
 # ruff: noqa: I001  (imports are grouped by architecture layer, not alphabetically)
@@ -24,7 +24,7 @@ from compressjax.pruning import (
     score_masks,
     sparsity_summary,
 )
-from compressjax.schedules import (
+from compressjax.pruning_transforms import (
     GradualPruningState,
     gradual_pruning,
     keep_masked,
