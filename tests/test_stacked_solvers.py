@@ -89,7 +89,11 @@ def _spec_for(case):
     return QuantSpec(bits=4, group_size=4 if last_in % 8 else 8)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+SLOW = pytest.mark.slow  # each case compiles its own sweeps (about 5-30 s on the shared 2-core machine)
+
+
+@pytest.mark.parametrize("name", ["L,in,out", "in,L,out (MaxText)", pytest.param("MoE E,in,out", marks=SLOW), "grouped conv",
+                                  pytest.param("nested scans", marks=SLOW)])
 def test_gptq_stacked_equals_each_slice(name):
     case = Case(**CASES[name])
     spec = _spec_for(case)
@@ -106,7 +110,7 @@ def test_gptq_stacked_equals_each_slice(name):
     assert n == int(np.prod(case.layer_shape or (1,))) * case.groups
 
 
-@pytest.mark.parametrize("name", ["L,in,out", "in,L,out (MaxText)", "grouped conv"])
+@pytest.mark.parametrize("name", [pytest.param("L,in,out", marks=SLOW), "in,L,out (MaxText)", pytest.param("grouped conv", marks=SLOW)])
 def test_sparsegpt_and_wanda_stacked_equal_each_slice(name):
     case = Case(**CASES[name], seed=1)
     p, m = sparsegpt({"k": jnp.asarray(case.w)}, {"k": case.hess}, 0.5)
@@ -122,6 +126,7 @@ def test_sparsegpt_and_wanda_stacked_equal_each_slice(name):
         assert int(np.sum(~case.pick(m["k"], li, sl))) == k.size // 2
 
 
+@SLOW
 def test_moe_nm_sparsegpt_with_quantization_and_variants_equal_each_slice():
     case = Case(**CASES["MoE E,in,out"], seed=2)
     spec_pt = QuantSpec(bits=4, channel_axes=())  # per tensor -> per expert
