@@ -13,7 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compressjax import QuantSpec, dequantize, dequantize_params, load, quantize, quantize_params, save, size_report
+from compressjax import (
+    QuantSpec,
+    dequantize,
+    dequantize_params,
+    fake_quant_params,
+    load,
+    quantize,
+    quantize_params,
+    save,
+    size_report,
+)
 from compressjax.hessians import Hessian
 from compressjax.oneshot import gptq, sparsegpt, wanda_masks
 from compressjax.qarray import QArray
@@ -81,11 +91,14 @@ CASES = {
     "MoE E,in,out": dict(shape=(4, 8, 6), layer_axes=(0,), in_axes=(1,)),
     "grouped conv": dict(shape=(2, 2, 4, 6), layer_axes=(), in_axes=(0, 1, 2), groups=2),
     "nested scans": dict(shape=(2, 2, 8, 4), layer_axes=(0, 1), in_axes=(2,)),
+    "depthwise conv": dict(shape=(3, 3, 1, 4), layer_axes=(), in_axes=(0, 1, 2), groups=4),
 }
 
 
 def _spec_for(case):
     last_in = case.shape[case.in_axes[-1]]
+    if last_in % 4:
+        return QuantSpec(bits=4, symmetric=False)  # depthwise: one input channel per group, per channel asymmetric
     return QuantSpec(bits=4, group_size=4 if last_in % 8 else 8)
 
 
@@ -93,7 +106,7 @@ SLOW = pytest.mark.slow  # each case compiles its own sweeps (about 5-30 s on th
 
 
 @pytest.mark.parametrize("name", ["L,in,out", "in,L,out (MaxText)", pytest.param("MoE E,in,out", marks=SLOW), "grouped conv",
-                                  pytest.param("nested scans", marks=SLOW)])
+                                  pytest.param("nested scans", marks=SLOW), pytest.param("depthwise conv", marks=SLOW)])
 def test_gptq_stacked_equals_each_slice(name):
     case = Case(**CASES[name])
     spec = _spec_for(case)
@@ -265,6 +278,8 @@ def test_undeclared_3d_kernel_warns_naming_it_and_conv1d_can_say_so():
     params = {"conv": {"kernel": jnp.ones((3, 4, 8))}, "dense": {"kernel": jnp.ones((4, 8))}}
     with pytest.warns(LayerAxesWarning, match=r"'conv/kernel'.*layer_axes=\(0,\)"):
         quantize_params(params, QuantSpec(bits=4))
+    with pytest.warns(LayerAxesWarning, match=r"'conv/kernel'"):
+        fake_quant_params(params, QuantSpec(bits=4, channel_axes=()))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         q = quantize_params(params, QuantSpec(bits=4, layer_axes=()))  # a conv1d kernel: shared across k, as before
