@@ -121,6 +121,7 @@ class _Site:
         self.full = len(self.idx) == self.d_in and np.array_equal(self.idx, np.arange(self.d_in))
         self.lbase: np.ndarray | None = None  # (B,) flat index into the leaf's (layers * groups) matrices
         self.lsteps: list[tuple[int, Any]] = []  # (flat step, token) added at run time
+        self.w_org: tuple = ()  # (operand position, index array, run-time steps) of the weight operand
 
 
 def _origin_op(eqn, o: np.ndarray) -> np.ndarray | None:
@@ -393,6 +394,7 @@ class _Analysis:
                 self._fail(leaf, f"it is the weight of a dot_general where {m}")
             else:
                 self.sites[key] = _Site(leaf, "dot", 1 - w_pos, x_con, x_bat, m, None, 1)
+                self.sites[key].w_org = (w_pos, o, dyn)
                 self.marks += 1
             x = vals[1 - w_pos]
             return [None if x is None or not x.batch else _V(None, None, True)]
@@ -420,6 +422,7 @@ class _Analysis:
             return self._mix(vals, "conv_general_dilated", 1)
         window = tuple(o.shape[a] for a in rhs_spec[2:])
         self.sites[key] = _Site(leaf, "conv", 0, None, (), m, window, int(p["feature_group_count"]))
+        self.sites[key].w_org = (1, o, dyn)
         self.marks += 1
         return [None if lhs is None or not lhs.batch else _V(None, None, True)]
 
@@ -728,24 +731,8 @@ def collect_hessians(
         raise TypeError(f"apply_fn must be a callable (params, batch) -> output, got {apply_fn!r}")
     if row_mask is not None and not callable(row_mask):
         raise TypeError(f"row_mask must be None or a callable batch -> bool array, got {row_mask!r}")
+    treedef, paths, leaves, selected = _select(params, where)
     is_q = lambda x: isinstance(x, QArray)  # noqa: E731
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_q)
-    paths = [tree.path_to_str(p) for p, _ in flat]
-    leaves = [x for _, x in flat]
-    pred = tree.selector(where)
-    selected = []
-    for i, (p, x) in enumerate(zip(paths, leaves, strict=True)):
-        if x is None or is_q(x) or not pred(p, x):
-            continue
-        if not tree.is_float_array(x):
-            if where is None:
-                continue
-            raise TypeError(f"leaf {p!r} selected by where={where!r} has dtype {getattr(x, 'dtype', type(x).__name__)}; expected a floating-point array")
-        if x.ndim < 2:  # biases, norm scales: never a kernel, even when a stage's `where` covers them
-            continue
-        selected.append(i)
-    if not selected:
-        raise ValueError(f"where={where!r} selects no float leaf of the params; the tree's leaves are {paths[:8]}{' ...' if len(paths) > 8 else ''}")
     float_leaves = [_dequantized(x) if is_q(x) else x for x in leaves]
     if mesh is not None:
         mesh = auto_mesh(mesh)
@@ -793,6 +780,30 @@ def collect_hessians(
         h, c = acc[i]
         out[i] = _finish(paths[i], h, c, lay)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _select(params: Any, where: tree.Where) -> tuple[Any, list[str], list[Any], list[int]]:
+    """``(treedef, paths, leaves, selected)``: the params flattened (``QArray`` leaves kept whole) and the
+    indices of the selected float leaves with ``ndim >= 2``."""
+    is_q = lambda x: isinstance(x, QArray)  # noqa: E731
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_q)
+    paths = [tree.path_to_str(p) for p, _ in flat]
+    leaves = [x for _, x in flat]
+    pred = tree.selector(where)
+    selected = []
+    for i, (p, x) in enumerate(zip(paths, leaves, strict=True)):
+        if x is None or is_q(x) or not pred(p, x):
+            continue
+        if not tree.is_float_array(x):
+            if where is None:
+                continue
+            raise TypeError(f"leaf {p!r} selected by where={where!r} has dtype {getattr(x, 'dtype', type(x).__name__)}; expected a floating-point array")
+        if x.ndim < 2:  # biases, norm scales: never a kernel, even when a stage's `where` covers them
+            continue
+        selected.append(i)
+    if not selected:
+        raise ValueError(f"where={where!r} selects no float leaf of the params; the tree's leaves are {paths[:8]}{' ...' if len(paths) > 8 else ''}")
+    return treedef, paths, leaves, selected
 
 
 def _finish(path: str, h, c, lay: _Layout) -> Hessian:
@@ -843,8 +854,8 @@ def _shard_batch(batch, mesh, data_axis):
     return jax.tree_util.tree_map(put, batch)
 
 
-def _build(fn, float_leaves, batch, selected, paths, where, row_mask, mesh):
-    """Traces once for a batch shape: the analysis and the jit-compiled accumulation step."""
+def _analyse(fn, float_leaves, batch, selected, paths, where):
+    """Traces ``fn(float_leaves, batch)`` and finds its sites: ``(closed jaxpr, analysis, layouts)``."""
     closed = jax.make_jaxpr(fn)(float_leaves, batch)
     n_leaves = len(jax.tree_util.tree_leaves(float_leaves))
     # make_jaxpr flattens (leaf_list, batch): leaf i (an array) is invar i (None leaves have no invar).
@@ -864,6 +875,12 @@ def _build(fn, float_leaves, batch, selected, paths, where, row_mask, mesh):
     an = _Analysis(shapes)
     an.run(closed.jaxpr, ins, ())
     found = _layouts(an, selected, paths, where)
+    return closed, an, found
+
+
+def _build(fn, float_leaves, batch, selected, paths, where, row_mask, mesh):
+    """Traces once for a batch shape: the analysis and the jit-compiled accumulation step."""
+    closed, an, found = _analyse(fn, float_leaves, batch, selected, paths, where)
     ev = _Evaluator(an, paths)
     sel = [i for i in found]
 
