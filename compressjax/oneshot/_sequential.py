@@ -278,7 +278,11 @@ class _Pass:
                 invals = [None, None]
                 invals[site.x_pos] = xv
                 rows, cnt = _hs._site_rows(site, eqn, invals, m, path)
-                return jnp.einsum("bnd,bne->bde", rows, rows, precision=jax.lax.Precision.HIGHEST), cnt
+                g = jnp.einsum("bnd,bne->bde", rows, rows, precision=jax.lax.Precision.HIGHEST)
+                if not site.full:  # input rows in the matmul's order -> the kernel's input positions
+                    ix = jnp.asarray(site.idx)
+                    g = jnp.zeros((g.shape[0], site.d_in, site.d_in), g.dtype).at[:, ix[:, None], ix[None, :]].add(g)
+                return g, cnt
 
             def total(xv, m):
                 g, c = jax.vmap(one, in_axes=(0, None if m is None else 0))(xv, m)
