@@ -750,6 +750,8 @@ def collect_hessians(
     found = None
     n_batches = 0
     for batch in batches:
+        if mesh is not None:  # before tracing: the jaxpr then sees the batch on the (automatic) mesh
+            batch = _shard_batch(batch, mesh, data_axis)
         key = (*base_key, _batch_signature(batch))
         try:
             hit = _CACHE.get(key)
@@ -769,17 +771,22 @@ def collect_hessians(
                 acc = jax.device_put(acc, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         elif found_here != found:
             raise ValueError("batches of different shapes use different kernels; collect them in separate calls")
-        if mesh is not None:
-            batch = _shard_batch(batch, mesh, data_axis)
         acc = step(acc, float_leaves, batch)
         n_batches += 1
     if n_batches == 0:
         raise ValueError("batches is empty: collect_hessians needs at least one calibration batch")
     out = [None] * len(leaves)
     for i, lay in found.items():
-        h, c = acc[i]
+        h, c = (_local(x) for x in acc[i])
         out[i] = _finish(paths[i], h, c, lay)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _local(x: jax.Array) -> jax.Array:
+    """A replicated array spanning several processes (a multi-host mesh) as this process' own copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x.addressable_data(0)
+    return x
 
 
 def _select(params: Any, where: tree.Where) -> tuple[Any, list[str], list[Any], list[int]]:
