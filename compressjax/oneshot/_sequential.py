@@ -136,6 +136,7 @@ class _Pass:
         self.kind: str | None = None
         self.fns: dict[tuple, Callable] = {}
         self.last: dict[int, dict] = {}
+        self.plans: dict[tuple, list] = {}
 
     # -- evaluation
     def _last_use(self, jaxpr) -> dict:
@@ -152,6 +153,66 @@ class _Pass:
             self.last[id(jaxpr)] = lu
         return lu
 
+    def _plan(self, jaxpr, prefix) -> list:
+        """The equations in runs: a run of plain equations (no site, no run-time index, nothing the pass must
+        enter) is evaluated by one compiled function, so compilations follow the sites, not the equations."""
+        key = (id(jaxpr), prefix)
+        plan = self.plans.get(key)
+        if plan is None:
+            lu = self._last_use(jaxpr)
+            plan, run = [], []
+
+            def close():
+                if run:
+                    defined = {v for i in run for v in jaxpr.eqns[i].outvars}
+                    ins, seen = [], set()
+                    for i in run:
+                        for v in jaxpr.eqns[i].invars:
+                            if not isinstance(v, jcore.Literal) and v not in defined and v not in seen:
+                                seen.add(v)
+                                ins.append(v)
+                    outs = [v for v in defined if lu.get(v, -1) > run[-1]]
+                    plan.append(("run", (list(run), ins, outs)))
+                    run.clear()
+
+            for i in range(len(jaxpr.eqns)):
+                k = prefix + (i,)
+                if k in self.an.sites or k in self.an.calls or k in self.an.ds_tokens:
+                    close()
+                    plan.append(("eqn", i))
+                else:
+                    run.append(i)
+            close()
+            self.plans[key] = plan
+        return plan
+
+    def _run_plain(self, jaxpr, idx: list[int], ins: list, outs: list, vals: list) -> list:
+        in_b = tuple(b for _, b in vals)
+        batched = {v for v, b in zip(ins, in_b, strict=True) if b}
+        for i in idx:
+            eqn = jaxpr.eqns[i]
+            if any(not isinstance(v, jcore.Literal) and v in batched for v in eqn.invars):
+                batched.update(eqn.outvars)
+        out_b = tuple(v in batched for v in outs)
+        key = (id(jaxpr), tuple(idx), in_b)
+        f = self.fns.get(key)
+        if f is None:
+            eqns = [jaxpr.eqns[i] for i in idx]
+
+            def fn(*xs):
+                env = dict(zip(ins, xs, strict=True))
+                for eqn in eqns:
+                    res = _hs._bind(eqn, [v.val if isinstance(v, jcore.Literal) else env[v] for v in eqn.invars])
+                    env.update(zip(eqn.outvars, res, strict=True))
+                return [env[v] for v in outs]
+
+            if any(in_b):
+                fn = jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_b), out_axes=[0 if b else None for b in out_b])
+            f = jax.jit(fn)
+            self.fns[key] = f
+        res = f(*[x for x, _ in vals])
+        return list(zip(res, out_b, strict=True))
+
     def run(self, jaxpr, consts, args, prefix) -> list:
         env: dict = {}
         lu = self._last_use(jaxpr)
@@ -159,11 +220,25 @@ class _Pass:
         def read(v):
             return (v.val, False) if isinstance(v, jcore.Literal) else env[v]
 
+        def free(i):
+            for v in jaxpr.eqns[i].invars:
+                if not isinstance(v, jcore.Literal) and lu.get(v) == i:
+                    env.pop(v, None)
+
         for v, x in zip(jaxpr.constvars, consts, strict=True):
             env[v] = (x, False)
         for v, x in zip(jaxpr.invars, args, strict=True):
             env[v] = x
-        for i, eqn in enumerate(jaxpr.eqns):
+        for kind, item in self._plan(jaxpr, prefix):
+            if kind == "run":
+                idx, ins, outs = item
+                res = self._run_plain(jaxpr, idx, ins, outs, [env[v] for v in ins])
+                env.update(zip(outs, res, strict=True))
+                for i in idx:
+                    free(i)
+                continue
+            i = item
+            eqn = jaxpr.eqns[i]
             key = prefix + (i,)
             ins = [read(v) for v in eqn.invars]
             site = self.an.sites.get(key)
@@ -192,9 +267,7 @@ class _Pass:
             for v, x in zip(eqn.outvars, outs, strict=True):
                 if lu.get(v, -1) > i:
                     env[v] = x
-            for v in eqn.invars:
-                if not isinstance(v, jcore.Literal) and lu.get(v) == i:
-                    env.pop(v, None)
+            free(i)
         return [read(v) for v in jaxpr.outvars]
 
     def _apply(self, eqn, ins) -> list:
