@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-
 KERNELS = r"layers/(q|k|v|o|gate|up|down)$"
 
 
@@ -101,9 +100,9 @@ def run_mode(mode: str, cfg: dict) -> dict:
             if hs is None:
                 continue
             parts = []
-            for l in range(cfg["layers"]):
-                sub = {"layers": {name: layers[name][l]}}
-                hl = {"layers": {name: cj.Hessian(hs.h[l], hs.count[l], (0,))}}
+            for li in range(cfg["layers"]):
+                sub = {"layers": {name: layers[name][li]}}
+                hl = {"layers": {name: cj.Hessian(hs.h[li], hs.count[li], (0,))}}
                 parts.append(compress(sub, hl)["layers"][name])
             out[name] = parts
         jax.block_until_ready(out)
@@ -132,7 +131,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--ffn", type=int, default=688)
+    ap.add_argument("--ffn", type=int, default=768)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--seq", type=int, default=128)
@@ -150,7 +149,9 @@ def main(argv=None) -> dict:
     rows = []
     for mode in ("capture", "sequential"):
         cmd = [sys.executable, "-m", "benchmarks.sequential", "--mode", mode] + [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"{mode} run failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     cap, seq = rows
     result = {"config": cfg, "rows": rows, "jax": jax.__version__,
