@@ -24,6 +24,8 @@ from compressjax import hessians as _hs
 from compressjax import tree
 from compressjax.hessians import Hessian
 from compressjax.oneshot._common import store_codes
+from compressjax.oneshot._layerwise import split_result
+from compressjax.oneshot._sparsegpt import Pruned
 from compressjax.qarray import QArray
 from compressjax.quantization import dequantize
 
@@ -52,9 +54,11 @@ def sequential(
     It is called once per kernel slice with 2-D sub-problems: ``params`` holds that slice in place of the
     leaf (layer axes removed; for a grouped convolution, the group's block of output channels) and
     ``hessians`` holds one plain ``(d_in, d_in)`` :class:`Hessian` at that leaf and ``None`` elsewhere; the
-    leaf keeps its path, so path-keyed rules apply. It returns either the params (the leaf compressed: a
-    float array or a ``QArray``) or a pair ``(params, masks)``; which of the two is decided by the tree
-    structure of the result (a result shaped like ``params`` is params), and must be the same for every call.
+    leaf keeps its path, so path-keyed rules apply. It returns, as for :func:`~compressjax.layerwise` (see
+    :func:`~compressjax.oneshot.split_result`), either the params (the leaf compressed: a float array or a
+    ``QArray``; a tree of the structure of ``params``) or a :class:`~compressjax.oneshot.Pruned`
+    ``(params, masks)`` (what :func:`~compressjax.sparsegpt` returns); the kind is read from the type of the
+    result, never from ``isinstance(out, tuple)``, and must be the same for every call.
     Slices of a stacked leaf are joined back into the stacked layout: float arrays and masks stacked, and
     ``QArray`` slices merged into one ``QArray`` whose scales are per layer (the layer axes become channel
     axes) and per group (the output axis must then have its own scales).
@@ -64,20 +68,20 @@ def sequential(
             params (``QArray`` leaves of ``params`` are dequantized for it and are not compressed again).
         params: the params pytree.
         batches: the calibration batches, all of the same shapes and dtypes.
-        compress: ``(params, hessians) -> params`` or ``-> (params, masks)`` (see above).
+        compress: ``(params, hessians) -> params`` or ``-> Pruned(params, masks)`` (see above).
         row_mask: as in :func:`~compressjax.collect_hessians`: ``batch -> bool array`` over the leading dims of
             the layer inputs; False rows are left out of every Hessian.
         where: which leaves to compress (as in :func:`~compressjax.collect_hessians`).
 
     Returns:
-        When ``compress`` returns params: the compressed params. When it returns ``(params, masks)``: the pair
-        ``(params, masks)`` with a keep-mask (stacked like its leaf) at every compressed leaf and ``None``
-        elsewhere.
+        When ``compress`` returns params: the compressed params. When it returns a ``Pruned``: a
+        :class:`~compressjax.oneshot.Pruned` ``(params, masks)`` with a keep-mask (stacked like its leaf) at
+        every compressed leaf and ``None`` elsewhere.
 
     Raises:
         ValueError: no batches, batches of different shapes, a branch (``cond``) or loop condition that differs
             between calibration batches, a kernel slice never used by the batches, a Hessian from zero rows,
-            ``compress`` returning something else than params or ``(params, masks)``, plus what
+            ``compress`` returning something else than params or a ``Pruned``, plus what
             :func:`~compressjax.collect_hessians` raises for the model.
         TypeError: a non-callable ``apply_fn``/``compress``/``row_mask``; per-slice results that cannot be
             joined into a stacked leaf (anything but float arrays and ``QArray``).
@@ -85,7 +89,7 @@ def sequential(
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be a callable (params, batch) -> output, got {apply_fn!r}")
     if not callable(compress):
-        raise TypeError(f"compress must be a callable (params, hessians) -> params or (params, masks), got {compress!r}")
+        raise TypeError(f"compress must be a callable (params, hessians) -> params or Pruned(params, masks), got {compress!r}")
     if row_mask is not None and not callable(row_mask):
         raise TypeError(f"row_mask must be None or a callable batch -> bool array, got {row_mask!r}")
     batches = list(batches)
@@ -389,26 +393,22 @@ class _Pass:
         sub_leaves[leaf] = sub
         h_leaves = [None] * len(sub_leaves)
         h_leaves[leaf] = hess
-        out = self.compress(jax.tree_util.tree_unflatten(self.treedef, sub_leaves), jax.tree_util.tree_unflatten(self.treedef, h_leaves))
-        res, mask = self._split(out, leaf, path)
+        sub_params = jax.tree_util.tree_unflatten(self.treedef, sub_leaves)
+        out = self.compress(sub_params, jax.tree_util.tree_unflatten(self.treedef, h_leaves))
+        res, mask = self._split(sub_params, out, leaf, path)
         dense = _decode(res, path)
         if tuple(dense.shape) != tuple(sub.shape):
             raise ValueError(f"leaf {path!r}{where_}: compress returned shape {tuple(dense.shape)} for a slice of shape {tuple(sub.shape)}")
         self.work[leaf] = kernel.at[tuple(idx)].set(dense.astype(kernel.dtype))
         self.done[(leaf, j)] = (res, mask)
 
-    def _split(self, out, leaf: int, path: str) -> tuple[Any, Any]:
-        is_leaf = tree.is_compressed_leaf
-        if jax.tree_util.tree_structure(out, is_leaf=is_leaf) == self.treedef:
-            kind, new_params, masks = "params", out, None
-        elif isinstance(out, tuple | list) and len(out) == 2 and jax.tree_util.tree_structure(out[0], is_leaf=is_leaf) == self.treedef:
-            kind, (new_params, masks) = "params+masks", out
-        else:
-            raise ValueError(f"compress must return params (a tree shaped like the params) or (params, masks); for leaf {path!r} it returned {type(out).__name__}")
+    def _split(self, sub_params, out, leaf: int, path: str) -> tuple[Any, Any]:
+        new_params, masks = split_result(sub_params, out, f"compress (for leaf {path!r})")
+        kind = "params" if masks is None else "pruned"
         if self.kind is not None and kind != self.kind:
             raise ValueError(f"compress returned {kind} for leaf {path!r} but {self.kind} before; it must return the same kind every time")
         self.kind = kind
-        res = jax.tree_util.tree_leaves(new_params, is_leaf=is_leaf)[leaf]
+        res = jax.tree_util.tree_leaves(new_params, is_leaf=tree.is_compressed_leaf)[leaf]
         mask = None
         if masks is not None:
             found = [m for pth, m in tree.leaves_with_paths(masks, tree.is_none) if pth == path]
@@ -448,8 +448,8 @@ class _Pass:
                 coords = {c: tuple(_join([v[k] for v in vs], a, True, path) for k in range(2)) for c, vs in grouped.items()}
             out[leaf], mask_leaves[leaf] = next(iter(coords.values()))
         params = jax.tree_util.tree_unflatten(self.treedef, out)
-        if self.kind == "params+masks":
-            return params, jax.tree_util.tree_unflatten(self.treedef, mask_leaves)
+        if self.kind == "pruned":
+            return Pruned(params, jax.tree_util.tree_unflatten(self.treedef, mask_leaves))
         return params
 
 
