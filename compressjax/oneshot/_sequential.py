@@ -13,6 +13,7 @@ instead of one pass per stage (:func:`~compressjax.layerwise`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import jax
@@ -379,15 +380,19 @@ class _Pass:
         if not bool(jnp.all(jnp.isfinite(h))):
             raise ValueError(f"leaf {path!r}{where_}: its layer inputs hold NaN or Inf in the calibration batches (the Hessian is not finite)")
         kernel = self.work[leaf]
-        idx: list[Any] = [slice(None)] * kernel.ndim
+        # The slice as (start, size) per axis, read and written back by one compiled function per shape
+        # (not one per slice index).
+        starts, sizes = [0] * kernel.ndim, list(kernel.shape)
         for a, c in zip(layer_axes, lc, strict=True):
-            idx[a] = int(c)
+            starts[a], sizes[a] = int(c), 1
         rest = [a for a in range(kernel.ndim) if a not in layer_axes]
         if g > 1:
             out_axis = _out_axis(rest, in_axes, path)
-            blk = kernel.shape[out_axis] // g
-            idx[out_axis] = slice((j % g) * blk, (j % g + 1) * blk)
-        sub = kernel[tuple(idx)]
+            sizes[out_axis] = kernel.shape[out_axis] // g
+            starts[out_axis] = (j % g) * sizes[out_axis]
+        sub_shape = tuple(sizes[a] for a in rest)
+        starts_arr = jnp.asarray(starts, jnp.int32)
+        sub = _take(kernel, starts_arr, tuple(sizes)).reshape(sub_shape)
         hess = Hessian(h, jnp.float32(count), tuple(rest.index(a) for a in in_axes))
         sub_leaves = list(self.base)
         sub_leaves[leaf] = sub
@@ -399,7 +404,7 @@ class _Pass:
         dense = _decode(res, path)
         if tuple(dense.shape) != tuple(sub.shape):
             raise ValueError(f"leaf {path!r}{where_}: compress returned shape {tuple(dense.shape)} for a slice of shape {tuple(sub.shape)}")
-        self.work[leaf] = kernel.at[tuple(idx)].set(dense.astype(kernel.dtype))
+        self.work[leaf] = _put(kernel, starts_arr, dense.astype(kernel.dtype).reshape(sizes))
         self.done[(leaf, j)] = (res, mask)
 
     def _split(self, sub_params, out, leaf: int, path: str) -> tuple[Any, Any]:
@@ -451,6 +456,16 @@ class _Pass:
         if self.kind == "pruned":
             return Pruned(params, jax.tree_util.tree_unflatten(self.treedef, mask_leaves))
         return params
+
+
+@partial(jax.jit, static_argnums=2)
+def _take(kernel, starts, sizes):
+    return jax.lax.dynamic_slice(kernel, list(starts), sizes)
+
+
+@jax.jit
+def _put(kernel, starts, value):
+    return jax.lax.dynamic_update_slice(kernel, value, list(starts))
 
 
 def _out_axis(rest: list[int], in_axes: tuple[int, ...], path: str) -> int:
