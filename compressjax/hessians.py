@@ -9,6 +9,17 @@ matrix. The interpreter recurses into ``jit``/``pjit``, ``closed_call``, ``remat
 ``custom_vjp_call`` sub-jaxprs. No model code changes: Flax linen, Flax NNX (``nnx.split`` state with an
 ``nnx.merge`` closure), equinox modules and plain functions of a dict all work alike.
 
+Control flow: a kernel is followed into ``scan`` (its slice per iteration: the index array of iteration 0
+plus a run-time step times the iteration), ``while`` (``fori_loop``) bodies that ``dynamic_slice`` a stacked
+leaf by the loop counter (the clamped start read at run time), ``cond``/``switch`` branches, batched
+``dot_general`` (the batch axes of the weight are layer axes: MoE experts), grouped convolutions and
+``shard_map`` bodies. Loops and branches holding a kernel are evaluated as ``lax.scan`` /
+``lax.while_loop`` / ``lax.switch`` / ``shard_map`` with the accumulators in the carry, never unrolled, so
+compile time does not grow with the number of layers. What cannot be followed is tracked too: a value
+computed from a selected leaf (and not from the batch) by anything but a shape-only operation, that reaches
+a matmul or convolution, is an error naming the leaf and the primitive, with any ``where``; values that
+depend on the batch (an embedding lookup, a norm scale times activations) are data.
+
 Layout: a kernel's *input axes* are the axes it contracts with the layer input. ``H`` is indexed by the
 kernel's input positions flattened in the kernel's own axis order (``(in, out)`` Flax kernel:
 ``(in, in)``; conv kernel ``(kh, kw, c_in, c_out)``: ``(kh*kw*c_in, kh*kw*c_in)`` in the order of
@@ -802,13 +813,20 @@ def collect_hessians(
         data_axis: the mesh axis that splits the batch.
 
     Returns:
-        A pytree like ``params`` with a :class:`Hessian` (``h``: float32 ``(d_in, d_in)``, ``count``, ``in_axes``)
-        at each selected kernel and ``None`` elsewhere.
+        A pytree like ``params`` with a :class:`Hessian` at each selected kernel and ``None`` elsewhere: ``h``
+        float32 ``(d_in, d_in)`` for a plain kernel; ``(*layer_shape, [groups,] d_in, d_in)`` for a stacked
+        kernel (used in a ``scan``/loop, by static slices ``w[i]``, or as MoE experts in a batched matmul;
+        ``layer_axes`` records which kernel axes) or a grouped convolution (``groups``); ``count`` per matrix.
+        On a mesh spanning several processes every process receives the summed Hessians.
 
     Raises:
         ValueError: ``where`` selects nothing or a leaf that is never a matmul weight (naming it and what it
-            was used by), no batches, NaN/Inf reaching a kernel's input (naming the kernel), a ``row_mask`` that
-            does not match the leading dims of the layer inputs, a batch not divisible over the mesh.
+            was used by), a selected leaf that reaches a matmul or convolution through something the capture
+            cannot follow (naming the leaf and the primitive, with any ``where``), a kernel used with different
+            layouts, no batches, NaN/Inf reaching a kernel's input (naming the kernel), a Hessian (or a layer's
+            or group's) built from zero rows (naming the kernel), a ``row_mask`` that does not match the leading
+            dims of the layer inputs (or used with a kernel inside ``shard_map``), a batch not divisible over
+            the mesh.
         TypeError: a non-callable ``apply_fn`` or ``row_mask``, a selected leaf that is not floating point.
     """
     if not callable(apply_fn):
