@@ -1,4 +1,5 @@
-"""One-shot compression from calibration data: GPTQ, SparseGPT, Wanda and the layerwise mode.
+"""One-shot compression from calibration data: GPTQ, SparseGPT, Wanda, the layerwise mode and
+the one-pass sequential mode.
 
 Every solver takes the params and a Hessian tree from :func:`compressjax.collect_hessians` (the Hessian
 tree is the selection) and returns the library's own types: ``QArray`` leaves and boolean keep-masks
@@ -8,8 +9,9 @@ experts, grouped convolutions) with stacked Hessians are solved per slice and ke
 
 from compressjax.oneshot._gptq import gptq
 from compressjax.oneshot._layerwise import layerwise, split_result
+from compressjax.oneshot._sequential import sequential
 from compressjax.oneshot._sparsegpt import Pruned, sparsegpt
 from compressjax.oneshot._sweep import error_feedback
 from compressjax.oneshot._wanda import wanda_masks
 
-__all__ = ["error_feedback", "gptq", "sparsegpt", "wanda_masks", "layerwise", "Pruned", "split_result"]
+__all__ = ["error_feedback", "gptq", "sparsegpt", "wanda_masks", "layerwise", "sequential", "Pruned", "split_result"]
