@@ -159,12 +159,12 @@ def kd_loss(
     dt = jnp.where(tiny, d, 0.0)
     dm = jnp.where(small & ~tiny, d, 1.0)
     phi = jnp.where(tiny, 0.5 - dt / 6 + dt * dt / 24 - dt**3 / 120, (jnp.expm1(-dm) + dm) / (dm * dm))
-    big_u = jnp.where(small, 0.0, u)
-    term_small = p_t * u * u * phi
-    term_big = temperature * (temperature * (p_s - p_t) + p_t * big_u)
-    term = jnp.where(small, term_small, term_big)
+    # T is zeroed where a branch is not taken: its T^2 may be inf (T = 1e20), and 0 * inf in the gradient is NaN.
+    t_big = jnp.where(small, 0.0, temperature)
+    term = jnp.where(small, p_t * u * u * phi, t_big * (t_big * (p_s - p_t) + p_t * u))
     # Classes the teacher gives probability 0 contribute T^2 q (the r_i term of the identity above).
-    term = jnp.where(pos, term, jnp.where(valid, temperature * temperature * p_s, 0.0))
+    t_zero = jnp.where(pos | ~valid, 0.0, temperature)
+    term = jnp.where(pos, term, t_zero * t_zero * p_s)
     kl = jnp.sum(term, axis=axis)
     # A NaN or +inf teacher logit (-inf is a legitimate zero probability) would otherwise give a finite
     # constant loss with zero gradient: the student would silently learn nothing. Make it visible as NaN,
@@ -185,14 +185,27 @@ def _tempered_log_softmax(x: jax.Array, temperature: jax.Array, valid: jax.Array
     n = jnp.maximum(jnp.sum(valid, axis=axis, keepdims=True), 1).astype(x.dtype)
     finite = valid & jnp.isfinite(y)
     spread = jnp.max(jnp.where(finite, -y, 0.0), axis=axis, keepdims=True)
+    all_finite = jnp.all(finite | ~valid, axis=axis, keepdims=True)
     flat = spread < temperature  # every y / T in (-1, 0]
+    # T >> spread: y / T may be below the smallest float32 (T = 1e38); T log mean exp(y / T) is then the
+    # cumulant series mean + var / (2T) + k3 / (6T^2), exact to (spread / T)^3 < 1e-9.
+    series = all_finite & (spread < 1e-3 * temperature)
+    y0 = jnp.where(finite, y, 0.0)
+    mean = jnp.sum(y0, axis=axis, keepdims=True) / n
+    c = jnp.where(finite, y0 - mean, 0.0)
+    var = jnp.sum(c * c, axis=axis, keepdims=True) / n
+    k3 = jnp.sum(c * c * c, axis=axis, keepdims=True) / n
+    t_s = jnp.where(series, temperature, 1.0)  # T^2 may underflow where the series is not used (0 * inf = NaN)
+    t_lse_series = mean + var / (2 * t_s) + k3 / (6 * t_s * t_s)
     z = jnp.where(valid, y / temperature, -jnp.inf)
     z_flat = jnp.where(flat & valid, z, 0.0)
     mean_expm1 = jnp.sum(jnp.where(valid, jnp.expm1(z_flat), 0.0), axis=axis, keepdims=True) / n
     lse_flat = jnp.log1p(mean_expm1)  # log(mean(exp(z))), in (-1, 0]
     lse_steep = jnp.log(jnp.sum(jnp.where(valid, jnp.exp(z), 0.0), axis=axis, keepdims=True)) - jnp.log(n)
     lse = jnp.where(flat, lse_flat, lse_steep)  # log(sum exp z) - log n
-    ell = jnp.where(valid, y - temperature * lse, -jnp.inf)
+    t_lse = jnp.where(series, t_lse_series, temperature * lse)
+    lse = jnp.where(series, t_lse_series / t_s, lse)
+    ell = jnp.where(valid, y - t_lse, -jnp.inf)
     log_p = jnp.where(valid, z - jnp.log(n) - lse, -jnp.inf)
     return log_p, ell
 
