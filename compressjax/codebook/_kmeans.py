@@ -83,11 +83,11 @@ def _rate_boundaries(c: jax.Array, lam: jax.Array, code_len: jax.Array) -> jax.A
 RATE_TABLE_BYTES = 16 << 20
 
 
-def _rate_boundaries_chunked(c: jax.Array, lam: jax.Array, code_len: jax.Array) -> jax.Array:
-    """:func:`_rate_boundaries` over chunks of rows (``lax.map``), so at most ``RATE_TABLE_BYTES`` of
-    crossing table exist at a time; the same values as one call (each row is computed alone)."""
+def _rate_boundaries_chunked(c: jax.Array, lam: jax.Array, code_len: jax.Array, chunk: int | None = None) -> jax.Array:
+    """:func:`_rate_boundaries` over chunks of ``chunk`` rows (``lax.map``; default: ``RATE_TABLE_BYTES`` of
+    crossing table at a time); the same values as one call (each row is computed alone)."""
     rows, k = c.shape
-    chunk = max(1, RATE_TABLE_BYTES // (4 * k * k))
+    chunk = max(1, RATE_TABLE_BYTES // (4 * k * k)) if chunk is None else chunk
     if rows <= chunk:
         return _rate_boundaries(c, lam, code_len)
     return jax.lax.map(lambda a: _rate_boundaries(a[0][None], a[1][None], a[2][None])[0], (c, lam, code_len),
