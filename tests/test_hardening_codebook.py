@@ -159,3 +159,70 @@ def test_bad_in_axes_and_ridge_are_errors():
         refit_centroids(q, {"w": w}, {"w": jnp.eye(8)}, ridge="0.1")
     out = refit_centroids(q, {"w": w}, {"w": jnp.eye(8)}, ridge=0)
     assert np.all(np.isfinite(np.asarray(out["w"].centroids)))
+
+
+# ------------------------------------------------------------------------------------------------ k-means (items 3, 8, 10, 11)
+
+
+def test_centroids_stay_finite_near_the_float32_limit():
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.standard_normal((32, 8)).astype(np.float32))
+    ref = cj.kmeans_codebooks({"w": w}, 3)["w"]
+    big = cj.kmeans_codebooks({"w": w * 1e37}, 3)["w"]  # prefix sums of 256 values near 1e38 overflowed
+    np.testing.assert_array_equal(np.asarray(big.index_array()), np.asarray(ref.index_array()))
+    np.testing.assert_allclose(np.asarray(big.centroids) / 1e37, np.asarray(ref.centroids), rtol=1e-5, atol=1e-6)
+    imp = jnp.abs(w) + 0.1
+    ref_w = cj.kmeans_codebooks({"w": w}, 3, weights={"w": imp})["w"]
+    big_w = cj.kmeans_codebooks({"w": w}, 3, weights={"w": imp * 1e37})["w"]  # importance prefix sums overflowed
+    np.testing.assert_allclose(np.asarray(big_w.centroids), np.asarray(ref_w.centroids), rtol=1e-4, atol=1e-6)
+    top = cj.kmeans_codebooks({"w": w / jnp.max(jnp.abs(w)) * 3e38}, 3, per_channel=True, entropy_weight=0.05)["w"]
+    assert np.all(np.isfinite(np.asarray(top.centroids))) and np.all(np.isfinite(np.asarray(top.decode())))
+
+
+def test_powers_of_two_scale_exactly():
+    w = jnp.asarray(np.random.default_rng(6).standard_normal((16, 4)).astype(np.float32))
+    a = cj.kmeans_codebooks({"w": w}, 2, per_channel=True)["w"]
+    b = cj.kmeans_codebooks({"w": w * 2.0**40}, 2, per_channel=True)["w"]
+    np.testing.assert_array_equal(np.asarray(b.centroids), np.asarray(a.centroids) * 2.0**40)
+
+
+def test_kmeans_argument_errors_name_the_argument():
+    w = jnp.asarray(np.random.default_rng(7).standard_normal((8, 4)).astype(np.float32))
+    with pytest.raises(ValueError, match="iterations must be a positive int, got 1099511627776"):
+        cj.kmeans_codebooks({"w": w}, 2, iterations=2**40)
+    with pytest.raises(TypeError, match="iterations must be a positive int, got 2.5"):
+        cj.kmeans_codebooks({"w": w}, 2, iterations=2.5)
+    with pytest.raises(ValueError, match="entropy_weight must be finite and >= 0, got 1000000000"):
+        cj.kmeans_codebooks({"w": w}, 2, entropy_weight=10**400)
+    with pytest.raises(ValueError, match="'w': the weights hold 4 values, fewer than the 8 centroids"):
+        cj.kmeans_codebooks({"w": jnp.arange(4.0).reshape(2, 2)}, 3, init="random")
+    with pytest.raises(ValueError, match="'w': each channel of the weights hold 2 values, fewer than the 4"):
+        cj.kmeans_codebooks({"w": jnp.arange(8.0).reshape(2, 4)}, 2, init="random", per_channel=True)
+    # Enough values but fewer distinct ones: the distinct-value check names the leaf for every init.
+    with pytest.raises(ValueError, match="'w': the weights have 2 distinct values, fewer than the 4 centroids"):
+        cj.kmeans_codebooks({"w": jnp.tile(jnp.array([1.0, 2.0]), 8).reshape(4, 4)}, 2, init="random")
+
+
+def test_zero_size_leaves_pass_through():
+    for shape in ((8, 0), (0, 4), (0,)):
+        for per_channel in (False, True) if len(shape) == 2 else (False,):
+            cb = cj.kmeans_codebooks({"w": jnp.zeros(shape)}, 2, per_channel=per_channel, where="w")["w"]
+            assert cb.shape == shape and cb.decode().shape == shape and cb.indices.shape == (0,)
+            assert cb.centroids.shape == ((shape[-1], 4) if per_channel else (4,))
+            h = jnp.eye(shape[0]) if shape[0] else jnp.zeros((0, 0))
+            if len(shape) == 2:
+                out = codebook_error_feedback({"w": cb}, {"w": jnp.zeros(shape)}, {"w": h})
+                assert out["w"] is cb
+                assert refit_centroids({"w": cb}, {"w": jnp.zeros(shape)}, {"w": h})["w"] is cb
+
+
+def test_chunked_entropy_boundaries_equal_the_whole_table():
+    from compressjax.codebook._kmeans import _rate_boundaries, _rate_boundaries_chunked
+
+    rng = np.random.default_rng(8)
+    c = jnp.sort(jnp.asarray(rng.standard_normal((13, 16)).astype(np.float32)), axis=1)
+    lam = jnp.asarray(rng.uniform(0, 0.5, 13).astype(np.float32))
+    code_len = jnp.asarray(rng.uniform(1, 6, (13, 16)).astype(np.float32)).at[:, 3].set(jnp.inf)
+    whole = _rate_boundaries(c, lam, code_len)
+    for chunk in (1, 4, 13):
+        np.testing.assert_array_equal(np.asarray(_rate_boundaries_chunked(c, lam, code_len, chunk)), np.asarray(whole))
