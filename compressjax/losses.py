@@ -161,7 +161,8 @@ def kd_loss(
     phi = jnp.where(tiny, 0.5 - dt / 6 + dt * dt / 24 - dt**3 / 120, (jnp.expm1(-dm) + dm) / (dm * dm))
     # T is zeroed where a branch is not taken: its T^2 may be inf (T = 1e20), and 0 * inf in the gradient is NaN.
     t_big = jnp.where(small, 0.0, temperature)
-    term = jnp.where(small, p_t * u * u * phi, t_big * (t_big * (p_s - p_t) + p_t * u))
+    u_small = jnp.where(small, u, 0.0)  # u^2 may overflow where |d| >= 1 (logits of 1e30)
+    term = jnp.where(small, p_t * u_small * u_small * phi, t_big * (t_big * (p_s - p_t) + p_t * u))
     # Classes the teacher gives probability 0 contribute T^2 q (the r_i term of the identity above).
     t_zero = jnp.where(pos | ~valid, 0.0, temperature)
     term = jnp.where(pos, term, t_zero * t_zero * p_s)
@@ -190,9 +191,9 @@ def _tempered_log_softmax(x: jax.Array, temperature: jax.Array, valid: jax.Array
     # T >> spread: y / T may be below the smallest float32 (T = 1e38); T log mean exp(y / T) is then the
     # cumulant series mean + var / (2T) + k3 / (6T^2), exact to (spread / T)^3 < 1e-9.
     series = all_finite & (spread < 1e-3 * temperature)
-    y0 = jnp.where(finite, y, 0.0)
+    y0 = jnp.where(finite & series, y, 0.0)  # (only where the series is used: c^3 may overflow elsewhere)
     mean = jnp.sum(y0, axis=axis, keepdims=True) / n
-    c = jnp.where(finite, y0 - mean, 0.0)
+    c = jnp.where(finite & series, y0 - mean, 0.0)
     var = jnp.sum(c * c, axis=axis, keepdims=True) / n
     k3 = jnp.sum(c * c * c, axis=axis, keepdims=True) / n
     t_s = jnp.where(series, temperature, 1.0)  # T^2 may underflow where the series is not used (0 * inf = NaN)

@@ -22,8 +22,8 @@ from compressjax.export import FormatError, _container, load, save, size_report
 def codebook_file(tmp_path_factory):
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((64, 16)).astype(np.float32))
-    masks = cj.magnitude_masks({"w": w}, 0.8)
-    params = cj.kmeans_codebooks({"w": w}, 4, per_channel=True, masks=masks)
+    masks = cj.magnitude_masks({"w": w}, 0.9)
+    params = cj.kmeans_codebooks({"w": w}, 4, masks=masks)
     params["b"] = jnp.arange(8.0)
     path = tmp_path_factory.mktemp("forge") / "cb.cjx"
     save(path, params)
@@ -52,7 +52,8 @@ def _all_reject(path, capsys, pattern: str) -> None:
 def test_sparse_codebook_indices_are_reported(codebook_file):
     path, _, _ = codebook_file
     report = {leaf.path: leaf for leaf in size_report(path).leaves}
-    assert report["w"].encoding.startswith("cb4/ch sparse") and report["w"].nnz == int(round(0.2 * 64 * 16))
+    nnz = int(np.count_nonzero(np.asarray(load(path, dequantize=False)["w"].index_array())))
+    assert report["w"].encoding.startswith("cb4 sparse") and report["w"].nnz == nnz and 90 < nnz < 115
 
 
 @pytest.mark.parametrize("nnz", [-5, 10**30, 64 * 16 + 1, 3.5, True])
@@ -64,9 +65,9 @@ def test_forged_codebook_nnz_is_rejected_everywhere(codebook_file, tmp_path, cap
 
 
 @pytest.mark.parametrize("field, value, pattern", [
-    ("bits", 3, "do not match the metadata"),          # centroids (16, 16) are 4-bit ones
+    ("bits", 3, "do not match the metadata"),          # the 16 centroids are a 4-bit codebook's
     ("bits", 5, "do not match the metadata"),
-    ("per_channel", False, "do not match the metadata"),
+    ("per_channel", True, "do not match the metadata"),
     ("shape", [16, 64], "do not match the metadata"),    # the index record holds (64, 16)
     ("shape", ["64", 16], "invalid shape"),
 ])
@@ -111,6 +112,7 @@ def test_hundred_gigabyte_sparse_file_is_rejected_in_bounded_memory(tmp_path, ca
         with pytest.raises(FormatError, match="streams add up to"):
             size_report(huge)
         assert main(["inspect", str(huge), "--json"]) == 1
+        capsys.readouterr()
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
