@@ -11,6 +11,13 @@ calls, the cost of every further kernel of the same shape), with the Lloyd itera
 squared error against the density (quantile) initialisation alone. ``--quick`` uses 1/16 of the sizes.
 
 Run ``python -m benchmarks.kmeans_speed [--quick] [--json PATH]``; the last line printed is JSON.
+
+``--memory`` measures instead the peak memory of entropy-constrained k-means (issue 22, item 11): one
+8-bit codebook per output channel of a 4096x11008 kernel (11,008 codebooks of 256 centroids), with
+``entropy_weight=0.01`` and ``0``, each in its own process (peak RSS growth over the process after the
+kernel is made, ``ru_maxrss``), with ``iterations`` fixed (default 3: every Lloyd update has the same
+working set, so the peak does not depend on it) and the time of that call (compilation included).
+``--quick`` uses a 1024x2752 kernel.
 """
 
 from __future__ import annotations
@@ -55,8 +62,53 @@ def case(shape, bits, per_channel, repeats):
             "mse": mse, "mse_after_one_update": mse1}
 
 
+MEMORY_CHILD = """
+import json, resource, sys, time
+import jax, jax.numpy as jnp, numpy as np
+import compressjax as cj
+shape, bits, rate, iterations = json.loads(sys.argv[1])
+w = jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32) * np.float32(0.02))
+jax.block_until_ready(w)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+cb = jax.block_until_ready(cj.kmeans_codebooks({"w": w}, bits, per_channel=True, entropy_weight=rate,
+                                               iterations=iterations)["w"])
+seconds = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_growth_mib": round((peak - base) / 1024, 1), "seconds": round(seconds, 2),
+                  "kernel_mib": round(w.nbytes / 2**20, 1)}))
+"""
+
+
+def memory_case(shape, bits, rate, iterations) -> dict:
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, json.dumps([list(shape), bits, rate, iterations])],
+                         capture_output=True, text=True, check=True, env=env, cwd=root)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["peak_over_kernel"] = round(res["peak_growth_mib"] / res["kernel_mib"], 2)
+    return {"shape": list(shape), "bits": bits, "entropy_weight": rate, "iterations": iterations, **res}
+
+
+def main_memory(args) -> dict:
+    shape = (1024, 2752) if args.quick else (4096, 11008)
+    result = {"entropy": memory_case(shape, 8, 0.01, args.iterations),
+              "plain": memory_case(shape, 8, 0.0, args.iterations),
+              "load_average": os.getloadavg()[0], "quick": bool(args.quick)}
+    result["summary"] = {f"{k}_{m}": result[k][m] for k in ("entropy", "plain") for m in ("peak_growth_mib", "seconds")}
+    return finish(result, args.json)
+
+
 def main(argv=None) -> dict:
-    args = parser(__doc__).parse_args(argv)
+    ap = parser(__doc__)
+    ap.add_argument("--memory", action="store_true", help="peak memory of 8-bit entropy-constrained k-means instead")
+    ap.add_argument("--iterations", type=int, default=3, help="Lloyd updates in --memory mode (default 3)")
+    args = ap.parse_args(argv)
+    if args.memory:
+        return main_memory(args)
     scale = 4 if args.quick else 1
     repeats = 2 if args.quick else 3
     result = {

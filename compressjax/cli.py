@@ -40,6 +40,17 @@ def _positive(text: str) -> int:
 
 
 BITS = range(1, 9)
+MAX_SEED = 2**32 - 1  # compressjax.demo.pipeline.MAX_SEED (not imported: the demo extra may be missing)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text!r}")
+    return value
 
 
 def _bits(text: str) -> int:
@@ -84,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "$XDG_CACHE_HOME/compressjax) and writes compressjax-demo.json and compressjax-demo.png.",
     )
     demo.add_argument("--quick", action="store_true", help="tiny models and 2 epochs: a smoke run in well under a minute")
-    demo.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed (default 0)")
+    demo.add_argument("--seed", type=_seed, default=0,
+                      help=f"initialisation and batch-order seed, an integer in [0, {MAX_SEED}] (default 0)")
     demo.add_argument("--sparsity", type=_fraction, default=None, help="final sparsity of the compressed student (default 0.8)")
     demo.add_argument("--bits", type=_bits, default=None, metavar="{1..8}",
                       help="weight bits of the compressed student, an integer in 1..8 (default 4)")
@@ -193,8 +205,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
     try:
         report = size_report(args.file)
-    except (FormatError, OSError) as e:
-        reason = e.strerror or str(e) if isinstance(e, OSError) else str(e)
+    except (FormatError, OSError, MemoryError) as e:  # size_report validates the header as load does
+        reason = e.strerror or str(e) if isinstance(e, OSError) else str(e) or type(e).__name__
         kind = "" if isinstance(e, FormatError) else f"{type(e).__name__}: "
         print(f"compressjax inspect: {args.file}: {kind}{reason}".replace("\n", " "), file=sys.stderr)
         return 1

@@ -107,7 +107,10 @@ def kd_loss(
     logit (in a class that ``where`` keeps) gives a NaN loss for that example, as a non-finite student
     logit does, so a broken teacher shows in the metrics instead of silently training nothing. The KL is summed as
     non-negative terms (see the code), so it keeps its precision for large ``T`` where the naive sum
-    cancels catastrophically.
+    cancels catastrophically. The loss and its gradient are finite for every finite ``T > 0`` and finite
+    logits, under ``jit`` too: everything is computed in units of ``T`` (``T log softmax(x / T)``), so
+    neither ``x / T`` (``T = 1e-30``) nor ``T^2`` (``T = 1e20``) is ever formed; as ``T`` grows the loss
+    tends to half the variance of ``s - t`` over the classes, as ``T -> 0`` to ``0``.
 
     Args:
         student_logits: logits of the student, shape ``(..., num_classes)``.
@@ -133,28 +136,79 @@ def kd_loss(
     _check_same_shape(s, t, "student_logits", "teacher_logits")
     _check_temperature(temperature)
     temperature = jnp.asarray(temperature, dtype=jnp.result_type(s.dtype, t.dtype))
-    log_p_s = jax.nn.log_softmax(s / temperature, axis=axis, where=where)
-    log_p_t = jax.nn.log_softmax(t / temperature, axis=axis, where=where)
+    valid = jnp.ones(jnp.broadcast_shapes(s.shape, t.shape), bool) if where is None else \
+        jnp.broadcast_to(jnp.asarray(where, bool), jnp.broadcast_shapes(s.shape, t.shape))
+    # Everything is computed in "T units": ell = T * (log softmax(x / T) + log n), which stays finite for
+    # every finite T > 0 (x / T itself overflows for T = 1e-30, and T^2 overflows float32 for T = 1e20).
+    log_p_s, ell_s = _tempered_log_softmax(s, temperature, valid, axis)
+    log_p_t, ell_t = _tempered_log_softmax(t, temperature, valid, axis)
     p_s, p_t = jnp.exp(log_p_s), jnp.exp(log_p_t)
-    valid = jnp.ones(p_t.shape, bool) if where is None else jnp.broadcast_to(jnp.asarray(where, bool), p_t.shape)
     pos = jnp.logical_and(valid, p_t > 0)
-    # KL = sum_i p_i (r_i - 1 - log r_i) with r = q / p (the added terms sum to zero), written with
-    # d = log p - log q as p (expm1(-d) + d): every term is >= 0, so nothing cancels. The naive
-    # sum p (log p - log q) loses all its digits for large T, where d ~ 1/T is tiny. For |d| >= 1 the
-    # equivalent q - p + p d avoids overflowing exp(-d). The inner `where`s keep -inf (masked classes,
-    # zero teacher probabilities) out of the value and the gradient.
-    d = jnp.where(pos, log_p_t - log_p_s, 0.0)
-    small = jnp.abs(d) < 1
-    d_small, d_big = jnp.where(small, d, 0.0), jnp.where(small, 0.0, d)
-    term = jnp.where(small, p_t * (jnp.expm1(-d_small) + d_small), p_s - p_t + p_t * d_big)
-    # Classes the teacher gives probability 0 contribute q (the r_i term of the identity above).
-    term = jnp.where(pos, term, jnp.where(valid, p_s, 0.0))
+    # T^2 KL = T^2 sum_i p_i (r_i - 1 - log r_i) with r = q / p (the added terms sum to zero), written with
+    # d = log p - log q as T^2 p (expm1(-d) + d): every term is >= 0, so nothing cancels (the naive sum
+    # p (log p - log q) loses all its digits for large T, where d ~ 1/T). With u = T d = ell_t - ell_s
+    # (accurate at any T), T^2 (expm1(-d) + d) = u^2 phi(d), phi(d) = (expm1(-d) + d) / d^2 (a series for
+    # small d, where T^2 alone would overflow); for |d| >= 1 the equivalent T^2 (q - p) + T p u avoids
+    # overflowing exp(-d). The inner `where`s keep -inf and inf (masked classes, zero probabilities, d at
+    # tiny T) out of the value and the gradient.
+    u = jnp.where(pos, ell_t - ell_s, 0.0)
+    d = jnp.where(pos, u / temperature, 0.0)
+    ad = jnp.abs(d)
+    tiny, small = ad < 1e-2, ad < 1
+    dt = jnp.where(tiny, d, 0.0)
+    dm = jnp.where(small & ~tiny, d, 1.0)
+    phi = jnp.where(tiny, 0.5 - dt / 6 + dt * dt / 24 - dt**3 / 120, (jnp.expm1(-dm) + dm) / (dm * dm))
+    # T is zeroed where a branch is not taken: its T^2 may be inf (T = 1e20), and 0 * inf in the gradient is NaN.
+    t_big = jnp.where(small, 0.0, temperature)
+    u_small = jnp.where(small, u, 0.0)  # u^2 may overflow where |d| >= 1 (logits of 1e30)
+    term = jnp.where(small, p_t * u_small * u_small * phi, t_big * (t_big * (p_s - p_t) + p_t * u))
+    # Classes the teacher gives probability 0 contribute T^2 q (the r_i term of the identity above).
+    t_zero = jnp.where(pos | ~valid, 0.0, temperature)
+    term = jnp.where(pos, term, t_zero * t_zero * p_s)
     kl = jnp.sum(term, axis=axis)
     # A NaN or +inf teacher logit (-inf is a legitimate zero probability) would otherwise give a finite
     # constant loss with zero gradient: the student would silently learn nothing. Make it visible as NaN,
     # like a non-finite student logit.
     bad_t = jnp.any(jnp.logical_and(valid, jnp.isnan(t) | (t == jnp.inf)), axis=axis)
-    return jnp.where(bad_t, jnp.nan, kl * temperature**2)
+    return jnp.where(bad_t, jnp.nan, kl)
+
+
+def _tempered_log_softmax(x: jax.Array, temperature: jax.Array, valid: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """``(log softmax(x / T), T * (log softmax(x / T) + log n))`` over the ``valid`` classes (``n`` of them),
+    finite for every finite ``T > 0``: ``x / T`` is never formed from unshifted logits, and when ``T`` exceeds
+    the logits' spread the log-sum-exp is taken as ``log1p(mean(expm1(y / T)))`` (no cancellation, and
+    ``T`` times it tends to the mean shifted logit instead of losing every digit)."""
+    x = jnp.broadcast_to(x, valid.shape)
+    m = jnp.max(jnp.where(valid, x, -jnp.inf), axis=axis, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # all -inf (or masked) rows: any finite shift
+    y = jnp.where(valid, x - m, -jnp.inf)  # <= 0
+    n = jnp.maximum(jnp.sum(valid, axis=axis, keepdims=True), 1).astype(x.dtype)
+    finite = valid & jnp.isfinite(y)
+    spread = jnp.max(jnp.where(finite, -y, 0.0), axis=axis, keepdims=True)
+    all_finite = jnp.all(finite | ~valid, axis=axis, keepdims=True)
+    flat = spread < temperature  # every y / T in (-1, 0]
+    # T >> spread: y / T may be below the smallest float32 (T = 1e38); T log mean exp(y / T) is then the
+    # cumulant series mean + var / (2T) + k3 / (6T^2), exact to (spread / T)^3 < 1e-9.
+    series = all_finite & (spread < 1e-3 * temperature)
+    y0 = jnp.where(finite & series, y, 0.0)  # (only where the series is used: c^3 may overflow elsewhere)
+    mean = jnp.sum(y0, axis=axis, keepdims=True) / n
+    c = jnp.where(finite & series, y0 - mean, 0.0)
+    var = jnp.sum(c * c, axis=axis, keepdims=True) / n
+    k3 = jnp.sum(c * c * c, axis=axis, keepdims=True) / n
+    t_s = jnp.where(series, temperature, 1.0)  # T^2 may underflow where the series is not used (0 * inf = NaN)
+    t_lse_series = mean + var / (2 * t_s) + k3 / (6 * t_s * t_s)
+    z = jnp.where(valid, y / temperature, -jnp.inf)
+    z_flat = jnp.where(flat & valid, z, 0.0)
+    mean_expm1 = jnp.sum(jnp.where(valid, jnp.expm1(z_flat), 0.0), axis=axis, keepdims=True) / n
+    lse_flat = jnp.log1p(mean_expm1)  # log(mean(exp(z))), in (-1, 0]
+    lse_steep = jnp.log(jnp.sum(jnp.where(valid, jnp.exp(z), 0.0), axis=axis, keepdims=True)) - jnp.log(n)
+    lse = jnp.where(flat, lse_flat, lse_steep)  # log(sum exp z) - log n
+    t_lse = jnp.where(series, t_lse_series, temperature * lse)
+    lse = jnp.where(series, t_lse_series / t_s, lse)
+    ell = jnp.where(valid, y - t_lse, -jnp.inf)
+    log_p = jnp.where(valid, z - jnp.log(n) - lse, -jnp.inf)
+    return log_p, ell
+
 
 
 def _check_labels(labels: ArrayLike, logits: jax.Array, axis: int) -> jax.Array:

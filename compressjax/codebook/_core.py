@@ -199,6 +199,8 @@ class Codebook:
         A ``jnp.take`` of the centroids, so ``jax.grad`` with respect to ``centroids`` is the sum of the
         gradients of the weights sharing each centroid (Han et al., 2016, eq. 3), with no custom rule.
         """
+        if self.size == 0:  # e.g. zero output channels: nothing to look up (and no channel stride to reshape by)
+            return jnp.zeros(self.shape, self.dtype)
         u = unpack_indices(self.indices, self.bits, self.size).astype(jnp.int32)
         k = self.num_centroids
         table = self.centroids

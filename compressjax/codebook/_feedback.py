@@ -3,37 +3,124 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from compressjax import tree
 from compressjax.codebook._core import Codebook, _is_compressed, _pack_jit
 from compressjax.codebook._train import _nearest
+from compressjax.oneshot._sweep import (
+    check_block_size,
+    check_damp,
+    inverse_hessian_factor,
+    padded_block,
+    run_sweep,
+    sub_block_size,
+)
 
 # ------------------------------------------------------------------------------------------------ error feedback
 
 
-def _nearest_row(c: jax.Array, zero_reserved: bool):
-    """``quantize_column`` for :func:`compressjax.oneshot.error_feedback`: each entry of a kernel row to the
-    nearest centroid of its output channel's codebook (``c``: ``(d_out, k)`` or ``(k,)``)."""
-    c = jnp.asarray(c, jnp.float32)
+@functools.partial(jax.jit, static_argnames=("block_size", "zero_reserved"))
+def _codebook_sweep(w, h, table, chan, keep, damp, *, block_size: int, zero_reserved: bool):
+    """GPTQ's sweep (:func:`compressjax.oneshot._sweep.run_sweep`, the sweep of ``error_feedback``) over the
+    ``(d_in, d_out)`` kernel ``w``: row ``j`` goes to the nearest centroid of each entry's codebook
+    (``table[chan[j, o]]``), pruned entries (``keep`` False) to exactly zero. The table, channel map and mask
+    are arguments, not constants, so one compilation serves every kernel of a shape."""
+    d_in, _ = w.shape
+    block, n_pad = padded_block(d_in, block_size)
+    u, dead = inverse_hessian_factor(h, damp, n_pad)
+    w = jnp.pad(jnp.where(dead[:, None], 0.0, w), ((0, n_pad - d_in), (0, 0)))
+    cand_table = table[:, 1:] if zero_reserved else table
 
-    def quantize_row(row, j, keep=None):
-        table = c if c.ndim == 2 else jnp.broadcast_to(c, (row.shape[0], c.shape[0]))
-        cand = table[:, 1:] if zero_reserved else table
+    def step(row, j, i, view, st):
+        del i, view
+        jj = jnp.minimum(j, d_in - 1)
+        cand = jnp.take(cand_table, jax.lax.dynamic_index_in_dim(chan, jj, keepdims=False), axis=0)
         a = jnp.argmin(jnp.abs(row[:, None] - cand), axis=1)
         q = jnp.take_along_axis(cand, a[:, None], axis=1)[:, 0]
-        return q if keep is None else jnp.where(keep, q, 0.0)
+        q = jnp.where(jax.lax.dynamic_index_in_dim(keep, jj, keepdims=False), q, 0.0)
+        q = jnp.where(j < d_in, q, row)  # padding rows stay as they are (they are decoupled anyway)
+        return q, q, st
 
-    return quantize_row
+    out, _ = run_sweep(w, u, step, None, block, jnp.float32, sub=sub_block_size(block))
+    return out[:d_in]
+
+
+class _Layout:
+    """A kernel seen as the ``(d_in, d_out)`` matrix a Hessian pairs with: its input axes (``in_axes``, kernel
+    order) flattened first, then the other axes, exactly as the one-shot solvers (``gptq``) read it."""
+
+    def __init__(self, shape: tuple[int, ...], in_axes: tuple[int, ...], path: str):
+        nd = len(shape)
+        if not in_axes or any(not 0 <= a < nd for a in in_axes) or len(set(in_axes)) != len(in_axes):
+            raise ValueError(f"leaf {path!r}: Hessian input axes {in_axes} do not fit a kernel of shape {shape}")
+        self.shape = shape
+        self.in_axes = tuple(sorted(in_axes))
+        self.out_axes = tuple(a for a in range(nd) if a not in self.in_axes)
+        self.perm = self.in_axes + self.out_axes
+        self.inv = tuple(int(i) for i in np.argsort(self.perm))
+        self.d_in = math.prod(shape[a] for a in self.in_axes)
+        self.d_out = math.prod(shape[a] for a in self.out_axes)
+
+    def to_2d(self, k: jax.Array) -> jax.Array:
+        return jnp.transpose(k, self.perm).reshape(self.d_in, self.d_out)
+
+    def from_2d(self, m: jax.Array) -> jax.Array:
+        return m.reshape([self.shape[a] for a in self.perm]).transpose(self.inv)
+
+    def channel_map(self) -> jax.Array:
+        """``(d_in, d_out)`` int32: the per-channel codebook (last kernel axis) of every entry of the 2-D view."""
+        return self.to_2d(jnp.broadcast_to(jnp.arange(self.shape[-1], dtype=jnp.int32), self.shape))
+
+    @property
+    def channel_is_input(self) -> bool:
+        return len(self.shape) - 1 in self.in_axes
+
+
+def _hessian_of(p: str, hess: Any, shape: tuple[int, ...]) -> tuple[jax.Array, _Layout]:
+    """``(H float32 (d_in, d_in), layout)`` of a :class:`~compressjax.Hessian` or a plain matrix, checked."""
+    if hasattr(hess, "in_axes"):
+        if tuple(getattr(hess, "layer_axes", ())):
+            raise ValueError(f"leaf {p!r}: a stacked Hessian (layer_axes={tuple(hess.layer_axes)}) needs one codebook "
+                             "per layer; decode the leaf and refit it layer by layer")
+        if int(getattr(hess, "groups", 1)) != 1:
+            raise ValueError(f"leaf {p!r}: a grouped-convolution Hessian (groups={hess.groups}) is not supported here")
+        count = getattr(hess, "count", None)
+        if count is not None and not isinstance(count, jax.core.Tracer):
+            c = np.asarray(count)
+            if c.size and np.any(c <= 0):
+                raise ValueError(f"leaf {p!r}: its Hessian was summed over count={c.min()} input rows: no calibration "
+                                 "row reached this kernel (an all-False row_mask or empty batches); collect it again")
+        h, in_axes = hess.h, tuple(int(a) for a in hess.in_axes)
+    elif hasattr(hess, "shape") and len(hess.shape) == 2:
+        h = hess
+        d = int(hess.shape[0])
+        prods = np.cumprod([1, *shape])
+        hits = [k for k in range(1, len(shape)) if prods[k] == d]
+        in_axes = tuple(range(hits[0] if hits else 1))  # no match: the shape check below names both
+    else:
+        raise TypeError(f"leaf {p!r}: expected a Hessian (from collect_hessians) or a (d_in, d_in) array, "
+                        f"got {type(hess).__name__}")
+    lay = _Layout(shape, in_axes, p)
+    if not hasattr(h, "dtype") or not jnp.issubdtype(h.dtype, jnp.floating):
+        raise TypeError(f"leaf {p!r}: the Hessian must be a float array, got {getattr(h, 'dtype', type(h).__name__)}")
+    if tuple(h.shape) != (lay.d_in, lay.d_in):
+        raise ValueError(f"leaf {p!r}: Hessian has shape {tuple(h.shape)}, expected {(lay.d_in, lay.d_in)} for the "
+                         f"input axes {lay.in_axes} of a kernel of shape {shape}")
+    return jnp.asarray(h, jnp.float32), lay
 
 
 def _map_codebook_kernels(fn, params: Any, reference: Any, hessians: Any, what: str) -> Any:
-    """Calls ``fn(path, codebook, h, w)`` on each 2-D Codebook leaf of ``params`` that has a Hessian in
-    ``hessians`` (``.h`` or a plain ``(d_in, d_in)`` array), with its float reference kernel ``w`` from
-    ``reference`` (checked: same shape, finite) and ``h`` as float32; other leaves pass through."""
+    """Calls ``fn(path, codebook, h, w, layout)`` on each :class:`Codebook` leaf of ``params`` that has a Hessian
+    in ``hessians`` (a :class:`~compressjax.Hessian`, whose ``in_axes`` say which kernel axes are contracted,
+    or a plain ``(d_in, d_in)`` matrix pairing with the leading axes), with its float reference kernel ``w``
+    from ``reference`` (checked: same shape, finite) and ``h`` as float32; other leaves pass through, and so
+    do zero-size codebooks (nothing to assign)."""
     refs = dict(tree.leaves_with_paths(reference, lambda x: x is None or _is_compressed(x)))
     hs = dict(tree.leaves_with_paths(hessians, lambda x: x is None or hasattr(x, "in_axes")))
 
@@ -41,118 +128,177 @@ def _map_codebook_kernels(fn, params: Any, reference: Any, hessians: Any, what: 
         if not isinstance(x, Codebook):
             return x
         p = tree.path_to_str(kp)
-        h = hs.get(p)
-        if h is None:
+        hess = hs.get(p)
+        if hess is None:
             return x
-        h = jnp.asarray(getattr(h, "h", h), jnp.float32)
         r = refs.get(p)
-        if x.ndim != 2 or r is None or tuple(getattr(r, "shape", ())) != x.shape:
-            raise ValueError(f"leaf {p!r}: reference weights of shape {x.shape} needed ({what} takes 2-D (d_in, d_out) "
-                             f"kernels), got {None if r is None else getattr(r, 'shape', type(r).__name__)}")
-        if tuple(h.shape) != (x.shape[0], x.shape[0]):
-            raise ValueError(f"leaf {p!r}: Hessian has shape {tuple(h.shape)}, expected {(x.shape[0], x.shape[0])}")
+        if r is None or tuple(getattr(r, "shape", ())) != x.shape or x.ndim < 2:
+            raise ValueError(f"leaf {p!r}: reference weights of shape {x.shape} needed ({what} takes kernels with at "
+                             f"least 2 axes), got {None if r is None else getattr(r, 'shape', type(r).__name__)}")
+        h, lay = _hessian_of(p, hess, x.shape)
         tree.check_finite(p, r)
         tree.check_finite(p, h)
-        return fn(p, x, h, jnp.asarray(r, jnp.float32))
+        if x.size == 0:
+            return x
+        return fn(p, x, h, jnp.asarray(r, jnp.float32), lay)
 
     return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_compressed)
 
 
 def codebook_error_feedback(params: Any, reference: Any, hessians: Any, *, block_size: int = 128, damp: float = 0.01) -> Any:
-    """Re-assigns the indices of 2-D :class:`Codebook` kernels with GPTQ's error feedback.
+    """Re-assigns the indices of :class:`Codebook` kernels with GPTQ's error feedback.
 
     For each Codebook leaf of ``params`` whose path has a Hessian in ``hessians`` (as returned by
-    :func:`compressjax.collect_hessians`; ``.h`` or a plain ``(d_in, d_in)`` array), the float kernel in
-    ``reference`` is swept one input row at a time (:func:`compressjax.error_feedback`): each row is
-    replaced by the nearest centroid of each output channel's codebook, and its error, weighted by the
-    inverse Hessian, is pushed onto the rows not yet assigned. The centroids are kept; pruned weights of
-    a ``zero_reserved`` codebook stay on the exact zero. This is what lifts 3-bit per-channel codebooks on
-    MiniLM from 0.89-0.90 to about 0.97 mean cosine (issue 12's table).
+    :func:`compressjax.collect_hessians`, or a plain ``(d_in, d_in)`` matrix pairing with the kernel's leading
+    axes), the float kernel in ``reference`` is seen as the ``(d_in, d_out)`` matrix of the Hessian's
+    ``in_axes`` (``(in, out)``, ``(out, in)`` as in ``x @ w.T``, convolution kernels ``(h, w, in, out)``;
+    exactly as :func:`compressjax.gptq` reads it) and swept one input row at a time
+    (:func:`compressjax.error_feedback`): each row is replaced by the nearest centroid of each entry's
+    codebook, and its error, weighted by the inverse Hessian, is pushed onto the rows not yet assigned.
+    The result equals the same sweep on the transposed (2-D) problem. The centroids are kept; pruned
+    weights of a ``zero_reserved`` codebook stay on the exact zero. This is what lifts 3-bit per-channel
+    codebooks on MiniLM from 0.89-0.90 to about 0.97 mean cosine (issue 12's table).
 
     Args:
         params: a tree with Codebook leaves (from :func:`kmeans_codebooks`).
         reference: the float params the codebooks were fitted to (same structure as ``params``).
-        hessians: a tree like ``params`` with a Hessian (or ``None``) per leaf; Codebook leaves without one
-            are left as they are.
+        hessians: a tree like ``params`` with a Hessian (or ``None``) per leaf; Codebook leaves without one,
+            and zero-size ones, are left as they are.
         block_size, damp: as for :func:`compressjax.error_feedback`.
 
     Raises:
-        ValueError: a Codebook with a Hessian that is not 2-D ``(d_in, d_out)``, or a reference leaf of the
-            wrong shape, naming the leaf.
+        ValueError: a Hessian whose shape or ``in_axes`` do not fit the kernel, one summed over
+            ``count == 0`` rows, a stacked (``layer_axes``) or grouped Hessian, NaN/Inf in the Hessian or the
+            reference, a reference leaf of the wrong shape, a negative ``damp``; each names the leaf.
+        TypeError: a Hessian that is not a float array, a bad ``damp`` / ``block_size`` type.
 
     References:
         Frantar et al., "GPTQ", ICLR 2023 (the column sweep); Han et al., "Deep Compression", ICLR 2016.
     """
-    from compressjax.oneshot import error_feedback
+    block_size = check_block_size(block_size)
+    damp = check_damp(damp)
 
-    def assign(p, x, h, r):
-        quantize_row = _nearest_row(x.centroids, x.zero_reserved)
-        if x.zero_reserved:
-            keep = x.index_array() != 0
-            w = jnp.where(keep, r, 0.0)
-            fn = _KeepRow(quantize_row, keep)
-        else:
-            w, fn = r, quantize_row
-        try:
-            wq = error_feedback(w, h, fn, block_size=block_size, damp=damp)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"leaf {p!r}: {e}") from e
-        valid = keep if x.zero_reserved else jnp.ones(x.shape, bool)
-        a = _nearest(wq, x.centroids, valid, per_channel=x.per_channel, zero_reserved=x.zero_reserved, shape=x.shape)
+    def assign(p, x, h, r, lay):
+        chan = lay.channel_map() if x.per_channel else jnp.zeros((lay.d_in, lay.d_out), jnp.int32)
+        table = jnp.atleast_2d(jnp.asarray(x.centroids, jnp.float32))
+        keep = x.index_array() != 0 if x.zero_reserved else jnp.ones(x.shape, bool)
+        w = lay.to_2d(jnp.where(keep, r, 0.0))
+        wq = _codebook_sweep(w, h, table, chan, lay.to_2d(keep), damp, block_size=block_size,
+                             zero_reserved=x.zero_reserved)
+        if not bool(jnp.all(jnp.isfinite(wq))):
+            raise ValueError(f"leaf {p!r}: error feedback produced NaN/Inf: the Hessian is not positive definite "
+                             f"even after damping (damp={damp}); raise damp")
+        a = _nearest(lay.from_2d(wq), x.centroids, keep, per_channel=x.per_channel, zero_reserved=x.zero_reserved,
+                     shape=x.shape)
         return Codebook(_pack_jit(a, x.bits), x.centroids, bits=x.bits, shape=x.shape, dtype=x.dtype,
                         per_channel=x.per_channel, zero_reserved=x.zero_reserved, path=p)
 
     return _map_codebook_kernels(assign, params, reference, hessians, "error feedback")
 
 
-class _KeepRow:
-    """``quantize_column`` that keeps pruned entries (row ``j`` of ``keep`` False) at exactly zero."""
-
-    def __init__(self, quantize_row, keep):
-        self.quantize_row, self.keep = quantize_row, keep
-
-    def __call__(self, row, j):
-        return self.quantize_row(row, j, jax.lax.dynamic_index_in_dim(self.keep, j, keepdims=False))
+# Bytes of one-hot work per chunk of output columns in the refit (the k x k systems themselves are extra).
+_REFIT_CHUNK_BYTES = 64 << 20
+# The most centroids solved as one coupled system (per-channel codebooks along a contracted axis).
+MAX_COUPLED_CENTROIDS = 4096
 
 
-@functools.partial(jax.jit, static_argnames=("k", "per_channel", "zero_reserved"))
-def _refit(w, h, idx, c_old, ridge, *, k, per_channel, zero_reserved):
-    a = jax.nn.one_hot(idx.T, k, dtype=jnp.float32)  # (d_out, d_in, k)
-    if zero_reserved:
-        a = a.at[..., 0].set(0.0)  # the reserved zero is not a free parameter
-    ha = jnp.einsum("ij,ojk->oik", h, a, precision=jax.lax.Precision.HIGHEST)
-    gram = jnp.einsum("oik,oil->okl", a, ha, precision=jax.lax.Precision.HIGHEST)  # A^T H A per channel
-    rhs = jnp.einsum("oik,io->ok", ha, w, precision=jax.lax.Precision.HIGHEST)  # A^T H w per channel
-    c_old = jnp.asarray(c_old, jnp.float32)
-    if not per_channel:
-        gram, rhs, c_old = gram.sum(0, keepdims=True), rhs.sum(0, keepdims=True), c_old[None, :]
+@functools.partial(jax.jit, static_argnames=("kk", "systems", "chunk"))
+def _normal_equations(w, h, g, sys_id, *, kk, systems, chunk):
+    """``(gram, rhs)``: ``sum_o A_o^T H A_o`` and ``sum_o A_o^T H w_o`` per system (``(systems, kk, kk)``,
+    ``(systems, kk)``), where column ``o`` of the 2-D kernel ``w`` has one-hot rows ``A_o = onehot(g[:, o])``
+    (``-1``: the entry is no free parameter) and belongs to system ``sys_id[o]``. Columns are processed
+    ``chunk`` at a time so the one-hot work stays ``O(chunk * d_in * kk)``."""
+    d_in, d_out = w.shape
+    n = -(-d_out // chunk)
+    pad = n * chunk - d_out
+    gc = jnp.pad(g, ((0, 0), (0, pad)), constant_values=-1).T.reshape(n, chunk, d_in)
+    wc = jnp.pad(w, ((0, 0), (0, pad))).T.reshape(n, chunk, d_in)
+    sc = jnp.pad(sys_id, (0, pad)).reshape(n, chunk)
+    hp = jax.lax.Precision.HIGHEST
+
+    def body(carry, xs):
+        gram, rhs = carry
+        gi, wi, si = xs
+        a = jax.nn.one_hot(gi, kk, dtype=jnp.float32)  # (chunk, d_in, kk); -1 gives a zero row
+        ha = jnp.einsum("ij,cjk->cik", h, a, precision=hp)
+        return (gram.at[si].add(jnp.einsum("cik,cil->ckl", a, ha, precision=hp)),
+                rhs.at[si].add(jnp.einsum("cik,ci->ck", ha, wi, precision=hp))), None
+
+    init = (jnp.zeros((systems, kk, kk), jnp.float32), jnp.zeros((systems, kk), jnp.float32))
+    (gram, rhs), _ = jax.lax.scan(body, init, (gc, wc, sc))
+    return gram, rhs
+
+
+@jax.jit
+def _ridge_solve(gram, rhs, c_old, h, ridge):
+    k = gram.shape[-1]
     lam = ridge * jnp.mean(jnp.diagonal(h)) * jnp.maximum(1.0, jnp.mean(jnp.diagonal(gram, axis1=1, axis2=2), axis=1))
     lam = jnp.maximum(lam, 1e-30)[:, None, None]
     eye = jnp.eye(k, dtype=jnp.float32)[None]
-    c = jnp.linalg.solve(gram + lam * eye, (rhs + lam[:, :, 0] * c_old)[..., None])[..., 0]
-    return c if per_channel else c[0]
+    return jnp.linalg.solve(gram + lam * eye, (rhs + lam[:, :, 0] * c_old)[..., None])[..., 0]
+
+
+def _check_ridge(ridge: Any) -> float:
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float, np.integer, np.floating)):
+        raise TypeError(f"ridge must be a real number >= 0, got {ridge!r}")
+    try:
+        value = float(ridge)
+    except OverflowError:
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}") from None
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    return value
 
 
 def refit_centroids(params: Any, reference: Any, hessians: Any, *, ridge: float = 1e-4) -> Any:
     """Least-squares centroids for fixed indices under each kernel's input Gram matrix.
 
-    For every 2-D :class:`Codebook` kernel with a Hessian ``H`` (``(d_in, d_in)``, e.g. from
-    :func:`compressjax.collect_hessians`), the centroids become the minimiser of the layer's output error
-    ``sum_o (w_o - A_o c)^T H (w_o - A_o c)`` over the reference weights ``w`` (``A_o`` the one-hot indices of
-    output channel ``o``; per channel or shared, as the codebook is), with a small ridge ``ridge *
-    mean(diag H)`` towards the current centroids that keeps empty clusters in place. The indices do not
-    change; a reserved zero stays zero. Use after :func:`codebook_error_feedback`, whose assignments were
-    made against the k-means centroids: refitting them can only lower the output error.
+    For every :class:`Codebook` kernel with a Hessian ``H`` (``(d_in, d_in)``, e.g. from
+    :func:`compressjax.collect_hessians`; the kernel is read as the ``(d_in, d_out)`` matrix of the
+    Hessian's ``in_axes``, as :func:`codebook_error_feedback` does), the centroids become the minimiser of
+    the layer's output error ``sum_o (w_o - A_o c)^T H (w_o - A_o c)`` over the reference weights ``w``
+    (``A_o`` the one-hot indices of output column ``o``; per channel or shared, as the codebook is), with a
+    small ridge ``ridge * mean(diag H)`` towards the current centroids that keeps empty clusters in place.
+    Per-channel codebooks along an output axis give one ``2^bits``-square system per channel; along a
+    contracted axis (an ``(out, in)`` kernel) every channel's centroids are coupled through ``H`` and solved
+    as one system of ``channels * 2^bits`` unknowns (at most :data:`MAX_COUPLED_CENTROIDS`). The indices do
+    not change; a reserved zero stays zero. Use after :func:`codebook_error_feedback`, whose assignments
+    were made against the k-means centroids: refitting them can only lower the output error.
 
     Raises:
-        ValueError: a reference leaf or Hessian of the wrong shape, naming the leaf.
+        ValueError: a reference leaf or Hessian of the wrong shape, a Hessian summed over ``count == 0``
+            rows, a stacked or grouped Hessian, ``ridge`` negative, NaN or infinite, a coupled system over
+            :data:`MAX_COUPLED_CENTROIDS` unknowns; each names the leaf (or ``ridge``) and the value.
+        TypeError: ``ridge`` not a real number, a Hessian that is not a float array.
     """
-    def refit(p, x, h, r):
-        c = _refit(r, h, x.index_array(), x.centroids, float(ridge), k=x.num_centroids,
-                   per_channel=x.per_channel, zero_reserved=x.zero_reserved)
+    ridge = _check_ridge(ridge)
+
+    def refit(p, x, h, r, lay):
+        k = x.num_centroids
+        idx = lay.to_2d(x.index_array())
+        g = jnp.where(idx == 0, -1, idx) if x.zero_reserved else idx  # the reserved zero is not a free parameter
+        c_old = jnp.asarray(x.centroids, jnp.float32)
+        if not x.per_channel:
+            systems, kk, sys_id, c_sys = 1, k, jnp.zeros(lay.d_out, jnp.int32), c_old[None]
+        elif not lay.channel_is_input:
+            chan = lay.channel_map()[0]  # constant down each column
+            systems, kk, sys_id, c_sys = x.shape[-1], k, chan, c_old
+        else:  # the channel runs along a contracted axis: one system over every channel's centroids
+            kk = x.shape[-1] * k
+            if kk > MAX_COUPLED_CENTROIDS:
+                raise ValueError(f"leaf {p!r}: per-channel codebooks along a contracted axis couple all "
+                                 f"{x.shape[-1]} x {k} = {kk} centroids (more than {MAX_COUPLED_CENTROIDS}); use one "
+                                 "codebook per leaf (per_channel=False) or a kernel whose last axis is an output axis")
+            g = jnp.where(g < 0, -1, lay.channel_map() * k + g)
+            systems, sys_id, c_sys = 1, jnp.zeros(lay.d_out, jnp.int32), c_old.reshape(1, kk)
+        chunk = max(1, min(lay.d_out, _REFIT_CHUNK_BYTES // (4 * lay.d_in * kk)))
+        gram, rhs = _normal_equations(lay.to_2d(r), h, g, sys_id, kk=kk, systems=systems, chunk=chunk)
+        c = _ridge_solve(gram, rhs, c_sys, h, jnp.float32(ridge)).reshape(c_old.shape)
         if x.zero_reserved:
             c = c.at[..., 0].set(0.0)
+        if not bool(jnp.all(jnp.isfinite(c))):
+            raise ValueError(f"leaf {p!r}: the refit centroids are not finite (the Hessian's scale overflows float32 "
+                             f"in the normal equations); rescale the Hessian or raise ridge (ridge={ridge})")
         return x.with_centroids(c.astype(x.centroids.dtype))
 
     return _map_codebook_kernels(refit, params, reference, hessians, "refitting")
-

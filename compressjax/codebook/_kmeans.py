@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -13,6 +14,9 @@ from compressjax import tree
 from compressjax.codebook._core import DEFAULT_ITERATIONS, INITS, Codebook, _check_bits, _is_compressed, _pack_jit
 
 # ------------------------------------------------------------------------------------------------ k-means
+
+# The most Lloyd updates (the loop counter is an int32 inside jit).
+MAX_ITERATIONS = 2**31 - 1
 
 
 def _init_centroids(xs, pw, n_valid, valid, x_rows, key, k: int, init: str):
@@ -38,6 +42,9 @@ def _init_centroids(xs, pw, n_valid, valid, x_rows, key, k: int, init: str):
     # "random" (Forgy): k distinct weights drawn uniformly among the valid ones.
     u = jax.random.uniform(key, (rows, n))
     u = jnp.where(valid, u, 2.0)
+    if n < k:  # only all-pruned rows can get here (the caller rejects the others): pad with zeros
+        u = jnp.pad(u, ((0, 0), (0, k - n)), constant_values=3.0)
+        x_rows = jnp.pad(x_rows, ((0, 0), (0, k - n)))
     _, idx = jax.lax.top_k(-u, k)
     return jnp.sort(jnp.take_along_axis(x_rows, idx, axis=1), axis=1)
 
@@ -70,6 +77,23 @@ def _rate_boundaries(c: jax.Array, lam: jax.Array, code_len: jax.Array) -> jax.A
     return jax.lax.cummax(b, axis=1)  # exact values are monotone already; guard against rounding
 
 
+# Rows (codebooks) whose k x k crossing tables are built at once: bounds the working memory of
+# entropy-constrained k-means to about RATE_TABLE_BYTES x the temporaries of one table, whatever the number of
+# channels (a 4096 x 11008 kernel at 8 bits would otherwise need ~6.8 GiB).
+RATE_TABLE_BYTES = 16 << 20
+
+
+def _rate_boundaries_chunked(c: jax.Array, lam: jax.Array, code_len: jax.Array, chunk: int | None = None) -> jax.Array:
+    """:func:`_rate_boundaries` over chunks of ``chunk`` rows (``lax.map``; default: ``RATE_TABLE_BYTES`` of
+    crossing table at a time); the same values as one call (each row is computed alone)."""
+    rows, k = c.shape
+    chunk = max(1, RATE_TABLE_BYTES // (4 * k * k)) if chunk is None else chunk
+    if rows <= chunk:
+        return _rate_boundaries(c, lam, code_len)
+    return jax.lax.map(lambda a: _rate_boundaries(a[0][None], a[1][None], a[2][None])[0], (c, lam, code_len),
+                       batch_size=chunk)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "iterations", "init", "has_mask", "has_weights", "has_rate"))
 def _lloyd(x_rows, valid, w_rows, key, rate, *, k: int, iterations: int, init: str, has_mask: bool,
            has_weights: bool, has_rate: bool):
@@ -83,7 +107,15 @@ def _lloyd(x_rows, valid, w_rows, key, rate, *, k: int, iterations: int, init: s
     frequencies of the previous step (:func:`_rate_boundaries`).
     """
     rows, n = x_rows.shape
+    # Each row is scaled by a power of two to below 4 in magnitude (and its importances likewise), so that
+    # prefix sums of values near the float32 limit cannot overflow; a power of two scales exactly, so
+    # ordinary inputs give bit-identical centroids.
     x_rows = x_rows.astype(jnp.float32)
+    x_scale = _pow2_above(jnp.max(jnp.where(valid, jnp.abs(x_rows), 0.0), axis=1))
+    x_rows = x_rows / x_scale[:, None]
+    if has_weights:
+        w_rows = w_rows.astype(jnp.float32)
+        w_rows = w_rows / _pow2_above(jnp.max(jnp.where(valid, w_rows, 0.0), axis=1))[:, None]
     keys = jnp.where(valid, x_rows, jnp.inf) if has_mask else x_rows
     if has_weights:
         w = jnp.where(valid, w_rows.astype(jnp.float32), 0.0) if has_mask else w_rows.astype(jnp.float32)
@@ -109,7 +141,7 @@ def _lloyd(x_rows, valid, w_rows, key, rate, *, k: int, iterations: int, init: s
 
     def boundaries(c, code_len):
         if has_rate:
-            return _rate_boundaries(c, lam, code_len)
+            return _rate_boundaries_chunked(c, lam, code_len)
         return (c[:, :-1] + c[:, 1:]) * 0.5
 
     def assign(c, code_len):  # (rows, k - 1) end positions of clusters 0..k-2 in the sorted row
@@ -151,7 +183,14 @@ def _lloyd(x_rows, valid, w_rows, key, rate, *, k: int, iterations: int, init: s
     else:
         a = jax.vmap(lambda b, v: jnp.searchsorted(b, v, side="left"))(boundaries(c, code_len), x_rows)
         a = a.astype(jnp.int32)
-    return c, a, its, distinct
+    return c * x_scale[:, None], a, its, distinct
+
+
+def _pow2_above(m: jax.Array) -> jax.Array:
+    """A power of two ``s`` with ``m / s`` in ``[1, 4)`` (1 where ``m`` is 0; never below the smallest normal
+    float32, never above 2^126, so that ``s`` and ``1 / s`` are normal floats and dividing by it is exact)."""
+    _, e = jnp.frexp(m)
+    return jnp.where(m > 0, jnp.ldexp(jnp.ones_like(m), jnp.clip(e - 1, -126, 126)), 1.0)
 
 
 def _rows(x: jax.Array, per_channel: bool) -> jax.Array:
@@ -268,14 +307,21 @@ def kmeans_codebooks(
     bits = int(bits)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
-        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)):
+        raise TypeError(f"iterations must be a positive int, got {iterations!r}")
+    if not 1 <= iterations <= MAX_ITERATIONS:
+        raise ValueError(f"iterations must be a positive int, got {iterations!r} (at most {MAX_ITERATIONS}: an int32 loop counter)")
     if not isinstance(per_channel, (bool, np.bool_)):
         raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
     if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, (int, float, np.integer, np.floating)):
         raise TypeError(f"entropy_weight must be a real number, got {entropy_weight!r}")
-    if not (np.isfinite(entropy_weight) and entropy_weight >= 0):
-        raise ValueError(f"entropy_weight must be finite and >= 0, got {entropy_weight!r}")
+    try:
+        rate = float(entropy_weight)
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        rate = math.inf
+    if not (math.isfinite(rate) and rate >= 0):
+        shown = repr(entropy_weight) if len(repr(entropy_weight)) <= 40 else f"{repr(entropy_weight)[:20]}... (a {len(repr(entropy_weight))}-digit number)"
+        raise ValueError(f"entropy_weight must be finite and >= 0, got {shown}")
     key = jax.random.key(0) if key is None else key
     if isinstance(key, jax.Array) and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)  # a raw uint32 key from jax.random.PRNGKey
@@ -313,7 +359,7 @@ def kmeans_codebooks(
         if m is not None:
             _check_aux(path, "masks", m, leaf, nonneg=False)
         out[path] = _kmeans_leaf(path, jnp.asarray(leaf), bits, k, per_channel, init, int(iterations), w, m,
-                                 masks is not None, jax.random.fold_in(key, i), float(entropy_weight))
+                                 masks is not None, jax.random.fold_in(key, i), rate)
 
     def visit(kp, leaf):
         p = tree.path_to_str(kp)
@@ -324,6 +370,16 @@ def kmeans_codebooks(
 
 def _kmeans_leaf(path, x, bits, k, per_channel, init, iterations, w, m, reserve_zero, key, rate) -> Codebook:
     shape = tuple(x.shape)
+    if x.size == 0:  # nothing to cluster: a valid empty Codebook (zero centroids), as quantize passes them through
+        kk = 1 << bits
+        centroids = jnp.zeros((shape[-1], kk) if per_channel else (kk,), jnp.float32)
+        return Codebook(jnp.zeros((0,), jnp.uint8), centroids, bits=bits, shape=shape, dtype=x.dtype,
+                        per_channel=per_channel, zero_reserved=reserve_zero, path=path)
+    n_values = x.size // shape[-1] if per_channel else x.size
+    if n_values < k and not reserve_zero:  # (with masks, the distinct-value check below says which channel)
+        where_ = "each channel of " if per_channel else ""
+        raise ValueError(f"leaf {path!r}: {where_}the weights hold {n_values} values, fewer than the {k} centroids of "
+                         f"a {bits}-bit codebook; use fewer bits{' or one codebook per leaf' if per_channel else ''}")
     x_rows = _rows(x.astype(jnp.float32), per_channel)
     if m is not None:
         valid = _rows(jnp.asarray(m) != 0, per_channel)

@@ -141,6 +141,8 @@ def reassign_indices(params: Any, reference: Any) -> Any:
             got = None if r is None else getattr(r, "shape", type(r).__name__)
             raise ValueError(f"leaf {p!r}: reference weights of shape {x.shape} needed to reassign, got {got}")
         tree.check_finite(p, r)
+        if x.size == 0:
+            return x
         valid = x.index_array() != 0 if x.zero_reserved else jnp.ones(x.shape, bool)
         a = _nearest(jnp.asarray(r), x.centroids, valid, per_channel=x.per_channel, zero_reserved=x.zero_reserved,
                      shape=x.shape)

@@ -60,6 +60,10 @@ STAGE_NAMES = ("teacher", "student", "distilled", "compressed", "one-shot")
 TRAIN_SIZE = 4000  # MNIST-1D's training split; an "epoch" below is this many examples
 
 
+#: The largest ``seed`` (``jax.random.key`` takes a 32-bit unsigned seed without x64).
+MAX_SEED = 2**32 - 1
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """Settings of one demo run (``compressjax demo`` flags map onto these).
@@ -102,6 +106,8 @@ class DemoConfig:
     codebook_bits: int | None = None  # weight sharing instead of uniform QAT (issue 12)
 
     def __post_init__(self):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {self.seed!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
         if not 0.0 <= self.sparsity < 1.0:

@@ -205,7 +205,7 @@ def _encode(params: Any, masks: Any, rules: Any, level: int | None) -> tuple[lis
     return chunks, SizeReport(tuple(sizes), total, total - payload)
 
 
-def save(path: str | os.PathLike, params: Any, *, masks: Any = None, rules: Any = None, level: int | None = None) -> SizeReport:
+def save(path: str | bytes | os.PathLike, params: Any, *, masks: Any = None, rules: Any = None, level: int | None = None) -> SizeReport:
     """Writes ``params`` to one compact file; what is stored is ``quantize_params(apply_masks(params, masks), rules)``.
 
     Each array is stored dense, or sparse as its non-zero values plus their positions (a bitmask or Deep
@@ -223,7 +223,8 @@ def save(path: str | os.PathLike, params: Any, *, masks: Any = None, rules: Any 
     stays), and a read-only file is refused with ``PermissionError`` rather than replaced.
 
     Args:
-        path: the file to write (replaced atomically if it exists).
+        path: the file to write (replaced atomically if it exists): ``str``, ``bytes`` (as ``open`` takes it,
+            and as :func:`load` accepts it) or ``os.PathLike``.
         params: a pytree of dicts, lists, tuples, ``nnx.State``/NNX variables, ``FrozenDict``, arrays,
             QArrays, ``None`` and Python scalars (see ``compressjax.export._structure``).
         masks: optional pruning masks (as from ``magnitude_masks``), applied with ``apply_masks`` first.
@@ -237,11 +238,14 @@ def save(path: str | os.PathLike, params: Any, *, masks: Any = None, rules: Any 
         The :class:`SizeReport` of the file written.
 
     Raises:
-        TypeError: for a container, dtype or leaf the format cannot store (naming its path).
+        TypeError: for a container, dtype or leaf the format cannot store (naming its path), or a ``path``
+            that is not a ``str``, ``bytes`` or ``os.PathLike``.
         ValueError: for a tree whose structure alone is too large for :func:`load` to accept (its JSON
             description over 64 x the file size, e.g. hundreds of thousands of ``None`` leaves).
         PermissionError: ``path`` is a read-only file or its folder cannot be written.
     """
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"save(path=...) must be a str, bytes or os.PathLike file path, got {type(path).__name__}")
     chunks, report = _encode(params, masks, rules, level)
     _container.atomic_write(path, chunks)
     return report
@@ -259,8 +263,7 @@ def _decode_leaf(rec: Any, sr: _codec.StreamReader, what: str, dequantize: bool)
         return jnp.asarray(arr)
     from compressjax.quantization import dequantize as _dequantize
 
-    v.require_keys(rec, what, required={"e", "meta", "codes", "scale"}, optional={"zp"})
-    meta = _check_qmeta(rec["meta"], "zp" not in rec, what)
+    meta = _check_q_record(rec, what, sr.entries)
     ints = _codec.decode_array(rec["codes"], sr, what + " codes")
     scale = _codec.decode_array(rec["scale"], sr, what + " scale")
     zp = _codec.decode_array(rec["zp"], sr, what + " zero point") if "zp" in rec else None
@@ -277,6 +280,25 @@ def _decode_leaf(rec: Any, sr: _codec.StreamReader, what: str, dequantize: bool)
         return _dequantize(q, path=what) if dequantize else q
     except (TypeError, ValueError, ArithmeticError) as e:
         raise FormatError(f"{what}: invalid quantized array: {e}") from e
+
+
+def _check_q_record(rec: dict, what: str, entries: list | None) -> dict:
+    """A QArray record's metadata and its code, scale and zero-point records, checked against each other
+    without reading a stream (shared by ``load`` and ``size_report``); returns the checked metadata."""
+    v.require_keys(rec, what, required={"e", "meta", "codes", "scale"}, optional={"zp"})
+    meta = _check_qmeta(rec["meta"], "zp" not in rec, what)
+    codes = _codec.check_array_record(rec["codes"], what + " codes", entries)
+    if codes.dtype != np.int8 or list(codes.shape) != meta["shape"]:
+        raise FormatError(f"{what}: the integer codes ({codes.dtype} {codes.shape}) do not match the metadata shape {meta['shape']}")
+    want = meta["layout"].scale_shape
+    scale = _codec.check_array_record(rec["scale"], what + " scale", entries)
+    if scale.dtype != np.float32 or scale.shape != tuple(want):
+        raise FormatError(f"{what}: the scales ({scale.dtype} {scale.shape}) must be float32 of shape {want}")
+    if "zp" in rec:
+        zp = _codec.check_array_record(rec["zp"], what + " zero point", entries)
+        if zp.dtype != np.int32 or zp.shape != tuple(want):
+            raise FormatError(f"{what}: the zero points ({zp.dtype} {zp.shape}) must be int32 of shape {want}")
+    return dict(meta, _heads=(codes, scale, zp if "zp" in rec else None))
 
 
 _QMETA_KEYS = ("format", "bits", "shape", "dtype", "symmetric", "packed", "channel_axes", "group_size", "group_axis")
@@ -463,60 +485,85 @@ class _Marker:
     """Stands for a leaf when only the tree's paths are needed."""
 
 
-def _report_from_header(header: dict, total: int) -> SizeReport:
-    table = header["streams"]
-    sizes = []
+def _report_from_header(header: dict, total: int, payload_len: int) -> SizeReport:
+    """The report of a file from its header alone, after the checks ``load`` makes before reading a stream
+    (the same functions: a header that ``load`` rejects is rejected here too, with ``FormatError``)."""
+    entries = _codec.check_table(header["streams"], payload_len)
+    sizes, used = [], set()
     for i, rec in enumerate(header["leaves"]):
-        if isinstance(rec, dict) and rec.get("e") == "cb":
-            info, stored, bpi, h = _codebook.report_leaf(rec, table, f"leaf #{i}")
-            sizes.append(LeafSize(*info, stored, index_bits=bpi, index_entropy=h))
-            continue
-        arr = rec["codes"] if rec.get("e") == "q" else rec
-        streams = [s for key in ("codes", "scale", "zp") if rec.get("e") == "q" and key in rec for s in rec[key]["s"]]
-        streams = streams or rec["s"]
-        if rec.get("e") == "q":
-            enc = f"int{rec['meta']['bits']} " + (f"sparse/{arr['pos']}" if arr["e"] == "sparse" else "dense")
-            dtype = rec["meta"]["dtype"]
+        what = f"leaf #{i}"
+        if not isinstance(rec, dict):
+            raise FormatError(f"{what}: malformed leaf record")
+        if rec.get("e") == "cb":
+            info, stored, bpi, h, streams = _codebook.report_leaf(rec, entries, what)
+            size = LeafSize(*info, stored, index_bits=bpi, index_entropy=h)
+        elif rec.get("e") == "q":
+            meta = _check_q_record(rec, what, entries)
+            codes = meta["_heads"][0]
+            streams = [s for head in meta["_heads"] if head is not None for s in head.streams]
+            size = LeafSize(what, tuple(meta["shape"]), meta["dtype"], f"int{meta['bits']} {codes.encoding}", codes.nnz,
+                            sum(entries[s][2] for s in streams))
         else:
-            enc = f"sparse/{arr['pos']}" if arr["e"] == "sparse" else "dense"
-            dtype = arr["dt"]
-        shape = tuple(arr["sh"])
-        nnz = arr.get("nnz", math.prod(shape))
-        sizes.append(LeafSize(f"leaf #{i}", shape, dtype, enc, int(nnz), sum(table[s][1] for s in streams)))
+            head = _codec.check_array_record(rec, what, entries)
+            streams = head.streams
+            size = LeafSize(what, head.shape, rec["dt"], head.encoding, head.nnz, sum(entries[s][2] for s in streams))
+        for s in streams:
+            if s in used:
+                raise FormatError(f"{what}: stream {s} is referenced twice")
+            used.add(s)
+        sizes.append(size)
+    if len(used) != len(entries):
+        raise FormatError(f"{len(entries) - len(used)} streams of the payload are not referenced by any leaf")
     payload = sum(s.stored_bytes for s in sizes)
     return SizeReport(tuple(sizes), total, total - payload)
+
+
+def _report_file(path: Any) -> SizeReport:
+    with _container.HeaderReader(path) as reader:  # reads the preamble and the header, never the payload at once
+        try:
+            header = _parse_header(reader.header_json)
+            report = _report_from_header(header, reader.size, reader.payload_len)
+            markers = [_Marker() for _ in header["leaves"]]
+            tree = _structure.unflatten(header["tree"], markers)
+            order = {id(m): p for p, m in _structure.flatten(tree, lambda x: isinstance(x, _Marker))[1]}
+            paths = [order[id(m)] for m in markers]
+        except Exception as e:
+            # A corrupted file is reported as such (checked first when that is cheap); otherwise the header
+            # is intact and was not written by us: every field is checked, this is the safety net.
+            reader.verify_if_small()
+            if isinstance(e, FormatError):
+                raise
+            if isinstance(e, (KeyError, TypeError, IndexError, AttributeError, ValueError, ArithmeticError, RecursionError)):
+                raise FormatError(f"malformed header: {type(e).__name__}: {e}") from e
+            raise
+        reader.verify()  # the report is returned only once the whole file's checksum matched
+    return dataclasses.replace(
+        report, leaves=tuple(dataclasses.replace(s, path=p) for s, p in zip(report.leaves, paths, strict=True))
+    )
 
 
 def size_report(path_or_params: Any, *, masks: Any = None, rules: Any = None, level: int | None = None) -> SizeReport:
     """Per-leaf and total bytes, bits per weight and the ratio against dense float32.
 
     Args:
-        path_or_params: a file written by :func:`save` (``str`` or ``os.PathLike``; read and verified), or a
-            params pytree, which is encoded in memory exactly as :func:`save` would write it.
+        path_or_params: a file written by :func:`save` (``str``, ``bytes`` or ``os.PathLike``), or a params
+            pytree, which is encoded in memory exactly as :func:`save` would write it. A file's header is
+            validated with the same checks as :func:`load` (every record, shape, count and stream length)
+            and its checksum verified while the payload is streamed through SHA-256 in 1 MiB pieces: memory
+            stays within the header's bound (at most 64 x the file size of JSON, 256 MiB, before anything is
+            parsed) plus 1 MiB, whatever the file declares; time is one read of the file.
         masks, rules, level: as for :func:`save` (only with params).
 
     Returns:
         A :class:`SizeReport`; ``print(report)`` shows the table.
+
+    Raises:
+        FormatError: a file that ``load`` would reject for its preamble, header or checksum.
+        OSError: the file cannot be opened or read.
     """
-    if isinstance(path_or_params, (str, os.PathLike)):
+    if isinstance(path_or_params, (str, bytes, os.PathLike)):
         if masks is not None or rules is not None:
             raise ValueError("masks= and rules= apply to params, not to a saved file")
-        data = _container.read_file(path_or_params)
-        header_json, _, verify, _ = _container.parse(data)
-        verify()  # the header is trusted only once the whole file's checksum matched
-        header = _parse_header(header_json)
-        try:  # the streams are not decoded: the header alone says where the bytes go
-            report = _report_from_header(header, len(data))
-            markers = [_Marker() for _ in header["leaves"]]
-            tree = _structure.unflatten(header["tree"], markers)
-            order = {id(m): p for p, m in _structure.flatten(tree, lambda x: isinstance(x, _Marker))[1]}
-            paths = [order[id(m)] for m in markers]
-        except FormatError:
-            raise
-        except Exception as e:  # a well-formed checksum over a header we did not write
-            raise FormatError(f"malformed header: {type(e).__name__}: {e}") from e
-        return dataclasses.replace(
-            report, leaves=tuple(dataclasses.replace(s, path=p) for s, p in zip(report.leaves, paths, strict=True))
-        )
+        return _report_file(path_or_params)
     _, report = _encode(path_or_params, masks, rules, level)
     return report

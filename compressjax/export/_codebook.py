@@ -126,19 +126,69 @@ def _meta(rec: dict, what: str) -> tuple[int, tuple[int, ...], str, bool, bool]:
     return bits, shape, dtype, per_channel, zero
 
 
-def report_leaf(rec: dict, table: list, what: str) -> tuple[tuple, int, float, float]:
-    """``(LeafSize fields, stored bytes, bits per index, entropy)`` of a record, from the header alone."""
-    bits, shape, dtype, _, zero = _meta(rec, what)
-    idx, c = rec.get("idx"), rec.get("c")
-    if not isinstance(idx, dict) or not isinstance(c, dict):
+class RecordHeader:
+    """What a codebook record declares, checked against itself (see :func:`check_record`)."""
+
+    def __init__(self, bits, shape, dtype, per_channel, zero, idx_head, c_head, streams):
+        self.bits, self.shape, self.dtype, self.per_channel, self.zero = bits, shape, dtype, per_channel, zero
+        self.idx_head, self.c_head, self.streams = idx_head, c_head, streams
+
+    @property
+    def nnz(self) -> int:
+        n = math.prod(self.shape)
+        return n if self.idx_head is None else self.idx_head.nnz
+
+
+def check_record(rec: Any, what: str, entries: list | None = None) -> RecordHeader:
+    """Every field of a codebook record that can be judged without its streams: the metadata, the index
+    record (bit-packed, or an array record of ``uint8`` indices of the leaf's shape with a valid ``nnz``),
+    the centroid record (a float array of ``(2^bits,)``, or ``(channels, 2^bits)`` per channel), the entropy,
+    and (given the stream table's ``entries``) each stream's declared length. ``load`` and ``size_report``
+    both call it, so they accept and reject the same headers (``FormatError``)."""
+    if not isinstance(rec, dict):
         raise FormatError(f"{what}: malformed codebook record")
-    streams = record_streams(rec)
-    if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < len(table) for s in streams):
-        raise FormatError(f"{what}: codebook stream index out of range")
+    bits, shape, dtype, per_channel, zero = _meta(rec, what)
+    if set(rec) - {"e", "meta", "idx", "c", "h"}:
+        raise FormatError(f"{what}: unknown codebook record fields {sorted(map(str, set(rec) - {'e', 'meta', 'idx', 'c', 'h'}))[:5]}")
+    h = rec.get("h")
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 <= h <= 8.0:
+        raise FormatError(f"{what}: invalid index entropy {h!r} in a codebook record"[:200])
     n = math.prod(shape)
-    nnz = idx.get("nnz", n) if idx.get("e") == "sparse" else n
-    bpi, h = index_stats(rec, table, n)
-    return (what, shape, dtype, _encoding(rec), int(nnz)), sum(int(table[s][1]) for s in streams), bpi, h
+    k = 1 << bits
+    idx = rec.get("idx")
+    if not isinstance(idx, dict):
+        raise FormatError(f"{what}: malformed codebook index record")
+    if idx.get("e") == "packed":
+        streams = idx.get("s")
+        if set(idx) != {"e", "s"} or not isinstance(streams, list) or len(streams) != 1:
+            raise FormatError(f"{what}: malformed packed index record")
+        if entries is not None:
+            plen = -(-n * bits // 8)
+            _codec.check_stream(entries, streams[0], plen, plen, what + " indices")
+        idx_head = None
+        idx_streams = list(streams)
+    else:
+        idx_head = _codec.check_array_record(idx, what + " indices", entries)
+        if idx_head.dtype != np.uint8 or idx_head.shape != shape:
+            raise FormatError(f"{what}: the indices ({idx_head.dtype} {idx_head.shape}) do not match the metadata {shape}")
+        idx_streams = list(idx_head.streams)
+    c_head = _codec.check_array_record(rec.get("c"), what + " centroids", entries)
+    want = (shape[-1], k) if per_channel else (k,)
+    if c_head.dtype.name not in _CENTROID_DTYPES or c_head.shape != want:
+        raise FormatError(f"{what}: the centroids ({c_head.dtype} {c_head.shape}) do not match the metadata "
+                          f"(float {want}: bits={bits}, per_channel={per_channel})")
+    return RecordHeader(bits, shape, dtype, per_channel, zero, idx_head, c_head, idx_streams + list(c_head.streams))
+
+
+def report_leaf(rec: dict, entries: list, what: str) -> tuple[tuple, int, float, float, list]:
+    """``(LeafSize fields, stored bytes, bits per index, entropy, streams)`` of a record, from the header alone,
+    after :func:`check_record`."""
+    head = check_record(rec, what, entries)
+    n = math.prod(head.shape)
+    stored_idx = sum(entries[s][2] for s in rec["idx"]["s"])
+    bpi = 8.0 * stored_idx / n if n else 0.0
+    stored = sum(entries[s][2] for s in head.streams)
+    return (what, head.shape, head.dtype, _encoding(rec), int(head.nnz)), stored, bpi, float(rec["h"]), head.streams
 
 
 def decode(rec: dict, sr: _codec.StreamReader, what: str, dequantize: bool) -> Any:
@@ -147,23 +197,14 @@ def decode(rec: dict, sr: _codec.StreamReader, what: str, dequantize: bool) -> A
 
     from compressjax.codebook import Codebook
 
-    bits, shape, dtype, per_channel, zero = _meta(rec, what)
-    if set(rec) - {"e", "meta", "idx", "c", "h"}:
-        raise FormatError(f"{what}: unknown codebook record fields {sorted(set(rec) - {'e', 'meta', 'idx', 'c', 'h'})}")
-    h = rec.get("h")
-    if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 <= h <= 8.0:
-        raise FormatError(f"{what}: invalid index entropy {h!r} in a codebook record")
+    head = check_record(rec, what, sr.entries)
+    bits, shape, dtype, per_channel, zero = head.bits, head.shape, head.dtype, head.per_channel, head.zero
     n = math.prod(shape)
     k = 1 << bits
-    idx = rec.get("idx")
-    if not isinstance(idx, dict):
-        raise FormatError(f"{what}: malformed codebook index record")
+    idx = rec["idx"]
     plen = -(-n * bits // 8)
     if idx.get("e") == "packed":
-        streams = idx.get("s")
-        if set(idx) != {"e", "s"} or not isinstance(streams, list) or len(streams) != 1:
-            raise FormatError(f"{what}: malformed packed index record")
-        packed = sr.get(streams[0], plen, plen, what + " indices")
+        packed = sr.get(idx["s"][0], plen, plen, what + " indices")
         if (n * bits) % 8 and int(packed[-1]) >> ((n * bits) % 8):
             raise FormatError(f"{what}: the packed indices have bits set past the last index")
         sr.budget.charge(n * (bits + 1), what)  # the unpacking planes and the indices

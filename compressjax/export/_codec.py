@@ -307,6 +307,93 @@ def encode_array(arr: np.ndarray, path: str, sw: StreamWriter) -> dict:
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def check_table(table: Any, payload_len: int) -> list[tuple[int, int, int, int]]:
+    """The stream table's ``(codec, offset, stored, raw)`` entries, checked: well formed, and adding up to
+    exactly ``payload_len`` bytes (``FormatError`` otherwise). Shared by ``load`` and ``size_report``."""
+    if not isinstance(table, list):
+        raise FormatError("the header's stream table is not a list")
+    entries: list[tuple[int, int, int, int]] = []
+    offset = 0
+    for i, entry in enumerate(table):
+        if not (isinstance(entry, list) and len(entry) == 3 and all(_is_int(v) and v >= 0 for v in entry)):
+            raise FormatError(f"stream {i} of the table is malformed: {entry!r}"[:200])
+        codec, stored, raw = entry
+        if codec not in (RAW, ZSTD):
+            raise FormatError(f"stream {i} uses unknown codec {codec}")
+        if codec == RAW and stored != raw:
+            raise FormatError(f"raw stream {i} stores {stored} bytes but declares {raw}")
+        entries.append((codec, offset, stored, raw))
+        offset += stored
+    if offset != payload_len:
+        raise FormatError(f"the streams add up to {offset} bytes but the payload holds {payload_len}")
+    return entries
+
+
+def check_stream(entries: list, index: Any, lo: int, hi: int, what: str) -> int:
+    """Stream ``index`` exists and declares between ``lo`` and ``hi`` raw bytes; returns its raw length."""
+    if not _is_int(index) or not 0 <= index < len(entries):
+        raise FormatError(f"{what}: stream index {index!r} is out of range"[:200])
+    raw = entries[index][3]
+    if not lo <= raw <= hi:
+        expect = f"{lo}" if lo == hi else f"between {lo} and {hi}"
+        raise FormatError(f"{what}: stream {index} declares {raw} bytes, expected {expect}")
+    return raw
+
+
+class ArrayHeader:
+    """What an array record declares, checked without reading its streams (see :func:`check_array_record`)."""
+
+    def __init__(self, dtype: np.dtype, shape: tuple[int, ...], kind: str, nnz: int, pos: str | None,
+                 streams: list[int], bounds: list[tuple[int, int]]):
+        self.dtype, self.shape, self.kind, self.nnz, self.pos = dtype, shape, kind, nnz, pos
+        self.streams, self.bounds = streams, bounds
+
+    @property
+    def encoding(self) -> str:
+        return f"sparse/{self.pos}" if self.kind == "sparse" else "dense"
+
+
+def check_array_record(rec: Any, what: str, entries: list | None = None) -> ArrayHeader:
+    """Every field of an array record (dtype, shape, encoding, ``nnz``, position code, stream count) and,
+    given the stream table's ``entries``, each stream's declared length: the checks ``load`` makes before it
+    reads a byte, shared with ``size_report`` so both accept and reject the same headers (``FormatError``)."""
+    if not isinstance(rec, dict):
+        raise FormatError(f"{what}: the array record is not an object")
+    dt = dtype_from_name(rec.get("dt"))
+    shape = check_shape(rec.get("sh"), what)
+    n = math.prod(shape)
+    streams = rec.get("s")
+    kind = rec.get("e")
+    if not isinstance(streams, list):
+        raise FormatError(f"{what}: the record's stream list is missing")
+    planes = dt.itemsize
+    if kind == "dense":
+        if len(streams) != planes:
+            raise FormatError(f"{what}: a dense {dt} record has {planes} streams (byte planes), got {len(streams)}")
+        head = ArrayHeader(dt, shape, kind, n, None, streams, [(n, n)] * planes)
+    elif kind == "sparse":
+        nnz, pos_kind = rec.get("nnz"), rec.get("pos")
+        if not _is_int(nnz) or not 0 <= nnz <= n:
+            raise FormatError(f"{what}: invalid non-zero count {nnz!r} for {n} elements"[:200])
+        if len(streams) != 1 + planes:
+            raise FormatError(f"{what}: a sparse {dt} record has {1 + planes} streams, got {len(streams)}")
+        if pos_kind == "bitmask":
+            pos_bounds = ((n + 7) // 8, (n + 7) // 8)
+        elif pos_kind in ("delta8", "delta16"):
+            width = 8 if pos_kind == "delta8" else 16
+            step, top = width // 8, (1 << width) - 1
+            pos_bounds = (step * nnz, step * (nnz + n // top))
+        else:
+            raise FormatError(f"{what}: unknown position encoding {pos_kind!r}"[:200])
+        head = ArrayHeader(dt, shape, kind, nnz, pos_kind, streams, [pos_bounds] + [(nnz, nnz)] * planes)
+    else:
+        raise FormatError(f"{what}: unknown encoding {kind!r}"[:200])
+    if entries is not None:
+        for index, (lo, hi) in zip(streams, head.bounds, strict=True):
+            check_stream(entries, index, lo, hi, what)
+    return head
+
+
 class StreamReader:
     """Hands out the payload's streams, each at most once, after checking its declared lengths.
 
@@ -315,23 +402,8 @@ class StreamReader:
     """
 
     def __init__(self, payload: memoryview, table: Any, budget: Budget, flags: int = FLAG_BARE_FRAMES):
-        if not isinstance(table, list):
-            raise FormatError("the header's stream table is not a list")
         self.payload, self.budget, self.flags = payload, budget, flags
-        self.entries: list[tuple[int, int, int, int]] = []
-        offset = 0
-        for i, entry in enumerate(table):
-            if not (isinstance(entry, list) and len(entry) == 3 and all(_is_int(v) and v >= 0 for v in entry)):
-                raise FormatError(f"stream {i} of the table is malformed: {entry!r}")
-            codec, stored, raw = entry
-            if codec not in (RAW, ZSTD):
-                raise FormatError(f"stream {i} uses unknown codec {codec}")
-            if codec == RAW and stored != raw:
-                raise FormatError(f"raw stream {i} stores {stored} bytes but declares {raw}")
-            self.entries.append((codec, offset, stored, raw))
-            offset += stored
-        if offset != len(payload):
-            raise FormatError(f"the streams add up to {offset} bytes but the payload holds {len(payload)}")
+        self.entries = check_table(table, len(payload))
         self.used: set[int] = set()
         self._lock = threading.Lock()
         self._local = threading.local()  # a ZstdDecompressor is not thread-safe
@@ -369,30 +441,15 @@ def check_shape(shape: Any, what: str) -> tuple[int, ...]:
 
 def decode_array(rec: Any, sr: StreamReader, what: str) -> np.ndarray:
     """Rebuilds the array of a record written by :func:`encode_array`, validating it fully first."""
-    if not isinstance(rec, dict):
-        raise FormatError(f"{what}: the array record is not an object")
-    dt = dtype_from_name(rec.get("dt"))
-    shape = check_shape(rec.get("sh"), what)
+    head = check_array_record(rec, what)
+    dt, shape, streams = head.dtype, head.shape, head.streams
     n = math.prod(shape)
     nbytes = n * dt.itemsize
-    streams = rec.get("s")
-    kind = rec.get("e")
-    if not isinstance(streams, list):
-        raise FormatError(f"{what}: the record's stream list is missing")
-    planes = dt.itemsize
-    if kind == "dense":
-        if len(streams) != planes:
-            raise FormatError(f"{what}: a dense {dt} record has {planes} streams (byte planes), got {len(streams)}")
+    if head.kind == "dense":
         sr.budget.charge(nbytes, what)
         bufs = [sr.get(i, n, n, what) for i in streams]
         return from_planes(bufs, n, dt).reshape(shape)
-    if kind != "sparse":
-        raise FormatError(f"{what}: unknown encoding {kind!r}")
-    nnz, pos_kind = rec.get("nnz"), rec.get("pos")
-    if not _is_int(nnz) or not 0 <= nnz <= n:
-        raise FormatError(f"{what}: invalid non-zero count {nnz!r} for {n} elements")
-    if len(streams) != 1 + planes:
-        raise FormatError(f"{what}: a sparse {dt} record has {1 + planes} streams, got {len(streams)}")
+    nnz, pos_kind = head.nnz, head.pos
     sr.budget.charge(nbytes + 9 * nnz, what)  # the output, the values and the int64 positions
     if pos_kind == "bitmask":
         bits = sr.get(streams[0], (n + 7) // 8, (n + 7) // 8, what)
@@ -402,7 +459,7 @@ def decode_array(rec: Any, sr: StreamReader, what: str) -> np.ndarray:
         if n % 8 and bits[-1] >> (n % 8):
             raise FormatError(f"{what}: the bitmask has bits set past the end of the array")
         index: np.ndarray = mask
-    elif pos_kind in ("delta8", "delta16"):
+    else:
         width = 8 if pos_kind == "delta8" else 16
         step = width // 8
         top = (1 << width) - 1
@@ -411,8 +468,6 @@ def decode_array(rec: Any, sr: StreamReader, what: str) -> np.ndarray:
         if codes.size % step:
             raise FormatError(f"{what}: {pos_kind} stream of odd length {codes.size}")
         index = delta_decode(codes.view(f"<u{step}"), width, nnz, n)
-    else:
-        raise FormatError(f"{what}: unknown position encoding {pos_kind!r}")
     vals = [sr.get(i, nnz, nnz, what) for i in streams[1:]]
     out = np.zeros(n, dt)
     out[index] = from_planes(vals, nnz, dt)

@@ -288,6 +288,81 @@ def read_file(path: str | os.PathLike, max_bytes: int | None = None) -> bytearra
         return data
 
 
+# size_report verifies the checksum before reporting a malformed header (so that a corrupted file reads as
+# such) only in files up to this size; a larger one gets the header's own error without a full read.
+VERIFY_FIRST_BYTES = 1 << 30
+_READ_CHUNK = 1 << 20
+
+
+def _zstd_bound(raw_len: int) -> int:
+    """The most bytes a zstd frame of ``raw_len`` bytes takes (ZSTD_compressBound, plus frame overhead)."""
+    return raw_len + (raw_len >> 8) + 1024
+
+
+class HeaderReader:
+    """Opens a model file and reads only its preamble and header; the payload is streamed through the
+    checksum by :meth:`verify` in 1 MiB pieces, never held in memory (``size_report``, ``inspect``).
+
+    Memory is the header (bounded by :func:`header_limit` and, compressed, by zstd's bound of that) plus one
+    piece, whatever sizes a hostile preamble declares; every length is checked against the file size first.
+    """
+
+    def __init__(self, path: str | bytes | os.PathLike):
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by __exit__
+        try:
+            self.size = os.fstat(self._f.fileno()).st_size
+            self.head = self._f.read(PREAMBLE_SIZE)
+            header_len, header_raw_len, self.payload_len, flags = check_preamble(self.head, self.size)
+            if header_len > _zstd_bound(header_raw_len):
+                raise FormatError(f"the preamble declares a {header_len}-byte header frame for {header_raw_len} bytes "
+                                  "of JSON, more than zstd can take")
+            self.header = self._read_exact(header_len)
+            self._verified: bool | None = None
+            try:
+                dctx = decompressor(flags, _HEADER_DICT if flags & FLAG_HEADER_DICT else None)
+                self.header_json = decompress(dctx, self.header, header_raw_len, flags, "the header (length from the preamble)")
+            except FormatError:
+                self.verify_if_small()
+                raise
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _read_exact(self, n: int) -> bytes:
+        data = self._f.read(n)
+        if len(data) != n:
+            raise FormatError(f"truncated file: it shrank while being read ({n} bytes expected, {len(data)} read)")
+        return data
+
+    def verify(self) -> None:
+        """Streams the payload through SHA-256; ``FormatError`` if the file's digest does not match."""
+        if self._verified is None:
+            h = new_hash()
+            self._f.seek(PREAMBLE_SIZE + len(self.header))
+            left = self.payload_len
+            while left:
+                chunk = self._f.read(min(_READ_CHUNK, left))
+                if not chunk:
+                    raise FormatError("truncated file: it shrank while being read")
+                h.update(chunk)
+                left -= len(chunk)
+            h.update(self.header)
+            h.update(self.head[: _FIXED.size])
+            self._verified = h.digest() == bytes(self.head[_FIXED.size : PREAMBLE_SIZE])
+        if not self._verified:
+            raise FormatError("checksum mismatch: the file is corrupted (its SHA-256 does not match the preamble)")
+
+    def verify_if_small(self) -> None:
+        if self.size <= VERIFY_FIRST_BYTES:
+            self.verify()
+
+    def __enter__(self) -> HeaderReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
 _TMP_SUFFIX = ".cjx-tmp"
 
 
@@ -338,7 +413,7 @@ def remove_stale_temporaries(target: str) -> list[str]:
     return removed
 
 
-def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> None:
+def atomic_write(path: str | bytes | os.PathLike, chunks: Iterable[bytes | memoryview]) -> None:
     """Writes ``chunks`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename.
 
     A crash or an exception at any point leaves either the old file (or none) under ``path``, never a
@@ -355,7 +430,8 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) 
         PermissionError: ``path`` is a read-only file, or its folder cannot be written.
         IsADirectoryError: ``path`` is a folder.
     """
-    target = os.path.realpath(os.fspath(path))  # follows symbolic links, as open(path, "wb") would
+    # A bytes path is decoded as the OS does (os.fsdecode), so bytes and str paths behave alike.
+    target = os.path.realpath(os.fsdecode(os.fspath(path)))  # follows symbolic links, as open(path, "wb") would
     folder = os.path.dirname(target)
     mode = None
     try:
