@@ -43,6 +43,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import io
+import pydoc_data.topics
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -183,11 +184,11 @@ def _block(x: jax.Array, layer: dict[str, Any], cos: jax.Array, sin: jax.Array, 
     return x + h @ mlp["down"]["kernel"]
 
 
-def forward(params: dict[str, Any], tokens: jax.Array, config: LlamaConfig) -> jax.Array:
-    """Logits ``(B, T, V)`` float32 of the causal decoder for token ids ``(B, T)`` (positions ``0..T-1``).
+def hidden_states(params: dict[str, Any], tokens: jax.Array, config: LlamaConfig) -> jax.Array:
+    """The final normed hidden states ``(B, T, D)`` (what the tied head multiplies), in the params' dtype.
 
-    Computes in the params' dtype (float32 or bfloat16; norms, rotary and softmax in float32). The layers
-    run in one ``jax.lax.scan`` over the stacked ``params["layers"]``; the head is the tied embedding.
+    Use it as the ``apply_fn`` of calibration when the embedding stays float: it skips the head, whose
+    ``(B, T, V)`` logits would be the largest array of the pass (6.4 GB for 128 x 256 tokens in float32).
 
     Raises:
         ValueError: ``tokens`` is not 2-D integer, or the params do not match ``config``.
@@ -206,17 +207,29 @@ def forward(params: dict[str, Any], tokens: jax.Array, config: LlamaConfig) -> j
         return _block(h, layer, cos, sin, config), None
 
     x, _ = jax.lax.scan(body, x, params["layers"])
-    x = _rms_norm(x, params["norm"]["scale"], config.rms_norm_eps)
-    return (x @ embed.T).astype(jnp.float32)
+    return _rms_norm(x, params["norm"]["scale"], config.rms_norm_eps)
+
+
+def forward(params: dict[str, Any], tokens: jax.Array, config: LlamaConfig) -> jax.Array:
+    """Logits ``(B, T, V)`` float32 of the causal decoder for token ids ``(B, T)`` (positions ``0..T-1``).
+
+    Computes in the params' dtype (float32 or bfloat16; norms, rotary and softmax in float32). The layers
+    run in one ``jax.lax.scan`` over the stacked ``params["layers"]``; the head is the tied embedding.
+
+    Raises:
+        ValueError: ``tokens`` is not 2-D integer, or the params do not match ``config``.
+    """
+    return (hidden_states(params, tokens, config) @ params["embed"].T).astype(jnp.float32)
 
 
 @functools.lru_cache(maxsize=32)
-def make_apply(config: LlamaConfig) -> Callable[[Any, jax.Array], jax.Array]:
+def make_apply(config: LlamaConfig, *, head: bool = True) -> Callable[[Any, jax.Array], jax.Array]:
     """``apply(params, tokens) -> logits`` for ``config`` (the ``apply_fn`` of ``collect_hessians``).
 
-    The same config returns the same function object, so ``jit`` caches keyed on it hit.
+    With ``head=False`` it returns :func:`hidden_states` instead of the logits (for calibration). The same
+    arguments return the same function object, so ``jit`` caches keyed on it hit.
     """
-    return functools.partial(forward, config=config)
+    return functools.partial(forward if head else hidden_states, config=config)
 
 
 def cast_params(params: Any, dtype: Any) -> Any:
@@ -518,6 +531,45 @@ def complete(apply: Callable, params: Any, tokenizer: Any, prompt: str, max_new_
     """The greedy continuation of ``prompt`` as text (decoded by ``tokenizer``)."""
     ids = tokenizer.encode(prompt).ids
     return tokenizer.decode(generate(apply, params, ids, max_new_tokens))
+
+
+# ----------------------------------------------------------------------------------------------- text
+def pydoc_text() -> str:
+    """The standard library's ``pydoc_data.topics`` texts, in sorted topic order, joined by blank lines."""
+    return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+
+
+def package_descriptions() -> list[tuple[str, str, str]]:
+    """``(name, version, long description)`` of every installed distribution that has one, sorted by name.
+
+    The description is the metadata's ``Description`` field or its body; names are normalised (lower case,
+    ``_`` and ``.`` as ``-``) and the first distribution of a name on ``sys.path`` is kept. Which packages
+    are installed decides the text, so a run records the names it used.
+    """
+    seen: dict[str, tuple[str, str, str]] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if not name:
+            continue
+        key = name.lower().replace("_", "-").replace(".", "-")
+        if key in seen:
+            continue
+        text = dist.metadata.get("Description") or dist.metadata.get_payload() or ""
+        seen[key] = (key, dist.version, text)
+    return [seen[k] for k in sorted(seen) if seen[k][2].strip()]
+
+
+def token_windows(ids: Sequence[int], n: int, length: int) -> np.ndarray:
+    """``n`` non-overlapping windows of ``length`` tokens at evenly spaced starts over ``ids``: ``(n, length)``.
+
+    Raises:
+        ValueError: fewer than ``n * length`` tokens.
+    """
+    ids = np.asarray(ids, np.int32)
+    if n < 1 or length < 2 or ids.size < n * length:
+        raise ValueError(f"need n >= 1 windows of length >= 2 within {ids.size} tokens, got n={n}, length={length}")
+    starts = np.floor(np.linspace(0, ids.size - length, n)).astype(np.int64)
+    return np.stack([ids[s:s + length] for s in starts])
 
 
 def zen_of_python() -> str:
