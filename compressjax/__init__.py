@@ -65,7 +65,7 @@ from compressjax.export import FormatError, LeafSize, SizeReport, load, save, si
 
 # --- one-shot compression
 from compressjax.hessians import Hessian, collect_hessians
-from compressjax.oneshot import error_feedback, gptq, layerwise, sparsegpt, wanda_masks
+from compressjax.oneshot import error_feedback, gptq, layerwise, sequential, sparsegpt, wanda_masks
 
 # --- weight sharing
 from compressjax.codebook import (
@@ -137,6 +137,7 @@ __all__ = [
     "sparsegpt",
     "wanda_masks",
     "layerwise",
+    "sequential",
     # weight sharing
     "Codebook",
     "kmeans_codebooks",

@@ -64,6 +64,14 @@ class QuantSpec:
         group_axis: the contraction axis that ``group_size`` splits; ``None`` means ``-2`` (the ``in`` axis of a
             Dense kernel ``(in, out)`` or of a conv kernel ``(..., in, out)``) for arrays with 2 or more axes
             and ``0`` for vectors.
+        layer_axes: axes that index independent kernels stacked in one leaf (the scan axis of a stacked
+            ``(L, in, out)`` kernel: ``(0,)``; MaxText's ``(in, L, out)``: ``(1,)``; MoE experts ``(E, in, out)``:
+            ``(0,)``). Each layer keeps its own scales (the axes are added to ``channel_axes``), and a
+            ``group_axis`` on a layer axis is an error. ``None`` (default) means undeclared: a 2-D kernel has no
+            layer axis, and :func:`~compressjax.quantize_params` warns, naming the leaf, for an undeclared 3-D
+            leaf whose scales would span its first two axes (a stacked ``(L, in, out)`` kernel and a conv1d
+            ``(k, in, out)`` kernel look the same; declare ``layer_axes=(0,)`` or ``layer_axes=()``). The
+            one-shot solvers take the layer axes from the Hessian and reject a spec that declares others.
     """
 
     bits: int = 8
@@ -74,6 +82,7 @@ class QuantSpec:
     percentile: float = 99.99
     group_axis: int | None = None
     error_power: float = 1.0
+    layer_axes: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)) or not 1 <= self.bits <= 8:
@@ -106,6 +115,45 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.percentile must be in (0, 100], got {self.percentile!r}")
         if not isinstance(self.error_power, (int, float, np.floating)) or not float(self.error_power) > 0:
             raise ValueError(f"QuantSpec.error_power must be a positive number, got {self.error_power!r}")
+        if self.layer_axes is not None:
+            la = self.layer_axes
+            if isinstance(la, (int, np.integer)) and not isinstance(la, bool):
+                la = (la,)
+            try:
+                la = tuple(la)
+            except TypeError:
+                raise TypeError(f"QuantSpec.layer_axes must be None or a tuple of ints, got {self.layer_axes!r}") from None
+            if not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in la):
+                raise TypeError(f"QuantSpec.layer_axes must be None or a tuple of ints, got {self.layer_axes!r}")
+            object.__setattr__(self, "layer_axes", tuple(int(a) for a in la))
+
+    def scale_axes(self, shape: tuple[int, ...], path: str = "x") -> tuple[int, ...]:
+        """The axes that keep their own scale on an array of ``shape``: ``channel_axes`` plus ``layer_axes``.
+
+        Raises:
+            ValueError: naming ``path``, a layer axis out of range or repeated, or a ``group_axis`` that is a
+                layer axis (its scale groups would run across layers).
+        """
+        nd = len(shape)
+        chans = [a for a in self.channel_axes]
+        if not self.layer_axes:
+            return tuple(chans)
+        layers = []
+        for a in self.layer_axes:
+            if not -nd <= a < nd:
+                raise ValueError(f"leaf {path!r}: layer axis {a} is out of range for an array of shape {tuple(shape)}")
+            layers.append(a % nd)
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"leaf {path!r}: layer_axes {self.layer_axes} repeat an axis of shape {tuple(shape)}")
+        if self.group_size is not None:
+            ga = (self.group_axis if self.group_axis is not None else (-2 if nd >= 2 else 0)) % max(nd, 1)
+            if ga in layers:
+                raise ValueError(
+                    f"leaf {path!r}: the group axis {ga} is a layer axis {self.layer_axes} of shape {tuple(shape)}; "
+                    "scale groups would span layers (set group_axis to the input axis)"
+                )
+        known = {a % nd for a in chans if -nd <= a < nd}
+        return tuple(chans) + tuple(a for a in layers if a not in known)
 
     @property
     def qmax(self) -> int:

@@ -60,6 +60,8 @@ __all__ = [
     "dequantize_params",
     "fake_quant_params",
     "resolve_rules",
+    "LayerAxesWarning",
+    "check_layer_axes",
 ]
 
 Rules = QuantSpec | Mapping[Any, QuantSpec | None] | Sequence[tuple[Any, QuantSpec | None]]
@@ -92,7 +94,8 @@ def _check_input(x: Any, spec: QuantSpec, path: str) -> Layout:
             "to float32 first, deliberately (a value such as 1e300 has no float32 code)"
         )
     tree.check_finite(path, x)
-    return Layout(tuple(x.shape), spec.channel_axes, spec.group_size, spec.group_axis, path)
+    shape = tuple(x.shape)
+    return Layout(shape, spec.scale_axes(shape, path), spec.group_size, spec.group_axis, path)
 
 
 def _grouped(x: jax.Array, lay: Layout) -> jax.Array:
@@ -496,10 +499,48 @@ def _map_plan(fn, params, plan, is_leaf=None):
     return jax.tree_util.tree_map_with_path(visit, params, is_leaf=tree.with_compressed_leaves(is_leaf))
 
 
+class LayerAxesWarning(UserWarning):
+    """A 3-D leaf was quantized with scales shared across its first two axes and no declared ``layer_axes``."""
+
+
+def check_layer_axes(path: str, x: Any, spec: QuantSpec) -> None:
+    """Warns (:class:`LayerAxesWarning`, naming ``path``) when an undeclared 3-D leaf shares scales across axes 0 and 1.
+
+    Scales never span layers silently: a stacked ``(L, in, out)`` kernel (and an MoE ``(E, in, out)``)
+    cannot be told from a conv1d ``(k, in, out)`` kernel by its shape, and per output channel both share
+    each scale across their first two axes. Declare ``QuantSpec(layer_axes=(0,))`` for a stacked kernel
+    (per-layer scales) or ``layer_axes=()`` for a convolution (shared across ``k``, as before) to silence it.
+    Leaves of 4 or more axes are read as convolutions ``(*window, in, out)`` without a warning: a stacked
+    4-D kernel (e.g. ``(L, d, heads, head_dim)``) must declare its layer axes.
+    """
+    if spec.layer_axes is not None or getattr(x, "ndim", 0) != 3:
+        return
+    lay = Layout(tuple(x.shape), spec.channel_axes, spec.group_size, spec.group_axis, path)
+    own = set(lay.channel_axes)
+    if 0 not in own and 1 not in own and min(x.shape) > 0:
+        warnings.warn(
+            f"leaf {path!r} of shape {tuple(x.shape)} gets scales shared across axes 0 and 1 (channel_axes="
+            f"{spec.channel_axes}): if it stacks {x.shape[0]} layers or experts, each scale spans them all. Declare "
+            "QuantSpec(..., layer_axes=(0,)) for per-layer scales, or layer_axes=() for a conv1d (k, in, out) kernel",
+            LayerAxesWarning, stacklevel=3,
+        )
+
+
 def quantize_params(params: Any, rules: Rules = DEFAULT_SPEC, *, on_unmatched: str = "error") -> Any:
-    """Replaces the leaves chosen by ``rules`` (see :func:`resolve_rules`) with :class:`QArray` nodes."""
+    """Replaces the leaves chosen by ``rules`` (see :func:`resolve_rules`) with :class:`QArray` nodes.
+
+    Stacked kernels (scanned layers ``(L, in, out)``, MoE experts ``(E, in, out)``): declare the layer axes
+    in the spec, ``QuantSpec(bits=4, group_size=128, layer_axes=(0,))``, so that every layer keeps its own
+    scales (without it each scale would span all ``L`` layers). An undeclared 3-D leaf whose scales would
+    span its first two axes raises a :class:`LayerAxesWarning` naming it (see :func:`check_layer_axes`).
+    """
     plan = resolve_rules(params, rules, on_unmatched=on_unmatched)
-    return _map_plan(lambda x, spec, p: quantize(x, spec, path=p), params, plan)
+
+    def one(x, spec, p):
+        check_layer_axes(p, x, spec)
+        return quantize(x, spec, path=p)
+
+    return _map_plan(one, params, plan)
 
 
 def dequantize_params(qparams: Any) -> Any:
@@ -526,4 +567,9 @@ def fake_quant_params(params: Any, rules: Rules = DEFAULT_SPEC, *, on_unmatched:
     trace time, so a jitted step compiles once.
     """
     plan = resolve_rules(params, rules, on_unmatched=on_unmatched)
-    return _map_plan(lambda x, spec, p: fake_quant(x, spec, path=p), params, plan)
+
+    def one(x, spec, p):
+        check_layer_axes(p, x, spec)
+        return fake_quant(x, spec, path=p)
+
+    return _map_plan(one, params, plan)

@@ -1,13 +1,17 @@
-"""One-shot compression from calibration data: GPTQ, SparseGPT, Wanda and the layerwise mode.
+"""One-shot compression from calibration data: GPTQ, SparseGPT, Wanda, the layerwise mode and
+the one-pass sequential mode.
 
 Every solver takes the params and a Hessian tree from :func:`compressjax.collect_hessians` (the Hessian
-tree is the selection) and returns the library's own types: ``QArray`` leaves and boolean keep-masks.
+tree is the selection) and returns the library's own types: ``QArray`` leaves and boolean keep-masks
+(``sparsegpt`` returns them as a :class:`Pruned` ``(params, masks)``). Stacked kernels (scanned layers, MoE
+experts, grouped convolutions) with stacked Hessians are solved per slice and keep their stacked layout.
 """
 
 from compressjax.oneshot._gptq import gptq
-from compressjax.oneshot._layerwise import layerwise
-from compressjax.oneshot._sparsegpt import sparsegpt
+from compressjax.oneshot._layerwise import layerwise, split_result
+from compressjax.oneshot._sequential import sequential
+from compressjax.oneshot._sparsegpt import Pruned, sparsegpt
 from compressjax.oneshot._sweep import error_feedback
 from compressjax.oneshot._wanda import wanda_masks
 
-__all__ = ["error_feedback", "gptq", "sparsegpt", "wanda_masks", "layerwise"]
+__all__ = ["error_feedback", "gptq", "sparsegpt", "wanda_masks", "layerwise", "sequential", "Pruned", "split_result"]

@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from compressjax.oneshot._common import place
 from compressjax.oneshot._sweep import inverse_hessian_factor, run_sweep, sub_block_size
 from compressjax.qarray import QuantSpec
-from compressjax.quantization import _compute_scale_grouped
+from compressjax.quantization import _compute_scale_grouped, _div_scale
 from compressjax.selection import exact_keep_masks
 
-__all__ = ["SolverConfig", "solve"]
+__all__ = ["SolverConfig", "solve", "solve_stacked", "solve_kernel"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,9 @@ class SolverConfig:
 
 def _quant(row, s, z, spec):
     qmin, qmax = (-spec.qmax, spec.qmax) if spec.symmetric else (-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1)
-    t = row / s if z is None else row / s + z
+    # The flush-safe division of `quantize`: a plain `row / s` becomes `row * (1 / s)`, which flushes to zero
+    # once s > 2**126.
+    t = _div_scale(row, s) if z is None else _div_scale(row, s) + z
     code = jnp.clip(jnp.round(t), qmin, qmax)
     q = code * s if z is None else (code - z) * s
     return q, code
@@ -70,14 +73,19 @@ def _nm_keep(sal, n):
     return rank < n
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def solve(w2d, h, damp, cfg: SolverConfig):
-    """Runs one kernel's sweep. Returns a dict with ``q`` (float rows, compressed), and when quantizing
-    ``codes`` (int8), ``scale`` and ``zp`` (per-tensor ``(1,1)``, per-channel ``(1,d_out)`` or per group
-    ``(d_in/g, d_out)``), when pruning ``keep`` (bool), and ``ok`` (the factorisation was finite)."""
+# Kernels whose largest magnitude exceeds this are solved on w * 2**-e (an exact power of two), so that the
+# error feedback (which adds weighted rounding errors to weights near the top of the range) cannot overflow
+# float32; scales and float outputs are multiplied back by 2**e. Ordinary kernels get e = 0 (bit for bit).
+_BIG = 2.0**64
+
+
+def _solve(w2d, h, damp, cfg: SolverConfig):
     d_in, n_pad, block, spec, g = cfg.d_in, cfg.n_pad, cfg.block, cfg.spec, cfg.group
     d_out = w2d.shape[1]
     w = w2d.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w))
+    e = jnp.where(amax > _BIG, jnp.floor(jnp.log2(amax)).astype(jnp.int32) - 32, 0)
+    w = jnp.ldexp(w, -e)
     h = jnp.asarray(h, jnp.float32)
     dead = jnp.diagonal(h) == 0
     eye = jnp.eye(d_in, dtype=bool)
@@ -180,7 +188,8 @@ def solve(w2d, h, damp, cfg: SolverConfig):
     inv = jnp.argsort(perm)
     out = {"ok": ok}
     if spec is None:
-        out["q"] = stored[0][:d_in]
+        big = float(jnp.finfo(jnp.float32).max)
+        out["q"] = jnp.clip(jnp.ldexp(stored[0][:d_in], e), -big, big)
         out["keep"] = stored[1][:d_in]
         return out
     out["codes"] = stored[0][:d_in][inv]
@@ -189,6 +198,34 @@ def solve(w2d, h, damp, cfg: SolverConfig):
     s, z = scales
     if lazy:
         s, z = s[: d_in // g], None if z is None else z[: d_in // g]
-    out["scale"] = s
+    out["scale"] = jnp.ldexp(s, e)
     out["zp"] = z
     return out
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def solve(w2d, h, damp, cfg: SolverConfig):
+    """Runs one kernel's sweep. Returns a dict with ``q`` (float rows, compressed), and when quantizing
+    ``codes`` (int8), ``scale`` and ``zp`` (per-tensor ``(1,1)``, per-channel ``(1,d_out)`` or per group
+    ``(d_in/g, d_out)``), when pruning ``keep`` (bool), and ``ok`` (the factorisation was finite)."""
+    return _solve(w2d, h, damp, cfg)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def solve_stacked(w3, h3, damp, cfg: SolverConfig):
+    """:func:`solve` on each slice of ``w3`` ``(batch, d_in, d_out_g)`` with its own Hessian ``h3[b]``, one slice
+    after the other (``lax.map``: one compilation for every slice, the memory of one solve, and the
+    per-row ``lax.cond`` of the quantizer stays a branch instead of a ``vmap``'s select). Every output gains
+    a leading ``batch`` axis."""
+    return lax.map(lambda a: _solve(a[0], a[1], damp, cfg), (w3, h3))
+
+
+def solve_kernel(leaf, h3, lay, damp, cfg: SolverConfig, mesh=None) -> dict:
+    """Solves every slice of one kernel (see :class:`~compressjax.oneshot._common.KernelLayout`): an
+    ordinary kernel with :func:`solve`, a stacked one with :func:`solve_stacked`. Every output has a leading
+    ``batch`` axis (1 for an ordinary kernel)."""
+    if not lay.stacked:
+        w2d, hh = place(mesh, lay.to_2d(jnp.asarray(leaf)), h3[0])
+        return jax.tree.map(lambda x: x[None], solve(w2d, hh, damp, cfg))
+    w3, hh = place(mesh, lay.to_3d(jnp.asarray(leaf)), h3)
+    return solve_stacked(w3, hh, damp, cfg)

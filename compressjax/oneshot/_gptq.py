@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
-
 from compressjax.oneshot._common import (
     build_qarray,
     check_finite_result,
     hessian_items,
     map_hessian_leaves,
-    place,
     spec_plan,
+    zero_size_result,
 )
-from compressjax.oneshot._core import SolverConfig, solve
+from compressjax.oneshot._core import SolverConfig, solve_kernel
 from compressjax.oneshot._sweep import check_block_size, check_damp, padded_block
 
 __all__ = ["gptq"]
@@ -38,8 +36,18 @@ def gptq(params: Any, hessians: Any, rules: Any, *, block_size: int = 128, damp:
     ``calibration`` (``absmax``, ``percentile``, ``mse`` clipping search) chooses each scale. The returned
     ``QArray`` holds GPTQ's own codes and scales (never a re-quantization of the updated weights).
 
+    Stacked kernels (scanned layers ``(L, in, out)``, MaxText's ``(in, L, out)``, MoE experts ``(E, in, out)``,
+    grouped convolutions): given a stacked Hessian (``layer_axes``, ``groups``: ``h`` of shape
+    ``(*layer_shape, [groups,] d_in, d_in)``), each layer slice (and group) is solved on its own Hessian, one
+    after the other in one compiled ``lax.map`` (one compilation per slice shape, whatever the number of
+    layers), exactly as if each slice were a 2-D kernel of its own. The result keeps the stacked layout: the
+    ``QArray``'s scales are per layer (the layer axes join its ``channel_axes``, so no scale spans layers).
+    Kernels beyond ``2**64`` in magnitude are solved on an exactly rescaled copy (codes unchanged, scales
+    multiplied back), so finite weights up to float32's max give finite codes and scales.
+
     Args:
-        params: the params pytree (leaves without a Hessian, floats or ``QArray``, pass through unchanged).
+        params: the params pytree (leaves without a Hessian, floats or ``QArray``, pass through unchanged;
+            zero-size kernels with a Hessian come back as a ``QArray`` of scale 1, as ``quantize`` does).
         hessians: from :func:`collect_hessians` (the selection), or a tree of ``(d_in, d_in)`` arrays.
         rules: a :class:`QuantSpec` or a ``{pattern: QuantSpec}`` mapping as for ``quantize_params``
             (bits 2-8, symmetric or asymmetric, per channel or per group along the input axis).
@@ -56,7 +64,10 @@ def gptq(params: Any, hessians: Any, rules: Any, *, block_size: int = 128, damp:
     Raises:
         ValueError: a leaf with a Hessian and no quantizing rule, bits outside 2-8, a group size that does
             not divide the input axis, a Hessian at a missing or already quantized leaf, mismatched shapes,
-            NaN/Inf in weights or Hessians, a Hessian not positive definite after damping (naming the leaf).
+            NaN/Inf in weights or Hessians, a Hessian not positive definite after damping, a Hessian built
+            from zero rows (``count == 0`` in any slice), a spec whose ``layer_axes`` disagree with the
+            Hessian's, a negative ``damp`` (a float or a concrete 0-d array; a traced one is not checked: a
+            failed factorisation then raises), all naming the leaf.
         TypeError: a bad ``block_size`` or ``damp`` type, a non-float kernel.
 
     References:
@@ -73,11 +84,13 @@ def gptq(params: Any, hessians: Any, rules: Any, *, block_size: int = 128, damp:
     for path, (leaf, h, lay) in items.items():
         spec = plan[path]
         g = spec.group_size
-        block, n_pad = padded_block(lay.d_in, block_size, g or 1)
-        cfg = SolverConfig(d_in=lay.d_in, block=block, n_pad=n_pad, spec=spec, per_tensor=spec.channel_axes == () and g is None,
-                           group=g, act_order=act_order)
-        w2d, hh = place(mesh, lay.to_2d(jnp.asarray(leaf)), h)
-        out = solve(w2d, hh, damp, cfg)
-        check_finite_result(path, out["ok"], damp)
+        if lay.size == 0:
+            out = zero_size_result(lay, spec, leaf, prune=False)
+        else:
+            block, n_pad = padded_block(lay.d_in, block_size, g or 1)
+            cfg = SolverConfig(d_in=lay.d_in, block=block, n_pad=n_pad, spec=spec, per_tensor=spec.channel_axes == () and g is None,
+                               group=g, act_order=act_order)
+            out = solve_kernel(leaf, h, lay, damp, cfg, mesh)
+        check_finite_result(path, out["ok"], damp, lay)
         new[path] = build_qarray(path, leaf, lay, spec, out["codes"], out["scale"], out["zp"])
     return map_hessian_leaves(params, new)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from numbers import Real
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
@@ -12,13 +12,25 @@ from compressjax.oneshot._common import (
     check_finite_result,
     hessian_items,
     map_hessian_leaves,
-    place,
     spec_plan,
+    zero_size_result,
 )
-from compressjax.oneshot._core import SolverConfig, solve
+from compressjax.oneshot._core import SolverConfig, solve_kernel
 from compressjax.oneshot._sweep import check_block_size, check_damp, padded_block
 
-__all__ = ["sparsegpt", "check_nm", "check_fraction"]
+__all__ = ["sparsegpt", "check_nm", "check_fraction", "Pruned"]
+
+
+class Pruned(NamedTuple):
+    """The result of :func:`sparsegpt`: the compressed params and their keep-masks.
+
+    A distinct type (not a plain tuple) so that :func:`layerwise` and ``sequential`` tell "params and masks"
+    from params that happen to be a 2-tuple. Return ``Pruned(params, masks)`` from your own ``compress``
+    callable to have the masks merged across stages.
+    """
+
+    params: Any
+    masks: Any
 
 
 def check_fraction(sparsity: Any) -> float:
@@ -63,14 +75,15 @@ def block_counts(d_in: int, d_out: int, block: int, n_pad: int, sparsity: float)
 def sparsegpt(
     params: Any, hessians: Any, sparsity: float | None, *, n: int | None = None, m: int | None = None, rules: Any = None,
     block_size: int = 128, damp: float = 0.01, mesh=None,
-) -> tuple[Any, Any]:
+) -> Pruned:
     """Prunes every kernel that has a Hessian with SparseGPT; returns ``(params, masks)``.
 
     The mask is chosen block by block of ``block_size`` input rows by the OBS saliency
     ``w^2 / [U]_jj^2`` (``U`` the Cholesky factor of the damped inverse Hessian, as in the reference
     implementation) over the whole block, and each pruned weight's error is spread over the rows not yet
     processed, exactly like GPTQ's sweep. Unstructured: exactly ``round(sparsity * size)`` weights of each
-    kernel are pruned (spread over the blocks in proportion to their rows; ties pruned in row-major order).
+    kernel (of each layer slice and group of a stacked kernel, solved on its own Hessian as in :func:`gptq`)
+    are pruned (spread over the blocks in proportion to their rows; ties pruned in row-major order).
     ``n``/``m``: in every ``m`` consecutive entries of the kernel's last input axis, per output channel, the
     ``n`` with the largest saliency are kept (chosen when the sweep reaches them). With ``rules`` the kept
     weights are quantized in the same sweep (joint sparsification and quantization; pruned weights get the
@@ -88,9 +101,11 @@ def sparsegpt(
         mesh: optional ``jax.sharding.Mesh`` over which each kernel's output channels are sharded.
 
     Returns:
-        ``(params, masks)``: params with the pruned (and possibly quantized) kernels, and a tree like
-        ``params`` with a bool keep-mask at each compressed kernel and ``None`` elsewhere (the convention of
-        ``magnitude_masks``; use it with ``apply_masks``/``keep_masked`` to keep the zeros while training).
+        A :class:`Pruned` ``(params, masks)`` (a ``NamedTuple``, so ``p, masks = sparsegpt(...)`` works):
+        params with the pruned (and possibly quantized) kernels, and a tree like ``params`` with a bool
+        keep-mask at each compressed kernel (stacked like the kernel) and ``None`` elsewhere (the convention
+        of ``magnitude_masks``; use it with ``apply_masks``/``keep_masked`` to keep the zeros while training).
+        :func:`layerwise` recognises the ``Pruned`` type (never a plain tuple) as "params and masks".
 
     Raises:
         ValueError: a sparsity outside ``[0, 1]``, ``n > m``, only one of ``n``/``m``, ``m`` not dividing the
@@ -112,22 +127,26 @@ def sparsegpt(
         g = None if spec is None else spec.group_size
         if m is not None and lay.shape[lay.last_in] % m:
             raise ValueError(f"leaf {path!r}: m={m} does not divide the input axis {lay.last_in} of length {lay.shape[lay.last_in]} (shape {lay.shape})")
-        mult = _lcm(g or 1, m or 1)
-        block, n_pad = padded_block(lay.d_in, block_size, mult)
-        counts = None if m is not None else block_counts(lay.d_in, lay.d_out, block, n_pad, sparsity)
-        cfg = SolverConfig(
-            d_in=lay.d_in, block=block, n_pad=n_pad, spec=spec, per_tensor=spec is not None and spec.channel_axes == () and g is None,
-            group=g, prune="nm" if m is not None else "unstructured", counts=counts, n=n or 0, m=m or 0,
-        )
-        w2d, hh = place(mesh, lay.to_2d(jnp.asarray(leaf)), h)
-        out = solve(w2d, hh, damp, cfg)
-        check_finite_result(path, out["ok"], damp)
-        masks[path] = lay.from_2d(out["keep"])
+        if lay.size == 0:
+            out = zero_size_result(lay, spec, leaf, prune=True)
+        else:
+            mult = _lcm(g or 1, m or 1)
+            block, n_pad = padded_block(lay.d_in, block_size, mult)
+            # Per slice: each layer slice (and group) of a stacked kernel loses exactly its own share.
+            counts = None if m is not None else block_counts(lay.d_in, lay.d_out_g, block, n_pad, sparsity)
+            cfg = SolverConfig(
+                d_in=lay.d_in, block=block, n_pad=n_pad, spec=spec, per_tensor=spec is not None and spec.channel_axes == () and g is None,
+                group=g, prune="nm" if m is not None else "unstructured", counts=counts, n=n or 0, m=m or 0,
+            )
+            out = solve_kernel(leaf, h, lay, damp, cfg, mesh)
+        check_finite_result(path, out["ok"], damp, lay)
+        masks[path] = lay.from_3d(out["keep"])
         if spec is None:
-            new[path] = lay.from_2d(out["q"]).astype(leaf.dtype)
+            big = float(jnp.finfo(leaf.dtype).max)  # error feedback may push a weight past a float16 max
+            new[path] = jnp.clip(lay.from_3d(out["q"]), -big, big).astype(leaf.dtype)
         else:
             new[path] = build_qarray(path, leaf, lay, spec, out["codes"], out["scale"], out["zp"])
-    return map_hessian_leaves(params, new), map_hessian_leaves(params, masks, fill=lambda p, x: None)
+    return Pruned(map_hessian_leaves(params, new), map_hessian_leaves(params, masks, fill=lambda p, x: None))
 
 
 def _lcm(a: int, b: int) -> int:

@@ -40,14 +40,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from compressjax.hessians import Hessian
+
 __all__ = ["error_feedback", "inverse_hessian_factor", "run_sweep", "padded_block", "sub_block_size", "check_hessian_matrix"]
 
 
-def check_hessian_matrix(h: Any, d_in: int, path: str) -> None:
-    """Raises ``ValueError`` naming ``path`` when ``h`` is not a finite ``(d_in, d_in)`` float matrix."""
+def check_hessian_matrix(h: Any, d_in: int, path: str, batch: tuple[int, ...] = ()) -> None:
+    """Raises ``ValueError`` naming ``path`` when ``h`` is not a finite ``(*batch, d_in, d_in)`` float array
+    (``batch``: the layer (and group) axes of a stacked Hessian)."""
     shape = tuple(getattr(h, "shape", ()))
-    if shape != (d_in, d_in):
-        raise ValueError(f"leaf {path!r}: Hessian has shape {shape}, expected ({d_in}, {d_in}) to pair with the kernel's {d_in} input rows")
+    want = tuple(batch) + (d_in, d_in)
+    if shape != want:
+        raise ValueError(f"leaf {path!r}: Hessian has shape {shape}, expected {want} to pair with the kernel's {d_in} input rows")
     if not jnp.issubdtype(h.dtype, jnp.floating):
         raise TypeError(f"leaf {path!r}: Hessian has dtype {h.dtype}, expected float32")
     if not isinstance(h, jax.core.Tracer):
@@ -58,13 +62,28 @@ def check_hessian_matrix(h: Any, d_in: int, path: str) -> None:
 
 
 def check_damp(damp: Any) -> float | jax.Array:
-    if isinstance(damp, bool) or not isinstance(damp, Real | jax.Array | np.ndarray):
+    """Validates the relative dampening: a finite float ``>= 0``, or a 0-d float/int array.
+
+    Concrete arrays (NumPy, or JAX outside a trace) are checked like floats and returned as a float. A traced
+    value cannot be checked: it is returned as is, and a negative or NaN traced ``damp`` shows up as a failed
+    factorisation (eager solvers raise ``ValueError``; under ``jit`` the result is NaN).
+    """
+    if isinstance(damp, bool) or not isinstance(damp, Real | jax.Array | np.ndarray | np.generic):
         raise TypeError(f"damp must be a non-negative float, got {damp!r}")
-    if isinstance(damp, Real):
-        if not (math.isfinite(float(damp)) and float(damp) >= 0.0):
+    if isinstance(damp, jax.Array | np.ndarray | np.generic):
+        if np.ndim(damp) != 0:
+            raise ValueError(f"damp must be a scalar (0-d), got an array of shape {np.shape(damp)}")
+        if not (jnp.issubdtype(damp.dtype, jnp.floating) or jnp.issubdtype(damp.dtype, jnp.integer)) or damp.dtype == np.bool_:
+            raise TypeError(f"damp must be a non-negative float, got an array of dtype {damp.dtype}")
+        if isinstance(damp, jax.core.Tracer):
+            return damp
+        value = float(np.asarray(damp))
+        if not (math.isfinite(value) and value >= 0.0):
             raise ValueError(f"damp must be a finite non-negative float, got {damp!r}")
-        return float(damp)
-    return damp
+        return value
+    if not (math.isfinite(float(damp)) and float(damp) >= 0.0):
+        raise ValueError(f"damp must be a finite non-negative float, got {damp!r}")
+    return float(damp)
 
 
 def check_block_size(block_size: Any) -> int:
@@ -215,7 +234,15 @@ def _error_feedback(w, h, damp, quantize_column, block_size):
 
     def step(row, j, i, view, st):
         del i, view
-        q = jnp.asarray(quantize_column(row, jnp.minimum(j, d_in - 1)), jnp.float32)
+        q = jnp.asarray(quantize_column(row, jnp.minimum(j, d_in - 1)))
+        if q.shape != row.shape:
+            raise ValueError(
+                f"quantize_column must return the quantized row with the shape of its input {row.shape} (one value per "
+                f"output channel), got shape {q.shape}"
+            )
+        if not (jnp.issubdtype(q.dtype, jnp.floating) or jnp.issubdtype(q.dtype, jnp.integer)):
+            raise TypeError(f"quantize_column must return a float row, got dtype {q.dtype}")
+        q = q.astype(jnp.float32)
         q = jnp.where(j < d_in, q, row)  # padding rows stay as they are (they are decoupled anyway)
         return q, q, st
 
@@ -234,7 +261,9 @@ def error_feedback(w: jax.Array, h: jax.Array, quantize_column: Callable[[jax.Ar
 
     Args:
         w: float kernel of shape ``(d_in, d_out)`` whose rows pair with the rows of ``h``.
-        h: the input Gram matrix ``sum x x^T`` (``(d_in, d_in)``), e.g. ``collect_hessians(...)[...].h``.
+        h: the input Gram matrix ``sum x x^T`` (``(d_in, d_in)``), e.g. ``collect_hessians(...)[...].h``, or
+            that :class:`~compressjax.hessians.Hessian` itself: then ``count == 0`` is a ``ValueError`` and
+            ``in_axes == (1,)`` reads ``w`` as ``(d_out, d_in)`` (the result has ``w``'s layout).
         quantize_column: ``(col, j) -> col_q``: maps the current row ``j`` (shape ``(d_out,)``, float32;
             ``j`` a traced int32 scalar) to its quantized values (same shape, float). It is traced once, inside
             ``jax.jit`` (pass the same function object to reuse the compiled sweep).
@@ -249,11 +278,21 @@ def error_feedback(w: jax.Array, h: jax.Array, quantize_column: Callable[[jax.Ar
     Raises:
         TypeError: ``w`` or ``h`` not floating point, a non-callable quantizer, a bad ``block_size`` type.
         ValueError: ``w`` not 2-D, ``h`` not ``(d_in, d_in)``, NaN/Inf in ``w`` or ``h``, a negative
-            ``damp`` or ``block_size``, or a Hessian that is not positive definite even after damping
-            (in eager calls; raise ``damp``).
+            ``damp`` (a float or a concrete 0-d array; a traced one is not checked) or ``block_size``, a
+            ``quantize_column`` that returns another shape than its row (naming both shapes), or a Hessian that
+            is not positive definite even after damping (in eager calls; raise ``damp``).
+
+    Zero-size kernels (``(0, d_out)``, ``(d_in, 0)``) come back as zeros of the same shape. ``h`` is a plain
+    matrix here (no row count): a Hessian from :func:`collect_hessians` should be checked for ``count > 0``
+    by the caller (``gptq`` and friends do).
     """
     if not callable(quantize_column):
         raise TypeError(f"quantize_column must be a callable (col, j) -> col_q, got {quantize_column!r}")
+    transpose = False
+    if isinstance(h, Hessian):
+        h, transpose = _plain_hessian(h, w)
+        if transpose:
+            w = w.T
     if getattr(w, "ndim", None) != 2:
         raise ValueError(f"w must be a 2-D (d_in, d_out) kernel, got shape {getattr(w, 'shape', type(w).__name__)}")
     if not jnp.issubdtype(w.dtype, jnp.floating):
@@ -263,7 +302,23 @@ def error_feedback(w: jax.Array, h: jax.Array, quantize_column: Callable[[jax.Ar
     check_hessian_matrix(h, w.shape[0], "w")
     damp = check_damp(damp)
     block_size = check_block_size(block_size)
+    if w.size == 0:  # nothing to quantize (a (0, d_out) or (d_in, 0) kernel passes through, as in quantize)
+        return jnp.zeros(w.shape, jnp.float32)
     out = _error_feedback(jnp.asarray(w), jnp.asarray(h, jnp.float32), damp, quantize_column, block_size)
     if not isinstance(out, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(out))):
         raise ValueError(f"error_feedback produced NaN/Inf: the Hessian is not positive definite even after damping (damp={damp}); raise damp")
-    return out
+    return out.T if transpose else out
+
+
+def _plain_hessian(hess: Hessian, w: Any) -> tuple[Any, bool]:
+    """The matrix of a :class:`Hessian` for a 2-D kernel ``w``, and whether ``w`` is ``(d_out, d_in)`` (``in_axes
+    == (1,)``); raises for a Hessian built from zero rows or a stacked one (use ``gptq`` for stacked kernels)."""
+    if getattr(hess, "layer_axes", ()) or getattr(hess, "groups", 1) != 1:
+        raise ValueError(f"h is a stacked Hessian (layer axes {getattr(hess, 'layer_axes', ())}, groups {getattr(hess, 'groups', 1)}); "
+                         "error_feedback solves one 2-D kernel: pass one slice's matrix")
+    if tuple(hess.in_axes) not in ((0,), (1,)):
+        raise ValueError(f"h has input axes {hess.in_axes}; error_feedback takes a 2-D kernel with input axis 0 or 1")
+    c = hess.count
+    if c is not None and not isinstance(c, jax.core.Tracer) and getattr(w, "size", 1) and np.any(np.asarray(c) == 0):
+        raise ValueError("h: the Hessian was built from zero input rows (count == 0); the sweep would wipe the kernel")
+    return hess.h, tuple(hess.in_axes) == (1,)

@@ -28,13 +28,21 @@ def _wanda_2d(w2d, h, k, n, m):
     return rank >= k
 
 
+@partial(jax.jit, static_argnames=("k", "n", "m"))
+def _wanda_3d(w3, h3, k, n, m):
+    # Slices are independent and the score is elementwise plus a per-column sort: vmap is exact here.
+    return jax.vmap(lambda w, h: _wanda_2d(w, h, k, n, m))(w3, h3)
+
+
 def wanda_masks(params: Any, hessians: Any, sparsity: float | None, *, n: int | None = None, m: int | None = None) -> Any:
     """Keep-masks by the Wanda score ``|w_jk| * ||x_j||_2``, compared within each output channel.
 
     ``||x_j||_2 = sqrt(H_jj)`` comes from the Hessian (the input Gram matrix). Unstructured: each output
     channel loses exactly ``round(sparsity * d_in)`` weights (ties: the earliest input pruned). ``n``/``m``:
     the ``n`` highest scores of every ``m`` consecutive entries of the last input axis are kept (ties keep
-    the later one, as ``nm_masks``). No weight is updated: apply the masks with ``apply_masks``.
+    the later one, as ``nm_masks``). No weight is updated: apply the masks with ``apply_masks``. A stacked
+    kernel with a stacked Hessian (``layer_axes``, ``groups``) is scored per layer slice (and group) on its own
+    Hessian; the mask keeps the kernel's stacked layout.
 
     Args:
         params: the params pytree.
@@ -47,7 +55,8 @@ def wanda_masks(params: Any, hessians: Any, sparsity: float | None, *, n: int | 
         ``magnitude_masks`` convention).
 
     Raises:
-        ValueError/TypeError: as :func:`sparsegpt` for the sparsity, ``n``, ``m`` and the Hessians.
+        ValueError/TypeError: as :func:`sparsegpt` for the sparsity, ``n``, ``m`` and the Hessians (including
+            a Hessian built from zero rows, ``count == 0``, naming the leaf).
 
     References:
         Sun, Liu, Bair & Kolter, "A Simple and Effective Pruning Approach for Large Language Models",
@@ -60,5 +69,10 @@ def wanda_masks(params: Any, hessians: Any, sparsity: float | None, *, n: int | 
         if m is not None and lay.shape[lay.last_in] % m:
             raise ValueError(f"leaf {path!r}: m={m} does not divide the input axis {lay.last_in} of length {lay.shape[lay.last_in]} (shape {lay.shape})")
         k = 0 if m is not None else round(sparsity * lay.d_in)
-        masks[path] = lay.from_2d(_wanda_2d(lay.to_2d(jnp.asarray(leaf)), h, k, n or 0, m or 0))
+        if lay.size == 0:
+            masks[path] = jnp.ones(lay.shape, bool)
+        elif lay.stacked:
+            masks[path] = lay.from_3d(_wanda_3d(lay.to_3d(jnp.asarray(leaf)), h, k, n or 0, m or 0))
+        else:
+            masks[path] = lay.from_2d(_wanda_2d(lay.to_2d(jnp.asarray(leaf)), h[0], k, n or 0, m or 0))
     return map_hessian_leaves(params, masks, fill=lambda p, x: None)

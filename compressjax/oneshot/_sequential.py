@@ -1,0 +1,426 @@
+"""Sequential calibration in one pass: every kernel compressed right before its first use.
+
+:func:`sequential` evaluates the model's jaxpr once over the whole calibration set: the batches are stacked
+and advance together, equation by equation (each equation ``vmap``-ed over the batches and compiled once), and
+only the values still needed later are kept. At each matmul whose weight slice has not been compressed yet,
+the layer inputs of all batches give that slice's Hessian, ``compress`` solves it, and the compressed slice
+is used from then on: later layers (and later iterations of a ``scan``) are calibrated on inputs computed
+through the already-compressed earlier ones, as in the papers' sequential mode (Frantar et al., "GPTQ",
+ICLR 2023, Sec. 4; Frantar & Alistarh, "SparseGPT", ICML 2023), at the cost of about one forward pass
+instead of one pass per stage (:func:`~compressjax.layerwise`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from compressjax import hessians as _hs
+from compressjax import tree
+from compressjax.hessians import Hessian
+from compressjax.oneshot._common import store_codes
+from compressjax.qarray import QArray
+from compressjax.quantization import dequantize
+
+__all__ = ["sequential"]
+
+
+def sequential(
+    apply_fn: Callable[[Any, Any], Any],
+    params: Any,
+    batches: Iterable[Any],
+    compress: Callable[[Any, Any], Any],
+    *,
+    row_mask: Callable[[Any], Any] | None = None,
+    where: tree.Where = None,
+) -> Any:
+    """Compresses every selected kernel in the order the model first uses it, in one pass over the data.
+
+    Each kernel slice (a plain kernel; one layer of a stacked kernel run by ``lax.scan`` / ``fori_loop``; one
+    expert of a batched matmul; one group of a grouped convolution) is compressed right before its first
+    use, from the Hessian of its inputs computed through the already-compressed earlier layers. All
+    calibration batches advance together (they must share one shape: they are stacked), so the model runs
+    about once over the calibration set, and only the activations at the current point are kept.
+
+    ``compress(params, hessians)`` is the callable :func:`~compressjax.layerwise` takes, e.g.
+    ``lambda p, h: gptq(p, h, QuantSpec(bits=4, group_size=128))`` or ``lambda p, h: sparsegpt(p, h, 0.5)``.
+    It is called once per kernel slice with 2-D sub-problems: ``params`` holds that slice in place of the
+    leaf (layer axes removed; for a grouped convolution, the group's block of output channels) and
+    ``hessians`` holds one plain ``(d_in, d_in)`` :class:`Hessian` at that leaf and ``None`` elsewhere; the
+    leaf keeps its path, so path-keyed rules apply. It returns either the params (the leaf compressed: a
+    float array or a ``QArray``) or a pair ``(params, masks)``; which of the two is decided by the tree
+    structure of the result (a result shaped like ``params`` is params), and must be the same for every call.
+    Slices of a stacked leaf are joined back into the stacked layout: float arrays and masks stacked, and
+    ``QArray`` slices merged into one ``QArray`` whose scales are per layer (the layer axes become channel
+    axes) and per group (the output axis must then have its own scales).
+
+    Args:
+        apply_fn: ``(params, batch) -> output`` (see :func:`~compressjax.collect_hessians`); it receives float
+            params (``QArray`` leaves of ``params`` are dequantized for it and are not compressed again).
+        params: the params pytree.
+        batches: the calibration batches, all of the same shapes and dtypes.
+        compress: ``(params, hessians) -> params`` or ``-> (params, masks)`` (see above).
+        row_mask: as in :func:`~compressjax.collect_hessians`: ``batch -> bool array`` over the leading dims of
+            the layer inputs; False rows are left out of every Hessian.
+        where: which leaves to compress (as in :func:`~compressjax.collect_hessians`).
+
+    Returns:
+        When ``compress`` returns params: the compressed params. When it returns ``(params, masks)``: the pair
+        ``(params, masks)`` with a keep-mask (stacked like its leaf) at every compressed leaf and ``None``
+        elsewhere.
+
+    Raises:
+        ValueError: no batches, batches of different shapes, a branch (``cond``) or loop condition that differs
+            between calibration batches, a kernel slice never used by the batches, a Hessian from zero rows,
+            ``compress`` returning something else than params or ``(params, masks)``, plus what
+            :func:`~compressjax.collect_hessians` raises for the model.
+        TypeError: a non-callable ``apply_fn``/``compress``/``row_mask``; per-slice results that cannot be
+            joined into a stacked leaf (anything but float arrays and ``QArray``).
+    """
+    if not callable(apply_fn):
+        raise TypeError(f"apply_fn must be a callable (params, batch) -> output, got {apply_fn!r}")
+    if not callable(compress):
+        raise TypeError(f"compress must be a callable (params, hessians) -> params or (params, masks), got {compress!r}")
+    if row_mask is not None and not callable(row_mask):
+        raise TypeError(f"row_mask must be None or a callable batch -> bool array, got {row_mask!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty: sequential needs at least one calibration batch")
+    sigs = [_hs._batch_signature(b) for b in batches]
+    for k, s in enumerate(sigs):
+        if s != sigs[0]:
+            raise ValueError(f"calibration batch {k} has shapes {s[1]}, batch 0 has {sigs[0][1]}: sequential stacks the batches, so they must share one shape")
+    treedef, paths, leaves, selected = _hs._select(params, where)
+    float_leaves = [dequantize(x) if isinstance(x, QArray) else x for x in leaves]
+
+    def fn(leaf_list, batch):
+        return apply_fn(jax.tree_util.tree_unflatten(treedef, leaf_list), batch)
+
+    closed, an, found = _hs._analyse(fn, float_leaves, batches[0], selected, paths, where)
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *batches)
+    masks = None
+    if row_mask is not None:
+        ms = [jnp.asarray(row_mask(b)) for b in batches]
+        if any(m.dtype != jnp.bool_ for m in ms):
+            raise TypeError(f"row_mask must return a bool array, got dtype {ms[0].dtype}")
+        masks = jnp.stack(ms)
+    p = _Pass(an, found, paths, treedef, float_leaves, compress, masks, len(batches))
+    args = [(x, False) for x in float_leaves if x is not None] + [(x, True) for x in jax.tree_util.tree_leaves(stacked)]
+    p.run(closed.jaxpr, closed.consts, args, ())
+    return p.result(leaves)
+
+
+def _decode(x: Any, path: str) -> jax.Array:
+    if isinstance(x, QArray):
+        return dequantize(x, path=path)
+    if tree.is_compressed_leaf(x):
+        return x.decode()
+    return jnp.asarray(x)
+
+
+class _Pass:
+    """The one pass: evaluates the jaxpr on stacked batches and compresses slices at their first use."""
+
+    def __init__(self, an, found, paths, treedef, float_leaves, compress, masks, n_batches):
+        self.an, self.found, self.paths, self.treedef = an, found, paths, treedef
+        self.base = list(float_leaves)
+        self.work = list(float_leaves)  # current float values (compressed slices written in)
+        self.compress, self.masks, self.nb = compress, masks, n_batches
+        self.done: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self.tokens: dict[tuple, int] = {}
+        self.kind: str | None = None
+        self.fns: dict[tuple, Callable] = {}
+        self.last: dict[int, dict] = {}
+
+    # -- evaluation
+    def _last_use(self, jaxpr) -> dict:
+        lu = self.last.get(id(jaxpr))
+        if lu is None:
+            lu = {}
+            for i, eqn in enumerate(jaxpr.eqns):
+                for v in eqn.invars:
+                    if not isinstance(v, jcore.Literal):
+                        lu[v] = i
+            for v in jaxpr.outvars:
+                if not isinstance(v, jcore.Literal):
+                    lu[v] = len(jaxpr.eqns)
+            self.last[id(jaxpr)] = lu
+        return lu
+
+    def run(self, jaxpr, consts, args, prefix) -> list:
+        env: dict = {}
+        lu = self._last_use(jaxpr)
+
+        def read(v):
+            return (v.val, False) if isinstance(v, jcore.Literal) else env[v]
+
+        for v, x in zip(jaxpr.constvars, consts, strict=True):
+            env[v] = (x, False)
+        for v, x in zip(jaxpr.invars, args, strict=True):
+            env[v] = x
+        for i, eqn in enumerate(jaxpr.eqns):
+            key = prefix + (i,)
+            ins = [read(v) for v in eqn.invars]
+            site = self.an.sites.get(key)
+            if site is not None:
+                ins = self._site(site, eqn, ins, key)
+            name = eqn.primitive.name
+            inside = key in self.an.calls
+            if inside and name == "scan":
+                outs = self._scan(eqn, ins, key)
+            elif inside and name == "while":
+                outs = self._while(eqn, ins, key)
+            elif inside and name == "cond":
+                b = int(np.clip(self._concrete(ins[0], "the branch index of a cond"), 0, len(eqn.params["branches"]) - 1))
+                br = eqn.params["branches"][b]
+                outs = self.run(br.jaxpr, br.consts, ins[1:], key + (b,))
+            elif inside and _hs._sub_jaxpr(eqn) is not None:
+                sub, sub_consts = _hs._sub_jaxpr(eqn)
+                outs = self.run(sub, sub_consts, ins, key)
+            else:
+                outs = self._apply(eqn, ins)
+            toks = self.an.ds_tokens.get(key)
+            if toks is not None:
+                for k, tok in toks:
+                    n, s = eqn.invars[0].aval.shape[k], eqn.params["slice_sizes"][k]
+                    self.tokens[tok] = int(np.clip(self._concrete(ins[1 + k], "a dynamic_slice index of a kernel"), 0, n - s))
+            for v, x in zip(eqn.outvars, outs, strict=True):
+                if lu.get(v, -1) > i:
+                    env[v] = x
+            for v in eqn.invars:
+                if not isinstance(v, jcore.Literal) and lu.get(v) == i:
+                    env.pop(v, None)
+        return [read(v) for v in jaxpr.outvars]
+
+    def _apply(self, eqn, ins) -> list:
+        if not any(b for _, b in ins):
+            return [(o, False) for o in _hs._bind(eqn, [x for x, _ in ins])]
+        axes = tuple(0 if b else None for _, b in ins)
+        f = self.fns.get((id(eqn), axes))
+        if f is None:
+            f = jax.jit(jax.vmap(lambda *a: _hs._bind(eqn, list(a)), in_axes=axes))
+            self.fns[(id(eqn), axes)] = f
+        return [(o, True) for o in f(*[x for x, _ in ins])]
+
+    def _concrete(self, x, what: str) -> int:
+        v, b = x
+        a = np.asarray(v)
+        if b:
+            if not np.all(a == a[:1]):
+                raise ValueError(f"{what} differs between calibration batches ({a.reshape(len(a), -1)[:, 0].tolist()}); sequential needs the same control flow for every batch")
+            a = a[0]
+        return int(a.reshape(-1)[0]) if a.size else 0
+
+    def _scan(self, eqn, ins, key) -> list:
+        p = eqn.params
+        nc, nk, n = p["num_consts"], p["num_carry"], p["length"]
+        body = p["jaxpr"]
+        consts, carry, xs = ins[:nc], ins[nc:nc + nk], ins[nc + nk:]
+        ys_all = []
+        for it in range(n):
+            idx = n - 1 - it if p["reverse"] else it
+            self.tokens[("scan", key)] = idx
+            x_t = [(v[:, idx] if b else v[idx], b) for v, b in xs]
+            outs = self.run(body.jaxpr, body.consts, [*consts, *carry, *x_t], key)
+            carry = outs[:nk]
+            ys_all.append(outs[nk:])
+        if p["reverse"]:
+            ys_all.reverse()
+        ys = []
+        for k in range(len(eqn.outvars) - nk):
+            col = [y[k] for y in ys_all]
+            if any(b for _, b in col):
+                ys.append((jnp.stack([v if b else jnp.broadcast_to(v, (self.nb, *jnp.shape(v))) for v, b in col], axis=1), True))
+            else:
+                ys.append((jnp.stack([v for v, _ in col]), False))
+        return [*carry, *ys]
+
+    def _while(self, eqn, ins, key) -> list:
+        p = eqn.params
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        cconsts, bconsts, carry = ins[:cn], ins[cn:cn + bn], ins[cn + bn:]
+        cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+        while self._concrete(self.run(cj.jaxpr, cj.consts, [*cconsts, *carry], key + ("cond",))[0], "a while_loop condition"):
+            carry = self.run(bj.jaxpr, bj.consts, [*bconsts, *carry], key + ("body",))
+        return carry
+
+    # -- compression at a site
+    def _site(self, site, eqn, ins, key) -> list:
+        leaf = site.leaf
+        li = np.asarray(site.lbase, np.int64) + sum(step * self.tokens[tok] for step, tok in site.lsteps)
+        pending = sorted({int(j) for j in li if (leaf, int(j)) not in self.done})
+        if pending:
+            grams, counts = self._gram(site, eqn, key, ins[site.x_pos])
+            for j in pending:
+                sel = np.flatnonzero(li == j)
+                self._compress(leaf, j, jnp.sum(grams[sel], axis=0), float(jnp.sum(counts[sel])))
+        w_pos, o, dyn = site.w_org
+        off = sum(delta * self.tokens[tok] for delta, tok in dyn)
+        w = jnp.reshape(self.work[leaf], -1)[jnp.asarray(o + off)].astype(eqn.invars[w_pos].aval.dtype)
+        ins = list(ins)
+        ins[w_pos] = (w, False)
+        return ins
+
+    def _gram(self, site, eqn, key, x):
+        v, b = x
+        if not b:
+            v = jnp.broadcast_to(v, (self.nb, *jnp.shape(v)))
+        f = self.fns.get(("gram", key))
+        if f is None:
+            path = self.paths[site.leaf]
+
+            def one(xv, m):
+                invals = [None, None]
+                invals[site.x_pos] = xv
+                rows, cnt = _hs._site_rows(site, eqn, invals, m, path)
+                g = jnp.einsum("bnd,bne->bde", rows, rows, precision=jax.lax.Precision.HIGHEST)
+                if not site.full:  # input rows in the matmul's order -> the kernel's input positions
+                    ix = jnp.asarray(site.idx)
+                    g = jnp.zeros((g.shape[0], site.d_in, site.d_in), g.dtype).at[:, ix[:, None], ix[None, :]].add(g)
+                return g, cnt
+
+            def total(xv, m):
+                g, c = jax.vmap(one, in_axes=(0, None if m is None else 0))(xv, m)
+                return jnp.sum(g, axis=0), jnp.sum(c, axis=0)
+
+            f = jax.jit(total)
+            self.fns[("gram", key)] = f
+        return f(v, self.masks)
+
+    def _compress(self, leaf: int, j: int, h, count: float) -> None:
+        in_axes, _, layer_axes, layer_shape, g = self.found[leaf]
+        path = self.paths[leaf]
+        lc = np.unravel_index(j // g, layer_shape) if layer_shape else ()
+        where_ = f" (layer {tuple(int(c) for c in lc)}{f', group {j % g}' if g > 1 else ''})" if layer_shape or g > 1 else ""
+        if count == 0:
+            raise ValueError(f"leaf {path!r}{where_}: its Hessian is built from zero input rows (a row_mask that is all False?); it cannot calibrate the kernel")
+        if not bool(jnp.all(jnp.isfinite(h))):
+            raise ValueError(f"leaf {path!r}{where_}: its layer inputs hold NaN or Inf in the calibration batches (the Hessian is not finite)")
+        kernel = self.work[leaf]
+        idx: list[Any] = [slice(None)] * kernel.ndim
+        for a, c in zip(layer_axes, lc, strict=True):
+            idx[a] = int(c)
+        rest = [a for a in range(kernel.ndim) if a not in layer_axes]
+        if g > 1:
+            out_axis = _out_axis(rest, in_axes, path)
+            blk = kernel.shape[out_axis] // g
+            idx[out_axis] = slice((j % g) * blk, (j % g + 1) * blk)
+        sub = kernel[tuple(idx)]
+        hess = Hessian(h, jnp.float32(count), tuple(rest.index(a) for a in in_axes))
+        sub_leaves = list(self.base)
+        sub_leaves[leaf] = sub
+        h_leaves = [None] * len(sub_leaves)
+        h_leaves[leaf] = hess
+        out = self.compress(jax.tree_util.tree_unflatten(self.treedef, sub_leaves), jax.tree_util.tree_unflatten(self.treedef, h_leaves))
+        res, mask = self._split(out, leaf, path)
+        dense = _decode(res, path)
+        if tuple(dense.shape) != tuple(sub.shape):
+            raise ValueError(f"leaf {path!r}{where_}: compress returned shape {tuple(dense.shape)} for a slice of shape {tuple(sub.shape)}")
+        self.work[leaf] = kernel.at[tuple(idx)].set(dense.astype(kernel.dtype))
+        self.done[(leaf, j)] = (res, mask)
+
+    def _split(self, out, leaf: int, path: str) -> tuple[Any, Any]:
+        is_leaf = tree.is_compressed_leaf
+        if jax.tree_util.tree_structure(out, is_leaf=is_leaf) == self.treedef:
+            kind, new_params, masks = "params", out, None
+        elif isinstance(out, tuple | list) and len(out) == 2 and jax.tree_util.tree_structure(out[0], is_leaf=is_leaf) == self.treedef:
+            kind, (new_params, masks) = "params+masks", out
+        else:
+            raise ValueError(f"compress must return params (a tree shaped like the params) or (params, masks); for leaf {path!r} it returned {type(out).__name__}")
+        if self.kind is not None and kind != self.kind:
+            raise ValueError(f"compress returned {kind} for leaf {path!r} but {self.kind} before; it must return the same kind every time")
+        self.kind = kind
+        res = jax.tree_util.tree_leaves(new_params, is_leaf=is_leaf)[leaf]
+        mask = None
+        if masks is not None:
+            found = [m for pth, m in tree.leaves_with_paths(masks, tree.is_none) if pth == path]
+            mask = found[0] if found else None
+        return res, mask
+
+    # -- assembling the result
+    def result(self, leaves: list) -> Any:
+        out = list(leaves)
+        mask_leaves: list[Any] = [None] * len(leaves)
+        for leaf, lay in self.found.items():
+            in_axes, _, layer_axes, layer_shape, g = lay
+            path = self.paths[leaf]
+            missing = [j for j in range(lay.n) if (leaf, j) not in self.done]
+            if missing:
+                j = missing[0]
+                lc = tuple(int(c) for c in np.unravel_index(j // g, layer_shape)) if layer_shape else ()
+                raise ValueError(f"leaf {path!r}: slice {lc}{f' group {j % g}' if g > 1 else ''} is never used by the calibration batches, so it was not compressed")
+            parts = {j: self.done[(leaf, j)] for j in range(lay.n)}
+            if lay.n == 1:
+                out[leaf], mask_leaves[leaf] = parts[0]
+                continue
+            rest = [a for a in range(len(self.base[leaf].shape)) if a not in layer_axes]
+            per_layer = {}
+            for li in range(lay.n // g):
+                ps = [parts[li * g + k] for k in range(g)]
+                if g > 1:
+                    k_out = rest.index(_out_axis(rest, in_axes, path))
+                    per_layer[li] = tuple(_join([p[t] for p in ps], k_out, False, path) for t in range(2))
+                else:
+                    per_layer[li] = ps[0]
+            coords = {tuple(int(c) for c in np.unravel_index(li, layer_shape)): v for li, v in per_layer.items()}
+            for t, a in enumerate(layer_axes):  # insert layer axes in kernel order
+                grouped: dict[tuple, list] = {}
+                for c in sorted(coords, key=lambda c: c[t]):
+                    grouped.setdefault(c[:t] + (None,) + c[t + 1:], []).append(coords[c])
+                coords = {c: tuple(_join([v[k] for v in vs], a, True, path) for k in range(2)) for c, vs in grouped.items()}
+            out[leaf], mask_leaves[leaf] = next(iter(coords.values()))
+        params = jax.tree_util.tree_unflatten(self.treedef, out)
+        if self.kind == "params+masks":
+            return params, jax.tree_util.tree_unflatten(self.treedef, mask_leaves)
+        return params
+
+
+def _out_axis(rest: list[int], in_axes: tuple[int, ...], path: str) -> int:
+    outs = [a for a in rest if a not in in_axes]
+    if len(outs) != 1:
+        raise ValueError(f"leaf {path!r}: a grouped convolution kernel needs exactly one output axis, got axes {outs}")
+    return outs[0]
+
+
+def _join(parts: list, axis: int, new: bool, path: str) -> Any:
+    """Stacks (``new``) or concatenates per-slice results along ``axis``: arrays, masks or ``QArray``."""
+    if all(p is None for p in parts):
+        return None
+    if all(isinstance(p, QArray) for p in parts):
+        return _join_q(parts, axis, new, path)
+    if all(isinstance(p, jax.Array | np.ndarray) for p in parts):
+        return jnp.stack(parts, axis) if new else jnp.concatenate(parts, axis)
+    kinds = sorted({type(p).__name__ for p in parts})
+    raise TypeError(f"leaf {path!r}: sequential cannot join per-slice results of types {kinds} into the stacked leaf (float arrays and QArray can be joined)")
+
+
+def _join_q(qs: list[QArray], axis: int, new: bool, path: str) -> QArray:
+    q0 = qs[0]
+    for q in qs[1:]:
+        if (q.bits, q.shape, q.dtype, q.channel_axes, q.group_size, q.group_axis, q.zero_point is None) != (
+            q0.bits, q0.shape, q0.dtype, q0.channel_axes, q0.group_size, q0.group_axis, q0.zero_point is None
+        ):
+            raise ValueError(f"leaf {path!r}: compress returned QArrays of different layouts for its slices; they cannot be joined")
+    ga = q0.group_axis
+    if new:
+        chans = tuple(sorted([c + (c >= axis) for c in q0.channel_axes] + [axis]))
+        ga = None if ga is None else ga + (ga >= axis)
+    else:
+        if axis not in q0.channel_axes:
+            raise ValueError(f"leaf {path!r}: the groups of a grouped convolution need their own scales along output axis {axis}, but compress gave channel axes {q0.channel_axes}")
+        chans = q0.channel_axes
+    pos = axis if ga is None or axis < ga else axis + 1  # the axis in the grouped view of the scales
+
+    def cat(xs):
+        return jnp.stack(xs, pos) if new else jnp.concatenate(xs, pos)
+
+    codes = jnp.stack([q.ints() for q in qs], axis) if new else jnp.concatenate([q.ints() for q in qs], axis)
+    zp = None if q0.zero_point is None else cat([q.zero_point for q in qs])
+    return QArray(store_codes(codes, q0.bits), cat([q.scale for q in qs]), zp, bits=q0.bits, shape=codes.shape, dtype=q0.dtype,
+                  channel_axes=chans, group_size=q0.group_size, group_axis=ga, path=path)
+
