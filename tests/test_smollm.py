@@ -313,3 +313,50 @@ def test_llm_oneshot_example_runs(tmp_path):
                       timeout=900)
     assert (tmp_path / "m.cjx").is_file()
     assert "Paris" in proc.stdout, proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ benchmark helpers
+def test_benchmark_rtn_scales_are_per_layer_and_equal_per_slice_quantization():
+    """The stacked RTN rows quantize each layer on its own: the same as quantizing every slice alone."""
+    import compressjax as cj
+    from benchmarks import llm
+
+    assert (llm.group_for(576, 128), llm.group_for(1536, 128), llm.group_for(64, 128)) == (144, 128, 64)
+    cfg = smollm.LlamaConfig(vocab_size=11, hidden_size=16, num_layers=3, num_heads=2, num_kv_heads=1,
+                             intermediate_size=24, head_dim=8)
+    params = smollm.init_params(cfg, seed=4)
+    # Layers of very different magnitude: one shared scale would flatten the small ones to zero.
+    params["layers"]["mlp"]["up"]["kernel"] *= jnp.asarray([1.0, 10.0, 100.0])[:, None, None]
+    q = llm.rtn(params, 4, 8)
+    up = q["layers"]["mlp"]["up"]["kernel"]
+    assert isinstance(up, cj.QArray) and up.scale.shape == (3, 2, 1, 24)  # (layer, group, -, out)
+    got = cj.dequantize(up)
+    w = params["layers"]["mlp"]["up"]["kernel"]
+    want = jnp.stack([cj.dequantize(cj.quantize(w[i], cj.QuantSpec(bits=4, group_size=8))) for i in range(3)])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert not isinstance(q["embed"], cj.QArray) and not isinstance(q["layers"]["mlp_norm"]["scale"], cj.QArray)
+
+
+def test_benchmark_magnitude_masks_prune_half_of_each_layer():
+    from benchmarks import llm
+
+    params = smollm.init_params(TINY, seed=5)
+    params["layers"]["mlp"]["gate"]["kernel"] *= jnp.asarray([1.0, 10.0, 100.0])[:, None, None]
+    masks = llm.per_layer_magnitude_masks(params, 0.5)
+    gate = np.asarray(masks["layers"]["mlp"]["gate"]["kernel"])
+    assert gate.shape == (3, TINY.hidden_size, TINY.intermediate_size)
+    np.testing.assert_array_equal(gate.reshape(3, -1).sum(1), [gate[0].size // 2] * 3)  # exactly half per layer
+    assert masks["embed"] is None and masks["layers"]["mlp_norm"]["scale"] is None
+
+
+def test_text_sources_are_deterministic_windows():
+    ids = np.arange(1000)
+    w = smollm.token_windows(ids, 4, 100)
+    assert w.shape == (4, 100) and w[0, 0] == 0 and w[-1, -1] == 999
+    assert len(np.unique(w)) == 400  # no overlap
+    with pytest.raises(ValueError, match="1000 tokens"):
+        smollm.token_windows(ids, 11, 100)
+    names = [n for n, _, _ in smollm.package_descriptions()]
+    assert names == sorted(names) and len(names) == len(set(names))
+    assert "jax" in names  # installed with compressjax, with a long description
+    assert len(smollm.pydoc_text()) > 100_000 and smollm.pydoc_text() == smollm.pydoc_text()
