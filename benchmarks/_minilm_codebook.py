@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 import compressjax as cj
+from compressjax.models import minilm
 
 GROUP = "kmeans"
 ENCODER_KERNELS = r"layer_\d+/.*kernel$"
@@ -103,6 +104,4 @@ def run_kmeans(bench, batches: list, *, distill, seconds: float, quick: bool = F
 
 
 def bench_encode(params, batch):
-    from examples import minilm
-
     return minilm.encode(params, batch[0], batch[1])

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 import compressjax as cj
-from examples import minilm
+from compressjax.models import minilm
 
 ENCODER_KERNELS = r"layer_\d+/.*kernel$"
 EMBED_INT8 = {r"embeddings/(word|position|token_type)$": cj.QuantSpec(bits=8, channel_axes=(0,))}

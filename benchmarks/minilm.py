@@ -40,7 +40,7 @@ import optax  # noqa: E402
 import compressjax as cj  # noqa: E402
 from benchmarks import _minilm_codebook  # noqa: E402  (weight sharing settings, issue 12)
 from benchmarks._common import finish, interleaved_medians, parser  # noqa: E402
-from examples import minilm  # noqa: E402
+from compressjax.models import minilm  # noqa: E402
 
 ENCODER_KERNELS = r"layer_\d+/.*kernel$"
 
