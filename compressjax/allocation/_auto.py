@@ -28,7 +28,7 @@ from compressjax.allocation._menu import Option
 from compressjax.allocation._plan import Plan, PlanEntry
 from compressjax.hessians import collect_hessians
 
-__all__ = ["auto_compress", "apply_plan", "budget_bytes", "model_stages", "make_plan"]
+__all__ = ["auto_compress", "apply_plan", "budget_bytes", "model_stages", "make_plan", "from_candidates", "candidate_importance"]
 
 
 def budget_bytes(num_weights: int, *, bits_per_weight: Any = None, max_bytes: Any = None, ratio: Any = None) -> int:
@@ -301,21 +301,36 @@ def auto_compress(
     batches = list(batches)
     hessians = collect_hessians(apply_fn, params, batches, where=where, row_mask=row_mask)
     cands = option_costs_and_damages(params, hessians, menu, keep_results=True)
+    alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask) if importance else None
     budget = budget_bytes(cands.num_weights, bits_per_weight=bits_per_weight, max_bytes=max_bytes, ratio=ratio)
-    alpha = None
-    if importance:
-        probes = {}
-        leaves = dict(tree.leaves_with_paths(params, tree.is_compressed_leaf))
-        for i, p in enumerate(cands.paths):
-            ok = [j for j in range(len(cands.options)) if cands.costs[i, j] >= 0 and cands.errors[i, j] > 0]
-            if not ok:
-                continue
-            ok.sort(key=lambda j: cands.errors[i, j])
-            j = ok[len(ok) // 2]
-            probes[p] = decoded(cands.results[(p, cands.options[j].name)][0]) - leaves[p]
-        alpha = {p: 1.0 for p in cands.paths}
-        if probes:
-            alpha.update(kernel_importance(apply_fn, params, batches, probes, row_mask=row_mask))
+    return from_candidates(apply_fn, params, batches, cands, budget, alpha, sequential=sequential, row_mask=row_mask,
+                           stages=stages)
+
+
+def candidate_importance(apply_fn: Callable, params: Any, batches: Sequence[Any], cands: Candidates, *,
+                         row_mask: Callable | None = None) -> dict[str, float]:
+    """:func:`kernel_importance` of every kernel, probed with the error of its median-damage option (needs
+    ``cands`` made with ``keep_results=True``); 1.0 for a kernel whose options all have zero error."""
+    probes = {}
+    leaves = dict(tree.leaves_with_paths(params, tree.is_compressed_leaf))
+    for i, p in enumerate(cands.paths):
+        ok = [j for j in range(len(cands.options)) if cands.costs[i, j] >= 0 and cands.errors[i, j] > 0]
+        if not ok:
+            continue
+        ok.sort(key=lambda j: cands.errors[i, j])
+        j = ok[len(ok) // 2]
+        probes[p] = decoded(cands.results[(p, cands.options[j].name)][0]) - leaves[p]
+    alpha = {p: 1.0 for p in cands.paths}
+    if probes:
+        alpha.update(kernel_importance(apply_fn, params, batches, probes, row_mask=row_mask))
+    return alpha
+
+
+def from_candidates(apply_fn: Callable, params: Any, batches: Sequence[Any], cands: Candidates, budget: int,
+                    alpha: dict[str, float] | None, *, sequential: bool = True, row_mask: Callable | None = None,
+                    stages: Sequence[Sequence[str]] | None = None) -> tuple[Any, Plan]:
+    """Steps 3 and 4 of :func:`auto_compress` on candidates already measured (``keep_results=True``):
+    allocate ``budget`` bytes with damages ``alpha[path] * layer_error`` (``alpha=None``: unweighted), apply."""
     scale = np.array([1.0 if alpha is None else alpha[p] for p in cands.paths])[:, None]
     damages = np.where(cands.costs >= 0, cands.errors * scale, np.inf)
     costs = np.where(cands.costs >= 0, cands.costs, -1)
@@ -323,6 +338,7 @@ def auto_compress(
     choices = {p: cands.options[int(j)].name for p, j in zip(cands.paths, choice, strict=True)}
     order = None
     if sequential:
+        batches = list(batches)
         order_stages = stages if stages is not None else model_stages(apply_fn, params, batches[0], list(cands.paths))
         order = [p for s in order_stages for p in s]
         fallback = {p: (cands.results[(p, n)], int(cands.costs[i, int(choice[i])])) for i, (p, n) in enumerate(choices.items())}

@@ -180,9 +180,9 @@ def option_costs_and_damages(params: Any, hessians: Any, menu: Any = None, *, ke
     options, is_default = check_menu(menu)
     items = kernel_infos(params, hessians)
     paths = list(items)
-    K, O = len(paths), len(options)
-    costs = np.full((K, O), -1, np.int64)
-    errors = np.full((K, O), np.inf, np.float64)
+    shape = (len(paths), len(options))
+    costs = np.full(shape, -1, np.int64)
+    errors = np.full(shape, np.inf, np.float64)
     skipped: dict = {}
     results: dict = {}
     for j, opt in enumerate(options):

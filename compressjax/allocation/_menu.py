@@ -71,7 +71,7 @@ class Option:
 
 
 def default_menu() -> list[Option]:
-    """The default menu (20 options), from 32 bits down to about 2 bits per weight.
+    """The default menu (19 options), from 32 bits down to about 2 bits per weight.
 
     ``float``; GPTQ (act-order) int8 per channel, int4 per channel (clipping search for least squared error)
     and in groups of 128 and 64 inputs (symmetric), int3 and int2 per channel and in groups of 128 and 64
