@@ -265,3 +265,16 @@ def test_auto_compress_with_every_method_and_masks(tmp_path):
         if pruned:
             masks = dict(cj.tree.leaves_with_paths(plan.masks))
             assert set(masks) == set(pruned)
+
+
+def test_demo_budget_flag_and_config():
+    pytest.importorskip("mnist1d")
+    from compressjax.cli import build_parser
+    from compressjax.demo.pipeline import DemoConfig
+
+    args = build_parser().parse_args(["demo", "--quick", "--budget", "3.5"])
+    assert args.budget == 3.5
+    assert DemoConfig.quick(budget_bits=3.5).budget_bits == 3.5 and DemoConfig().budget_bits is None
+    for bad in (0, -1.0, float("nan"), True, "3"):
+        with pytest.raises(ValueError, match="budget_bits must be None or a number"):
+            DemoConfig(budget_bits=bad)

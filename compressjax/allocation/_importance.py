@@ -47,7 +47,9 @@ def kernel_importance(
     row_mask: Callable[[Any], Any] | None = None,
     max_batches: int = 4,
 ) -> dict[str, float]:
-    """``{path: alpha}``: the output-error amplification of each probed kernel (see the module docstring).
+    """How much of each kernel's layer output error reaches the model's output: ``{path: alpha}``.
+
+    ``alpha = sum ||J X dW||^2 / sum ||X dW||^2`` along the probe ``dW`` (see the module docstring).
 
     Args:
         apply_fn: ``(params, batch) -> output`` (any pytree of float arrays).
