@@ -278,3 +278,18 @@ def test_demo_budget_flag_and_config():
     for bad in (0, -1.0, float("nan"), True, "3"):
         with pytest.raises(ValueError, match="budget_bits must be None or a number"):
             DemoConfig(budget_bits=bad)
+
+
+def test_apply_plan_checks_names_modes_and_paths():
+    from compressjax.allocation import apply_plan
+
+    h = cj.collect_hessians(apply, PARAMS, BATCHES)
+    paths = [p for p, x in cj.tree.leaves_with_paths(h, lambda x: isinstance(x, cj.Hessian)) if x is not None]
+    out, masks = apply_plan(PARAMS, {p: "rtn4" for p in paths}, h, menu=RTN)
+    assert masks is None and all(isinstance(dict(cj.tree.leaves_with_paths(out, cj.tree.is_compressed_leaf))[p], cj.QArray) for p in paths)
+    with pytest.raises(ValueError, match="option 'int5' is not in the menu"):
+        apply_plan(PARAMS, {paths[0]: "int5"}, h, menu=RTN)
+    with pytest.raises(ValueError, match="without a Hessian"):
+        apply_plan(PARAMS, {"params/nope/kernel": "rtn4"}, h, menu=RTN)
+    with pytest.raises(ValueError, match="give hessians="):
+        apply_plan(PARAMS, {paths[0]: "rtn4"}, menu=RTN)

@@ -185,7 +185,10 @@ def apply_plan(
     if sequential:
         out, masks, _ = _sequential(params, choices, options, apply_fn, list(batches), row_mask, stages, None)
     else:
-        kernel_infos(params, hessians)
+        have = kernel_infos(params, hessians)
+        missing = [p for p in choices if p not in have]
+        if missing:
+            raise ValueError(f"planned kernels without a Hessian in hessians: {missing[:4]} (kernels with one: {list(have)[:4]})")
         out, masks = params, {}
         for name in dict.fromkeys(choices.values()):
             todo = [p for p, n in choices.items() if n == name]
