@@ -78,6 +78,18 @@ from compressjax.codebook import (
     split_centroids,
 )
 
+# --- allocation
+from compressjax.allocation import (
+    Option,
+    Plan,
+    allocate,
+    apply_plan,
+    auto_compress,
+    default_menu,
+    kernel_importance,
+    option_costs_and_damages,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -146,4 +158,13 @@ __all__ = [
     "cast_centroids",
     "codebook_error_feedback",
     "refit_centroids",
+    # allocation
+    "auto_compress",
+    "Option",
+    "default_menu",
+    "option_costs_and_damages",
+    "kernel_importance",
+    "allocate",
+    "apply_plan",
+    "Plan",
 ]

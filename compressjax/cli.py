@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="epochs of the 4000 labelled examples per training stage (default 64; 2 with --quick)")
     demo.add_argument("--codebook-bits", type=_bits, default=None,
                       help="replace uniform QAT by weight sharing: k-means codebooks of this many bits (default: off)")
+    demo.add_argument("--budget", type=float, default=None, metavar="BITS",
+                      help="add an 'allocated' stage: auto_compress of the distilled student to BITS bits per kernel weight")
     demo.add_argument("--out", default=".", help="folder for the JSON, PNG and model files (default: current folder)")
 
     inspect = sub.add_parser(
@@ -134,6 +136,8 @@ def _demo(args: argparse.Namespace) -> int:
     for name in ("sparsity", "bits", "epochs", "codebook_bits"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.budget is not None:
+        overrides["budget_bits"] = args.budget
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
 
     console = Console()

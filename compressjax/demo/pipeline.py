@@ -45,6 +45,7 @@ from compressjax import (
     save,
     size_report,
 )
+from compressjax.allocation import auto_compress
 from compressjax.demo import models
 from compressjax.demo.data import load_mnist1d, load_transfer_inputs
 
@@ -104,6 +105,7 @@ class DemoConfig:
     teacher: models.CNNConfig = field(default=models.TEACHER)
     student: models.CNNConfig = field(default=models.STUDENT)
     codebook_bits: int | None = None  # weight sharing instead of uniform QAT (issue 12)
+    budget_bits: float | None = None  # an extra "allocated" stage: auto_compress to this many bits per kernel weight (issue 20)
 
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
@@ -118,6 +120,10 @@ class DemoConfig:
             isinstance(self.codebook_bits, bool) or not isinstance(self.codebook_bits, int) or not 1 <= self.codebook_bits <= 8
         ):
             raise ValueError(f"codebook_bits must be None or an int in 1..8, got {self.codebook_bits!r}")
+        if self.budget_bits is not None and (
+            isinstance(self.budget_bits, bool) or not isinstance(self.budget_bits, int | float) or not 0 < self.budget_bits < 64
+        ):
+            raise ValueError(f"budget_bits must be None or a number of bits per weight in (0, 64), got {self.budget_bits!r}")
         if self.transfer_size < 10:
             raise ValueError(f"transfer_size must be >= 10, got {self.transfer_size!r}")
 
@@ -377,6 +383,11 @@ def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike = ".", *, progress: Pro
     # 6. One-shot: GPTQ of the distilled student from a few hundred training inputs, no training.
     rows.append(_one_shot(student, d_params, data, cfg, out_dir, teacher_f32))
     say(f"one-shot: {rows[-1].accuracy:.4f}, {rows[-1].bytes} bytes, {rows[-1].seconds:.1f} s")
+
+    # 7. (--budget) Allocated: per kernel the method and bits that lose least within the budget.
+    if cfg.budget_bits is not None:
+        rows.append(_allocated(student, d_params, data, cfg, out_dir, teacher_f32))
+        say(f"allocated: {rows[-1].accuracy:.4f}, {rows[-1].bytes} bytes, {rows[-1].seconds:.1f} s")
     return DemoResult(tuple(rows), time.perf_counter() - t0, path, cfg)
 
 
@@ -420,6 +431,22 @@ def _one_shot(student, d_params, data, cfg: DemoConfig, out_dir, teacher_f32: in
     loaded = load(path)
     acc = accuracy(student, loaded, data.x_test, data.y_test)
     return _stage("one-shot", acc, loaded, report.total_bytes, teacher_f32, t_stage)
+
+
+def _allocated(student, d_params, data, cfg: DemoConfig, out_dir, teacher_f32: int, n_calib: int = 512) -> Stage:
+    """``auto_compress`` of the distilled student to ``cfg.budget_bits`` bits per kernel weight (default menu,
+    sequential), calibrated like the one-shot stage; biases in int8. Writes the model to
+    ``out_dir/compressjax-demo-allocated.cjx`` and the plan's plot to ``compressjax-demo-plan.png``."""
+    t_stage = time.perf_counter()
+    calib = jnp.asarray(data.x_train[:n_calib])
+    q, plan = auto_compress(lambda p, xb: student.apply({"params": p}, xb), d_params, [calib], bits_per_weight=cfg.budget_bits)
+    os.makedirs(out_dir, exist_ok=True)
+    plan.plot(os.path.join(os.fspath(out_dir), "compressjax-demo-plan.png"))
+    path = os.path.join(os.fspath(out_dir), "compressjax-demo-allocated.cjx")
+    report = save(path, quantize_params(q, {"bias": QuantSpec(bits=8, channel_axes=())}, on_unmatched="ignore"))
+    loaded = load(path)
+    acc = accuracy(student, loaded, data.x_test, data.y_test)
+    return _stage("allocated", acc, loaded, report.total_bytes, teacher_f32, t_stage)
 
 
 def _weight_sharing_stages(cfg: DemoConfig, student, teacher, t_params, d_params, x_transfer, y_transfer, key,

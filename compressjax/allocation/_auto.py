@@ -1,0 +1,358 @@
+"""auto_compress and apply_plan: from a budget to compressed params and the plan."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.extend.core as jcore
+import numpy as np
+
+from compressjax import tree
+from compressjax.allocation._allocate import allocate, check_budget
+from compressjax.allocation._costs import (
+    Candidates,
+    _exact,
+    decoded,
+    kernel_infos,
+    layer_error,
+    leaf_bytes,
+    option_costs_and_damages,
+    solve_option,
+)
+from compressjax.allocation._importance import kernel_importance
+from compressjax.allocation._menu import Option
+from compressjax.allocation._plan import Plan, PlanEntry
+from compressjax.hessians import collect_hessians
+
+__all__ = ["auto_compress", "apply_plan", "budget_bytes", "model_stages", "make_plan", "from_candidates", "candidate_importance"]
+
+
+def budget_bytes(num_weights: int, *, bits_per_weight: Any = None, max_bytes: Any = None, ratio: Any = None) -> int:
+    """The byte budget of the selected kernels from exactly one of the three forms.
+
+    ``max_bytes``: bytes; ``bits_per_weight``: ``floor(bits_per_weight * num_weights / 8)``; ``ratio``: against
+    float32, ``floor(4 * num_weights / ratio)``.
+
+    Raises:
+        ValueError: none or several forms given, a NaN, infinite or negative value, a zero ratio.
+        TypeError: a value that is not a real number.
+    """
+    given = {k: v for k, v in (("bits_per_weight", bits_per_weight), ("max_bytes", max_bytes), ("ratio", ratio)) if v is not None}
+    if len(given) != 1:
+        raise ValueError(f"give exactly one budget: bits_per_weight=, max_bytes= or ratio= (got {given or 'none'})")
+    (name, value), = given.items()
+    v = check_budget(value, name)
+    if name == "max_bytes":
+        return int(math.floor(v))
+    if name == "bits_per_weight":
+        return int(math.floor(v * num_weights / 8))
+    if v == 0:
+        raise ValueError("ratio must be > 0, got 0")
+    return int(math.floor(4 * num_weights / v))
+
+
+def _replace(params: Any, new: dict[str, Any]) -> Any:
+    def visit(kp, x):
+        return new.get(tree.path_to_str(kp), x)
+
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=tree.is_compressed_leaf)
+
+
+def _masks_tree(params: Any, masks: dict[str, Any]) -> Any:
+    def visit(kp, x):
+        return masks.get(tree.path_to_str(kp))
+
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=tree.is_compressed_leaf)
+
+
+def _first_use(apply_fn: Callable, params: Any, batch: Any, paths: list[str]) -> dict[str, int]:
+    """The position (in evaluation order of the model's jaxpr, sub-jaxprs included) of each kernel's first use."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=tree.is_compressed_leaf)
+    leaf_paths = [tree.path_to_str(kp) for kp, _ in flat]
+    leaves = [decoded(x) if tree.is_compressed_leaf(x) else x for _, x in flat]
+    closed = jax.make_jaxpr(lambda ls: apply_fn(jax.tree_util.tree_unflatten(treedef, ls), batch))(leaves)
+    want = {}
+    for p in paths:
+        want[closed.jaxpr.invars[leaf_paths.index(p)]] = p
+    first: dict[str, int] = {}
+    counter = [0]
+
+    def visit(jaxpr, names):
+        for eqn in jaxpr.eqns:
+            sub = None
+            for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+                if key in eqn.params:
+                    sub = eqn.params[key]
+                    break
+            sub = getattr(sub, "jaxpr", sub)
+            if sub is not None and hasattr(sub, "invars") and len(sub.invars) == len(eqn.invars) and eqn.primitive.name != "while":
+                inner = {sv: names[v] for v, sv in zip(eqn.invars, sub.invars, strict=True) if not isinstance(v, jcore.Literal) and v in names}
+                visit(sub, inner)
+                continue
+            counter[0] += 1
+            for v in eqn.invars:
+                if not isinstance(v, jcore.Literal) and v in names:
+                    first.setdefault(names[v], counter[0])
+
+    visit(closed.jaxpr, want)
+    return {p: first.get(p, counter[0] + 1) for p in paths}
+
+
+def model_stages(apply_fn: Callable, params: Any, batch: Any, paths: Sequence[str]) -> list[list[str]]:
+    """Groups kernels into blocks in model order: a block is the path up to its first component holding a
+    digit (``layer_0``, ``params/layers_3``, ``blocks/2``); kernels outside such a component are a stage
+    each. Stages are sorted by the first use of their kernels in the traced model."""
+    order = _first_use(apply_fn, params, batch, list(paths))
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        parts = p.split("/")
+        key = p
+        for i, part in enumerate(parts[:-1]):
+            if re.search(r"\d", part):
+                key = "/".join(parts[: i + 1])
+                break
+        groups.setdefault(key, []).append(p)
+    stages = sorted(groups.values(), key=lambda ps: min(order[p] for p in ps))
+    return [sorted(ps, key=lambda p: order[p]) for ps in stages]
+
+
+def make_plan(cands: Candidates, choice: Sequence[int], damages: np.ndarray, importance: dict[str, float] | None,
+              budget: int, *, sequential: bool, final: dict[str, tuple[Any, ...]] | None = None,
+              masks: Any = None, order: Sequence[str] | None = None) -> Plan:
+    """A :class:`Plan` from the candidates and the chosen columns (``final``: ``{path: (bytes, layer_error)}``
+    measured on the results actually used, when they differ from the candidates')."""
+    entries = []
+    for i, p in enumerate(cands.paths):
+        j = int(choice[i])
+        alpha = 1.0 if importance is None else float(importance[p])
+        nb, err = (int(cands.costs[i, j]), float(cands.errors[i, j])) if final is None or p not in final else final[p]
+        cand = tuple((o.name, int(cands.costs[i, k]), float(damages[i, k])) for k, o in enumerate(cands.options) if cands.costs[i, k] >= 0)
+        entries.append(PlanEntry(p, cands.infos[i].shape, cands.options[j].name, nb, alpha * err, err, alpha, cand))
+    if order is not None:
+        rank = {p: k for k, p in enumerate(order)}
+        entries.sort(key=lambda e: rank.get(e.path, len(rank)))
+    return Plan(tuple(entries), int(budget), tuple(cands.options), sequential, importance is not None, masks)
+
+
+def apply_plan(
+    params: Any,
+    plan: Plan | dict[str, str],
+    hessians: Any = None,
+    *,
+    menu: Sequence[Option] | None = None,
+    apply_fn: Callable[[Any, Any], Any] | None = None,
+    batches: Iterable[Any] | None = None,
+    row_mask: Callable[[Any], Any] | None = None,
+    stages: Sequence[Sequence[str]] | None = None,
+) -> tuple[Any, Any]:
+    """Compresses each kernel with its planned option; returns ``(params, masks)``.
+
+    One-shot (``hessians`` given): every option is solved once for its kernels from these Hessians.
+    Sequential (``apply_fn`` and ``batches`` given, no ``hessians``): stage by stage in model order (see
+    :func:`model_stages`, or ``stages`` as lists of paths), each stage's Hessians collected on the model as
+    compressed so far (compressed kernels decoded), like :func:`compressjax.layerwise`.
+
+    Args:
+        params: the float params.
+        plan: a :class:`Plan` or ``{path: option name}``.
+        hessians: from :func:`compressjax.collect_hessians` (one-shot).
+        menu: the options the names refer to (default: the plan's, else :func:`default_menu`).
+        apply_fn, batches, row_mask, stages: the sequential mode.
+
+    Returns:
+        ``(params, masks)``: compressed kernels in place, and keep-masks at the pruned kernels (``None``
+        elsewhere), or ``masks=None`` when nothing is pruned.
+
+    Raises:
+        ValueError: an unknown option name, a planned path that is not a kernel, neither or both modes.
+    """
+    from compressjax.allocation._menu import default_menu
+
+    choices = plan.choices if isinstance(plan, Plan) else dict(plan)
+    options = {o.name: o for o in (menu or (plan.options if isinstance(plan, Plan) else None) or default_menu())}
+    for p, name in choices.items():
+        if name not in options:
+            raise ValueError(f"kernel {p!r}: option {name!r} is not in the menu ({sorted(options)})")
+    sequential = hessians is None
+    if sequential and (apply_fn is None or batches is None):
+        raise ValueError("give hessians= (one-shot) or apply_fn= and batches= (sequential)")
+    if not sequential and (apply_fn is not None or batches is not None):
+        raise ValueError("give either hessians= (one-shot) or apply_fn= and batches= (sequential), not both")
+    if sequential:
+        out, masks, _ = _sequential(params, choices, options, apply_fn, list(batches), row_mask, stages, None)
+    else:
+        have = kernel_infos(params, hessians)
+        missing = [p for p in choices if p not in have]
+        if missing:
+            raise ValueError(f"planned kernels without a Hessian in hessians: {missing[:4]} (kernels with one: {list(have)[:4]})")
+        out, masks = params, {}
+        for name in dict.fromkeys(choices.values()):
+            todo = [p for p, n in choices.items() if n == name]
+            solved = solve_option(options[name], params, hessians, todo)
+            out = _replace(out, {p: r[0] for p, r in solved.items()})
+            masks.update({p: r[1] for p, r in solved.items() if r[1] is not None})
+    return out, (_masks_tree(params, masks) if masks else None)
+
+
+def _sequential(params, choices, options, apply_fn, batches, row_mask, stages, fallback):
+    """The stage loop. ``fallback``: ``{path: ((leaf, mask), bytes)}``, results from the float-model
+    Hessians whose bytes were planned; a stage result that takes more bytes is replaced by it, so the plan
+    never grows. Returns ``(params, masks, {path: (bytes, layer_error)})``."""
+    paths = list(choices)
+    if stages is None:
+        stages = model_stages(apply_fn, params, batches[0], paths)
+    listed = [p for s in stages for p in s]
+    if sorted(listed) != sorted(paths):
+        raise ValueError(f"stages must list every planned kernel once; got {listed}, planned {paths}")
+    leaves = dict(tree.leaves_with_paths(params, tree.is_compressed_leaf))
+    view, out, masks, final = params, params, {}, {}
+    for i, stage in enumerate(stages):
+        try:
+            hess = collect_hessians(apply_fn, view, batches, where=_exact(stage), row_mask=row_mask)
+        except ValueError as e:
+            raise ValueError(f"stage {i} ({stage}): {e}") from e
+        infos = kernel_infos(params, hess)
+        new = {}
+        for name in dict.fromkeys(choices[p] for p in stage):
+            todo = [p for p in stage if choices[p] == name]
+            solved = solve_option(options[name], params, hess, todo)
+            sizes = leaf_bytes([solved[p][0] for p in todo])
+            for p, nb in zip(todo, sizes, strict=True):
+                res = solved[p]
+                if fallback is not None and nb > fallback[p][1]:
+                    res, nb = fallback[p]
+                new[p] = res
+                info, w, h = infos[p]
+                final[p] = (int(nb), 0.0 if options[name].method == "float" else layer_error(info, w, res[0], h))
+        out = _replace(out, {p: r[0] for p, r in new.items()})
+        view = _replace(view, {p: decoded(r[0]).astype(leaves[p].dtype) for p, r in new.items()})
+        masks.update({p: r[1] for p, r in new.items() if r[1] is not None})
+    return out, masks, final
+
+
+def auto_compress(
+    apply_fn: Callable[[Any, Any], Any],
+    params: Any,
+    batches: Iterable[Any],
+    *,
+    bits_per_weight: float | None = None,
+    max_bytes: int | None = None,
+    ratio: float | None = None,
+    menu: Sequence[Option] | None = None,
+    where: tree.Where = None,
+    row_mask: Callable[[Any], Any] | None = None,
+    sequential: bool = True,
+    importance: bool = True,
+    stages: Sequence[Sequence[str]] | None = None,
+) -> tuple[Any, Plan]:
+    """Compresses a model to a byte budget, choosing per kernel the option (method and bits) that costs least.
+
+    1. ``collect_hessians`` over ``batches`` (the kernels with a Hessian are the selection);
+    2. every option of ``menu`` is solved once per kernel from those Hessians, its exact bytes in the file
+       measured (:func:`option_costs_and_damages`) and its damage estimated: the layer output error
+       ``tr(dW^T H dW)``, times, with ``importance``, the kernel's output-error amplification
+       (:func:`kernel_importance`, probed with the error of the kernel's median-damage option);
+    3. :func:`allocate` picks one option per kernel: least total damage, total bytes at most the budget;
+    4. the plan is applied. ``sequential=False``: the results of step 2 are used as they are, so every
+       kernel's bytes are exactly the planned ones. ``sequential=True``: the kernels are compressed again
+       stage by stage (blocks in model order, :func:`model_stages`), each stage with Hessians collected on
+       the model as compressed so far, so later layers correct for earlier ones (GPTQ's sequential mode); a
+       kernel whose new result would take more bytes than planned keeps its step-2 result instead, so the
+       budget holds (every kernel's bytes at most the planned ones). The plan records the bytes and layer
+       errors of the results used.
+
+    The budget covers the selected kernels' bytes in the file (``size_report``'s ``stored_bytes`` of those
+    leaves); other leaves (biases, norms, embeddings not selected) and the file's header are outside it.
+
+    Args:
+        apply_fn: ``(params, batch) -> output``, as for :func:`compressjax.collect_hessians`.
+        params: the float params.
+        batches: calibration batches.
+        bits_per_weight, max_bytes, ratio: the budget, exactly one: bits per selected weight, bytes, or a
+            compression ratio against float32 (4 bytes per weight) of the selected kernels.
+        menu: a sequence of :class:`Option` (default :func:`default_menu`: options that do not fit a kernel
+            are skipped for it; in an explicit menu an option that fits no kernel is an error).
+        where: which kernels (as for ``collect_hessians``; default every matmul/conv kernel).
+        row_mask: ``batch -> bool`` rows to leave out of the Hessians (padding).
+        sequential: compress stage by stage (see above).
+        importance: weight each kernel's damages by its importance (see above).
+        stages: for ``sequential``, lists of kernel paths (default :func:`model_stages`).
+
+    Returns:
+        ``(params, plan)``: the compressed params (``QArray``, ``Codebook`` or pruned float leaves at the
+        kernels) and the :class:`Plan` (``plan.masks`` holds keep-masks at pruned kernels).
+
+    Raises:
+        ValueError: no or several budgets, a NaN, negative or infinite budget, a budget smaller than the
+            cheapest plan, an empty menu, an explicit option that fits no kernel, plus what
+            ``collect_hessians`` and the solvers raise.
+        TypeError: a non-real budget, a menu entry that is not an :class:`Option`.
+
+    References:
+        Frantar et al., "GPTQ", ICLR 2023; Frantar & Alistarh, "SparseGPT", ICML 2023; Dong et al.,
+        "HAWQ-V2", NeurIPS 2020; Sinha & Zoltners, "The Multiple-Choice Knapsack Problem", 1979.
+    """
+    # Cheap checks first: the budget form, the menu.
+    budget_bytes(1, bits_per_weight=bits_per_weight, max_bytes=max_bytes, ratio=ratio)
+    from compressjax.allocation._menu import check_menu
+
+    check_menu(menu)
+    batches = list(batches)
+    hessians = collect_hessians(apply_fn, params, batches, where=where, row_mask=row_mask)
+    cands = option_costs_and_damages(params, hessians, menu, keep_results=True)
+    alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask) if importance else None
+    budget = budget_bytes(cands.num_weights, bits_per_weight=bits_per_weight, max_bytes=max_bytes, ratio=ratio)
+    return from_candidates(apply_fn, params, batches, cands, budget, alpha, sequential=sequential, row_mask=row_mask,
+                           stages=stages)
+
+
+def candidate_importance(apply_fn: Callable, params: Any, batches: Sequence[Any], cands: Candidates, *,
+                         row_mask: Callable | None = None) -> dict[str, float]:
+    """:func:`kernel_importance` of every kernel, probed with the error of its median-damage option (needs
+    ``cands`` made with ``keep_results=True``); 1.0 for a kernel whose options all have zero error."""
+    probes = {}
+    leaves = dict(tree.leaves_with_paths(params, tree.is_compressed_leaf))
+    for i, p in enumerate(cands.paths):
+        ok = [j for j in range(len(cands.options)) if cands.costs[i, j] >= 0 and cands.errors[i, j] > 0]
+        if not ok:
+            continue
+        ok.sort(key=lambda j: cands.errors[i, j])
+        j = ok[len(ok) // 2]
+        probes[p] = decoded(cands.results[(p, cands.options[j].name)][0]) - leaves[p]
+    alpha = {p: 1.0 for p in cands.paths}
+    if probes:
+        alpha.update(kernel_importance(apply_fn, params, batches, probes, row_mask=row_mask))
+    return alpha
+
+
+def from_candidates(apply_fn: Callable, params: Any, batches: Sequence[Any], cands: Candidates, budget: int,
+                    alpha: dict[str, float] | None, *, sequential: bool = True, row_mask: Callable | None = None,
+                    stages: Sequence[Sequence[str]] | None = None) -> tuple[Any, Plan]:
+    """Steps 3 and 4 of :func:`auto_compress` on candidates already measured (``keep_results=True``):
+    allocate ``budget`` bytes with damages ``alpha[path] * layer_error`` (``alpha=None``: unweighted), apply."""
+    scale = np.array([1.0 if alpha is None else alpha[p] for p in cands.paths])[:, None]
+    damages = np.where(cands.costs >= 0, cands.errors * scale, np.inf)
+    costs = np.where(cands.costs >= 0, cands.costs, -1)
+    choice = allocate(costs, damages, budget)
+    choices = {p: cands.options[int(j)].name for p, j in zip(cands.paths, choice, strict=True)}
+    order = None
+    if sequential:
+        batches = list(batches)
+        order_stages = stages if stages is not None else model_stages(apply_fn, params, batches[0], list(cands.paths))
+        order = [p for s in order_stages for p in s]
+        fallback = {p: (cands.results[(p, n)], int(cands.costs[i, int(choice[i])])) for i, (p, n) in enumerate(choices.items())}
+        opts = {o.name: o for o in cands.options}
+        out, masks, final = _sequential(params, choices, opts, apply_fn, batches, row_mask, order_stages, fallback)
+    else:
+        final = None
+        out = _replace(params, {p: cands.results[(p, n)][0] for p, n in choices.items()})
+        masks = {p: cands.results[(p, n)][1] for p, n in choices.items() if cands.results[(p, n)][1] is not None}
+    mtree = _masks_tree(params, masks) if masks else None
+    plan = make_plan(cands, choice, damages, alpha, budget, sequential=sequential, final=final, masks=mtree, order=order)
+    if plan.total_bytes > budget:  # cannot happen: the allocator and the fallback keep it within
+        raise AssertionError(f"plan of {plan.total_bytes} bytes exceeds the budget of {budget}")
+    return out, plan

@@ -1,0 +1,108 @@
+"""Per-kernel importance: how much of a kernel's layer output error reaches the model's output.
+
+``tr(dW^T H dW) = ||X dW||^2`` measures the error at the layer's own outputs. What matters is the error at
+the model's output, to first order ``||J X dW||^2`` with ``J`` the Jacobian of the output with respect to
+the layer's outputs: the Gauss-Newton (for a squared-error output loss, the Fisher) quadratic form along
+the compression error. We estimate, per kernel ``l``, the amplification
+
+    alpha_l = sum_batches ||J_l X_l dW_l||^2 / sum_batches ||X_l dW_l||^2
+
+along a probe direction ``dW_l`` (by default the real error of one of the kernel's options), with one
+forward-mode product (``jax.jvp``) per kernel and batch, and both sums over the same batches; the damage
+of every option of that kernel is then ``alpha_l * tr(dW^T H dW)``. This is a per-layer sensitivity weight
+in the spirit of HAWQ-V2 (Dong et al., NeurIPS 2020: the Hessian trace of the loss per layer) and of
+NVIDIA ModelOpt's ``auto_quantize`` (output-gradient-weighted output error, a Fisher approximation), for
+models whose output is not a loss (embeddings, logits): the output's squared change stands in for it.
+
+References:
+    Dong, Yao, Arfeen, Gholami, Mahoney & Keutzer, "HAWQ-V2: Hessian Aware trace-Weighted Quantization of
+    Neural Networks", NeurIPS 2020 (arXiv:1911.03852).
+    Martens, "New insights and perspectives on the natural gradient method", JMLR 21, 2020 (Gauss-Newton
+    and Fisher).
+    NVIDIA TensorRT Model Optimizer, ``modelopt.torch.quantization.auto_quantize``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compressjax import tree
+from compressjax.allocation._costs import _exact, decoded
+from compressjax.hessians import collect_hessians
+
+__all__ = ["kernel_importance"]
+
+
+def kernel_importance(
+    apply_fn: Callable[[Any, Any], Any],
+    params: Any,
+    batches: Sequence[Any],
+    probes: dict[str, Any],
+    *,
+    row_mask: Callable[[Any], Any] | None = None,
+    max_batches: int = 4,
+) -> dict[str, float]:
+    """How much of each kernel's layer output error reaches the model's output: ``{path: alpha}``.
+
+    ``alpha = sum ||J X dW||^2 / sum ||X dW||^2`` along the probe ``dW`` (see the module docstring).
+
+    Args:
+        apply_fn: ``(params, batch) -> output`` (any pytree of float arrays).
+        params: the float params (compressed leaves are decoded first).
+        batches: calibration batches; at most ``max_batches`` of them, evenly spaced, are used.
+        probes: ``{path: dW}``, a perturbation of each kernel's shape (e.g. an option's error ``W_hat - W``).
+        row_mask: as for :func:`compressjax.collect_hessians` (the denominators leave the same rows out).
+        max_batches: how many batches to use (one ``jvp`` per kernel and batch).
+
+    Returns:
+        ``{path: alpha}``, ``alpha >= 0``; 1.0 for a zero probe (nothing to measure).
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty: importance needs at least one calibration batch")
+    if len(batches) > max_batches:
+        idx = np.linspace(0, len(batches) - 1, max_batches).round().astype(int)
+        batches = [batches[i] for i in sorted(set(idx.tolist()))]
+    float_params = jax.tree_util.tree_map(decoded, params, is_leaf=tree.is_compressed_leaf)
+    paths = list(probes)
+    hess = collect_hessians(apply_fn, float_params, batches, where=_exact(paths), row_mask=row_mask)
+    hs = {p: h for p, h in tree.leaves_with_paths(hess, lambda x: x is None or hasattr(x, "in_axes")) if h is not None}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(float_params)
+    leaf_paths = [tree.path_to_str(kp) for kp, _ in flat]
+    leaves = [x for _, x in flat]
+    sel = [leaf_paths.index(p) for p in paths]
+
+    @jax.jit
+    def sq_jvp(leaves, dws, which, batch):
+        def f(ks):
+            ls = list(leaves)
+            for j, i in enumerate(sel):
+                ls[i] = ks[j]
+            return apply_fn(jax.tree_util.tree_unflatten(treedef, ls), batch)
+
+        tangents = [jnp.where(which == j, dws[j], 0.0).astype(leaves[i].dtype) for j, i in enumerate(sel)]
+        _, out = jax.jvp(f, ([leaves[i] for i in sel],), (tangents,))
+        return sum(jnp.sum(jnp.square(jnp.asarray(o, jnp.float32))) for o in jax.tree_util.tree_leaves(out))
+
+    dws = [jnp.asarray(probes[p], jnp.float32) for p in paths]
+    num = np.zeros(len(paths))
+    for batch in batches:
+        for j in range(len(paths)):
+            num[j] += float(sq_jvp(leaves, dws, jnp.int32(j), batch))
+    out = {}
+    for j, p in enumerate(paths):
+        h = hs[p]
+        in_axes = tuple(sorted(h.in_axes))
+        lay = tuple(getattr(h, "layer_axes", ()))
+        rest = tuple(a for a in range(dws[j].ndim) if a not in in_axes and a not in lay)
+        dw = jnp.transpose(dws[j], lay + in_axes + rest)
+        d_in = int(np.prod([dws[j].shape[a] for a in in_axes]))
+        dw = dw.reshape(dw.shape[: len(lay)] + (d_in, -1))
+        den = float(jnp.sum(jnp.matmul(jnp.asarray(h.h, jnp.float32), dw, precision=jax.lax.Precision.HIGHEST) * dw))
+        out[p] = num[j] / den if den > 0 else 1.0
+    return out

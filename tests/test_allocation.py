@@ -1,0 +1,295 @@
+"""Compress to a budget: the allocator (exact against brute force), exact bytes, budgets and errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import compressjax as cj
+from compressjax.allocation import budget_bytes, model_stages, pareto_front
+from compressjax.allocation._menu import KernelInfo, why_not
+
+Q = cj.QuantSpec
+
+
+def brute(costs, damages, budget):
+    best = (math.inf, None)
+    for combo in itertools.product(*[range(len(c)) for c in costs]):
+        c = sum(costs[k][j] for k, j in enumerate(combo))
+        d = sum(damages[k][j] for k, j in enumerate(combo))
+        if c <= budget and d < best[0]:
+            best = (d, combo)
+    return best
+
+
+@st.composite
+def instances(draw):
+    k = draw(st.integers(1, 4))
+    o = draw(st.integers(1, 4))
+    costs = [[draw(st.integers(0, 60)) for _ in range(o)] for _ in range(k)]
+    damages = [[draw(st.floats(0, 10, allow_nan=False)) for _ in range(o)] for _ in range(k)]
+    lo = sum(min(c) for c in costs)
+    hi = sum(max(c) for c in costs)
+    budget = draw(st.integers(lo, hi + 5))
+    return costs, damages, budget
+
+
+@settings(max_examples=80, deadline=None)
+@given(instances())
+def test_allocator_is_exact_against_brute_force(inst):
+    costs, damages, budget = inst
+    choice = cj.allocate(costs, damages, budget)
+    total_cost = sum(costs[k][j] for k, j in enumerate(choice))
+    total_damage = sum(damages[k][j] for k, j in enumerate(choice))
+    best, _ = brute(costs, damages, budget)
+    assert total_cost <= budget
+    assert total_damage == pytest.approx(best, rel=1e-12, abs=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(instances(), st.integers(1, 10**6))
+def test_allocator_on_a_coarse_grid_stays_within_budget_and_half_a_percent(inst, scale):
+    # Byte counts far above the grid: the program works on a grid and must still fit, and be at least as
+    # good as the exact optimum at 99.5% of the budget.
+    costs, damages, budget = inst
+    big = [[c * 1000 * scale + 7 for c in row] for row in costs]
+    b = budget * 1000 * scale + 7 * len(costs)
+    choice = cj.allocate(big, damages, b, max_cells=1000)
+    assert sum(big[k][j] for k, j in enumerate(choice)) <= b
+    d = sum(damages[k][j] for k, j in enumerate(choice))
+    lo = sum(min(r) for r in big)
+    ref, combo = brute(big, damages, max(lo, lo + 0.995 * (b - lo)))
+    assert combo is None or d <= ref + 1e-12
+
+
+def test_allocator_skips_options_marked_as_not_applying_and_takes_ragged_rows():
+    costs = [[10, 5, -1], [4, 2]]
+    damages = [[0.0, 1.0, 0.0], [0.0, 3.0]]
+    assert cj.allocate(costs, damages, 9).tolist() == [1, 0]
+    assert cj.allocate(costs, damages, 14).tolist() == [0, 0]
+    assert cj.allocate([[1, 1]], [[np.inf, 2.0]], 1).tolist() == [1]
+
+
+@pytest.mark.parametrize("budget, exc, match", [
+    (float("nan"), ValueError, "NaN"),
+    (-1, ValueError, "-1"),
+    (float("inf"), ValueError, "finite"),
+    (True, TypeError, "True"),
+    ("100", TypeError, "'100'"),
+    (6, ValueError, r"budget 6 bytes is smaller than the cheapest plan \(7 bytes\)"),
+])
+def test_allocator_rejects_bad_budgets(budget, exc, match):
+    with pytest.raises(exc, match=match):
+        cj.allocate([[3, 5], [4, 9]], [[1.0, 0.0], [1.0, 0.0]], budget)
+
+
+def test_allocator_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="NaN"):
+        cj.allocate([[1, 2]], [[np.nan, 0.0]], 5)
+    with pytest.raises(ValueError, match="negative damage"):
+        cj.allocate([[1, 2]], [[-1.0, 0.0]], 5)
+    with pytest.raises(ValueError, match="no usable option"):
+        cj.allocate([[-1, -1]], [[0.0, 0.0]], 5)
+    with pytest.raises(ValueError, match="empty"):
+        cj.allocate([], [], 5)
+
+
+def test_budget_forms():
+    assert budget_bytes(1000, bits_per_weight=3.5) == 437
+    assert budget_bytes(1000, max_bytes=123.9) == 123
+    assert budget_bytes(1000, ratio=8) == 500
+    with pytest.raises(ValueError, match="exactly one"):
+        budget_bytes(1000)
+    with pytest.raises(ValueError, match="exactly one"):
+        budget_bytes(1000, bits_per_weight=3, ratio=8)
+    with pytest.raises(ValueError, match="ratio must be > 0"):
+        budget_bytes(1000, ratio=0)
+    with pytest.raises(ValueError, match="bits_per_weight is NaN"):
+        budget_bytes(1000, bits_per_weight=float("nan"))
+    with pytest.raises(ValueError, match="max_bytes must be >= 0, got -5"):
+        budget_bytes(1000, max_bytes=-5)
+
+
+def test_default_menu_skips_what_does_not_divide_and_options_validate():
+    menu = cj.default_menu()
+    names = [o.name for o in menu]
+    assert len(set(names)) == len(names) == 19
+    k = KernelInfo("a/kernel", (96, 40), (0,))
+    skipped = {o.name: why_not(o, k) for o in menu if why_not(o, k)}
+    assert set(skipped) == {n for n in names if re.search(r"-g(128|64)$", n)}  # neither divides 96
+    assert "group_size=128 does not divide the input axis of length 96" in skipped["gptq-int4-g128"]
+    k6 = KernelInfo("b/kernel", (6, 8), (0,))
+    assert "m=4 does not divide" in why_not(cj.Option("s", "sparsegpt", n=2, m=4), k6)
+    with pytest.raises(ValueError, match="method"):
+        cj.Option("x", "magic")
+    with pytest.raises(ValueError, match="needs a QuantSpec"):
+        cj.Option("x", "gptq")
+
+
+# ----------------------------------------------------------------------------------- end to end, tiny model
+MODEL = nn.Sequential([nn.Dense(32), nn.gelu, nn.Dense(32), nn.gelu, nn.Dense(8)])
+BATCHES = [jax.random.normal(jax.random.key(i), (32, 16)) for i in range(3)]
+PARAMS = MODEL.init(jax.random.key(0), BATCHES[0])
+RTN = [cj.Option("float", "float"), cj.Option("rtn8", "rtn", Q(bits=8)), cj.Option("rtn4", "rtn", Q(bits=4)),
+       cj.Option("rtn4-g8", "rtn", Q(bits=4, group_size=8)), cj.Option("rtn2", "rtn", Q(bits=2, symmetric=False))]
+
+
+def apply(p, x):
+    return MODEL.apply(p, x)
+
+
+def kernel_bytes(report) -> dict[str, int]:
+    return {s.path: s.stored_bytes for s in report.leaves if s.path.endswith("kernel")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sequential", [False, True])
+def test_auto_compress_bytes_predicted_equal_bytes_saved(tmp_path, sequential):
+    out, plan = cj.auto_compress(apply, PARAMS, BATCHES, bits_per_weight=5.0, menu=RTN, sequential=sequential)
+    assert isinstance(plan, cj.Plan) and plan.sequential is sequential
+    n = sum(x.size for p, x in cj.tree.leaves_with_paths(PARAMS) if p.endswith("kernel"))
+    assert plan.num_weights == n and plan.budget_bytes == math.floor(5.0 * n / 8)
+    assert plan.total_bytes <= plan.budget_bytes
+    cj.save(tmp_path / "m.cjx", out)
+    saved = kernel_bytes(cj.size_report(tmp_path / "m.cjx"))
+    assert saved == {e.path: e.bytes for e in plan.entries}
+    assert sum(saved.values()) == plan.total_bytes
+    # Mixed: at 5 bits per weight neither all-int4 nor all-int8 is the answer.
+    assert len(plan.counts()) >= 2
+    y = apply(cj.load(tmp_path / "m.cjx"), BATCHES[0])
+    assert bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_plan_never_exceeds_budget_and_tightens_with_it():
+    h = cj.collect_hessians(apply, PARAMS, BATCHES)
+    cands = cj.option_costs_and_damages(PARAMS, h, RTN)
+    lo = int(cands.costs.clip(min=0).min(axis=1).sum())  # all float never; rtn2 everywhere is cheapest
+    prev = math.inf
+    from compressjax.allocation import apply_plan
+
+    for bpw in (4.0, 5.0, 6.0, 9.0, 33.0):
+        out, plan = cj.auto_compress(apply, PARAMS, BATCHES, bits_per_weight=bpw, menu=RTN, sequential=False, importance=False)
+        assert lo <= plan.total_bytes <= plan.budget_bytes
+        assert plan.total_damage <= prev + 1e-9  # more bytes, never more damage
+        prev = plan.total_damage
+        again, masks = apply_plan(PARAMS, plan, h)
+        assert masks is None and sum(kernel_bytes(cj.size_report(again)).values()) == plan.total_bytes
+    assert set(plan.counts()) == {"float"}
+
+
+def test_layer_error_is_the_trace_form():
+    h = cj.collect_hessians(apply, PARAMS, BATCHES)
+    cands = cj.option_costs_and_damages(PARAMS, h, RTN, keep_results=True)
+    i, j = 1, [o.name for o in RTN].index("rtn4")
+    path = cands.paths[i]
+    w = dict(cj.tree.leaves_with_paths(PARAMS))[path]
+    dw = np.asarray(cj.dequantize(cands.results[(path, "rtn4")][0]), np.float64) - np.asarray(w, np.float64)
+    H = np.asarray(dict(cj.tree.leaves_with_paths(h, lambda x: isinstance(x, cj.Hessian)))[path].h, np.float64)
+    assert cands.errors[i, j] == pytest.approx(np.trace(dw.T @ H @ dw), rel=1e-4)
+    assert (cands.errors[:, 0] == 0).all() and (cands.costs[:, 0] > cands.costs[:, 1]).all()
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({}, ValueError, "exactly one budget"),
+    ({"bits_per_weight": 3, "max_bytes": 100}, ValueError, "exactly one budget"),
+    ({"bits_per_weight": float("nan")}, ValueError, "bits_per_weight is NaN"),
+    ({"max_bytes": -10}, ValueError, "max_bytes must be >= 0, got -10"),
+    ({"ratio": -2.0}, ValueError, "ratio must be >= 0, got -2.0"),
+    ({"max_bytes": 50}, ValueError, r"budget 50 bytes is smaller than the cheapest plan"),
+    ({"max_bytes": 10**6, "menu": []}, ValueError, "menu is empty"),
+    ({"max_bytes": 10**6, "menu": [cj.Option("g5", "rtn", Q(bits=4, group_size=5))]}, ValueError,
+     r"option 'g5' applies to no selected kernel .*group_size=5 does not divide the input axis of length 16"),
+    ({"max_bytes": 10**6, "menu": [cj.Option("24", "sparsegpt", n=2, m=3)]}, ValueError,
+     r"option '24' applies to no selected kernel .*m=3 does not divide"),
+    ({"max_bytes": 10**6, "menu": ["int4"]}, TypeError, "Option"),
+])
+def test_auto_compress_errors_name_the_value(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        cj.auto_compress(apply, PARAMS, BATCHES, sequential=False, importance=False, **{"menu": RTN, **kw})
+
+
+def test_model_stages_follow_the_model_not_the_key_order():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for name in ("layer_2", "layer_10", "layer_1"):  # sorted keys would put layer_1 first
+                x = nn.gelu(nn.Dense(8, name=f"{name}_a")(x))
+                x = nn.Dense(8, name=f"{name}_b")(x)
+            return x
+
+    net = Net()
+    p = net.init(jax.random.key(0), jnp.ones((2, 8)))
+    paths = [q for q, _ in cj.tree.leaves_with_paths(p) if q.endswith("kernel")]
+    stages = model_stages(lambda q, x: net.apply(q, x), p, jnp.ones((2, 8)), paths)
+    # Each kernel is its own block here (the first component with a digit differs): model order, not key order.
+    assert stages == [[f"params/{n}_{s}/kernel"] for n in ("layer_2", "layer_10", "layer_1") for s in "ab"]
+
+
+@pytest.mark.slow
+def test_plan_table_plot_and_pareto_front(tmp_path):
+    _, plan = cj.auto_compress(apply, PARAMS, BATCHES, bits_per_weight=4.0, menu=RTN, sequential=False)
+    from rich.console import Console
+
+    console = Console(record=True, width=140)
+    console.print(plan.table())
+    text = console.export_text()
+    assert "params/layers_0/kernel" in text and f"{plan.total_bytes:,}" in text
+    assert plan.plot(tmp_path / "plan.png") == tmp_path / "plan.png"
+    assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pareto_front([(10, 1.0), (5, 2.0), (7, 3.0), (20, 0.0)]) == [1, 0, 3]
+    d = plan.to_dict()
+    assert d["total_bytes"] == plan.total_bytes and len(d["kernels"]) == 3
+    assert all(e.importance > 0 for e in plan.entries) and plan.importance
+
+
+@pytest.mark.slow
+def test_auto_compress_with_every_method_and_masks(tmp_path):
+    menu = [cj.Option("gptq3", "gptq", Q(bits=3, symmetric=False)), cj.Option("gptq4-g8", "gptq", Q(bits=4, group_size=8)),
+            cj.Option("sp-2:4", "sparsegpt", n=2, m=4), cj.Option("sp50+int4", "sparsegpt", Q(bits=4), sparsity=0.5),
+            cj.Option("km3", "kmeans", bits=3), cj.Option("float", "float")]
+    for bpw in (3.2, 9.0):
+        out, plan = cj.auto_compress(apply, PARAMS, BATCHES, bits_per_weight=bpw, menu=menu)
+        cj.save(tmp_path / "m.cjx", out)
+        saved = kernel_bytes(cj.size_report(tmp_path / "m.cjx"))
+        assert sum(saved.values()) == plan.total_bytes <= plan.budget_bytes
+        pruned = [e.path for e in plan.entries if e.option.startswith("sp")]
+        if pruned:
+            masks = dict(cj.tree.leaves_with_paths(plan.masks))
+            assert set(masks) == set(pruned)
+
+
+def test_demo_budget_flag_and_config():
+    pytest.importorskip("mnist1d")
+    from compressjax.cli import build_parser
+    from compressjax.demo.pipeline import DemoConfig
+
+    args = build_parser().parse_args(["demo", "--quick", "--budget", "3.5"])
+    assert args.budget == 3.5
+    assert DemoConfig.quick(budget_bits=3.5).budget_bits == 3.5 and DemoConfig().budget_bits is None
+    for bad in (0, -1.0, float("nan"), True, "3"):
+        with pytest.raises(ValueError, match="budget_bits must be None or a number"):
+            DemoConfig(budget_bits=bad)
+
+
+def test_apply_plan_checks_names_modes_and_paths():
+    from compressjax.allocation import apply_plan
+
+    h = cj.collect_hessians(apply, PARAMS, BATCHES)
+    paths = [p for p, x in cj.tree.leaves_with_paths(h, lambda x: isinstance(x, cj.Hessian)) if x is not None]
+    out, masks = apply_plan(PARAMS, {p: "rtn4" for p in paths}, h, menu=RTN)
+    assert masks is None and all(isinstance(dict(cj.tree.leaves_with_paths(out, cj.tree.is_compressed_leaf))[p], cj.QArray) for p in paths)
+    with pytest.raises(ValueError, match="option 'int5' is not in the menu"):
+        apply_plan(PARAMS, {paths[0]: "int5"}, h, menu=RTN)
+    with pytest.raises(ValueError, match="without a Hessian"):
+        apply_plan(PARAMS, {"params/nope/kernel": "rtn4"}, h, menu=RTN)
+    with pytest.raises(ValueError, match="give hessians="):
+        apply_plan(PARAMS, {paths[0]: "rtn4"}, menu=RTN)
