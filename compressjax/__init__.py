@@ -3,10 +3,26 @@
 Every function is a pure function over parameter pytrees (linen ``params`` dicts, ``nnx.State``, equinox
 modules, plain dicts) and runs under ``jax.jit``. See README.md for a tour.
 
-The layout below is the architecture: each ``# --- group`` is one layer of the library (the API reference
-is generated from these groups). Helpers live in the submodules: :mod:`compressjax.tree` (leaf paths and
-the ``where`` selector), :mod:`compressjax.quantization` (``compute_scale``, ``resolve_rules``),
-:mod:`compressjax.losses`, :mod:`compressjax.radix_select` (the exact k-th value behind magnitude pruning).
+The modules form layers; a module imports only from its own layer or below (the contract in
+pyproject.toml, checked in CI by ``lint-imports``)::
+
+    cli, demo                  the command line and the demo pipeline
+    models                     model ports shared by examples, benchmarks and tests (MiniLM, SmolLM2)
+    allocation                 compress to a budget: a menu of every technique, exact file bytes, knapsack
+    export                     the file format: save, load, size_report
+    codebook                   weight sharing (k-means codebooks; error feedback uses the one-shot sweep)
+    oneshot                    GPTQ, SparseGPT, Wanda, layerwise and sequential calibration
+    hessians                   Hessian capture from any JAX model (jaxpr interpreter)
+    distillation, calibration, qdot, pruning_transforms
+    quantization, losses, pruning
+    qarray, radix_select       the quantized array (QArray.decode); the exact k-th value
+    tree                       leaf paths, the ``where`` selector, the compressed-leaf protocol
+
+Compressed leaves (``QArray``, ``Codebook``) implement ``decode()``, so tree functions decode any of them
+without importing its class. The ``# --- group`` comments below group the public API (docs/API.md is
+generated from them). Helpers live in the submodules: :mod:`compressjax.tree`,
+:mod:`compressjax.quantization` (``compute_scale``, ``resolve_rules``), :mod:`compressjax.losses`,
+:mod:`compressjax.radix_select`.
 """
 
 # ruff: noqa: I001  (imports are grouped by architecture layer, not alphabetically)

@@ -22,6 +22,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from compressjax.demo import report
+from compressjax.demo.pipeline import DemoConfig, run_demo
+from compressjax.export import FormatError, size_report
+
 __all__ = ["main", "build_parser"]
 
 
@@ -129,8 +133,6 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError:
         print('compressjax demo needs the demo extra: pip install "compressjax[demo]"', file=sys.stderr)
         return 2
-    from compressjax.demo import report
-    from compressjax.demo.pipeline import DemoConfig, run_demo
 
     overrides = {"seed": args.seed}
     for name in ("sparsity", "bits", "epochs", "codebook_bits"):
@@ -204,8 +206,6 @@ def _inspect_table(report, file: str):
 
 def _inspect(args: argparse.Namespace) -> int:
     import json
-
-    from compressjax.export import FormatError, size_report
 
     try:
         report = size_report(args.file)

@@ -45,6 +45,7 @@ from jax.extend import core as jcore
 
 from compressjax import tree
 from compressjax.qarray import QArray
+from compressjax.quantization import dequantize
 
 __all__ = ["Hessian", "collect_hessians"]
 
@@ -835,7 +836,7 @@ def collect_hessians(
         raise TypeError(f"row_mask must be None or a callable batch -> bool array, got {row_mask!r}")
     treedef, paths, leaves, selected = _select(params, where)
     is_q = lambda x: isinstance(x, QArray)  # noqa: E731
-    float_leaves = [_dequantized(x) if is_q(x) else x for x in leaves]
+    float_leaves = [dequantize(x) if is_q(x) else x for x in leaves]
     if mesh is not None:
         mesh = auto_mesh(mesh)
         if data_axis not in mesh.axis_names:
@@ -943,12 +944,6 @@ def auto_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {mesh!r}")
     auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
     return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
-
-
-def _dequantized(q):
-    from compressjax.quantization import dequantize
-
-    return dequantize(q)
 
 
 def _shard_batch(batch, mesh, data_axis):

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compressjax.qarray import QArray
 from compressjax.radix_select import exact_keep_masks, resolve_strategy, round_half_even_count
 from compressjax.tree import (
     PyTree,
@@ -410,14 +411,12 @@ def sparsity_summary(params_or_masks: PyTree, where: Where = None) -> SparsitySu
     Raises:
         ValueError: if nothing is selected.
     """
-    from compressjax.qarray import QArray  # deferred: qarray sits above pruning in the layering
-    from compressjax.quantization import dequantize
-
     pred = selector(where)
     rows = []
     for path, leaf in leaves_with_paths(params_or_masks, is_none):
         if isinstance(leaf, QArray):
-            leaf = dequantize(leaf, path=path)
+            leaf.validate(path)
+            leaf = leaf.decode()
         elif leaf is None or is_compressed_leaf(leaf) or not hasattr(leaf, "dtype"):
             continue
         elif not (jnp.dtype(leaf.dtype) == jnp.bool_ or pred(path, leaf)):

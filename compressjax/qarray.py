@@ -352,6 +352,15 @@ class QArray:
                 got = (jnp.dtype(z.dtype), tuple(z.shape)) if hasattr(z, "shape") else type(z).__name__
                 raise ValueError(f"leaf {path!r}: QArray zero_point must be int32 of shape {lay.scale_shape}, got {got}")
 
+    def decode(self) -> jax.Array:
+        """The dequantized array ``(codes - zero_point) * scale`` in the original shape and dtype.
+
+        The compressed-leaf protocol: every compressed leaf (``QArray``, ``Codebook``) decodes itself, so tree
+        functions decode any of them without importing its class. Does not validate (see
+        :func:`compressjax.dequantize`).
+        """
+        return _decode(self)
+
     # ------------------------------------------------------------------ codes and export parts
     def ints(self) -> jax.Array:
         """The signed integer codes as ``int8`` in ``self.shape`` (unpacked; ``-1``/``+1`` for 1 bit).
@@ -502,3 +511,18 @@ def _from_ints(ints, scale, zero_point, m: dict[str, Any], path: str) -> QArray:
         bits=b, shape=shape, dtype=m.get("dtype", "float32"), channel_axes=lay.channel_axes,
         group_size=lay.group_size, group_axis=lay.group_axis, path=path,
     )
+
+
+def clip_finite(y: jax.Array, dtype) -> jax.Array:
+    """``y`` clipped to the finite range of ``dtype`` (a dequantized value may sit half a step past the max)."""
+    big = float(jnp.finfo(dtype).max)
+    return jnp.clip(y, -big, big)
+
+
+@jax.jit
+def _decode(q: QArray) -> jax.Array:
+    lay = q.layout
+    codes = q.ints().astype(jnp.float32).reshape(lay.grouped_shape)
+    if q.zero_point is not None:
+        codes = codes - q.zero_point.astype(jnp.float32)
+    return clip_finite(codes * q.scale, q.dtype).reshape(q.shape).astype(q.dtype)

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import tree
-from compressjax.qarray import Layout, QArray, QuantSpec, code_range, codes_to_storage
+from compressjax.qarray import Layout, QArray, QuantSpec, clip_finite, code_range, codes_to_storage
 
 __all__ = [
     "DTypeError",
@@ -123,10 +123,6 @@ def _div_scale(x: jax.Array, scale: jax.Array) -> jax.Array:
     return jax.lax.cond(jnp.any(big), rescaled, lambda _: x / scale, None)
 
 
-def _finite(y: jax.Array, dtype) -> jax.Array:
-    """``y`` clipped to the finite range of ``dtype`` (a dequantized value may sit half a step past the max)."""
-    big = float(jnp.finfo(dtype).max)
-    return jnp.clip(y, -big, big)
 
 
 def _qdq(xg, scale, zp, spec: QuantSpec):
@@ -142,7 +138,7 @@ def _qdq(xg, scale, zp, spec: QuantSpec):
     q = jnp.clip(jnp.round(t), qmin, qmax)
     y = (q - zp) * scale if zp is not None else q * scale
     mask = (t >= qmin - 0.5 - _SLACK) & (t <= qmax + 0.5 + _SLACK)
-    return _finite(y, jnp.float32), mask
+    return clip_finite(y, jnp.float32), mask
 
 
 def _codes(xg, scale, zp, spec: QuantSpec) -> jax.Array:
@@ -312,16 +308,7 @@ def dequantize(q: QArray, *, path: str = "QArray") -> jax.Array:
         raise TypeError(f"leaf {path!r}: dequantize needs a QArray, got {type(q).__name__}")
     if not isinstance(q.values, jax.core.Tracer):
         q.validate(path)
-    return _dequantize_core(q)
-
-
-@jax.jit
-def _dequantize_core(q: QArray) -> jax.Array:
-    lay = q.layout
-    codes = q.ints().astype(jnp.float32).reshape(lay.grouped_shape)
-    if q.zero_point is not None:
-        codes = codes - q.zero_point.astype(jnp.float32)
-    return _finite(codes * q.scale, q.dtype).reshape(q.shape).astype(q.dtype)
+    return q.decode()
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -544,20 +531,19 @@ def quantize_params(params: Any, rules: Rules = DEFAULT_SPEC, *, on_unmatched: s
 
 
 def dequantize_params(qparams: Any) -> Any:
-    """Replaces every :class:`QArray` in ``qparams`` with its dequantized array (original shape and dtype).
+    """Replaces every compressed leaf in ``qparams`` with its decoded array (original shape and dtype).
 
-    Weight-shared :class:`~compressjax.Codebook` leaves are decoded too (``Codebook.decode``).
+    A compressed leaf is any object of the compressed-leaf protocol (:func:`compressjax.tree.is_compressed_leaf`
+    and a ``decode()`` method): a :class:`QArray` (validated first, as :func:`dequantize` does), a
+    weight-shared :class:`~compressjax.Codebook`.
     """
-    from compressjax.codebook import Codebook  # weight sharing
-
-    is_q = lambda x: isinstance(x, (QArray, Codebook))  # noqa: E731
 
     def visit(kp, x):
-        if isinstance(x, Codebook):
-            return x.decode()
-        return dequantize(x, path=tree.path_to_str(kp)) if isinstance(x, QArray) else x
+        if isinstance(x, QArray):
+            return dequantize(x, path=tree.path_to_str(kp))
+        return x.decode() if tree.is_compressed_leaf(x) else x
 
-    return jax.tree_util.tree_map_with_path(visit, qparams, is_leaf=is_q)
+    return jax.tree_util.tree_map_with_path(visit, qparams, is_leaf=tree.is_compressed_leaf)
 
 
 def fake_quant_params(params: Any, rules: Rules = DEFAULT_SPEC, *, on_unmatched: str = "error") -> Any:

@@ -24,7 +24,7 @@ from compressjax.allocation._costs import (
     solve_option,
 )
 from compressjax.allocation._importance import kernel_importance
-from compressjax.allocation._menu import Option
+from compressjax.allocation._menu import Option, check_menu, default_menu
 from compressjax.allocation._plan import Plan, PlanEntry
 from compressjax.hessians import collect_hessians
 
@@ -170,8 +170,6 @@ def apply_plan(
     Raises:
         ValueError: an unknown option name, a planned path that is not a kernel, neither or both modes.
     """
-    from compressjax.allocation._menu import default_menu
-
     choices = plan.choices if isinstance(plan, Plan) else dict(plan)
     options = {o.name: o for o in (menu or (plan.options if isinstance(plan, Plan) else None) or default_menu())}
     for p, name in choices.items():
@@ -298,8 +296,6 @@ def auto_compress(
     """
     # Cheap checks first: the budget form, the menu.
     budget_bytes(1, bits_per_weight=bits_per_weight, max_bytes=max_bytes, ratio=ratio)
-    from compressjax.allocation._menu import check_menu
-
     check_menu(menu)
     batches = list(batches)
     hessians = collect_hessians(apply_fn, params, batches, where=where, row_mask=row_mask)

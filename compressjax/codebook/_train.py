@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from compressjax import tree
 from compressjax.codebook._core import Codebook, _is_compressed, _pack_jit
 from compressjax.codebook._kmeans import _rows, _unrows
+from compressjax.quantization import dequantize_params
 
 # ------------------------------------------------------------------------------------------------ training
 
@@ -26,24 +27,8 @@ def cast_centroids(params: Any, dtype: Any = jnp.float16) -> Any:
                         is_leaf=_is_compressed)
 
 
-def decode_params(params: Any) -> Any:
-    """Replaces every :class:`Codebook` (and :class:`~compressjax.QArray`) leaf with its float array.
-
-    Works under ``jit`` and ``grad``; this is the forward-pass view of a compressed tree.
-    """
-    from compressjax.qarray import QArray
-    from compressjax.quantization import dequantize
-
-    is_leaf = lambda x: isinstance(x, (Codebook, QArray))  # noqa: E731
-
-    def visit(kp, x):
-        if isinstance(x, Codebook):
-            return x.decode()
-        if isinstance(x, QArray):
-            return dequantize(x, path=tree.path_to_str(kp))
-        return x
-
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_leaf)
+# The forward-pass view of a compressed tree is one function: every compressed leaf decodes itself.
+decode_params = dequantize_params
 
 
 def split_centroids(params: Any, *, train_others: bool = False) -> tuple[Any, Any]:

@@ -32,18 +32,23 @@ import optax
 from compressjax import (
     DistillState,
     QuantSpec,
+    cast_centroids,
+    codebook_student,
     collect_hessians,
     distillation_loss,
     fake_quant_params,
     gptq,
     gradual_pruning,
+    kmeans_codebooks,
     load,
     make_distill_step,
     masks_from_state,
+    merge_centroids,
     polynomial_sparsity,
     quantize_params,
     save,
     size_report,
+    split_centroids,
 )
 from compressjax.allocation import auto_compress
 from compressjax.demo import models
@@ -458,9 +463,6 @@ def _weight_sharing_stages(cfg: DemoConfig, student, teacher, t_params, d_params
     and the centroids alone are distilled for a quarter of the steps; biases are stored as int8. Returns
     ``(path, size report, loaded params)``.
     """
-    from compressjax import cast_centroids, codebook_student, kmeans_codebooks, merge_centroids, split_centroids
-    from compressjax import quantize_params as _quantize_params
-
     k_prune, k_tune = jax.random.split(key)
     steps = cfg.steps
     schedule = polynomial_sparsity(cfg.sparsity, begin_step=0, end_step=max(int(0.6 * steps), 1))
@@ -476,7 +478,7 @@ def _weight_sharing_stages(cfg: DemoConfig, student, teacher, t_params, d_params
     state = distill(student, teacher, t_params, DistillState.create(trainable, tx_t), tx_t, x_transfer, y_transfer,
                     tune_cfg, k_tune, "centroids", student_transform=codebook_student(frozen), progress=progress)
     tree = cast_centroids(merge_centroids(state.params, frozen))
-    tree = _quantize_params(tree, {"bias": QuantSpec(bits=8, channel_axes=())}, on_unmatched="ignore")
+    tree = quantize_params(tree, {"bias": QuantSpec(bits=8, channel_axes=())}, on_unmatched="ignore")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(os.fspath(out_dir), "compressjax-demo-student.cjx")
     report = save(path, tree)

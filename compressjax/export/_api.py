@@ -16,14 +16,17 @@ import numpy as np
 from compressjax.export import _codebook, _codec, _container, _structure
 from compressjax.export import _validate as v
 from compressjax.export._container import FormatError
+from compressjax.pruning import apply_masks
+from compressjax.qarray import PARTS_FORMAT, Layout, QArray, code_range
+from compressjax.quantization import dequantize as _dequantize
+from compressjax.quantization import quantize_params
+from compressjax.tree import leaves_with_paths
 
 _EXPANSION_LIMIT = 1024  # default max_bytes: max(1 GiB, 1024 x file size)
 _PARALLEL_LEAVES_BYTES = 16 << 20  # trees at least this large are encoded/decoded leaf-parallel
 
 
 def _is_qarray(x: Any) -> bool:
-    from compressjax.qarray import QArray
-
     return isinstance(x, QArray)
 
 
@@ -118,9 +121,6 @@ class SizeReport:
 
 def _prepare(params: Any, masks: Any, rules: Any) -> Any:
     if masks is not None or rules is not None:
-        from compressjax.qarray import QArray
-        from compressjax.tree import leaves_with_paths
-
         is_q = lambda x: isinstance(x, QArray) or _codebook.is_codebook(x)  # noqa: E731
         quantized = [p for p, x in leaves_with_paths(params, is_leaf=is_q) if is_q(x)]
         kinds = {type(x).__name__ for _, x in leaves_with_paths(params, is_leaf=is_q) if is_q(x)}
@@ -131,12 +131,8 @@ def _prepare(params: Any, masks: Any, rules: Any) -> Any:
                 "apply to float params: save the quantized tree as it is, or pass the float params with masks/rules"
             )
     if masks is not None:
-        from compressjax.pruning import apply_masks
-
         params = apply_masks(params, masks)
     if rules is not None:
-        from compressjax.quantization import quantize_params
-
         params = quantize_params(params, rules)
     return params
 
@@ -261,8 +257,6 @@ def _decode_leaf(rec: Any, sr: _codec.StreamReader, what: str, dequantize: bool)
         if jax.dtypes.canonicalize_dtype(arr.dtype) != arr.dtype:
             return arr  # a 64-bit array (complex128 included) with x64 off stays NumPy: jax would narrow it
         return jnp.asarray(arr)
-    from compressjax.quantization import dequantize as _dequantize
-
     meta = _check_q_record(rec, what, sr.entries)
     ints = _codec.decode_array(rec["codes"], sr, what + " codes")
     scale = _codec.decode_array(rec["scale"], sr, what + " scale")
@@ -313,8 +307,6 @@ def _check_qmeta(meta: Any, symmetric_from_streams: bool, what: str) -> dict:
 
     Returns the metadata with a ``"layout"`` entry (the :class:`compressjax.qarray.Layout` it describes).
     """
-    from compressjax.qarray import PARTS_FORMAT, Layout
-
     what = f"{what} metadata"
     v.require_keys(meta, what, required=_QMETA_KEYS)
     v.require_choice(meta, "format", (PARTS_FORMAT,), what)
@@ -358,8 +350,6 @@ def pack_codes_np(ints: np.ndarray, bits: int) -> np.ndarray:
 
 def _qarray_from_codes(ints: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, meta: dict, what: str):
     """A validated QArray from decoded integer codes (range-checked here: a forged code must not wrap)."""
-    from compressjax.qarray import QArray, code_range
-
     bits = meta["bits"]
     lo, hi = code_range(bits, zp is None)
     if ints.size and (int(ints.min()) < lo or int(ints.max()) > hi or (bits == 1 and not ints.all())):

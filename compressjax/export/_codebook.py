@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from compressjax.codebook import Codebook
 from compressjax.export import _codec
 from compressjax.export._container import FormatError
 
@@ -36,8 +37,6 @@ _CENTROID_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def is_codebook(x: Any) -> bool:
-    from compressjax.codebook import Codebook
-
     return isinstance(x, Codebook)
 
 
@@ -194,8 +193,6 @@ def report_leaf(rec: dict, entries: list, what: str) -> tuple[tuple, int, float,
 def decode(rec: dict, sr: _codec.StreamReader, what: str, dequantize: bool) -> Any:
     """Rebuilds the Codebook (or, with ``dequantize``, its decoded float array) of a record, validated."""
     import jax.numpy as jnp
-
-    from compressjax.codebook import Codebook
 
     head = check_record(rec, what, sr.entries)
     bits, shape, dtype, per_channel, zero = head.bits, head.shape, head.dtype, head.per_channel, head.zero

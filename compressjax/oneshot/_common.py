@@ -14,6 +14,7 @@ from compressjax import tree
 from compressjax.hessians import Hessian, auto_mesh
 from compressjax.oneshot._sweep import check_hessian_matrix
 from compressjax.qarray import QArray, QuantSpec, pack_codes
+from compressjax.quantization import resolve_rules
 
 __all__ = ["KernelLayout", "hessian_items", "map_hessian_leaves", "spec_plan", "build_qarray", "place", "is_qarray"]
 
@@ -188,8 +189,6 @@ def map_hessian_leaves(params: Any, new: dict[str, Any], fill: Callable[[str, An
 
 def spec_plan(items: dict, rules: Any) -> dict[str, QuantSpec]:
     """The :class:`QuantSpec` of every leaf with a Hessian, matched by ``rules`` like ``quantize_params``."""
-    from compressjax.quantization import resolve_rules
-
     sub = {p: leaf for p, (leaf, _, _) in items.items()}
     try:
         plan = resolve_rules(sub, rules, on_unmatched="ignore")
