@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compressjax.bitpack import pack, packed_nbytes, unpack
+
 __all__ = [
     "QuantSpec",
     "QArray",
-    "pack_codes",
-    "unpack_codes",
     "code_range",
 ]
 
@@ -211,31 +211,6 @@ class Layout:
     @property
     def size(self) -> int:
         return math.prod(self.shape)
-
-
-def packed_nbytes(n: int, bits: int) -> int:
-    """Bytes taken by ``n`` packed codes of ``bits`` bits: ``ceil(n * bits / 8)``."""
-    return -(-n * bits // 8)
-
-
-def pack_codes(u: jax.Array, bits: int) -> jax.Array:
-    """Packs unsigned codes ``u`` (values in ``[0, 2^bits)``) into a flat little-endian ``uint8`` bit stream."""
-    n = u.size
-    u = jnp.ravel(u).astype(jnp.uint32)
-    u = jnp.pad(u, (0, (-n) % 8)).reshape(-1, 8)
-    # 8 codes of <= 4 bits fill one 32-bit word exactly, which splits into `bits` bytes.
-    word = jnp.sum(u << (bits * jnp.arange(8, dtype=jnp.uint32)), axis=1, dtype=jnp.uint32)
-    by = (word[:, None] >> (8 * jnp.arange(bits, dtype=jnp.uint32))) & 0xFF
-    return by.astype(jnp.uint8).reshape(-1)[: packed_nbytes(n, bits)]
-
-
-def unpack_codes(packed: jax.Array, bits: int, n: int) -> jax.Array:
-    """Inverse of :func:`pack_codes`: the first ``n`` unsigned codes as ``uint8``."""
-    by = jnp.asarray(packed).astype(jnp.uint32)
-    by = jnp.pad(by, (0, (-by.size) % bits)).reshape(-1, bits)
-    word = jnp.sum(by << (8 * jnp.arange(bits, dtype=jnp.uint32)), axis=1, dtype=jnp.uint32)
-    u = (word[:, None] >> (bits * jnp.arange(8, dtype=jnp.uint32))) & ((1 << bits) - 1)
-    return u.astype(jnp.uint8).reshape(-1)[:n]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -470,7 +445,7 @@ def codes_to_storage(q: jax.Array, bits: int) -> jax.Array:
     if bits > 4:
         return q.astype(jnp.int8)
     u = (q > 0).astype(jnp.uint8) if bits == 1 else (q.astype(jnp.int32) + 2 ** (bits - 1)).astype(jnp.uint8)
-    return pack_codes(u, bits)
+    return pack(u, bits)
 
 
 _codes_to_storage_jit = jax.jit(codes_to_storage, static_argnums=1)  # one compiled kernel for eager callers
@@ -478,7 +453,7 @@ _codes_to_storage_jit = jax.jit(codes_to_storage, static_argnums=1)  # one compi
 
 @jax.jit
 def _unpacked(q: QArray) -> jax.Array:
-    u = unpack_codes(q.values, q.bits, q.size).astype(jnp.int8)
+    u = unpack(q.values, q.bits, q.size).astype(jnp.int8)
     codes = 2 * u - 1 if q.bits == 1 else u - jnp.int8(2 ** (q.bits - 1))
     return codes.reshape(q.shape)
 

@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import compressjax as cj
-from compressjax.codebook import INITS, is_codebook, pack_indices, unpack_indices
-from compressjax.qarray import pack_codes
+from compressjax.codebook import INITS, is_codebook
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -392,21 +391,6 @@ def test_reassign_indices_moves_to_nearest_updated_centroid():
 
 
 # ------------------------------------------------------------------------------------------------ packing
-
-
-_pack = jax.jit(pack_indices, static_argnums=1)
-
-
-@settings(max_examples=24, deadline=None)
-@given(bits=st.integers(1, 8), seed=st.integers(0, 2**31 - 1))
-def test_pack_round_trip(bits, seed):
-    n = 37  # one shape: the round trip compiles once per bit width
-    u = np.random.default_rng(seed).integers(0, 1 << bits, n).astype(np.uint8)
-    packed = _pack(jnp.asarray(u), bits)
-    assert packed.shape == (-(-n * bits // 8),)
-    np.testing.assert_array_equal(np.asarray(unpack_indices(packed, bits, n)), u)
-    if bits <= 4 and n:
-        np.testing.assert_array_equal(np.asarray(packed), np.asarray(pack_codes(jnp.asarray(u), bits)))
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import compressjax as cj
-from compressjax.qarray import pack_codes, unpack_codes
+from compressjax.bitpack import pack, unpack
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
@@ -218,9 +218,9 @@ def test_exact_packed_sizes(bits, shape, values_bytes):
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 63])
 def test_pack_unpack_round_trip(bits, n):
     u = jax.random.randint(jax.random.key(n), (n,), 0, 2**bits).astype(jnp.uint8)
-    packed = pack_codes(u, bits)
+    packed = pack(u, bits)
     assert packed.shape == (-(-n * bits // 8),)
-    np.testing.assert_array_equal(unpack_codes(packed, bits, n), u)
+    np.testing.assert_array_equal(unpack(packed, bits, n), u)
 
 
 def test_four_bit_layout_is_two_nibbles_per_byte():

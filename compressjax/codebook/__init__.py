@@ -33,8 +33,6 @@ from compressjax.codebook._core import (
     INITS,
     Codebook,
     is_codebook,
-    pack_indices,
-    unpack_indices,
 )
 from compressjax.codebook._feedback import codebook_error_feedback, refit_centroids
 from compressjax.codebook._kmeans import kmeans_codebooks
@@ -59,8 +57,6 @@ __all__ = [
     "codebook_error_feedback",
     "refit_centroids",
     "is_codebook",
-    "pack_indices",
-    "unpack_indices",
     "INITS",
     "DEFAULT_ITERATIONS",
 ]

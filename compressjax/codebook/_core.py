@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compressjax.bitpack import pack, packed_nbytes, unpack
 from compressjax.qarray import QArray
 
 INITS = ("density", "linear", "random")
@@ -25,39 +26,8 @@ def _is_compressed(x: Any) -> bool:
     return bool(getattr(type(x), "_cj_compressed_leaf", False)) or isinstance(x, QArray)
 
 
-def _packed_len(n: int, bits: int) -> int:
-    return -(-n * bits // 8)
-
-
-def pack_indices(u: jax.Array, bits: int) -> jax.Array:
-    """Packs unsigned indices (values in ``[0, 2^bits)``, any shape) into a flat little-endian ``uint8`` stream.
-
-    Index ``i`` (C order) takes bits ``[bits*i, bits*i + bits)`` of the stream (the layout of
-    :func:`compressjax.qarray.pack_codes`, extended to 5-8 bits); the stream has ``ceil(n * bits / 8)`` bytes.
-    """
-    u = jnp.ravel(u).astype(jnp.uint8)
-    n = u.size
-    if bits == 8:
-        return u
-    planes = (u[:, None] >> jnp.arange(bits, dtype=jnp.uint8)) & 1
-    flat = planes.reshape(-1)
-    flat = jnp.pad(flat, (0, (-flat.size) % 8)).reshape(-1, 8)
-    out = jnp.sum(flat << jnp.arange(8, dtype=jnp.uint8), axis=1, dtype=jnp.uint8)
-    return out[: _packed_len(n, bits)]
-
-
-def unpack_indices(packed: jax.Array, bits: int, n: int) -> jax.Array:
-    """Inverse of :func:`pack_indices`: the first ``n`` indices as a flat ``uint8`` array."""
-    packed = jnp.asarray(packed, jnp.uint8)
-    if bits == 8:
-        return packed[:n]
-    planes = (packed[:, None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
-    planes = planes.reshape(-1)[: n * bits].reshape(n, bits)
-    return jnp.sum(planes << jnp.arange(bits, dtype=jnp.uint8), axis=1, dtype=jnp.uint8)
-
-
-_pack_jit = jax.jit(pack_indices, static_argnums=1)
-_unpack_jit = jax.jit(unpack_indices, static_argnums=(1, 2))
+_pack_jit = jax.jit(pack, static_argnums=1)
+_unpack_jit = jax.jit(unpack, static_argnums=(1, 2))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -70,7 +40,7 @@ class Codebook:
     flattening a tree yourself, pass ``is_leaf=compressjax.codebook.is_codebook``.
 
     Attributes:
-        indices: ``uint8`` bit stream of ``ceil(size * bits / 8)`` bytes (see :func:`pack_indices`).
+        indices: ``uint8`` bit stream of ``ceil(size * bits / 8)`` bytes (see :mod:`compressjax.bitpack`).
         centroids: float array (float32 by default; float16 / bfloat16 to store them smaller), shape
             ``(2^bits,)`` for one codebook, or ``(shape[-1], 2^bits)`` with ``per_channel``.
         bits: index width, 1 to 8.
@@ -135,7 +105,7 @@ class Codebook:
         if self.per_channel and not shape:
             raise ValueError(f"leaf {path!r}: per_channel codebooks need an array with at least one axis")
         v = self.indices
-        want = (_packed_len(math.prod(shape), int(self.bits)),)
+        want = (packed_nbytes(math.prod(shape), int(self.bits)),)
         if not hasattr(v, "shape") or jnp.dtype(v.dtype) != jnp.uint8 or tuple(v.shape) != want:
             got = (jnp.dtype(v.dtype), tuple(v.shape)) if hasattr(v, "shape") else type(v).__name__
             raise ValueError(f"leaf {path!r}: a {self.bits}-bit Codebook of shape {shape} needs packed uint8 "
@@ -191,7 +161,7 @@ class Codebook:
 
     def index_array(self) -> jax.Array:
         """The unpacked indices as ``int32`` of shape ``shape``."""
-        return unpack_indices(self.indices, self.bits, self.size).astype(jnp.int32).reshape(self.shape)
+        return unpack(self.indices, self.bits, self.size).astype(jnp.int32).reshape(self.shape)
 
     def decode(self) -> jax.Array:
         """The float weights: ``centroids[index]`` (per channel: ``centroids[channel, index]``), in ``dtype``.
@@ -201,7 +171,7 @@ class Codebook:
         """
         if self.size == 0:  # e.g. zero output channels: nothing to look up (and no channel stride to reshape by)
             return jnp.zeros(self.shape, self.dtype)
-        u = unpack_indices(self.indices, self.bits, self.size).astype(jnp.int32)
+        u = unpack(self.indices, self.bits, self.size).astype(jnp.int32)
         k = self.num_centroids
         table = self.centroids
         if self.per_channel:

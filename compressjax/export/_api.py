@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compressjax.bitpack import pack_np
 from compressjax.export import _codebook, _codec, _container, _structure
 from compressjax.export import _validate as v
 from compressjax.export._container import FormatError
@@ -341,11 +342,7 @@ def pack_codes_np(ints: np.ndarray, bits: int) -> np.ndarray:
     little-endian bit stream). Eager JAX packing costs ~10x more on large leaves; a test checks both agree."""
     flat = ints.reshape(-1)
     u = (flat > 0).astype(np.uint8) if bits == 1 else (flat.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
-    if bits == 4:
-        u = np.concatenate([u, np.zeros(u.size % 2, np.uint8)])
-        return u[0::2] | (u[1::2] << 4)
-    planes = (u[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
-    return np.packbits(planes.reshape(-1), bitorder="little")
+    return pack_np(u, bits)
 
 
 def _qarray_from_codes(ints: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, meta: dict, what: str):

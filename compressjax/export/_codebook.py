@@ -10,7 +10,7 @@ The indices are entropy coded: the index record is either an ordinary array reco
 (:func:`compressjax.export._codec.encode_array`) of the unpacked ``uint8`` indices, dense or sparse (index 0
 of a ``zero_reserved`` codebook is the pruned weights' code, so a pruned leaf is stored as positions plus
 the surviving indices), each byte stream coded by zstd, whose literal coder is Huffman / FSE, or, when
-smaller, ``{"e": "packed", "s": [i]}``: the bit-packed stream of :func:`compressjax.codebook.pack_indices`
+smaller, ``{"e": "packed", "s": [i]}``: the bit-packed stream of :func:`compressjax.bitpack.pack`
 as one stream. The centroids are stored in their own dtype (float32, or float16 / bfloat16 after
 ``Codebook.astype_centroids``), so a round trip is bit-exact. ``"h"`` is the empirical entropy of the
 indices, kept so that :func:`~compressjax.size_report` can print the measured bits per index next to the
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from compressjax.bitpack import pack_np, unpack_np
 from compressjax.codebook import Codebook
 from compressjax.export import _codec
 from compressjax.export._container import FormatError
@@ -38,23 +39,6 @@ _CENTROID_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 def is_codebook(x: Any) -> bool:
     return isinstance(x, Codebook)
-
-
-def np_unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """NumPy twin of :func:`compressjax.codebook.unpack_indices` (the first ``n`` indices as uint8)."""
-    if bits == 8:
-        return np.asarray(packed[:n], np.uint8)
-    planes = np.unpackbits(np.asarray(packed, np.uint8), count=n * bits, bitorder="little").reshape(n, bits)
-    return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
-
-
-def np_pack(u: np.ndarray, bits: int) -> np.ndarray:
-    """NumPy twin of :func:`compressjax.codebook.pack_indices`."""
-    u = np.ascontiguousarray(u, np.uint8).reshape(-1)
-    if bits == 8:
-        return u
-    planes = (u[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
-    return np.packbits(planes.reshape(-1), bitorder="little")
 
 
 def entropy_bits(u: np.ndarray, k: int) -> float:
@@ -71,7 +55,7 @@ def plan(x: Any, path: str, sw: _codec.StreamWriter) -> tuple[dict, tuple]:
     packed = np.asarray(x.indices)
     centroids = np.asarray(x.centroids)
     n = x.size
-    u = np_unpack(packed, x.bits, n).reshape(x.shape)
+    u = unpack_np(packed, x.bits, n).reshape(x.shape)
     coded = _codec.encode_array(u, path + " indices", sw)
     bitpacked = sw.compress(packed)
     if len(bitpacked[1]) < sum(len(c[1]) for c in coded["s"]):
@@ -205,7 +189,7 @@ def decode(rec: dict, sr: _codec.StreamReader, what: str, dequantize: bool) -> A
         if (n * bits) % 8 and int(packed[-1]) >> ((n * bits) % 8):
             raise FormatError(f"{what}: the packed indices have bits set past the last index")
         sr.budget.charge(n * (bits + 1), what)  # the unpacking planes and the indices
-        u = np_unpack(packed, bits, n)
+        u = unpack_np(packed, bits, n)
     else:
         u = _codec.decode_array(idx, sr, what + " indices")
         if u.dtype != np.uint8 or tuple(u.shape) != shape:
@@ -213,7 +197,7 @@ def decode(rec: dict, sr: _codec.StreamReader, what: str, dequantize: bool) -> A
         if u.size and int(u.max()) >= k:
             raise FormatError(f"{what}: index {int(u.max())} is outside the {k} centroids of a {bits}-bit codebook")
         sr.budget.charge(n * bits + plen, what)  # packing planes and the packed stream
-        packed = np_pack(u, bits)
+        packed = pack_np(u, bits)
     c = _codec.decode_array(rec.get("c"), sr, what + " centroids")
     want = (shape[-1], k) if per_channel else (k,)
     if c.dtype.name not in _CENTROID_DTYPES or tuple(c.shape) != want:

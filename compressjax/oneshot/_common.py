@@ -13,7 +13,7 @@ import numpy as np
 from compressjax import tree
 from compressjax.hessians import Hessian, auto_mesh
 from compressjax.oneshot._sweep import check_hessian_matrix
-from compressjax.qarray import QArray, QuantSpec, pack_codes
+from compressjax.qarray import QArray, QuantSpec, codes_to_storage
 from compressjax.quantization import resolve_rules
 
 __all__ = ["KernelLayout", "hessian_items", "map_hessian_leaves", "spec_plan", "build_qarray", "place", "is_qarray"]
@@ -219,12 +219,6 @@ def spec_plan(items: dict, rules: Any) -> dict[str, QuantSpec]:
     return plan
 
 
-def store_codes(codes: jax.Array, bits: int) -> jax.Array:
-    if bits > 4:
-        return codes.astype(jnp.int8)
-    return pack_codes((codes.astype(jnp.int32) + 2 ** (bits - 1)).astype(jnp.uint8), bits)
-
-
 def build_qarray(path: str, leaf: Any, lay: KernelLayout, spec: QuantSpec, codes3, scale3, zp3) -> QArray:
     """A :class:`QArray` holding a solver's own codes and scales, in the kernel's (stacked) layout.
 
@@ -259,7 +253,7 @@ def build_qarray(path: str, leaf: Any, lay: KernelLayout, spec: QuantSpec, codes
             cshape = layer_shape + ones_in + [shape[a] for a in lay.out_axes]
         fix = lambda a: None if a is None else a.reshape(cshape).transpose(lay.inv)  # noqa: E731
         scale, zp = fix(s3), fix(z3)
-        return QArray(store_codes(codes, spec.bits), scale.astype(jnp.float32), None if zp is None else zp.astype(jnp.int32),
+        return QArray(codes_to_storage(codes, spec.bits), scale.astype(jnp.float32), None if zp is None else zp.astype(jnp.int32),
                       bits=spec.bits, shape=shape, dtype=leaf.dtype, channel_axes=channel_axes, path=path)
     a = lay.last_in
     # Canonical grouped order: layer axes, other input axes, (groups, 1), output axes. Kernel grouped order:
@@ -271,7 +265,7 @@ def build_qarray(path: str, leaf: Any, lay: KernelLayout, spec: QuantSpec, codes
     scale = s3.reshape(canon_shape).transpose(perm)
     zp = None if z3 is None else z3.reshape(canon_shape).transpose(perm)
     channel_axes = tuple(b for b in range(len(shape)) if b != a)
-    return QArray(store_codes(codes, spec.bits), scale.astype(jnp.float32), None if zp is None else zp.astype(jnp.int32),
+    return QArray(codes_to_storage(codes, spec.bits), scale.astype(jnp.float32), None if zp is None else zp.astype(jnp.int32),
                   bits=spec.bits, shape=shape, dtype=leaf.dtype, channel_axes=channel_axes, group_size=g, group_axis=a, path=path)
 
 

@@ -24,10 +24,9 @@ from jax.extend import core as jcore
 from compressjax import hessians as _hs
 from compressjax import tree
 from compressjax.hessians import Hessian
-from compressjax.oneshot._common import store_codes
 from compressjax.oneshot._layerwise import split_result
 from compressjax.oneshot._sparsegpt import Pruned
-from compressjax.qarray import QArray
+from compressjax.qarray import QArray, codes_to_storage
 from compressjax.quantization import dequantize
 
 __all__ = ["sequential"]
@@ -509,6 +508,6 @@ def _join_q(qs: list[QArray], axis: int, new: bool, path: str) -> QArray:
 
     codes = jnp.stack([q.ints() for q in qs], axis) if new else jnp.concatenate([q.ints() for q in qs], axis)
     zp = None if q0.zero_point is None else cat([q.zero_point for q in qs])
-    return QArray(store_codes(codes, q0.bits), cat([q.scale for q in qs]), zp, bits=q0.bits, shape=codes.shape, dtype=q0.dtype,
+    return QArray(codes_to_storage(codes, q0.bits), cat([q.scale for q in qs]), zp, bits=q0.bits, shape=codes.shape, dtype=q0.dtype,
                   channel_axes=chans, group_size=q0.group_size, group_axis=ga, path=path)
 
