@@ -16,7 +16,8 @@ pyproject.toml, checked in CI by ``lint-imports``)::
     distillation, calibration, qdot, pruning_transforms
     quantization, losses, pruning
     qarray, radix_select       the quantized array (QArray.decode); the exact k-th value
-    tree, bitpack              leaf paths, the ``where`` selector, the compressed-leaf protocol; bit packing
+    tree, bitpack, checks      leaf paths, the ``where`` selector, the compressed-leaf protocol; bit
+                               packing; argument checks
 
 Compressed leaves (``QArray``, ``Codebook``) implement ``decode()``, so tree functions decode any of them
 without importing its class. The ``# --- group`` comments below group the public API (docs/API.md is

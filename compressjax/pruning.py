@@ -33,13 +33,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from fractions import Fraction
-from numbers import Real
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compressjax.checks import check_positive_int, check_sparsity
 from compressjax.qarray import QArray
 from compressjax.radix_select import exact_keep_masks, resolve_strategy, round_half_even_count
 from compressjax.tree import (
@@ -47,7 +47,7 @@ from compressjax.tree import (
     Where,
     check_finite,
     is_compressed_leaf,
-    is_none,
+    is_none_or_compressed,
     leaves_with_paths,
     map_with_masks,
     path_to_str,
@@ -77,43 +77,7 @@ def check_scope(scope: Any) -> str:
     return scope
 
 
-def check_positive_int(name: str, value: Any) -> int:
-    """``value`` as an int; ``TypeError`` for a bool or non-integer, ``ValueError`` for ``value <= 0``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 # ----------------------------------------------------------------------------------------------- helpers
-def check_sparsity(sparsity: Any, name: str = "sparsity") -> float | jax.Array:
-    """Validates a sparsity: a Python float is checked; an array is checked when concrete.
-
-    A traced sparsity cannot be checked; it is clipped to ``[0, 1]`` and NaN counts as 0 (no pruning).
-
-    Raises:
-        TypeError: if it is a bool, not a real number or not a scalar.
-        ValueError: if a concrete value is NaN or outside ``[0, 1]``.
-    """
-    if isinstance(sparsity, bool | np.bool_):
-        raise TypeError(f"{name} must be a float in [0, 1], got the bool {sparsity!r}")
-    if isinstance(sparsity, Real):
-        s = float(sparsity)
-        if not 0.0 <= s <= 1.0:  # also catches NaN
-            raise ValueError(f"{name} must be in [0, 1], got {sparsity!r}")
-        return s
-    arr = sparsity if isinstance(sparsity, jax.Array | np.ndarray) else None
-    if arr is None or arr.ndim != 0:
-        raise TypeError(f"{name} must be a float or a scalar array, got {sparsity!r}")
-    if not isinstance(arr, jax.core.Tracer):
-        s = float(arr)
-        if not 0.0 <= s <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {s!r}")
-    s = jnp.asarray(arr, jnp.float32)
-    return jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0))
-
-
 def prune_count(sparsity: float | jax.Array, n: int) -> int | jax.Array:
     """``k = round_half_even(float32(sparsity) * n)``, exact: a Python int for a float sparsity, else int32.
 
@@ -413,7 +377,7 @@ def sparsity_summary(params_or_masks: PyTree, where: Where = None) -> SparsitySu
     """
     pred = selector(where)
     rows = []
-    for path, leaf in leaves_with_paths(params_or_masks, is_none):
+    for path, leaf in leaves_with_paths(params_or_masks, is_none_or_compressed):
         if isinstance(leaf, QArray):
             leaf.validate(path)
             leaf = leaf.decode()

@@ -26,20 +26,14 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from compressjax.pruning import (
-    check_block,
-    check_positive_int,
-    check_scope,
-    check_sparsity,
-    check_tiles,
-    magnitude_masks,
-)
+from compressjax.checks import check_positive_int, check_sparsity
+from compressjax.pruning import check_block, check_scope, check_tiles, magnitude_masks
 from compressjax.tree import (
     PyTree,
     Where,
     check_mask,
     check_same_structure,
-    is_none,
+    is_none_or_compressed,
     leaves_with_paths,
     map_selected,
     path_to_str,
@@ -96,14 +90,14 @@ def _masked_updates(masks: PyTree, updates: PyTree, params: PyTree | None) -> Py
     check_same_structure(masks, updates, "masks", "updates")
     if params is None:
         return jax.tree.map(
-            lambda m, u: u if m is None else jnp.where(m, u, jnp.zeros((), u.dtype)), masks, updates, is_leaf=is_none
+            lambda m, u: u if m is None else jnp.where(m, u, jnp.zeros((), u.dtype)), masks, updates, is_leaf=is_none_or_compressed
         )
     return jax.tree.map(
         lambda m, u, p: u if m is None else jnp.where(m, u, (-p).astype(u.dtype)),
         masks,
         updates,
         params,
-        is_leaf=is_none,
+        is_leaf=is_none_or_compressed,
     )
 
 
@@ -123,7 +117,7 @@ def keep_masked(masks: PyTree) -> optax.GradientTransformation:
             refused, naming the path).
         TypeError: a mask that is not a boolean array, naming the path.
     """
-    for path, mask in leaves_with_paths(masks, is_none):
+    for path, mask in leaves_with_paths(masks, is_none_or_compressed):
         if mask is not None and getattr(mask, "dtype", None) != jnp.bool_:
             check_mask(path, mask, mask)  # raises the TypeError naming the path
 
@@ -141,8 +135,8 @@ def keep_masked(masks: PyTree) -> optax.GradientTransformation:
 def _check_masks(masks: PyTree, tree: PyTree, name: str) -> None:
     """Same structure, and at each masked leaf a boolean mask of the leaf's exact shape (static facts)."""
     check_same_structure(masks, tree, "masks", name)
-    flat_t = dict(leaves_with_paths(tree, is_none))
-    for path, mask in leaves_with_paths(masks, is_none):
+    flat_t = dict(leaves_with_paths(tree, is_none_or_compressed))
+    for path, mask in leaves_with_paths(masks, is_none_or_compressed):
         if mask is not None:
             check_mask(path, mask, flat_t[path])
 
@@ -218,7 +212,7 @@ def gradual_pruning(
                 state.masks,
                 updates,
                 params,
-                is_leaf=is_none,
+                is_leaf=is_none_or_compressed,
             )
             sparsity = jnp.asarray(schedule(count), jnp.float32)
             return magnitude_masks(nxt, sparsity, scope=scope, where=_same_leaves(state.masks), block=block)
@@ -233,7 +227,7 @@ def gradual_pruning(
 def _same_leaves(masks: PyTree) -> Callable[[str, Any], bool]:
     """A ``where`` selecting exactly the leaves that hold a mask (paths are taken from the mask tree)."""
     paths = {
-        path_to_str(p) for p, m in jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)[0] if m is not None
+        path_to_str(p) for p, m in jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none_or_compressed)[0] if m is not None
     }
     return lambda path, leaf: path in paths and leaf is not None
 

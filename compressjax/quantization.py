@@ -132,23 +132,27 @@ def _qdq(xg, scale, zp, spec: QuantSpec):
         mask = jnp.abs(xg) <= (2.0 + _SLACK) * scale
         return y, mask
     qmin, qmax = code_range(spec.bits, spec.symmetric)
-    t = _div_scale(xg, scale)
-    if zp is not None:
-        t = t + zp
-    q = jnp.clip(jnp.round(t), qmin, qmax)
+    t, q = round_to_grid(xg, scale, zp, spec)
     y = (q - zp) * scale if zp is not None else q * scale
     mask = (t >= qmin - 0.5 - _SLACK) & (t <= qmax + 0.5 + _SLACK)
     return clip_finite(y, jnp.float32), mask
 
 
+def round_to_grid(x: jax.Array, scale: jax.Array, zp: jax.Array | None, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """The one uniform quantizer of 2-8 bits, shared by ``quantize``, ``fake_quant``, calibration, ``qdot``
+    and the one-shot solvers: ``t = x / scale (+ zp)`` by the flush-safe division, and the float code
+    ``clip(round_half_even(t), qmin, qmax)``. Returns ``(t, code)``."""
+    qmin, qmax = code_range(spec.bits, spec.symmetric)
+    t = _div_scale(x, scale)
+    if zp is not None:
+        t = t + zp.astype(jnp.float32)
+    return t, jnp.clip(jnp.round(t), qmin, qmax)
+
+
 def _codes(xg, scale, zp, spec: QuantSpec) -> jax.Array:
     if spec.bits == 1:
         return jnp.where(xg >= 0, 1, -1).astype(jnp.int8)
-    qmin, qmax = code_range(spec.bits, spec.symmetric)
-    t = _div_scale(xg, scale)
-    if zp is not None:
-        t = t + zp.astype(jnp.float32)
-    return jnp.clip(jnp.round(t), qmin, qmax).astype(jnp.int8)
+    return round_to_grid(xg, scale, zp, spec)[1].astype(jnp.int8)
 
 
 def _reduce(fn, x, axes):
@@ -232,7 +236,7 @@ def compute_scale(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, path: str = "
     Shapes follow ``Layout.scale_shape``: the grouped view of ``x`` (group axis split into
     ``(n_groups, group_size)``) with the reduced axes kept as size 1.
     """
-    _, scale, zp = _scales(x, spec, None, None, path)
+    _, scale, zp = _layout_and_scales(x, spec, None, None, path)
     return scale, None if zp is None else zp.astype(jnp.int32)
 
 
@@ -278,7 +282,7 @@ def quantize(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, zero_p
         lay = _check_input(x, spec, path)
         values, s, z = _quantize_calibrated(x, spec, lay.grouped_shape, lay.reduce_axes)
     else:
-        lay, s, z = _scales(x, spec, scale, zero_point, path)
+        lay, s, z = _layout_and_scales(x, spec, scale, zero_point, path)
         values = _quantize_values(x, s, z, spec, lay.grouped_shape)
         z = None if z is None else z.astype(jnp.int32)
     return QArray(
@@ -330,7 +334,7 @@ def _fq_bwd(spec, res, g):
 _fake_quant_core.defvjp(_fq_fwd, _fq_bwd)
 
 
-def _scales(x, spec: QuantSpec, scale, zero_point, path: str):
+def _layout_and_scales(x, spec: QuantSpec, scale, zero_point, path: str):
     """The quantization core's first half, shared by every entry point: check ``x``, then the float32 scale
     and float zero point in the grouped view, calibrated from ``x`` (``scale=None``) or given; constants
     for autodiff. Returns ``(layout, scale, zero_point)``; the second half is :func:`_codes` (or
@@ -351,7 +355,7 @@ def quantized_codes(x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=Non
         zero point (``None`` when symmetric) in the grouped view ``layout.grouped_shape``, and the
         :class:`~compressjax.qarray.Layout`. Errors as in :func:`quantize`.
     """
-    lay, s, z = _scales(x, spec, scale, zero_point, path)
+    lay, s, z = _layout_and_scales(x, spec, scale, zero_point, path)
     q = _codes(_grouped(jax.lax.stop_gradient(x), lay), s, z, spec).reshape(lay.shape)
     return q, s, z, lay
 
@@ -369,7 +373,7 @@ def fake_quant(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, zero
         Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
         Inference", CVPR 2018.
     """
-    lay, s, z = _scales(x, spec, scale, zero_point, path)
+    lay, s, z = _layout_and_scales(x, spec, scale, zero_point, path)
     return _fake_quant_core(x.reshape(lay.grouped_shape), s, z, spec).reshape(lay.shape)
 
 
@@ -381,7 +385,7 @@ def ste_surrogate(x: jax.Array, spec: QuantSpec = DEFAULT_SPEC, *, scale=None, z
     ``jax.grad`` of ``fake_quant`` equals ``jax.grad`` of this function almost everywhere, which lets tests
     check the STE against finite differences (``jax.test_util.check_grads``).
     """
-    lay, s, z = _scales(x, spec, scale, zero_point, path)
+    lay, s, z = _layout_and_scales(x, spec, scale, zero_point, path)
     xg = x.reshape(lay.grouped_shape)
     if spec.bits == 1:
         lo, hi = -2.0 * s, 2.0 * s

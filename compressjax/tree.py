@@ -47,7 +47,7 @@ __all__ = [
     "is_compressed_leaf",
     "with_compressed_leaves",
     "check_not_float64",
-    "is_none",
+    "is_none_or_compressed",
     "is_float_array",
     "check_finite",
 ]
@@ -58,7 +58,7 @@ def is_compressed_leaf(x: Any) -> bool:
     return bool(getattr(type(x), "_cj_compressed_leaf", False))
 
 
-def is_none(x: Any) -> bool:
+def is_none_or_compressed(x: Any) -> bool:
     """``is_leaf`` predicate that keeps ``None`` (and compressed leaves) as leaves; masks hold ``None`` at
     unselected leaves."""
     return x is None or is_compressed_leaf(x)
@@ -234,14 +234,14 @@ def map_with_masks(fn: Callable[[str, Any, Any], Any], masks: PyTree, params: Py
         check_mask(p, mask, leaf)
         return fn(p, mask, leaf)
 
-    return jax.tree_util.tree_map_with_path(visit, masks, params, is_leaf=is_none)
+    return jax.tree_util.tree_map_with_path(visit, masks, params, is_leaf=is_none_or_compressed)
 
 
 def check_same_structure(a: PyTree, b: PyTree, name_a: str = "masks", name_b: str = "params") -> None:
     """Raises ``ValueError`` naming the differing paths when ``a`` (``None`` as leaf) and ``b`` differ."""
-    pa = [p for p, _ in leaves_with_paths(a, is_none)]
-    pb = [p for p, _ in leaves_with_paths(b, is_none)]
-    if pa == pb and jax.tree.structure(a, is_leaf=is_none) == jax.tree.structure(b, is_leaf=is_none):
+    pa = [p for p, _ in leaves_with_paths(a, is_none_or_compressed)]
+    pb = [p for p, _ in leaves_with_paths(b, is_none_or_compressed)]
+    if pa == pb and jax.tree.structure(a, is_leaf=is_none_or_compressed) == jax.tree.structure(b, is_leaf=is_none_or_compressed):
         return
     only_a = sorted(set(pa) - set(pb))
     only_b = sorted(set(pb) - set(pa))

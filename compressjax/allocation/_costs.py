@@ -102,7 +102,7 @@ def solve_option(option: Option, params: Any, hessians: Any, paths: list[str]) -
             out = codebook_error_feedback(out, params, hs)
             out = refit_centroids(out, params, hs)
     got = dict(tree.leaves_with_paths(out, tree.is_compressed_leaf))
-    mk = {} if masks is None else dict(tree.leaves_with_paths(masks, tree.is_none))
+    mk = {} if masks is None else dict(tree.leaves_with_paths(masks, tree.is_none_or_compressed))
     return {p: (got[p], mk.get(p)) for p in paths}
 
 

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax.bitpack import pack, packed_nbytes, unpack
-from compressjax.qarray import QArray
 
 INITS = ("density", "linear", "random")
 DEFAULT_ITERATIONS = 1000
@@ -19,11 +18,6 @@ DEFAULT_ITERATIONS = 1000
 def is_codebook(x: Any) -> bool:
     """``is_leaf`` predicate that keeps :class:`Codebook` nodes whole when flattening a tree."""
     return isinstance(x, Codebook)
-
-
-def _is_compressed(x: Any) -> bool:
-    """Codebooks, QArrays and any class marked ``_cj_compressed_leaf``: kept whole, never re-clustered."""
-    return bool(getattr(type(x), "_cj_compressed_leaf", False)) or isinstance(x, QArray)
 
 
 _pack_jit = jax.jit(pack, static_argnums=1)

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import tree
-from compressjax.codebook._core import Codebook, _is_compressed, _pack_jit
+from compressjax.checks import check_positive_int
+from compressjax.codebook._core import Codebook, _pack_jit
 from compressjax.codebook._train import _nearest
 from compressjax.oneshot._sweep import (
-    check_block_size,
     check_damp,
     inverse_hessian_factor,
     padded_block,
@@ -121,7 +121,7 @@ def _map_codebook_kernels(fn, params: Any, reference: Any, hessians: Any, what: 
     or a plain ``(d_in, d_in)`` matrix pairing with the leading axes), with its float reference kernel ``w``
     from ``reference`` (checked: same shape, finite) and ``h`` as float32; other leaves pass through, and so
     do zero-size codebooks (nothing to assign)."""
-    refs = dict(tree.leaves_with_paths(reference, lambda x: x is None or _is_compressed(x)))
+    refs = dict(tree.leaves_with_paths(reference, lambda x: x is None or tree.is_compressed_leaf(x)))
     hs = dict(tree.leaves_with_paths(hessians, lambda x: x is None or hasattr(x, "in_axes")))
 
     def visit(kp, x):
@@ -142,7 +142,7 @@ def _map_codebook_kernels(fn, params: Any, reference: Any, hessians: Any, what: 
             return x
         return fn(p, x, h, jnp.asarray(r, jnp.float32), lay)
 
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_compressed)
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=tree.is_compressed_leaf)
 
 
 def codebook_error_feedback(params: Any, reference: Any, hessians: Any, *, block_size: int = 128, damp: float = 0.01) -> Any:
@@ -175,7 +175,7 @@ def codebook_error_feedback(params: Any, reference: Any, hessians: Any, *, block
     References:
         Frantar et al., "GPTQ", ICLR 2023 (the column sweep); Han et al., "Deep Compression", ICLR 2016.
     """
-    block_size = check_block_size(block_size)
+    block_size = check_positive_int("block_size", block_size)
     damp = check_damp(damp)
 
     def assign(p, x, h, r, lay):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import tree
-from compressjax.codebook._core import DEFAULT_ITERATIONS, INITS, Codebook, _check_bits, _is_compressed, _pack_jit
+from compressjax.codebook._core import DEFAULT_ITERATIONS, INITS, Codebook, _check_bits, _pack_jit
 
 # ------------------------------------------------------------------------------------------------ k-means
 
@@ -223,21 +223,11 @@ def _check_aux(path: str, name: str, aux: Any, leaf: Any, *, nonneg: bool) -> No
 
 
 def _aux_by_path(aux_tree: Any, params: Any, name: str) -> dict[str, Any]:
+    """``{path: leaf}`` of ``weights``/``masks``, after checking they have the params' structure."""
     if aux_tree is None:
         return {}
-    is_leaf = lambda x: x is None or _is_compressed(x)  # noqa: E731
-    pa = tree.leaves_with_paths(aux_tree, tree.is_none)
-    pb = tree.leaves_with_paths(params, is_leaf)
-    if [p for p, _ in pa] != [p for p, _ in pb] or (
-        jax.tree.structure(aux_tree, is_leaf=tree.is_none) != jax.tree.structure(params, is_leaf=is_leaf)
-    ):
-        only_a = sorted({p for p, _ in pa} - {p for p, _ in pb})
-        only_b = sorted({p for p, _ in pb} - {p for p, _ in pa})
-        detail = [f"only in {name}: {only_a[:5]}"] if only_a else []
-        detail += [f"only in params: {only_b[:5]}"] if only_b else []
-        detail = detail or [f"{name} has {len(pa)} leaves, params has {len(pb)}"]
-        raise ValueError(f"{name} and params trees do not match: " + "; ".join(detail))
-    return dict(pa)
+    tree.check_same_structure(aux_tree, params, name, "params")
+    return dict(tree.leaves_with_paths(aux_tree, tree.is_none_or_compressed))
 
 
 def kmeans_codebooks(
@@ -329,7 +319,7 @@ def kmeans_codebooks(
     pred = tree.selector(where)
 
     def chosen(path, leaf):
-        if _is_compressed(leaf):
+        if tree.is_compressed_leaf(leaf):
             if where is None:
                 return False
             if pred(path, leaf):
@@ -337,7 +327,7 @@ def kmeans_codebooks(
             return False
         return pred(path, leaf)
 
-    flat = tree.leaves_with_paths(params, _is_compressed)
+    flat = tree.leaves_with_paths(params, tree.is_compressed_leaf)
     selected = [(p, leaf) for p, leaf in flat if chosen(p, leaf)]
     if not selected:
         shown = ", ".join(repr(p) for p, _ in flat[:8])
@@ -365,7 +355,7 @@ def kmeans_codebooks(
         p = tree.path_to_str(kp)
         return out.get(p, leaf)
 
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_compressed)
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=tree.is_compressed_leaf)
 
 
 def _kmeans_leaf(path, x, bits, k, per_channel, init, iterations, w, m, reserve_zero, key, rate) -> Codebook:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from compressjax import tree
-from compressjax.codebook._core import Codebook, _is_compressed, _pack_jit
+from compressjax.codebook._core import Codebook, _pack_jit
 from compressjax.codebook._kmeans import _rows, _unrows
 from compressjax.quantization import dequantize_params
 
@@ -24,7 +24,7 @@ def cast_centroids(params: Any, dtype: Any = jnp.float16) -> Any:
     weights keep each Codebook's ``dtype``.
     """
     return jax.tree.map(lambda x: x.astype_centroids(dtype) if isinstance(x, Codebook) else x, params,
-                        is_leaf=_is_compressed)
+                        is_leaf=tree.is_compressed_leaf)
 
 
 # The forward-pass view of a compressed tree is one function: every compressed leaf decodes itself.
@@ -43,11 +43,11 @@ def split_centroids(params: Any, *, train_others: bool = False) -> tuple[Any, An
     def visit(x):
         if isinstance(x, Codebook):
             return jnp.asarray(x.centroids)
-        if train_others and tree.is_float_array(x) and not _is_compressed(x):
+        if train_others and tree.is_float_array(x) and not tree.is_compressed_leaf(x):
             return x
         return None
 
-    return jax.tree.map(visit, params, is_leaf=_is_compressed), params
+    return jax.tree.map(visit, params, is_leaf=tree.is_compressed_leaf), params
 
 
 def merge_centroids(trainable: Any, frozen: Any) -> Any:
@@ -67,7 +67,7 @@ def merge_centroids(trainable: Any, frozen: Any) -> Any:
         return f if t is None else t
 
     try:
-        return jax.tree_util.tree_map_with_path(visit, trainable, frozen, is_leaf=lambda x: x is None or _is_compressed(x))
+        return jax.tree_util.tree_map_with_path(visit, trainable, frozen, is_leaf=lambda x: x is None or tree.is_compressed_leaf(x))
     except ValueError as e:
         if "leaf " in str(e) and "trainable tree" in str(e):
             raise
@@ -115,7 +115,7 @@ def reassign_indices(params: Any, reference: Any) -> Any:
     Raises:
         ValueError: if ``reference`` does not hold an array of the right shape at each Codebook's path.
     """
-    refs = dict(tree.leaves_with_paths(reference, lambda x: x is None or _is_compressed(x)))
+    refs = dict(tree.leaves_with_paths(reference, lambda x: x is None or tree.is_compressed_leaf(x)))
 
     def visit(kp, x):
         if not isinstance(x, Codebook):
@@ -134,6 +134,6 @@ def reassign_indices(params: Any, reference: Any) -> Any:
         return Codebook(_pack_jit(a, x.bits), x.centroids, bits=x.bits, shape=x.shape, dtype=x.dtype,
                         per_channel=x.per_channel, zero_reserved=x.zero_reserved, path=p)
 
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_compressed)
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=tree.is_compressed_leaf)
 
 

@@ -282,8 +282,9 @@ def place(mesh, w: jax.Array, h: jax.Array):
     return (jax.device_put(w, jax.sharding.NamedSharding(mesh, spec)), jax.device_put(h, jax.sharding.NamedSharding(mesh, P())))
 
 
-def check_finite_result(path: str, ok, damp, lay: KernelLayout | None = None) -> None:
-    """Raises naming ``path`` (and the first failing slice of a stacked kernel) when a factorisation failed."""
+def check_factorised(path: str, ok, damp, lay: KernelLayout | None = None) -> None:
+    """Raises naming ``path`` (and the first failing slice of a stacked kernel) when the damped Hessian was not
+    positive definite (its Cholesky factorisation failed: ``ok`` False)."""
     ok = np.asarray(ok).reshape(-1)
     if not ok.all():
         where = "" if lay is None or not lay.stacked else f" ({lay.slice_name(int(np.flatnonzero(~ok)[0]))})"

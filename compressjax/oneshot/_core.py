@@ -16,7 +16,7 @@ from jax import lax
 from compressjax.oneshot._common import place
 from compressjax.oneshot._sweep import inverse_hessian_factor, run_sweep, sub_block_size
 from compressjax.qarray import QuantSpec
-from compressjax.quantization import _compute_scale_grouped, _div_scale
+from compressjax.quantization import _compute_scale_grouped, round_to_grid
 from compressjax.radix_select import exact_keep_masks
 
 __all__ = ["SolverConfig", "solve", "solve_stacked", "solve_kernel"]
@@ -49,16 +49,13 @@ class SolverConfig:
 
 
 def _quant(row, s, z, spec):
-    qmin, qmax = (-spec.qmax, spec.qmax) if spec.symmetric else (-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1)
-    # The flush-safe division of `quantize`: a plain `row / s` becomes `row * (1 / s)`, which flushes to zero
-    # once s > 2**126.
-    t = _div_scale(row, s) if z is None else _div_scale(row, s) + z
-    code = jnp.clip(jnp.round(t), qmin, qmax)
+    """``(dequantized, code)`` of a row by the library's one quantizer (``round_to_grid``)."""
+    _, code = round_to_grid(row, s, z, spec)
     q = code * s if z is None else (code - z) * s
     return q, code
 
 
-def _scales(x, spec, axes):
+def _solver_scales(x, spec, axes):
     s, z = _compute_scale_grouped(x, spec, axes)
     return s, (None if z is None else z.astype(jnp.float32))
 
@@ -110,12 +107,12 @@ def _solve(w2d, h, damp, cfg: SolverConfig):
         scales0 = None
     elif g is None:
         # Per channel / per tensor, from the original weights (the reference's find_params(W) up front).
-        s, z = _scales(w_orig, spec, (0, 1) if cfg.per_tensor else (0,))
+        s, z = _solver_scales(w_orig, spec, (0, 1) if cfg.per_tensor else (0,))
         scales0 = (s, z)
     elif cfg.act_order:
         # Static groups: contiguous original rows, after dead rows are zeroed.
         wd = jnp.where(dead[:, None], 0.0, w_orig).reshape(d_in // g, g, d_out)
-        s, z = _scales(wd, spec, (1,))
+        s, z = _solver_scales(wd, spec, (1,))
         scales0 = (s[:, 0], None if z is None else z[:, 0])
     else:
         n_groups = n_pad // g
@@ -158,7 +155,7 @@ def _solve(w2d, h, damp, cfg: SolverConfig):
                 slab = view(i, g)
                 if keep is not None:
                     slab = jnp.where(lax.dynamic_slice(keep, (i, 0), (g, d_out)), slab, 0.0)
-                s, z = _scales(slab, spec, (0,))
+                s, z = _solver_scales(slab, spec, (0,))
                 out_s = lax.dynamic_update_slice(scales[0], s, (j // g, 0))
                 out_z = None if z is None else lax.dynamic_update_slice(scales[1], z, (j // g, 0))
                 return out_s, out_z

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from compressjax.checks import check_positive_int
 from compressjax.oneshot._common import (
     build_qarray,
-    check_finite_result,
+    check_factorised,
     hessian_items,
     map_hessian_leaves,
     spec_plan,
     zero_size_result,
 )
 from compressjax.oneshot._core import SolverConfig, solve_kernel
-from compressjax.oneshot._sweep import check_block_size, check_damp, padded_block
+from compressjax.oneshot._sweep import check_damp, padded_block
 
 __all__ = ["gptq"]
 
@@ -74,7 +75,7 @@ def gptq(params: Any, hessians: Any, rules: Any, *, block_size: int = 128, damp:
         Frantar, Ashkboos, Hoefler & Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
         Pre-trained Transformers", ICLR 2023 (arXiv:2210.17323).
     """
-    block_size = check_block_size(block_size)
+    block_size = check_positive_int("block_size", block_size)
     damp = check_damp(damp)
     if not isinstance(act_order, bool):
         raise TypeError(f"act_order must be a bool, got {act_order!r}")
@@ -91,6 +92,6 @@ def gptq(params: Any, hessians: Any, rules: Any, *, block_size: int = 128, damp:
             cfg = SolverConfig(d_in=lay.d_in, block=block, n_pad=n_pad, spec=spec, per_tensor=spec.channel_axes == () and g is None,
                                group=g, act_order=act_order)
             out = solve_kernel(leaf, h, lay, damp, cfg, mesh)
-        check_finite_result(path, out["ok"], damp, lay)
+        check_factorised(path, out["ok"], damp, lay)
         new[path] = build_qarray(path, leaf, lay, spec, out["codes"], out["scale"], out["zp"])
     return map_hessian_leaves(params, new)

@@ -100,5 +100,5 @@ def layerwise(
 
 
 def _merge(a: Any, b: Any) -> Any:
-    is_none = lambda x: x is None  # noqa: E731
-    return jax.tree_util.tree_map(lambda x, y: x if y is None else y, a, b, is_leaf=is_none)
+    is_none_or_compressed = lambda x: x is None  # noqa: E731
+    return jax.tree_util.tree_map(lambda x, y: x if y is None else y, a, b, is_leaf=is_none_or_compressed)

@@ -415,7 +415,7 @@ class _Pass:
         res = jax.tree_util.tree_leaves(new_params, is_leaf=tree.is_compressed_leaf)[leaf]
         mask = None
         if masks is not None:
-            found = [m for pth, m in tree.leaves_with_paths(masks, tree.is_none) if pth == path]
+            found = [m for pth, m in tree.leaves_with_paths(masks, tree.is_none_or_compressed) if pth == path]
             mask = found[0] if found else None
         return res, mask
 

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from numbers import Real
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
+from compressjax.checks import check_fraction, check_positive_int
 from compressjax.oneshot._common import (
     build_qarray,
-    check_finite_result,
+    check_factorised,
     hessian_items,
     map_hessian_leaves,
     spec_plan,
     zero_size_result,
 )
 from compressjax.oneshot._core import SolverConfig, solve_kernel
-from compressjax.oneshot._sweep import check_block_size, check_damp, padded_block
+from compressjax.oneshot._sweep import check_damp, padded_block
 
-__all__ = ["sparsegpt", "check_nm", "check_fraction", "Pruned"]
+__all__ = ["sparsegpt", "check_nm", "Pruned"]
 
 
 class Pruned(NamedTuple):
@@ -31,15 +31,6 @@ class Pruned(NamedTuple):
 
     params: Any
     masks: Any
-
-
-def check_fraction(sparsity: Any) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, Real):
-        raise TypeError(f"sparsity must be a float in [0, 1], got {sparsity!r}")
-    s = float(sparsity)
-    if not 0.0 <= s <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
-    return s
 
 
 def check_nm(sparsity: Any, n: Any, m: Any) -> tuple[float | None, int | None, int | None]:
@@ -117,7 +108,7 @@ def sparsegpt(
         ICML 2023 (arXiv:2301.00774).
     """
     sparsity, n, m = check_nm(sparsity, n, m)
-    block_size = check_block_size(block_size)
+    block_size = check_positive_int("block_size", block_size)
     damp = check_damp(damp)
     items = hessian_items(params, hessians)
     plan = spec_plan(items, rules) if rules is not None else {}
@@ -139,7 +130,7 @@ def sparsegpt(
                 group=g, prune="nm" if m is not None else "unstructured", counts=counts, n=n or 0, m=m or 0,
             )
             out = solve_kernel(leaf, h, lay, damp, cfg, mesh)
-        check_finite_result(path, out["ok"], damp, lay)
+        check_factorised(path, out["ok"], damp, lay)
         masks[path] = lay.from_3d(out["keep"])
         if spec is None:
             big = float(jnp.finfo(leaf.dtype).max)  # error feedback may push a weight past a float16 max

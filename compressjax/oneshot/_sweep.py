@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from compressjax.checks import check_positive_int
 from compressjax.hessians import Hessian
 
 __all__ = ["error_feedback", "inverse_hessian_factor", "run_sweep", "padded_block", "sub_block_size", "check_hessian_matrix"]
@@ -84,14 +85,6 @@ def check_damp(damp: Any) -> float | jax.Array:
     if not (math.isfinite(float(damp)) and float(damp) >= 0.0):
         raise ValueError(f"damp must be a finite non-negative float, got {damp!r}")
     return float(damp)
-
-
-def check_block_size(block_size: Any) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer):
-        raise TypeError(f"block_size must be a positive int, got {block_size!r}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    return int(block_size)
 
 
 def padded_block(d_in: int, block_size: int, multiple: int = 1) -> tuple[int, int]:
@@ -301,7 +294,7 @@ def error_feedback(w: jax.Array, h: jax.Array, quantize_column: Callable[[jax.Ar
         raise ValueError("w holds NaN or Inf values")
     check_hessian_matrix(h, w.shape[0], "w")
     damp = check_damp(damp)
-    block_size = check_block_size(block_size)
+    block_size = check_positive_int("block_size", block_size)
     if w.size == 0:  # nothing to quantize (a (0, d_out) or (d_in, 0) kernel passes through, as in quantize)
         return jnp.zeros(w.shape, jnp.float32)
     out = _error_feedback(jnp.asarray(w), jnp.asarray(h, jnp.float32), damp, quantize_column, block_size)
