@@ -772,6 +772,16 @@ def _bind(eqn, invals):
 # does not retrace the model). Small and first-in-first-out: it holds references to apply_fn.
 _CACHE: dict[tuple, tuple] = {}
 _CACHE_SIZE = 16
+
+
+def _is_hashable(key: tuple) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
 def _batch_signature(batch) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(batch)
     return (treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves))
@@ -848,18 +858,18 @@ def collect_hessians(
         return apply_fn(jax.tree_util.tree_unflatten(treedef, leaf_list), batch)
 
     leaf_sig = tuple(None if x is None else (tuple(x.shape), str(x.dtype)) for x in float_leaves)
-    base_key = (apply_fn, row_mask, treedef, leaf_sig, tuple(selected), where if isinstance(where, str | None) else id(where), mesh)
+    # A Selector compares by the `where` it wraps; a cache key with an unhashable part (a callable object
+    # without __hash__ passed as apply_fn, row_mask or where) is simply not cached.
+    base_key = (apply_fn, row_mask, treedef, leaf_sig, tuple(selected), tree.selector(where), mesh)
+    cacheable = _is_hashable(base_key)
     acc = None
     found = None
     n_batches = 0
     for batch in batches:
         if mesh is not None:  # before tracing: the jaxpr then sees the batch on the (automatic) mesh
             batch = _shard_batch(batch, mesh, data_axis)
-        key = (*base_key, _batch_signature(batch))
-        try:
-            hit = _CACHE.get(key)
-        except TypeError:  # an unhashable part (e.g. a where callable's closure): no cross-call cache
-            key, hit = None, None
+        key = (*base_key, _batch_signature(batch)) if cacheable else None
+        hit = None if key is None else _CACHE.get(key)
         if hit is None:
             hit = _build(fn, float_leaves, batch, selected, paths, where, row_mask, mesh)
             if key is not None:

@@ -419,13 +419,18 @@ def resolve_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_
         ValueError: an unmatched pattern (see above), or no leaf quantized at all.
         TypeError: a spec that is not a QuantSpec/None, or a pattern that selects a non-float leaf.
     """
+    plan = match_rules(params, rules, on_unmatched=on_unmatched, is_leaf=is_leaf)
+    if not plan:
+        _raise_nothing_to_quantize(params, rules, is_leaf)
+    return plan
+
+
+def match_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_leaf=None) -> dict[str, QuantSpec]:
+    """:func:`resolve_rules` without its last check: the plan may be empty (every matched leaf kept float)."""
     if on_unmatched not in ("error", "warn", "ignore"):
         raise ValueError(f"on_unmatched must be 'error', 'warn' or 'ignore', got {on_unmatched!r}")
     if isinstance(rules, QuantSpec):
-        plan = {p: rules for p, _ in tree.selected_leaves(params, None, allow_empty=True, is_leaf=is_leaf)}
-        if not plan:
-            _raise_nothing_to_quantize(params, rules, is_leaf)
-        return plan
+        return {p: rules for p, _ in tree.selected_leaves(params, None, allow_empty=True, is_leaf=is_leaf)}
     if isinstance(rules, Mapping):
         pairs = list(rules.items())
     elif isinstance(rules, Sequence) and not isinstance(rules, str) and all(isinstance(r, tuple) and len(r) == 2 for r in rules):
@@ -470,9 +475,7 @@ def resolve_rules(params: Any, rules: Rules, *, on_unmatched: str = "error", is_
         msg = f"rules pattern {pattern!r} {why}; the tree's leaves are {paths[:8]}{' ...' if len(paths) > 8 else ''}"
         if on_unmatched == "error":
             raise ValueError(msg)
-        warnings.warn(msg, stacklevel=3)
-    if not plan:
-        _raise_nothing_to_quantize(params, rules, is_leaf)
+        warnings.warn(msg, stacklevel=4)
     return plan
 
 

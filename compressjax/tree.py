@@ -22,6 +22,7 @@ quantized on their own. The default selector skips compressed leaves.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any, TypeAlias
@@ -38,6 +39,7 @@ __all__ = [
     "Where",
     "path_to_str",
     "leaves_with_paths",
+    "Selector",
     "selector",
     "selected_leaves",
     "map_selected",
@@ -121,23 +123,43 @@ def _default_where(path: str, leaf: Any) -> bool:
     return is_float_array(leaf) and getattr(leaf, "ndim", 0) >= 2
 
 
-def selector(where: Where) -> Callable[[str, Any], bool]:
-    """Normalises a ``where`` argument into a predicate ``(path, leaf) -> bool``.
+@dataclasses.dataclass(frozen=True)
+class Selector:
+    """A normalised ``where``: the predicate ``(path, leaf) -> bool``, compared and hashed by the ``where`` it
+    was made from (so caches and static ``jit`` arguments can key on it). Make one with :func:`selector`."""
+
+    where: Where
+    _pattern: re.Pattern | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __call__(self, path: str, leaf: Any) -> bool:
+        if self.where is None:
+            return _default_where(path, leaf)
+        if leaf is None:
+            return False
+        if self._pattern is not None:
+            return self._pattern.search(path) is not None
+        return bool(self.where(path, leaf))
+
+
+def selector(where: Where) -> Selector:
+    """Normalises a ``where`` argument into a :class:`Selector` (a predicate ``(path, leaf) -> bool``).
 
     Raises:
         TypeError: if ``where`` is not ``None``, a string or a callable.
         ValueError: if ``where`` is a string that is not a valid regular expression.
     """
+    if isinstance(where, Selector):
+        return where
     if where is None:
-        return _default_where
+        return Selector(None)
     if isinstance(where, str):
         try:
             pattern = re.compile(where)
         except re.error as e:
             raise ValueError(f"where={where!r} is not a valid regular expression: {e}") from e
-        return lambda path, leaf: leaf is not None and pattern.search(path) is not None
+        return Selector(where, pattern)
     if callable(where):
-        return lambda path, leaf: leaf is not None and bool(where(path, leaf))
+        return Selector(where)
     raise TypeError(f"where must be None, a regex string or a callable (path, leaf) -> bool, got {where!r}")
 
 

@@ -14,7 +14,7 @@ from compressjax import tree
 from compressjax.hessians import Hessian, auto_mesh
 from compressjax.oneshot._sweep import check_hessian_matrix
 from compressjax.qarray import QArray, QuantSpec, codes_to_storage
-from compressjax.quantization import resolve_rules
+from compressjax.quantization import match_rules
 
 __all__ = ["KernelLayout", "hessian_items", "map_hessian_leaves", "spec_plan", "build_qarray", "place", "is_qarray"]
 
@@ -190,12 +190,7 @@ def map_hessian_leaves(params: Any, new: dict[str, Any], fill: Callable[[str, An
 def spec_plan(items: dict, rules: Any) -> dict[str, QuantSpec]:
     """The :class:`QuantSpec` of every leaf with a Hessian, matched by ``rules`` like ``quantize_params``."""
     sub = {p: leaf for p, (leaf, _, _) in items.items()}
-    try:
-        plan = resolve_rules(sub, rules, on_unmatched="ignore")
-    except ValueError as e:
-        if "quantize no leaf" not in str(e):
-            raise
-        plan = {}
+    plan = match_rules(sub, rules, on_unmatched="ignore")
     for path, (leaf, _, lay) in items.items():
         spec = plan.get(path)
         if spec is None:
