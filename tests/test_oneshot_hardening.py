@@ -176,6 +176,7 @@ def _layouts():
     return two + conv
 
 
+@pytest.mark.slow  # about a minute: 8 layouts x 3 solvers x 2 problems
 @settings(max_examples=8, deadline=None)
 @given(layout=st.sampled_from(_layouts()), seed=st.integers(0, 2**16), grouped=st.booleans())
 def test_solvers_on_any_layout_equal_the_transposed_problem(layout, seed, grouped):

@@ -210,6 +210,7 @@ def test_stacked_qarray_runs_through_the_scanned_model_and_the_file_format(tmp_p
     np.testing.assert_array_equal(np.asarray(kept.scale), np.asarray(qk.scale))
 
 
+@SLOW
 def test_stacked_gptq_compiles_once_per_slice_shape_not_per_layer():
     from compressjax.oneshot import _core
 
