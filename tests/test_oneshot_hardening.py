@@ -46,6 +46,10 @@ def test_error_feedback_rejects_a_hessian_from_zero_rows_and_honours_in_axes():
     w, h = _problem()
     with pytest.raises(ValueError, match=r"h: .*zero input rows"):
         error_feedback(jnp.asarray(w), Hessian(jnp.zeros((16, 16)), jnp.float32(0.0), (0,)), _round)
+    stacked = Hessian(jnp.stack([jnp.asarray(h)] * 2), jnp.full((2,), 48.0), (1,))
+    stacked.layer_axes, stacked.groups = (0,), 1
+    with pytest.raises(ValueError, match="h is a stacked Hessian"):
+        error_feedback(jnp.asarray(w), stacked, _round)
     ref = error_feedback(jnp.asarray(w), jnp.asarray(h), _round)
     # A Hessian object with in_axes=(1,) reads the kernel as (d_out, d_in): the transposed problem.
     got = error_feedback(jnp.asarray(w.T), Hessian(jnp.asarray(h), jnp.float32(48.0), (1,)), _round)
@@ -172,6 +176,7 @@ def _layouts():
     return two + conv
 
 
+@pytest.mark.slow  # about a minute: 8 layouts x 3 solvers x 2 problems
 @settings(max_examples=8, deadline=None)
 @given(layout=st.sampled_from(_layouts()), seed=st.integers(0, 2**16), grouped=st.booleans())
 def test_solvers_on_any_layout_equal_the_transposed_problem(layout, seed, grouped):

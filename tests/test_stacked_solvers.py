@@ -210,6 +210,7 @@ def test_stacked_qarray_runs_through_the_scanned_model_and_the_file_format(tmp_p
     np.testing.assert_array_equal(np.asarray(kept.scale), np.asarray(qk.scale))
 
 
+@SLOW
 def test_stacked_gptq_compiles_once_per_slice_shape_not_per_layer():
     from compressjax.oneshot import _core
 
@@ -286,3 +287,26 @@ def test_undeclared_3d_kernel_warns_naming_it_and_conv1d_can_say_so():
         assert q["conv"]["kernel"].channel_axes == (2,)
         # per-(axis 0, out) scales never span axis 0: no warning either
         quantize_params(params, {"conv": QuantSpec(bits=4, channel_axes=(0, 2))})
+
+
+def test_quantized_dot_general_with_per_expert_weight_scales_in_a_batched_matmul():
+    # MoE experts in one batched dot_general ("etd,edf->etf"): layer_axes=(0,) gives each expert its own scales,
+    # which the integer path factors out like a batch axis.
+    from compressjax import quantized_dot_general
+
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(3, 5, 8)).astype(np.float32))
+    w = rng.normal(size=(3, 8, 4)).astype(np.float32)
+    w[2] *= 50.0
+    w = jnp.asarray(w)
+    wspec, aspec = QuantSpec(bits=8, layer_axes=(0,)), QuantSpec(bits=8, channel_axes=())
+    dn = (((2,), (1,)), ((0,), (0,)))
+    fake = quantized_dot_general(wspec, aspec)(x, w, dn)
+    intd = quantized_dot_general(wspec, aspec, mode="int")(x, w, dn)
+    np.testing.assert_allclose(np.asarray(intd), np.asarray(fake), rtol=1e-5, atol=1e-4)
+    wq = dequantize_params(quantize_params({"w": w}, {"w": wspec}))["w"]
+    xq = dequantize(quantize(x, aspec))
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(np.asarray(fake), np.asarray(jnp.einsum("etd,edf->etf", xq, wq)), rtol=1e-5, atol=1e-4)
+    # per-expert scales: the loud expert does not coarsen the others' grids
+    assert quantize(w, wspec).scale.shape == (3, 1, 4)
