@@ -47,6 +47,11 @@ class SolverConfig:
     n: int = 0
     m: int = 0
 
+    @property
+    def lazy_groups(self) -> bool:
+        """Group scales computed as the sweep reaches each group (GPTQ's default), not up front."""
+        return self.spec is not None and self.group is not None and not self.act_order
+
 
 def _quant(row, s, z, spec):
     """``(dequantized, code)`` of a row by the library's one quantizer (``round_to_grid``)."""
@@ -77,123 +82,150 @@ _BIG = 2.0**64
 
 
 def _solve(w2d, h, damp, cfg: SolverConfig):
-    d_in, n_pad, block, spec, g = cfg.d_in, cfg.n_pad, cfg.block, cfg.spec, cfg.group
-    d_out = w2d.shape[1]
+    """One kernel's sweep: dead inputs fixed, rows (optionally) permuted, the inverse Hessian factored, then
+    :func:`~compressjax.oneshot._sweep.run_sweep` with the row step of ``cfg`` (:func:`_row_step`)."""
+    w, h, w_orig, dead, e = _dead_inputs_fixed(w2d, h, cfg.d_in)
+    perm = jnp.argsort(-jnp.diagonal(h), stable=True) if cfg.act_order else jnp.arange(cfg.d_in)
+    if cfg.act_order:
+        w, h = w[perm], h[perm][:, perm]
+    u, _ = inverse_hessian_factor(h, damp, cfg.n_pad)
+    ok = jnp.all(jnp.isfinite(u))
+    u = jnp.where(ok, u, jnp.eye(cfg.n_pad, dtype=jnp.float32))  # keep the sweep finite; the caller raises
+    w = jnp.pad(w, ((0, cfg.n_pad - cfg.d_in), (0, 0)))
+    diag_u = jnp.diagonal(u)
+    d_out = w.shape[1]
+    state0 = (_initial_scales(w_orig, dead, cfg), jnp.ones((cfg.block, d_out), bool) if cfg.prune else None)
+    step = partial(_row_step, cfg=cfg, diag_u=diag_u, perm=perm)
+    hook = partial(_prune_block, cfg=cfg, diag_u=diag_u) if cfg.prune else None
+    sizes = tuple(z for z in ((cfg.group if cfg.lazy_groups else None), (cfg.m if cfg.prune == "nm" else None)) if z)
+    stored, (scales, _) = run_sweep(w, u, step, state0, cfg.block, _store_dtypes(cfg), hook,
+                                    sub=sub_block_size(cfg.block, sizes))
+    return _outputs(stored, scales, perm, e, ok, cfg)
+
+
+def _dead_inputs_fixed(w2d, h, d_in: int):
+    """``(w, h, w_orig, dead, e)``: the kernel as float32 scaled by ``2**-e`` (see ``_BIG``), inputs that
+    never fire (``H_jj = 0``) zeroed in ``w`` with a unit diagonal in ``h`` (the reference's dead-input fix),
+    the unzeroed kernel ``w_orig`` (per-channel scales come from it) and the dead mask."""
     w = w2d.astype(jnp.float32)
     amax = jnp.max(jnp.abs(w))
     e = jnp.where(amax > _BIG, jnp.floor(jnp.log2(amax)).astype(jnp.int32) - 32, 0)
-    w = jnp.ldexp(w, -e)
+    w_orig = jnp.ldexp(w, -e)
     h = jnp.asarray(h, jnp.float32)
     dead = jnp.diagonal(h) == 0
-    eye = jnp.eye(d_in, dtype=bool)
-    h = jnp.where(dead[:, None] & eye, 1.0, h)
-    w_orig = w
-    w = jnp.where(dead[:, None], 0.0, w)
+    h = jnp.where(dead[:, None] & jnp.eye(d_in, dtype=bool), 1.0, h)
+    return jnp.where(dead[:, None], 0.0, w_orig), h, w_orig, dead, e
+
+
+def _initial_scales(w_orig, dead, cfg: SolverConfig):
+    """The quantizer state before the sweep: ``(scale, zero point)`` of every group when they are known up
+    front (per channel or per tensor from the original weights, as the reference's ``find_params(W)``;
+    static act-order groups of contiguous original rows), placeholders for lazy groups (filled as the sweep
+    reaches them), ``None`` without quantization."""
+    spec, g = cfg.spec, cfg.group
+    if spec is None:
+        return None
+    if g is None:
+        return _solver_scales(w_orig, spec, (0, 1) if cfg.per_tensor else (0,))
+    d_out = w_orig.shape[1]
     if cfg.act_order:
-        perm = jnp.argsort(-jnp.diagonal(h), stable=True)
-        w, h = w[perm], h[perm][:, perm]
-    else:
-        perm = jnp.arange(d_in)
-    u, _ = inverse_hessian_factor(h, damp, n_pad)
-    ok = jnp.all(jnp.isfinite(u))
-    u = jnp.where(ok, u, jnp.eye(n_pad, dtype=jnp.float32))  # keep the sweep finite; the caller raises
-    w = jnp.pad(w, ((0, n_pad - d_in), (0, 0)))
-    diag_u = jnp.diagonal(u)
-
-    # Quantizer state: the scales of every group (static), or of the groups filled in as the sweep
-    # reaches them (lazy, from the current weights).
-    lazy = spec is not None and g is not None and not cfg.act_order
-    if spec is None:
-        scales0 = None
-    elif g is None:
-        # Per channel / per tensor, from the original weights (the reference's find_params(W) up front).
-        s, z = _solver_scales(w_orig, spec, (0, 1) if cfg.per_tensor else (0,))
-        scales0 = (s, z)
-    elif cfg.act_order:
-        # Static groups: contiguous original rows, after dead rows are zeroed.
-        wd = jnp.where(dead[:, None], 0.0, w_orig).reshape(d_in // g, g, d_out)
+        wd = jnp.where(dead[:, None], 0.0, w_orig).reshape(cfg.d_in // g, g, d_out)
         s, z = _solver_scales(wd, spec, (1,))
-        scales0 = (s[:, 0], None if z is None else z[:, 0])
+        return s[:, 0], None if z is None else z[:, 0]
+    n_groups = cfg.n_pad // g
+    return jnp.ones((n_groups, d_out), jnp.float32), None if spec.symmetric else jnp.zeros((n_groups, d_out), jnp.float32)
+
+
+def _prune_block(b, w1, st, *, cfg: SolverConfig, diag_u):
+    """SparseGPT's mask selection at the start of block ``b``: the ``counts[b]`` rows x columns of least
+    saliency ``w^2 / [H^-1]_jj^2`` pruned exactly (unstructured), or a fresh all-kept mask (N:M, chosen per
+    ``m`` rows by the row step)."""
+    scales, keep = st
+    if cfg.prune == "unstructured":
+        i1 = b * cfg.block
+        d1 = lax.dynamic_slice(diag_u, (i1,), (cfg.block,))
+        sal = jnp.square(w1) / jnp.square(d1)[:, None]
+        real = (i1 + jnp.arange(cfg.block)) < cfg.d_in
+        sal = jnp.where(real[:, None], sal, jnp.inf)
+        keep = exact_keep_masks([sal], jnp.asarray(cfg.counts, jnp.int32)[b])[0]
+    elif cfg.prune == "nm":
+        keep = jnp.ones_like(keep)
+    return scales, keep
+
+
+def _nm_update(keep, j, i, view, *, cfg: SolverConfig, diag_u):
+    """At the first of every ``m`` rows, keeps the ``n`` most salient of the next ``m`` per column."""
+
+    def new_nm(keep):
+        slab = view(i, cfg.m)
+        d1 = lax.dynamic_slice(diag_u, (j,), (cfg.m,))
+        k = _nm_keep(jnp.square(slab) / jnp.square(d1)[:, None], cfg.n)
+        return lax.dynamic_update_slice(keep, k, (i, 0))
+
+    return lax.cond(i % cfg.m == 0, new_nm, lambda k: k, keep)
+
+
+def _row_scale(scales, j, i, view, keep, *, cfg: SolverConfig, perm):
+    """``(scales, s, z)``: the scale and zero point of row ``j``; lazy groups are computed from the current
+    (error-corrected, pruned) weights when the sweep enters them."""
+    g = cfg.group
+    if cfg.lazy_groups:
+
+        def new_group(scales):
+            slab = view(i, g)
+            if keep is not None:
+                slab = jnp.where(lax.dynamic_slice(keep, (i, 0), (g, slab.shape[1])), slab, 0.0)
+            s, z = _solver_scales(slab, cfg.spec, (0,))
+            out_s = lax.dynamic_update_slice(scales[0], s, (j // g, 0))
+            out_z = None if z is None else lax.dynamic_update_slice(scales[1], z, (j // g, 0))
+            return out_s, out_z
+
+        scales = lax.cond((j % g == 0) & (j < cfg.d_in), new_group, lambda s: s, scales)
+        src = j // g
+    elif g is not None:  # static groups in act order: the group of the original row
+        src = perm[jnp.minimum(j, cfg.d_in - 1)] // g
     else:
-        n_groups = n_pad // g
-        scales0 = (jnp.ones((n_groups, d_out), jnp.float32), None if spec.symmetric else jnp.zeros((n_groups, d_out), jnp.float32))
+        src = 0
+    return scales, scales[0][src], None if scales[1] is None else scales[1][src]
 
-    keep0 = jnp.ones((block, d_out), bool) if cfg.prune else None
-    counts = jnp.asarray(cfg.counts, jnp.int32) if cfg.prune == "unstructured" else None
 
-    def block_hook(b, w1, st):
-        scales, keep = st
-        if cfg.prune == "unstructured":
-            i1 = b * block
-            d1 = lax.dynamic_slice(diag_u, (i1,), (block,))
-            sal = jnp.square(w1) / jnp.square(d1)[:, None]
-            real = (i1 + jnp.arange(block)) < d_in
-            sal = jnp.where(real[:, None], sal, jnp.inf)
-            keep = exact_keep_masks([sal], counts[b])[0]
-        elif cfg.prune == "nm":
-            keep = jnp.ones((block, d_out), bool)
-        return scales, keep
+def _row_step(row, j, i, view, st, *, cfg: SolverConfig, diag_u, perm):
+    """Row ``j`` (``i`` within its block): pruned by the current mask, then quantized. Returns the
+    compressed row, what is stored of it (codes and keep flags, or the float row), and the new state."""
+    scales, keep = st
+    if cfg.prune == "nm":
+        keep = _nm_update(keep, j, i, view, cfg=cfg, diag_u=diag_u)
+    kept = row if keep is None else jnp.where(keep[i], row, 0.0)
+    if cfg.spec is None:
+        return kept, (kept, keep[i]), (scales, keep)
+    scales, s, z = _row_scale(scales, j, i, view, keep, cfg=cfg, perm=perm)
+    q, code = _quant(kept, s, z, cfg.spec)
+    q = jnp.where(j < cfg.d_in, q, row)
+    store = (code.astype(jnp.int8),) + (() if keep is None else (keep[i],))
+    return q, store, (scales, keep)
 
-    def step(row, j, i, view, st):
-        scales, keep = st
-        if cfg.prune == "nm":
-            i1 = j - i
 
-            def new_nm(keep):
-                slab = view(i, cfg.m)
-                d1 = lax.dynamic_slice(diag_u, (i1 + i,), (cfg.m,))
-                k = _nm_keep(jnp.square(slab) / jnp.square(d1)[:, None], cfg.n)
-                return lax.dynamic_update_slice(keep, k, (i, 0))
+def _store_dtypes(cfg: SolverConfig) -> tuple:
+    if cfg.spec is None:
+        return (jnp.float32, jnp.bool_)
+    return (jnp.int8,) + (() if cfg.prune is None else (jnp.bool_,))
 
-            keep = lax.cond(i % cfg.m == 0, new_nm, lambda k: k, keep)
-        kept = row if keep is None else jnp.where(keep[i], row, 0.0)
-        if spec is None:
-            return kept, (kept, keep[i]), (scales, keep)
-        if lazy:
 
-            def new_group(scales):
-                slab = view(i, g)
-                if keep is not None:
-                    slab = jnp.where(lax.dynamic_slice(keep, (i, 0), (g, d_out)), slab, 0.0)
-                s, z = _solver_scales(slab, spec, (0,))
-                out_s = lax.dynamic_update_slice(scales[0], s, (j // g, 0))
-                out_z = None if z is None else lax.dynamic_update_slice(scales[1], z, (j // g, 0))
-                return out_s, out_z
-
-            scales = lax.cond((j % g == 0) & (j < d_in), new_group, lambda s: s, scales)
-            s = scales[0][j // g]
-            z = None if scales[1] is None else scales[1][j // g]
-        elif g is not None:  # static groups in act order: the group of the original row
-            src = perm[jnp.minimum(j, d_in - 1)] // g
-            s = scales[0][src]
-            z = None if scales[1] is None else scales[1][src]
-        else:
-            s = scales[0][0]
-            z = None if scales[1] is None else scales[1][0]
-        q, code = _quant(kept, s, z, spec)
-        q = jnp.where(j < d_in, q, row)
-        store = (code.astype(jnp.int8),) + (() if keep is None else (keep[i],))
-        return q, store, (scales, keep)
-
-    if spec is None:
-        store_dtype = (jnp.float32, jnp.bool_)
-    else:
-        store_dtype = (jnp.int8,) + (() if cfg.prune is None else (jnp.bool_,))
-    hook = block_hook if cfg.prune else None
-    sizes = tuple(z for z in ((g if lazy else None), (cfg.m if cfg.prune == "nm" else None)) if z)
-    stored, (scales, _) = run_sweep(w, u, step, (scales0, keep0), block, store_dtype, hook, sub=sub_block_size(block, sizes))
-    inv = jnp.argsort(perm)
+def _outputs(stored, scales, perm, e, ok, cfg: SolverConfig) -> dict:
+    """The sweep's results in the original row order and scale (``2**e``)."""
+    d_in, g = cfg.d_in, cfg.group
     out = {"ok": ok}
-    if spec is None:
+    if cfg.spec is None:
         big = float(jnp.finfo(jnp.float32).max)
         out["q"] = jnp.clip(jnp.ldexp(stored[0][:d_in], e), -big, big)
         out["keep"] = stored[1][:d_in]
         return out
+    inv = jnp.argsort(perm)
     out["codes"] = stored[0][:d_in][inv]
     if cfg.prune is not None:
         out["keep"] = stored[1][:d_in][inv]
     s, z = scales
-    if lazy:
+    if cfg.lazy_groups:
         s, z = s[: d_in // g], None if z is None else z[: d_in // g]
     out["scale"] = jnp.ldexp(s, e)
     out["zp"] = z
