@@ -48,19 +48,10 @@ class Codebook:
 
     def __init__(self, indices, centroids, *, bits, shape, dtype=jnp.float32, per_channel=False, zero_reserved=False,
                  path: str = "Codebook"):
-        self.indices = indices
-        self.centroids = centroids
-        self.bits = bits
-        self.shape = shape
-        self.dtype = dtype
-        self.per_channel = per_channel
-        self.zero_reserved = zero_reserved
-        self.validate(path)
-        self.bits = int(bits)
-        self.shape = tuple(int(d) for d in shape)
-        self.dtype = jnp.dtype(dtype)
-        self.per_channel = bool(per_channel)
-        self.zero_reserved = bool(zero_reserved)
+        _check_parts(indices, centroids, bits, shape, dtype, per_channel, zero_reserved, path)
+        self.indices, self.centroids = indices, centroids
+        self.bits, self.shape, self.dtype = int(bits), tuple(int(d) for d in shape), jnp.dtype(dtype)
+        self.per_channel, self.zero_reserved = bool(per_channel), bool(zero_reserved)
 
     @classmethod
     def from_indices(cls, indices, centroids, *, bits, dtype=jnp.float32, per_channel=False, zero_reserved=False,
@@ -80,37 +71,8 @@ class Codebook:
 
     def validate(self, path: str = "Codebook") -> None:
         """Raises ``ValueError`` / ``TypeError`` naming ``path`` if the parts disagree with the metadata."""
-        _check_bits(self.bits, path)
-        try:
-            shape = tuple(int(d) for d in self.shape)
-        except TypeError:
-            raise TypeError(f"leaf {path!r}: Codebook shape must be a tuple of ints, got {self.shape!r}") from None
-        if any(d < 0 for d in shape):
-            raise ValueError(f"leaf {path!r}: Codebook shape {shape} has a negative dimension")
-        try:
-            dtype = jnp.dtype(self.dtype)
-        except TypeError:
-            raise TypeError(f"leaf {path!r}: Codebook dtype {self.dtype!r} is not a dtype") from None
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"leaf {path!r}: Codebook dtype {dtype} is not a floating-point dtype")
-        for name in ("per_channel", "zero_reserved"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"leaf {path!r}: Codebook {name} must be a bool, got {getattr(self, name)!r}")
-        if self.per_channel and not shape:
-            raise ValueError(f"leaf {path!r}: per_channel codebooks need an array with at least one axis")
-        v = self.indices
-        want = (packed_nbytes(math.prod(shape), int(self.bits)),)
-        if not hasattr(v, "shape") or jnp.dtype(v.dtype) != jnp.uint8 or tuple(v.shape) != want:
-            got = (jnp.dtype(v.dtype), tuple(v.shape)) if hasattr(v, "shape") else type(v).__name__
-            raise ValueError(f"leaf {path!r}: a {self.bits}-bit Codebook of shape {shape} needs packed uint8 "
-                             f"indices of shape {want}, got {got}")
-        c = self.centroids
-        k = 1 << int(self.bits)
-        want_c = (shape[-1], k) if self.per_channel else (k,)
-        if not hasattr(c, "shape") or not jnp.issubdtype(c.dtype, jnp.floating) or tuple(c.shape) != want_c:
-            got = (jnp.dtype(c.dtype), tuple(c.shape)) if hasattr(c, "shape") else type(c).__name__
-            raise ValueError(f"leaf {path!r}: a {self.bits}-bit Codebook of shape {shape} needs floating-point "
-                             f"centroids of shape {want_c}, got {got}")
+        _check_parts(self.indices, self.centroids, self.bits, self.shape, self.dtype, self.per_channel,
+                     self.zero_reserved, path)
 
     def _aux(self):
         return (self.bits, self.shape, self.dtype.name, self.per_channel, self.zero_reserved)
@@ -191,6 +153,41 @@ class Codebook:
         kind = f"{self.shape[-1]} per-channel codebooks" if self.per_channel else "one codebook"
         zero = ", zero reserved" if self.zero_reserved else ""
         return f"Codebook(shape={self.shape}, dtype={self.dtype.name}, bits={self.bits}, {kind}{zero})"
+
+
+def _check_parts(indices, centroids, bits, shape, dtype, per_channel, zero_reserved, path: str) -> None:
+    """The checks of :meth:`Codebook.validate` on the parts, before a Codebook holds them."""
+    _check_bits(bits, path)
+    try:
+        shape = tuple(int(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"leaf {path!r}: Codebook shape must be a tuple of ints, got {shape!r}") from None
+    if any(d < 0 for d in shape):
+        raise ValueError(f"leaf {path!r}: Codebook shape {shape} has a negative dimension")
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"leaf {path!r}: Codebook dtype {dtype!r} is not a dtype") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"leaf {path!r}: Codebook dtype {dtype} is not a floating-point dtype")
+    for name, flag in (("per_channel", per_channel), ("zero_reserved", zero_reserved)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"leaf {path!r}: Codebook {name} must be a bool, got {flag!r}")
+    if per_channel and not shape:
+        raise ValueError(f"leaf {path!r}: per_channel codebooks need an array with at least one axis")
+    v = indices
+    want = (packed_nbytes(math.prod(shape), int(bits)),)
+    if not hasattr(v, "shape") or jnp.dtype(v.dtype) != jnp.uint8 or tuple(v.shape) != want:
+        got = (jnp.dtype(v.dtype), tuple(v.shape)) if hasattr(v, "shape") else type(v).__name__
+        raise ValueError(f"leaf {path!r}: a {bits}-bit Codebook of shape {shape} needs packed uint8 "
+                         f"indices of shape {want}, got {got}")
+    c = centroids
+    k = 1 << int(bits)
+    want_c = (shape[-1], k) if per_channel else (k,)
+    if not hasattr(c, "shape") or not jnp.issubdtype(c.dtype, jnp.floating) or tuple(c.shape) != want_c:
+        got = (jnp.dtype(c.dtype), tuple(c.shape)) if hasattr(c, "shape") else type(c).__name__
+        raise ValueError(f"leaf {path!r}: a {bits}-bit Codebook of shape {shape} needs floating-point "
+                         f"centroids of shape {want_c}, got {got}")
 
 
 def _check_bits(bits: Any, path: str) -> None:

@@ -60,10 +60,7 @@ def merge_centroids(trainable: Any, frozen: Any) -> Any:
         if isinstance(f, Codebook):
             if t is None:
                 raise ValueError(f"leaf {tree.path_to_str(kp)!r}: trainable tree holds no centroids for this Codebook")
-            out = object.__new__(Codebook)
-            out.__dict__.update(f.__dict__)
-            out.centroids = t
-            return out
+            return f.with_centroids(t)
         return f if t is None else t
 
     try:
