@@ -280,7 +280,7 @@ def test_gptq_passes_other_leaves_and_layouts_roundtrip_through_save(tmp_path):
 
 def test_gptq_compiles_once_per_shape_and_config(wide):
     _, H, W = wide
-    from compressjax.oneshot._core import solve
+    from compressjax.oneshot._solver import solve
 
     params = {"a": jnp.asarray(W), "b": jnp.asarray(W) * 2}
     hs = {"a": jnp.asarray(H), "b": jnp.asarray(H)}

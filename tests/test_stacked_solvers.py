@@ -212,16 +212,16 @@ def test_stacked_qarray_runs_through_the_scanned_model_and_the_file_format(tmp_p
 
 @SLOW
 def test_stacked_gptq_compiles_once_per_slice_shape_not_per_layer():
-    from compressjax.oneshot import _core
+    from compressjax.oneshot import _solver
 
     case = Case(shape=(5, 16, 8), layer_axes=(0,), in_axes=(1,), seed=4)
     spec = QuantSpec(bits=4, group_size=8)
-    stacked0, single0 = _core.solve_stacked._cache_size(), _core.solve._cache_size()
+    stacked0, single0 = _solver.solve_stacked._cache_size(), _solver.solve._cache_size()
     gptq({"a": jnp.asarray(case.w)}, {"a": case.hess}, spec)
     gptq({"a": jnp.asarray(case.w) * 2.0}, {"a": case.hess}, spec)  # same shapes: no new compilation
     # one compiled lax.map over the 5 layers, no per-layer 2-D compilation
-    assert _core.solve_stacked._cache_size() - stacked0 == 1
-    assert _core.solve._cache_size() == single0
+    assert _solver.solve_stacked._cache_size() - stacked0 == 1
+    assert _solver.solve._cache_size() == single0
 
 
 def test_zero_count_slice_and_shape_errors_name_the_leaf():

@@ -28,7 +28,7 @@ References:
 """
 
 
-from compressjax.codebook._core import (
+from compressjax.codebook._codebook import (
     DEFAULT_ITERATIONS,
     INITS,
     Codebook,

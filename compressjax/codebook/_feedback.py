@@ -12,7 +12,7 @@ import numpy as np
 
 from compressjax import tree
 from compressjax.checks import check_positive_int
-from compressjax.codebook._core import Codebook, _pack_jit
+from compressjax.codebook._codebook import Codebook, _pack_jit
 from compressjax.codebook._train import _nearest
 from compressjax.oneshot._sweep import (
     check_damp,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import tree
-from compressjax.codebook._core import DEFAULT_ITERATIONS, INITS, Codebook, _check_bits, _pack_jit
+from compressjax.codebook._codebook import DEFAULT_ITERATIONS, INITS, Codebook, _check_bits, _pack_jit
 
 # ------------------------------------------------------------------------------------------------ k-means
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from compressjax import tree
-from compressjax.codebook._core import Codebook, _pack_jit
+from compressjax.codebook._codebook import Codebook, _pack_jit
 from compressjax.codebook._kmeans import _rows, _unrows
 from compressjax.quantization import dequantize_params
 

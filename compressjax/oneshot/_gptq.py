@@ -13,7 +13,7 @@ from compressjax.oneshot._common import (
     spec_plan,
     zero_size_result,
 )
-from compressjax.oneshot._core import SolverConfig, solve_kernel
+from compressjax.oneshot._solver import SolverConfig, solve_kernel
 from compressjax.oneshot._sweep import check_damp, padded_block
 
 __all__ = ["gptq"]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from compressjax.oneshot._common import hessian_items, map_hessian_leaves
-from compressjax.oneshot._core import _nm_keep
+from compressjax.oneshot._solver import _nm_keep
 from compressjax.oneshot._sparsegpt import check_nm
 
 __all__ = ["wanda_masks"]
