@@ -31,7 +31,7 @@ from compressjax.quantization import LayerAxesWarning
 
 
 def stacked_hessian(h, count, in_axes, layer_axes=(), groups=1):
-    """A Hessian with the contract's ``layer_axes``/``groups`` fields, before or after they exist in hessians.py."""
+    """A Hessian with the contract's ``layer_axes``/``groups`` fields, before or after they exist in compressjax.hessians."""
     try:
         return Hessian(h, count, in_axes, layer_axes=tuple(layer_axes), groups=groups)
     except TypeError:

@@ -21,9 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from compressjax import hessians as _hs
 from compressjax import tree
 from compressjax.hessians import Hessian
+from compressjax.hessians._analysis import _sub_jaxpr
+from compressjax.hessians._api import _analyse, _batch_signature, _select
+from compressjax.hessians._evaluate import _bind, _site_rows
 from compressjax.oneshot._layerwise import split_result
 from compressjax.oneshot._sparsegpt import Pruned
 from compressjax.qarray import QArray, codes_to_storage
@@ -95,17 +97,17 @@ def sequential(
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty: sequential needs at least one calibration batch")
-    sigs = [_hs._batch_signature(b) for b in batches]
+    sigs = [_batch_signature(b) for b in batches]
     for k, s in enumerate(sigs):
         if s != sigs[0]:
             raise ValueError(f"calibration batch {k} has shapes {s[1]}, batch 0 has {sigs[0][1]}: sequential stacks the batches, so they must share one shape")
-    treedef, paths, leaves, selected = _hs._select(params, where)
+    treedef, paths, leaves, selected = _select(params, where)
     float_leaves = [dequantize(x) if isinstance(x, QArray) else x for x in leaves]
 
     def fn(leaf_list, batch):
         return apply_fn(jax.tree_util.tree_unflatten(treedef, leaf_list), batch)
 
-    closed, an, found = _hs._analyse(fn, float_leaves, batches[0], selected, paths, where)
+    closed, an, found = _analyse(fn, float_leaves, batches[0], selected, paths, where)
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *batches)
     masks = None
     if row_mask is not None:
@@ -206,7 +208,7 @@ class _Pass:
             def fn(*xs):
                 env = dict(zip(ins, xs, strict=True))
                 for eqn in eqns:
-                    res = _hs._bind(eqn, [v.val if isinstance(v, jcore.Literal) else env[v] for v in eqn.invars])
+                    res = _bind(eqn, [v.val if isinstance(v, jcore.Literal) else env[v] for v in eqn.invars])
                     env.update(zip(eqn.outvars, res, strict=True))
                 return [env[v] for v in outs]
 
@@ -258,8 +260,8 @@ class _Pass:
                 b = int(np.clip(self._concrete(ins[0], "the branch index of a cond"), 0, len(eqn.params["branches"]) - 1))
                 br = eqn.params["branches"][b]
                 outs = self.run(br.jaxpr, br.consts, ins[1:], key + (b,))
-            elif inside and _hs._sub_jaxpr(eqn) is not None:
-                sub, sub_consts = _hs._sub_jaxpr(eqn)
+            elif inside and _sub_jaxpr(eqn) is not None:
+                sub, sub_consts = _sub_jaxpr(eqn)
                 outs = self.run(sub, sub_consts, ins, key)
             else:
                 outs = self._apply(eqn, ins)
@@ -276,11 +278,11 @@ class _Pass:
 
     def _apply(self, eqn, ins) -> list:
         if not any(b for _, b in ins):
-            return [(o, False) for o in _hs._bind(eqn, [x for x, _ in ins])]
+            return [(o, False) for o in _bind(eqn, [x for x, _ in ins])]
         axes = tuple(0 if b else None for _, b in ins)
         f = self.fns.get((id(eqn), axes))
         if f is None:
-            f = jax.jit(jax.vmap(lambda *a: _hs._bind(eqn, list(a)), in_axes=axes))
+            f = jax.jit(jax.vmap(lambda *a: _bind(eqn, list(a)), in_axes=axes))
             self.fns[(id(eqn), axes)] = f
         return [(o, True) for o in f(*[x for x, _ in ins])]
 
@@ -354,7 +356,7 @@ class _Pass:
             def one(xv, m):
                 invals = [None, None]
                 invals[site.x_pos] = xv
-                rows, cnt = _hs._site_rows(site, eqn, invals, m, path)
+                rows, cnt = _site_rows(site, eqn, invals, m, path)
                 g = jnp.einsum("bnd,bne->bde", rows, rows, precision=jax.lax.Precision.HIGHEST)
                 if not site.full:  # input rows in the matmul's order -> the kernel's input positions
                     ix = jnp.asarray(site.idx)
