@@ -4,7 +4,7 @@ Runs, one after the other (they time things, so they must not share the device),
 ``python -m benchmarks.<name> --json OUT/<device>-<name>.json``:
 
 1. ``pruning``: 50.8M weights, ``magnitude_masks(global)`` in the automatic layout and in every layout of
-   ``compressjax.selection`` side by side with concatenate + sort (the vectorised layouts also with 1 and 8
+   ``compressjax.radix_select`` side by side with concatenate + sort (the vectorised layouts also with 1 and 8
    histogram copies instead of 32), with the fraction of the memory-bandwidth limit when the device's peak
    is known (``--peak-gbps``, or the table ``PEAK_GBPS`` by device kind);
 2. ``quantization``: ``quantize`` / ``fake_quant`` throughput against ``x * 2.0``, QAT overhead, errors, and

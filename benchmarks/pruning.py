@@ -3,7 +3,7 @@
 Builds a pytree of about 50 million float32 weights in several leaves and measures, in one process,
 (a) ``magnitude_masks(params, s, scope="global")`` jitted and compiled before timing (the layout that
 ``strategy="auto"`` picks for this backend), (b) the same selection in each layout of
-``compressjax.selection`` (``chunked``, ``whole``, ``fused``; interleaved with (a)), and (c) the
+``compressjax.radix_select`` (``chunked``, ``whole``, ``fused``; interleaved with (a)), and (c) the
 straightforward method: concatenate all magnitudes, ``jnp.sort``, take the k-th value as the threshold.
 Checks that every layout gives the same masks as (a), that the count is exact, and that the masks agree
 with (c) everywhere except among weights tied at the threshold (the exact method splits ties to hit the
@@ -20,6 +20,7 @@ times (two counting passes and the mask pass), so ``3 * param bytes / time / pea
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -31,8 +32,11 @@ from fractions import Fraction
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+import compressjax as cj
 from benchmarks._common import finish, interleaved, parser
+from compressjax import radix_select
 
 FULL_SHAPES = [(4096, 4096), (4096, 4096), (2048, 4096), (4096, 1024), (1024, 4096), (512, 1000), (1000,)]
 QUICK_SHAPES = [(512, 512), (512, 512), (256, 1024), (1024, 128), (100, 10)]
@@ -50,22 +54,19 @@ def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> dict[str, jax.A
 
 
 def ours(params, sparsity):
-    from compressjax import magnitude_masks
-
-    return magnitude_masks(params, sparsity, scope="global")
+    return cj.magnitude_masks(params, sparsity, scope="global")
 
 
-def by_strategy(strategy: str):
-    """``magnitude_masks(params, s, scope="global")`` with the selection's layout fixed to ``strategy``:
-    the same steps (the selected leaves, the exact count in-graph, ``exact_keep_masks``) without the checks."""
-    from compressjax.selection import exact_keep_masks, round_half_even_count
-
+def by_strategy(strategy: str, banks: int = radix_select.BANKS):
+    """``magnitude_masks(params, s, scope="global")`` with the selection's layout fixed to ``strategy`` (and
+    at most ``banks`` histogram copies): the same steps (the selected leaves, the exact count in-graph,
+    ``exact_keep_masks``) without the checks."""
     def masks(params, sparsity):
         sel = [p for p, w in params.items() if w.ndim >= 2]
         leaves = [params[p] for p in sel]
-        k = round_half_even_count(sparsity, sum(int(w.size) for w in leaves))
+        k = radix_select.round_half_even_count(sparsity, sum(int(w.size) for w in leaves))
         out = dict.fromkeys(params)
-        out.update(zip(sel, exact_keep_masks(leaves, k, strategy=strategy), strict=True))
+        out.update(zip(sel, radix_select.exact_keep_masks(leaves, k, strategy=strategy, banks=banks), strict=True))
         return out
 
     return masks
@@ -130,8 +131,6 @@ def rss_child(method: str, quick: bool) -> dict:
         for i, sh in enumerate(shapes)
     }
     compiled = fn.lower(specs, s).compile()
-    import gc
-
     gc.collect()
     base = current_rss()
     params = make_params(shapes)
@@ -156,20 +155,16 @@ def rss_child(method: str, quick: bool) -> dict:
 
 
 def alternatives(quick: bool, repeats: int = 5) -> dict:
-    """Times one counting pass of each candidate scheme on one leaf (what selection.py chose between)."""
-    from jax import lax
-
-    from compressjax import selection
-
+    """Times one counting pass of each candidate scheme on one leaf (what compressjax.radix_select chose between)."""
     n = (1 << 20) if quick else 10 * (1 << 20)
     x = jax.random.normal(jax.random.key(1), (n,), jnp.float32)
     b = lax.bitcast_convert_type(jnp.abs(x), jnp.uint32)
     t = jnp.uint32(0x3F000000)
     ts7 = jnp.arange(1, 8, dtype=jnp.uint32) * jnp.uint32(0x3F800000 // 8)
     chunked = jax.jit(
-        lambda x: selection._fold_chunks(
+        lambda x: radix_select._fold_chunks(
             x,
-            lambda acc, bb, v, i: selection._histogram(
+            lambda acc, bb, v, i: radix_select._histogram(
                 jnp.where(v, (bb >> 15).astype(jnp.int32), 65536) if v is not None else (bb >> 15).astype(jnp.int32),
                 65536,
                 acc,
@@ -202,81 +197,89 @@ def alternatives(quick: bool, repeats: int = 5) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
-    from compressjax import selection
-
+def build_parser() -> argparse.ArgumentParser:
     ap = parser(__doc__)  # --quick: ~1M weights, seconds
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per method (median reported)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--alternatives", action="store_true", help="only time one pass of each candidate scheme")
-    ap.add_argument(
-        "--strategies",
-        default=",".join(selection.STRATEGIES),
-        help="comma-separated layouts of the selection to time next to the automatic one (default: all)",
-    )
-    ap.add_argument(
-        "--banks",
-        default="",
-        help="also time the whole and fused layouts with these numbers of histogram copies, e.g. 1,8 "
-        f"(selection.BANKS, default {selection.BANKS}); entries named like 'whole/banks=1'",
-    )
-    ap.add_argument(
-        "--peak-gbps", type=float, default=None, help="the device's peak memory bandwidth in GB/s (for bandwidth_fraction)"
-    )
+    ap.add_argument("--strategies", default=",".join(radix_select.STRATEGIES),
+                    help="comma-separated layouts of the selection to time next to the automatic one (default: all)")
+    ap.add_argument("--banks", default="", help="also time the whole and fused layouts with at most these numbers of "
+                    f"histogram copies, e.g. 1,8 (default {radix_select.BANKS}); entries named like 'whole/banks=1'")
+    ap.add_argument("--peak-gbps", type=float, default=None,
+                    help="the device's peak memory bandwidth in GB/s (for bandwidth_fraction)")
     ap.add_argument("--rss", choices=["ours", "sort"], default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.rss:
-        print(json.dumps(rss_child(args.rss, args.quick)))
-        return {}
+    return ap
 
-    if args.alternatives:
-        res = {"benchmark": "pruning_alternatives", "quick": args.quick, "pass_ms": alternatives(args.quick)}
-        return finish(res, args.json)
+
+def parse_layouts(ap: argparse.ArgumentParser, args) -> tuple[list[str], list[int]]:
+    """``(strategies, banks)`` from the flags; a bad value is a usage error."""
     strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
     for name in strategies:
-        if name not in selection.STRATEGIES:
-            ap.error(f"--strategies: {name!r} is not one of {selection.STRATEGIES}")
+        if name not in radix_select.STRATEGIES:
+            ap.error(f"--strategies: {name!r} is not one of {radix_select.STRATEGIES}")
     try:
         banks = [int(b) for b in args.banks.split(",") if b.strip()]
     except ValueError:
         ap.error(f"--banks must be comma-separated integers, got {args.banks!r}")
     if any(b < 1 for b in banks):
         ap.error(f"--banks must be positive, got {args.banks!r}")
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    params = make_params(shapes)
-    n_sel = sum(int(w.size) for w in params.values() if w.ndim >= 2)
-    sel_bytes = sum(int(w.nbytes) for w in params.values() if w.ndim >= 2)
-    auto = selection.resolve_strategy("auto", list(params.values()))
+    return strategies, banks
+
+
+def main(argv=None) -> dict:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.rss:
+        print(json.dumps(rss_child(args.rss, args.quick)))
+        return {}
+    if args.alternatives:
+        res = {"benchmark": "pruning_alternatives", "quick": args.quick, "pass_ms": alternatives(args.quick)}
+        return finish(res, args.json)
+    strategies, banks = parse_layouts(ap, args)
+    params = make_params(QUICK_SHAPES if args.quick else FULL_SHAPES)
     s = jnp.float32(SPARSITY)
+    layouts = compiled_layouts(params, s, strategies, banks)
+    times = time_methods(params, s, layouts, args.repeats, args.quick)
+    checks = check_masks(params, s, layouts)
+    result = report(params, times, checks, args.peak_gbps, args.quick)
+    if not args.no_rss:
+        del params
+        result.update(rss_runs(args.quick))
+    result = finish(result, args.json)
+    if not checks["ok"]:
+        raise SystemExit("mask check failed")
+    return result
+
+
+def compiled_layouts(params, s, strategies: list[str], banks: list[int]) -> dict:
+    """The selection in each requested layout, jitted; with ``banks``, the vectorised layouts compiled again
+    with at most that many histogram copies (named like ``whole/banks=1``)."""
+    layouts = {name: jax.jit(by_strategy(name)) for name in strategies}
+    for nb in banks:
+        for name in (n for n in strategies if n != "chunked"):
+            layouts[f"{name}/banks={nb}"] = jax.jit(by_strategy(name, banks=nb)).lower(params, s).compile()
+    return layouts
+
+
+def time_methods(params, s, layouts: dict, repeats: int | None, quick: bool) -> dict:
+    """Wall times: ``magnitude_masks`` and the layouts in turn (machine load hits them alike), then the slow
+    sort alone."""
+    f_ours, f_sort = jax.jit(ours), jax.jit(sort_baseline)
+    fns = [lambda: f_ours(params, s)] + [lambda f=f: f(params, s) for f in layouts.values()]
+    t_all = interleaved(fns, repeats or 5)
+    return {"ours": t_all[0], "layouts": dict(zip(layouts, t_all[1:], strict=True)),
+            "sort": time_fn(f_sort, params, s, repeats=repeats or (3 if quick else 2))}
+
+
+def check_masks(params, s, layouts: dict) -> dict:
+    """Exact count, agreement with the sort threshold off ties, and the same masks from every layout."""
+    n_sel = sum(int(w.size) for w in params.values() if w.ndim >= 2)
     # The sparsity is passed as a float32 array (traced under jit): k is its exact product with n, rounded
     # half to even (float32(0.7) = 0.69999999, so this can differ from round(0.7 * n) by one).
     k = round(Fraction(float(np.float32(SPARSITY))) * n_sel)
-    print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs; "
-        f"{n_sel:,} selected float32 weights in {sum(w.ndim >= 2 for w in params.values())} leaves; "
-        f"sparsity {SPARSITY} -> k = {k:,}; strategy auto = {auto}"
-    )
-
-    f_ours, f_sort = jax.jit(ours), jax.jit(sort_baseline)
-    f_strat = {name: jax.jit(by_strategy(name)) for name in strategies}
-    default_banks = selection.BANKS
-    for nb in banks:  # selection.BANKS is read when tracing: compile each variant while it is set
-        selection.BANKS = nb
-        try:
-            for name in (n for n in strategies if n != "chunked"):
-                f_strat[f"{name}/banks={nb}"] = jax.jit(by_strategy(name)).lower(params, s).compile()
-        finally:
-            selection.BANKS = default_banks
-    reps_ours = args.repeats or (5 if args.quick else 5)
-    reps_sort = args.repeats or (3 if args.quick else 2)
-    # magnitude_masks and the layouts in turn (machine load hits them alike), then the slow sort alone.
-    fns = [lambda: f_ours(params, s)] + [lambda f=f: f(params, s) for f in f_strat.values()]
-    t_all = interleaved(fns, reps_ours)
-    t_ours, t_strat = t_all[0], dict(zip(f_strat, t_all[1:], strict=True))
-    t_sort = time_fn(f_sort, params, s, repeats=reps_sort)
-
-    m_ours = f_ours(params, s)
-    m_sort, thr = f_sort(params, s)
+    m_ours = jax.jit(ours)(params, s)
+    m_sort, thr = jax.jit(sort_baseline)(params, s)
     pruned = sum(int(np.sum(~np.asarray(m))) for m in jax.tree.leaves(m_ours))
     disagree = ties = disagree_off_tie = 0
     for p, w in params.items():
@@ -288,89 +291,85 @@ def main(argv=None) -> dict:
         ties += int(np.sum(tie))
         disagree_off_tie += int(np.sum((a != b) & ~tie))
     same = {}
-    for name, f in f_strat.items():
+    for name, f in layouts.items():
         m = f(params, s)
         same[name] = all(m[p] is None if m_ours[p] is None else bool(np.array_equal(m[p], m_ours[p])) for p in params)
-        del m
-    ok = pruned == k and disagree_off_tie == 0 and all(same.values())
-    med_o, med_s = statistics.median(t_ours), statistics.median(t_sort)
+    print(f"pruned exactly {pruned:,} (k = {k:,}): {pruned == k}; masks differ at {disagree} positions, "
+          f"all among the {ties} weights tied at the threshold: {disagree_off_tie == 0}")
+    return {"k": k, "exact": pruned == k, "agree_off_ties": disagree_off_tie == 0, "same": same,
+            "ok": pruned == k and disagree_off_tie == 0 and all(same.values())}
+
+
+def report(params, times: dict, checks: dict, peak_gbps: float | None, quick: bool) -> dict:
+    """Prints the timings and returns the result dict (ratios to the sort, bandwidth)."""
+    n_sel = sum(int(w.size) for w in params.values() if w.ndim >= 2)
+    sel_bytes = sum(int(w.nbytes) for w in params.values() if w.ndim >= 2)
+    auto = radix_select.resolve_strategy("auto", list(params.values()))
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs; "
+          f"{n_sel:,} selected float32 weights in {sum(w.ndim >= 2 for w in params.values())} leaves; "
+          f"sparsity {SPARSITY} -> k = {checks['k']:,}; strategy auto = {auto}")
+    med_o, med_s = statistics.median(times["ours"]), statistics.median(times["sort"])
 
     def bandwidth(seconds: float) -> dict:
         gbps = 3 * sel_bytes / seconds / 1e9
-        out = {"gbps_three_passes": gbps}
-        if args.peak_gbps:
-            out["bandwidth_fraction"] = gbps / args.peak_gbps
-        return out
+        return {"gbps_three_passes": gbps} | ({"bandwidth_fraction": gbps / peak_gbps} if peak_gbps else {})
 
     def runs(ts: list[float]) -> str:
         return ", ".join(f"{t * 1e3:.3g}" for t in ts)
 
-    print(f"magnitude_masks(global) [{auto}]: median {med_o * 1e3:9.3f} ms  (runs: {runs(t_ours)})")
+    print(f"magnitude_masks(global) [{auto}]: median {med_o * 1e3:9.3f} ms  (runs: {runs(times['ours'])})")
     strat_res = {}
-    for name, ts in t_strat.items():
+    for name, ts in times["layouts"].items():
         med = statistics.median(ts)
-        strat_res[name] = {"ms": med * 1e3, "speedup": med_s / med, "same_masks": same[name], **bandwidth(med)}
-        print(
-            f"  strategy {name:15s} : median {med * 1e3:9.3f} ms  speed-up {med_s / med:7.2f}x  "
-            f"{strat_res[name]['gbps_three_passes']:8.1f} GB/s (3 passes)  same masks: {same[name]}  (runs: {runs(ts)})"
-        )
-    print(f"concat + jnp.sort              : median {med_s * 1e3:9.3f} ms  (runs: {runs(t_sort)})")
+        same = checks["same"][name]
+        strat_res[name] = {"ms": med * 1e3, "speedup": med_s / med, "same_masks": same, **bandwidth(med)}
+        print(f"  strategy {name:15s} : median {med * 1e3:9.3f} ms  speed-up {med_s / med:7.2f}x  "
+              f"{strat_res[name]['gbps_three_passes']:8.1f} GB/s (3 passes)  same masks: {same}  (runs: {runs(ts)})")
+    print(f"concat + jnp.sort              : median {med_s * 1e3:9.3f} ms  (runs: {runs(times['sort'])})")
     bw = bandwidth(med_o)
-    print(
-        f"speed-up: {med_s / med_o:.2f}x (target >= 50x on CPU, >= 5x on GPU); "
-        f"{bw['gbps_three_passes']:.1f} GB/s over three passes"
-        + (f" = {bw['bandwidth_fraction']:.1%} of {args.peak_gbps:g} GB/s (target >= 25%)" if args.peak_gbps else "")
-    )
-    print(
-        f"pruned exactly {pruned:,} (k = {k:,}): {pruned == k}; masks differ at {disagree} positions, "
-        f"all among the {ties} weights tied at the threshold: {disagree_off_tie == 0}"
-    )
-
-    result = {
+    print(f"speed-up: {med_s / med_o:.2f}x (target >= 50x on CPU, >= 5x on GPU); "
+          f"{bw['gbps_three_passes']:.1f} GB/s over three passes"
+          + (f" = {bw['bandwidth_fraction']:.1%} of {peak_gbps:g} GB/s (target >= 25%)" if peak_gbps else ""))
+    return {
         "benchmark": "pruning",
         "n_weights": n_sel,
-        "quick": args.quick,
+        "quick": quick,
         "ours_ms": med_o * 1e3,
         "sort_ms": med_s * 1e3,
         "speedup": med_s / med_o,
-        "exact_count": pruned == k,
-        "agree_except_ties": disagree_off_tie == 0,
+        "exact_count": checks["exact"],
+        "agree_except_ties": checks["agree_off_ties"],
         "strategy_auto": auto,
         "params_bytes": sel_bytes,
         **bw,
-        "peak_gbps": args.peak_gbps,
+        "peak_gbps": peak_gbps,
         "strategies": strat_res,
-        "same_masks_every_strategy": all(same.values()),
+        "same_masks_every_strategy": all(checks["same"].values()),
         # what benchmarks/run.py shows
         "ratios": {"speedup_vs_sort": med_s / med_o} | {f"speedup_{n}": r["speedup"] for n, r in strat_res.items()},
     }
-    if not args.no_rss:
-        del params, m_ours, m_sort
-        for method in ("ours", "sort"):
-            cmd = [sys.executable, "-m", "benchmarks.pruning", "--rss", method] + (["--quick"] if args.quick else [])
-            out = subprocess.run(
-                cmd,
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                # On a GPU this process keeps its preallocated device memory: the child must not ask for
-                # the same share again (it measures host RSS either way).
-                env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
-            )
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            result[f"{method}_rss"] = r
-            mib = 1 / 2**20
-            print(
-                f"peak RSS {method:>4}: {r['peak_rss'] * mib:8.0f} MiB = resident with params "
-                f"{r['rss_after_params'] * mib:.0f} MiB (params {r['params_bytes'] * mib:.0f} MiB) "
-                f"+ masks {r['masks_bytes'] * mib:.0f} MiB + extra {r['extra_bytes'] * mib:.0f} MiB"
-                f"{'' if r['peak_reset'] else ' (peak counter not resettable: includes start-up)'}"
-            )
-    result = finish(result, args.json)
-    if not ok:
-        raise SystemExit("mask check failed")
-    return result
+
+
+def rss_runs(quick: bool) -> dict:
+    """Peak RSS of ``magnitude_masks`` and of the sort, each in its own subprocess."""
+    out = {}
+    for method in ("ours", "sort"):
+        cmd = [sys.executable, "-m", "benchmarks.pruning", "--rss", method] + (["--quick"] if quick else [])
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            # On a GPU this process keeps its preallocated device memory: the child must not ask for
+            # the same share again (it measures host RSS either way).
+            env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+        )
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[f"{method}_rss"] = r
+        mib = 1 / 2**20
+        print(f"peak RSS {method:>4}: {r['peak_rss'] * mib:8.0f} MiB = resident with params "
+              f"{r['rss_after_params'] * mib:.0f} MiB (params {r['params_bytes'] * mib:.0f} MiB) "
+              f"+ masks {r['masks_bytes'] * mib:.0f} MiB + extra {r['extra_bytes'] * mib:.0f} MiB"
+              f"{'' if r['peak_reset'] else ' (peak counter not resettable: includes start-up)'}")
+    return out
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ The table shows each script's ``"ratios"`` (or, where a script has none, its ``"
 number whose key names a ratio). A script that fails is reported with its exit status and the tail of its
 output, and the runner exits with status 1.
 
-Usage: ``python -m benchmarks [--quick] [--only pruning,export] [--out benchmarks/results.json]``.
+Usage: ``python -m benchmarks [--quick] [--only pruning,export] [--out benchmarks/results/results.json]``.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Runs every benchmarks/*.py script and prints one table of ratios.")
     ap.add_argument("--quick", action="store_true", help="pass --quick to every script (a smoke run)")
     ap.add_argument("--only", default=None, help="comma-separated script names (default: all)")
-    ap.add_argument("--out", default=str(HERE / "results.json"), help="results file (default benchmarks/results.json)")
+    ap.add_argument("--out", default=str(HERE / "results" / "results.json"), help="results file (default benchmarks/results/results.json)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per script")
     args = ap.parse_args(argv)
     names = discover()

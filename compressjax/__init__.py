@@ -6,13 +6,10 @@ modules, plain dicts) and runs under ``jax.jit``. See README.md for a tour.
 The layout below is the architecture: each ``# --- group`` is one layer of the library (the API reference
 is generated from these groups). Helpers live in the submodules: :mod:`compressjax.tree` (leaf paths and
 the ``where`` selector), :mod:`compressjax.quantization` (``compute_scale``, ``resolve_rules``),
-:mod:`compressjax.losses`, :mod:`compressjax.selection`.
+:mod:`compressjax.losses`, :mod:`compressjax.radix_select` (the exact k-th value behind magnitude pruning).
 """
 
 # ruff: noqa: I001  (imports are grouped by architecture layer, not alphabetically)
-import importlib as _importlib
-import warnings as _warnings
-
 # --- tree selection
 from compressjax.tree import Where
 
@@ -27,7 +24,7 @@ from compressjax.pruning import (
     score_masks,
     sparsity_summary,
 )
-from compressjax.schedules import (
+from compressjax.pruning_transforms import (
     GradualPruningState,
     gradual_pruning,
     keep_masked,
@@ -149,34 +146,3 @@ __all__ = [
     "codebook_error_feedback",
     "refit_centroids",
 ]
-
-# Names that left the top level in 0.2; they still resolve for one release, with a DeprecationWarning
-# that names the new location. Values: (module, attribute).
-_MOVED = {
-    "leaves_with_paths": ("compressjax.tree", "leaves_with_paths"),
-    "path_to_str": ("compressjax.tree", "path_to_str"),
-    "selector": ("compressjax.tree", "selector"),
-    "compute_scale": ("compressjax.quantization", "compute_scale"),
-    "resolve_rules": ("compressjax.quantization", "resolve_rules"),
-    "ste_surrogate": ("compressjax.quantization", "ste_surrogate"),
-    "softmax_cross_entropy": ("compressjax.losses", "softmax_cross_entropy_with_integer_labels"),
-    "qarray_to_parts": ("compressjax.qarray", "QArray.to_parts"),
-    "qarray_from_parts": ("compressjax.qarray", "QArray.from_parts"),
-    "quantized_ints": ("compressjax.qarray", "QArray.ints"),
-    "qarray_from_ints": ("compressjax.qarray", "QArray.from_ints"),
-}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        module, attr = _MOVED[name]
-        _warnings.warn(
-            f"compressjax.{name} is deprecated and will be removed in the next release; use {module}.{attr}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        obj = _importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        return obj
-    raise AttributeError(f"module 'compressjax' has no attribute {name!r}")

@@ -2,9 +2,11 @@
 
 ``compressjax demo`` trains a CNN teacher, a 15x smaller student on labels (the baseline), the same
 student distilled from the teacher, then prunes it gradually and trains it through 4-bit fake
-quantization while distilling, saves it with :func:`compressjax.save`, loads it back and evaluates it. It
-prints a table (accuracy, parameters, non-zeros, bits per weight, bytes on disk, ratio against the
-teacher's float32 bytes) and writes ``compressjax-demo.json`` and ``compressjax-demo.png`` into ``--out``.
+quantization while distilling, saves it with :func:`compressjax.save`, loads it back and evaluates it;
+as the alternative without training, it also compresses the distilled student one-shot with GPTQ from
+512 calibration inputs. It prints a table (one row per stage: teacher, student, distilled, compressed,
+one-shot; accuracy, parameters, non-zeros, bits per weight, bytes on disk, ratio against the teacher's
+float32 bytes) and writes ``compressjax-demo.json`` and ``compressjax-demo.png`` into ``--out``.
 Needs the ``demo`` extra: ``pip install "compressjax[demo]"``.
 
 ``compressjax inspect FILE`` shows what a saved model file holds, without writing code: a table of each

@@ -14,14 +14,12 @@ an optax optimizer and returns one compiled ``step(state, teacher_params, batch)
   partitioner inserts the gradient all-reduce. This is JAX's own distributed runtime, nothing home-made,
   and the same code runs on many GPUs or a TPU pod.
 
-The losses live in :mod:`compressjax.losses` (importing them from here still works for one release, with a
-``DeprecationWarning``).
+The losses live in :mod:`compressjax.losses`.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,20 +34,6 @@ from compressjax.losses import softmax_cross_entropy_with_integer_labels
 from compressjax.tree import PyTree, leaves_with_paths
 
 __all__ = ["DistillState", "make_distill_step"]
-
-_MOVED_LOSSES = ("kd_loss", "distillation_loss", "mse_loss", "hint_loss", "cosine_loss", "softmax_cross_entropy")
-
-
-def __getattr__(name: str) -> Any:
-    """The losses moved to :mod:`compressjax.losses`; the old import path warns for one release."""
-    if name in _MOVED_LOSSES:
-        warnings.warn(
-            f"compressjax.distillation.{name} is deprecated; import it from compressjax.losses (or compressjax)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(losses, name)
-    raise AttributeError(f"module 'compressjax.distillation' has no attribute {name!r}")
 
 ApplyFn = Callable[[PyTree, Any], Any]
 LossFn = Callable[[Any, Any, Any], "jax.Array | tuple[jax.Array, Mapping[str, Any]]"]

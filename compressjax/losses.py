@@ -12,7 +12,6 @@ numbers (closed over, or static) to keep their checks.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -237,8 +236,7 @@ def softmax_cross_entropy_with_integer_labels(
 ) -> jax.Array:
     """Cross-entropy of ``logits`` against integer ``labels``, one value per example.
 
-    Named as in optax (``optax.losses.softmax_cross_entropy_with_integer_labels``); the former name
-    ``softmax_cross_entropy`` (which in optax takes probabilities) is a deprecated alias for one release.
+    Named as in optax (``optax.losses.softmax_cross_entropy_with_integer_labels``).
 
     Args:
         logits: shape ``(..., num_classes)``.
@@ -436,15 +434,3 @@ def cosine_loss(
 # How compressjax.make_distill_step reports the soft and hard terms separately for this loss (and for
 # keyword partials of it): a protocol attribute, not an identity test.
 distillation_loss._cj_with_terms = _distillation_with_terms
-
-
-def __getattr__(name: str) -> Any:
-    if name == "softmax_cross_entropy":
-        warnings.warn(
-            "compressjax.losses.softmax_cross_entropy is deprecated (in optax that name takes probabilities); "
-            "use softmax_cross_entropy_with_integer_labels",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return softmax_cross_entropy_with_integer_labels
-    raise AttributeError(f"module 'compressjax.losses' has no attribute {name!r}")

@@ -7,20 +7,20 @@ function is a pure function that runs eagerly or under ``jax.jit``.
 Counts are exact: pruning a fraction ``s`` of ``n`` weights removes exactly ``k = round(s * n)`` of them,
 where ``s`` is read as a float32 (a Python float is rounded to float32 first, as ``jax.jit`` does with it)
 and ``k`` is the exact real product ``float32(s) * n`` rounded half to even. A Python float is counted in
-Python, an array or traced sparsity in-graph (``compressjax.selection.round_half_even_count``), with the
+Python, an array or traced sparsity in-graph (``compressjax.radix_select.round_half_even_count``), with the
 same result, so ``magnitude_masks(p, s)`` and ``jax.jit(magnitude_masks)(p, s)`` prune the same count even
 at exact half-way cases, and changing the sparsity under ``jax.jit`` never retraces. Ties at the threshold are pruned in a fixed order: leaf order (``jax.tree_util``
 flattening), then row-major flat index, the earliest first, i.e. the order of a stable sort of the
 concatenated magnitudes.
 
 The global threshold is found by an exact radix select over float32 bit patterns with a fixed number of
-counting passes (``compressjax.selection``): no sort and no concatenation of the parameters. Its layout
+counting passes (``compressjax.radix_select``): no sort and no concatenation of the parameters. Its layout
 follows the backend of the leaves (chunked passes on CPU, whole-leaf passes on GPU and TPU) with the same
 masks on every backend; the environment variable ``COMPRESSJAX_SELECT_STRATEGY`` (``chunked``, ``whole``,
 ``fused`` or ``auto``) overrides the choice.
 
 Training-time transforms (schedules, ``keep_masked``, ``gradual_pruning``) live in
-``compressjax.schedules``.
+``compressjax.pruning_transforms``.
 
 References:
     Han et al., "Learning both Weights and Connections for Efficient Neural Networks", NeurIPS 2015.
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from fractions import Fraction
 from numbers import Real
 from typing import Any
@@ -41,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compressjax.selection import exact_keep_masks, resolve_strategy, round_half_even_count
+from compressjax.radix_select import exact_keep_masks, resolve_strategy, round_half_even_count
 from compressjax.tree import (
     PyTree,
     Where,
@@ -389,11 +388,6 @@ class SparsitySummary:
         out = {r.path: {"size": r.size, "zeros": r.zeros, "fraction": r.fraction} for r in self.leaves}
         out["total"] = {"size": self.size, "zeros": self.zeros, "fraction": self.fraction}
         return out
-
-    def as_dict(self) -> dict[str, dict[str, float]]:
-        """Deprecated alias of :meth:`to_dict` (one name for dict conversion across compressjax)."""
-        warnings.warn("SparsitySummary.as_dict is deprecated; use to_dict", DeprecationWarning, stacklevel=2)
-        return self.to_dict()
 
     def __str__(self) -> str:
         width = max([len("total")] + [len(r.path) for r in self.leaves])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -455,19 +454,3 @@ def _from_ints(ints, scale, zero_point, m: dict[str, Any], path: str) -> QArray:
         bits=b, shape=shape, dtype=m.get("dtype", "float32"), channel_axes=lay.channel_axes,
         group_size=lay.group_size, group_axis=lay.group_axis, path=path,
     )
-
-
-_DEPRECATED = {
-    "quantized_ints": "QArray.ints",
-    "qarray_from_ints": "QArray.from_ints",
-    "qarray_to_parts": "QArray.to_parts",
-    "qarray_from_parts": "QArray.from_parts",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """The former helper functions, now ``QArray`` methods; they still resolve for one release, with a warning."""
-    if name in _DEPRECATED:
-        warnings.warn(f"compressjax.qarray.{name} is deprecated; use {_DEPRECATED[name]}", DeprecationWarning, stacklevel=2)
-        return getattr(QArray, _DEPRECATED[name].split(".")[1])
-    raise AttributeError(f"module 'compressjax.qarray' has no attribute {name!r}")

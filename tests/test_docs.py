@@ -1,5 +1,5 @@
 """The generated docs agree with the code: docs/API.md with compressjax's docstrings, BENCHMARKS.md's summary
-table with benchmarks/results.json; one command style for benchmarks in the docs."""
+table with benchmarks/results/results.json; one command style for benchmarks in the docs."""
 
 from __future__ import annotations
 
@@ -45,13 +45,13 @@ def test_api_groups_follow_the_comments_of_init():
 
 def test_benchmarks_summary_matches_results_json():
     doc = (ROOT / "BENCHMARKS.md").read_text()
-    results = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    results = json.loads((ROOT / "benchmarks" / "results" / "results.json").read_text())
     assert summary.render(doc, results) == doc, "BENCHMARKS.md is stale: run python -m benchmarks.summary"
     assert doc.index(summary.BEGIN) < doc.index("## Pruning")  # the current results come first
 
 
 def test_summary_status_comes_from_the_numbers():
-    results = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    results = json.loads((ROOT / "benchmarks" / "results" / "results.json").read_text())
     results["benchmarks"]["pruning"]["result"]["speedup"] = 12.0
     del results["benchmarks"]["export"]
     text = summary.table(results)

@@ -299,11 +299,7 @@ def test_minus_inf_teacher_logits_stay_a_zero_probability():
     assert np.isfinite(kd_loss(s, t.at[0, 0].set(jnp.nan), where=where)[0])
 
 
-def test_softmax_cross_entropy_old_name_is_a_deprecated_alias():
+def test_softmax_cross_entropy_has_one_name():
     import compressjax as cj
 
-    with pytest.warns(DeprecationWarning, match="softmax_cross_entropy_with_integer_labels"):
-        old = losses.softmax_cross_entropy
-    assert old is softmax_cross_entropy_with_integer_labels
-    with pytest.warns(DeprecationWarning, match="softmax_cross_entropy_with_integer_labels"):
-        assert cj.softmax_cross_entropy is softmax_cross_entropy_with_integer_labels
+    assert not hasattr(losses, "softmax_cross_entropy") and not hasattr(cj, "softmax_cross_entropy")

@@ -605,7 +605,6 @@ def test_keep_masked_checks_shapes_against_updates():
         tx.update(bad_updates, state, None)
 
 
-def test_sparsity_summary_to_dict_and_deprecated_as_dict():
+def test_sparsity_summary_to_dict():
     summary = cj.sparsity_summary(make_tree(0))
-    with pytest.warns(DeprecationWarning, match="to_dict"):
-        assert summary.as_dict() == summary.to_dict()
+    assert not hasattr(summary, "as_dict")

@@ -1,4 +1,5 @@
-"""The demo's stages: teacher, baseline student, distilled student, prune + 4-bit QAT, save and load.
+"""The demo's stages: teacher, baseline student, distilled student, prune + 4-bit QAT, save and load, and
+one-shot GPTQ of the distilled student.
 
 Every training loop is a jitted ``lax.scan`` over ``chunk`` optimizer steps (batches are sampled and
 augmented inside it), so the host only wakes up between chunks to move the progress bar. The distillation
@@ -315,7 +316,8 @@ def _stage(name: str, acc: float, params, nbytes: int, teacher_f32: int, since: 
 
 def run_demo(cfg: DemoConfig, out_dir: str | os.PathLike = ".", *, progress: Progress | None = None,
              log: Callable[[str], None] | None = None) -> DemoResult:
-    """Runs the pipeline and returns its five table rows (``STAGE_NAMES``); steps 4 and 5 make the fourth.
+    """Runs the pipeline's six steps and returns its five table rows (``STAGE_NAMES``); steps 4 and 5 make
+    the fourth row.
 
     1. teacher: CE on the 4000 labelled examples; 2. student: the small model, same recipe (baseline);
     3. distilled: the same student from the same init, same number of steps, distilled on the transfer set;

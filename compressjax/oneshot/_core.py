@@ -16,7 +16,7 @@ from jax import lax
 from compressjax.oneshot._sweep import inverse_hessian_factor, run_sweep, sub_block_size
 from compressjax.qarray import QuantSpec
 from compressjax.quantization import _compute_scale_grouped
-from compressjax.selection import exact_keep_masks
+from compressjax.radix_select import exact_keep_masks
 
 __all__ = ["SolverConfig", "solve"]
 

@@ -1,4 +1,4 @@
-"""Tests for compressjax.selection: exact k-th value selection and exact half-even counts."""
+"""Tests for compressjax.radix_select: exact k-th value selection and exact half-even counts."""
 
 import functools
 from fractions import Fraction
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compressjax import selection
-from compressjax.selection import exact_keep_masks, kth_smallest_magnitude, magnitude_bits, round_half_even_count
+from compressjax import radix_select
+from compressjax.radix_select import exact_keep_masks, kth_smallest_magnitude, magnitude_bits, round_half_even_count
 
 
 def exact_round(fraction: np.float32, n: int) -> int:
@@ -71,7 +71,7 @@ def _stable_ref(arrays, k):
 
 _masks = jax.jit(exact_keep_masks)
 _kth = jax.jit(kth_smallest_magnitude)
-_masks_by_strategy = {s: jax.jit(functools.partial(exact_keep_masks, strategy=s)) for s in selection.STRATEGIES}
+_masks_by_strategy = {s: jax.jit(functools.partial(exact_keep_masks, strategy=s)) for s in radix_select.STRATEGIES}
 
 
 def test_kth_smallest_matches_sort():
@@ -105,7 +105,7 @@ def test_values_spanning_both_digits():
     kind=st.sampled_from(["normal", "ints", "zeros", "tiny"]),
     frac=st.floats(0, 1),
     seed=st.integers(0, 2**16),
-    strategy=st.sampled_from(selection.STRATEGIES),
+    strategy=st.sampled_from(radix_select.STRATEGIES),
 )
 @pytest.mark.slow
 def test_exact_keep_masks_equal_stable_sort(sizes, kind, frac, seed, strategy):
@@ -127,7 +127,7 @@ def test_exact_keep_masks_equal_stable_sort(sizes, kind, frac, seed, strategy):
 
 
 # ------------------------------------------------------------------ layouts: chunked (CPU), whole, fused (GPU/TPU)
-STRATEGIES = list(selection.STRATEGIES)
+STRATEGIES = list(radix_select.STRATEGIES)
 
 
 def _leaves(kind: str, rng: np.random.Generator, sizes) -> list[jax.Array]:
@@ -148,8 +148,8 @@ def _leaves(kind: str, rng: np.random.Generator, sizes) -> list[jax.Array]:
 def _small_chunks_and_banks(monkeypatch):
     # Leaves larger than CHUNK take the chunk loop and the chunked tie split; several histogram copies
     # (banks) are used by the vectorised layouts even for these tiny leaves (normally only from 2**16 up).
-    monkeypatch.setattr(selection, "CHUNK", 16)
-    monkeypatch.setattr(selection, "_n_banks", lambda n, bins, cap=selection.BANKS: max(1, min(cap, 3)))
+    monkeypatch.setattr(radix_select, "CHUNK", 16)
+    monkeypatch.setattr(radix_select, "_n_banks", lambda n, bins, cap=radix_select.BANKS: max(1, min(cap, 3)))
 
 
 @pytest.mark.parametrize("kind", ["ints", "normal", "equal", "zeros", "bf16"])
@@ -180,8 +180,8 @@ def test_every_strategy_gives_the_same_threshold_and_counts(monkeypatch, strateg
 def test_every_strategy_with_traced_sparsity(monkeypatch, strategy):
     from compressjax import magnitude_masks
 
-    monkeypatch.setenv(selection.STRATEGY_ENV, strategy)
-    monkeypatch.setattr(selection, "CHUNK", 64)
+    monkeypatch.setenv(radix_select.STRATEGY_ENV, strategy)
+    monkeypatch.setattr(radix_select, "CHUNK", 64)
     rng = np.random.default_rng(11)
     params = {"a": {"kernel": jnp.asarray(rng.integers(-4, 5, (10, 20)), jnp.float32)},
               "b": {"kernel": jnp.asarray(rng.standard_normal((3, 30)), jnp.bfloat16), "bias": jnp.ones(30)}}
@@ -198,7 +198,7 @@ def test_every_strategy_with_traced_sparsity(monkeypatch, strategy):
 def test_vectorised_layouts_have_no_chunk_loop_and_one_conditional(monkeypatch):
     import re
 
-    monkeypatch.setattr(selection, "CHUNK", 16)
+    monkeypatch.setattr(radix_select, "CHUNK", 16)
     xs = [jnp.ones((8, 9)), jnp.ones((40,)), jnp.ones((3,))]  # two leaves above CHUNK, one below
 
     def count(strategy):
@@ -213,29 +213,29 @@ def test_vectorised_layouts_have_no_chunk_loop_and_one_conditional(monkeypatch):
 
 
 def test_auto_is_chunked_on_cpu_and_can_be_overridden(monkeypatch):
-    monkeypatch.delenv(selection.STRATEGY_ENV, raising=False)
+    monkeypatch.delenv(radix_select.STRATEGY_ENV, raising=False)
     x = jnp.ones((4, 4))
     assert jax.default_backend() == "cpu"
-    assert selection.resolve_strategy("auto", [x]) == "chunked"
-    assert selection.resolve_strategy("auto", [np.ones(3)]) == "chunked"  # no device: the default backend
+    assert radix_select.resolve_strategy("auto", [x]) == "chunked"
+    assert radix_select.resolve_strategy("auto", [np.ones(3)]) == "chunked"  # no device: the default backend
     seen = []
-    jax.jit(lambda x: seen.append(selection.resolve_strategy("auto", [x])) or x)(x)  # tracer: default backend
+    jax.jit(lambda x: seen.append(radix_select.resolve_strategy("auto", [x])) or x)(x)  # tracer: default backend
     assert seen == ["chunked"]
     for s in STRATEGIES:
-        assert selection.resolve_strategy(s, [x]) == s
-        monkeypatch.setenv(selection.STRATEGY_ENV, s)
-        assert selection.resolve_strategy("auto", [x]) == s
-        assert selection.resolve_strategy("chunked", [x]) == "chunked"  # an explicit argument wins
-    monkeypatch.setenv(selection.STRATEGY_ENV, "auto")
-    assert selection.resolve_strategy("auto", [x]) == "chunked"
+        assert radix_select.resolve_strategy(s, [x]) == s
+        monkeypatch.setenv(radix_select.STRATEGY_ENV, s)
+        assert radix_select.resolve_strategy("auto", [x]) == s
+        assert radix_select.resolve_strategy("chunked", [x]) == "chunked"  # an explicit argument wins
+    monkeypatch.setenv(radix_select.STRATEGY_ENV, "auto")
+    assert radix_select.resolve_strategy("auto", [x]) == "chunked"
 
 
 def test_auto_follows_the_backend_of_the_leaves(monkeypatch):
-    monkeypatch.delenv(selection.STRATEGY_ENV, raising=False)
-    monkeypatch.setattr(selection, "_platform", lambda leaves: "gpu")
-    assert selection.resolve_strategy("auto", [jnp.ones(2)]) == selection.ACCELERATOR_STRATEGY
-    monkeypatch.setattr(selection, "_platform", lambda leaves: "tpu")
-    assert selection.resolve_strategy("auto", [jnp.ones(2)]) == selection.ACCELERATOR_STRATEGY
+    monkeypatch.delenv(radix_select.STRATEGY_ENV, raising=False)
+    monkeypatch.setattr(radix_select, "_platform", lambda leaves: "gpu")
+    assert radix_select.resolve_strategy("auto", [jnp.ones(2)]) == radix_select.ACCELERATOR_STRATEGY
+    monkeypatch.setattr(radix_select, "_platform", lambda leaves: "tpu")
+    assert radix_select.resolve_strategy("auto", [jnp.ones(2)]) == radix_select.ACCELERATOR_STRATEGY
 
 
 def test_unknown_strategy_is_rejected_by_name(monkeypatch):
@@ -245,8 +245,8 @@ def test_unknown_strategy_is_rejected_by_name(monkeypatch):
     for fn in (exact_keep_masks, kth_smallest_magnitude):
         with pytest.raises(ValueError, match="'sorted'"):
             fn(xs, 1, strategy="sorted")
-    monkeypatch.setenv(selection.STRATEGY_ENV, "bogus")
-    with pytest.raises(ValueError, match=f"{selection.STRATEGY_ENV}.*'bogus'"):
+    monkeypatch.setenv(radix_select.STRATEGY_ENV, "bogus")
+    with pytest.raises(ValueError, match=f"{radix_select.STRATEGY_ENV}.*'bogus'"):
         magnitude_masks({"w": jnp.ones((2, 2))}, 0.5)
     with pytest.raises(ValueError, match="at least one leaf"):
         kth_smallest_magnitude([], 0, strategy="chunked")

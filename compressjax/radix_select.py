@@ -213,16 +213,15 @@ def _bank(n: int, banks: int) -> jax.Array:
     return lax.rem(lax.iota(jnp.int32, n), jnp.int32(banks)) if banks > 1 else jnp.zeros((n,), jnp.int32)
 
 
-def _n_banks(n: int, bins: int, cap: int | None = None) -> int:
-    """Histogram copies for ``n`` elements over ``bins`` counters: up to ``cap`` (default ``BANKS``, read
-    when traced), never more counters than elements (a small input does not pay for zeroing and summing
-    copies it cannot fill)."""
-    return max(1, min(BANKS if cap is None else cap, n // bins))
+def _n_banks(n: int, bins: int, cap: int) -> int:
+    """Histogram copies for ``n`` elements over ``bins`` counters: up to ``cap``, never more counters than
+    elements (a small input does not pay for zeroing and summing copies it cannot fill)."""
+    return max(1, min(cap, n // bins))
 
 
-def _hist_hi_vector(leaves: Sequence[jax.Array], fused: bool) -> jax.Array:
+def _hist_hi_vector(leaves: Sequence[jax.Array], fused: bool, max_banks: int) -> jax.Array:
     """First-digit histogram, whole leaves: one scatter per leaf, or one for all (``fused``)."""
-    banks = _n_banks(sum(int(x.size) for x in leaves), _N_HI)
+    banks = _n_banks(sum(int(x.size) for x in leaves), _N_HI, max_banks)
     idx = [_hi_digit(b) + _bank(b.shape[0], banks) * _N_HI for b in map(magnitude_bits, leaves)]
     if fused:
         idx = [jnp.concatenate(idx)]
@@ -232,7 +231,7 @@ def _hist_hi_vector(leaves: Sequence[jax.Array], fused: bool) -> jax.Array:
     return jnp.sum(acc.reshape(banks, _N_HI), axis=0)
 
 
-def _hist_lo_vector(leaves: Sequence[jax.Array], d_hi_u: jax.Array, fused: bool) -> jax.Array:
+def _hist_lo_vector(leaves: Sequence[jax.Array], d_hi_u: jax.Array, fused: bool, max_banks: int) -> jax.Array:
     """Per-leaf second-digit histograms ``(L, 2**15)`` of the elements in bucket ``d_hi_u``, whole leaves.
 
     Elements outside the bucket get an out-of-bounds index and are dropped by the scatter (no add at all).
@@ -241,14 +240,14 @@ def _hist_lo_vector(leaves: Sequence[jax.Array], d_hi_u: jax.Array, fused: bool)
     if not fused:
         rows = []
         for b in map(magnitude_bits, leaves):
-            banks = _n_banks(b.shape[0], _N_LO)
+            banks = _n_banks(b.shape[0], _N_LO, max_banks)
             lo = (b & jnp.uint32(_N_LO - 1)).astype(jnp.int32) + _bank(b.shape[0], banks) * _N_LO
             idx = jnp.where((b >> _LO_BITS) == d_hi_u, lo, banks * _N_LO)
             h = jnp.zeros((banks * _N_LO,), jnp.int32).at[idx].add(1, mode="drop")
             rows.append(jnp.sum(h.reshape(banks, _N_LO), axis=0))
         return jnp.stack(rows)
     n_total = sum(int(x.size) for x in leaves)
-    banks = _n_banks(n_total, _N_LO, min(BANKS, _FUSED_LO_BINS // (n_leaves * _N_LO)))
+    banks = _n_banks(n_total, _N_LO, min(max_banks, _FUSED_LO_BINS // (n_leaves * _N_LO)))
     size = banks * n_leaves * _N_LO
     idx = []
     for j, b in enumerate(map(magnitude_bits, leaves)):
@@ -259,7 +258,7 @@ def _hist_lo_vector(leaves: Sequence[jax.Array], d_hi_u: jax.Array, fused: bool)
 
 
 def kth_smallest_magnitude(
-    leaves: Sequence[jax.Array], k: jax.Array, *, strategy: str = "auto"
+    leaves: Sequence[jax.Array], k: jax.Array, *, strategy: str = "auto", banks: int = BANKS
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The ``k``-th smallest (1-indexed) ``|x|`` across several float arrays, in two counting passes.
 
@@ -268,6 +267,8 @@ def kth_smallest_magnitude(
         k: int32 scalar in ``[0, n]`` (may be traced). ``k == 0`` gives threshold 0 and no element below.
         strategy: the layout of the counting passes, one of ``STRATEGIES`` or ``"auto"`` (see the module
             docstring); every layout returns the same values.
+        banks: the most histogram copies of the vectorised layouts (a tuning knob; every value gives the
+            same result).
 
     Returns:
         ``(t, n_below, n_equal)``: the threshold as a float32 bit pattern ``t`` (uint32 scalar), the number
@@ -281,13 +282,13 @@ def kth_smallest_magnitude(
         raise ValueError("kth_smallest_magnitude needs at least one leaf")
     k = jnp.asarray(k, jnp.int32)
     vector = strategy != "chunked"
-    hist_hi = _hist_hi_vector(leaves, strategy == "fused") if vector else _hist_hi_chunked(leaves)
+    hist_hi = _hist_hi_vector(leaves, strategy == "fused", banks) if vector else _hist_hi_chunked(leaves)
     cum_hi = jnp.cumsum(hist_hi)
     d_hi = _first_bin_reaching(cum_hi, k)
     below_hi = cum_hi[d_hi] - hist_hi[d_hi]
     k_lo = k - below_hi
     d_hi_u = d_hi.astype(jnp.uint32)
-    hist_lo = _hist_lo_vector(leaves, d_hi_u, strategy == "fused") if vector else _hist_lo_chunked(leaves, d_hi_u)
+    hist_lo = _hist_lo_vector(leaves, d_hi_u, strategy == "fused", banks) if vector else _hist_lo_chunked(leaves, d_hi_u)
     tot_lo = jnp.sum(hist_lo, axis=0)
     cum_lo = jnp.cumsum(tot_lo)
     d_lo = _first_bin_reaching(cum_lo, k_lo)
@@ -367,7 +368,9 @@ def _vector_masks(leaves: Sequence[jax.Array], t: jax.Array, ties: jax.Array, n_
     return masks
 
 
-def exact_keep_masks(leaves: Sequence[jax.Array], k: jax.Array, *, strategy: str = "auto") -> list[jax.Array]:
+def exact_keep_masks(
+    leaves: Sequence[jax.Array], k: jax.Array, *, strategy: str = "auto", banks: int = BANKS
+) -> list[jax.Array]:
     """Boolean keep-masks (shaped like the leaves) that prune exactly the ``k`` smallest ``|x|`` overall.
 
     Ties at the threshold are pruned in leaf order, then row-major flat index (a stable-sort order).
@@ -377,13 +380,14 @@ def exact_keep_masks(leaves: Sequence[jax.Array], k: jax.Array, *, strategy: str
         k: int32 scalar in ``[0, n]`` (may be traced).
         strategy: the layout, one of ``STRATEGIES`` or ``"auto"`` (see the module docstring); every layout
             gives the same masks.
+        banks: as in :func:`kth_smallest_magnitude`.
 
     Raises:
         ValueError: an unknown strategy, or no leaves.
     """
     strategy = resolve_strategy(strategy, leaves)
     k = jnp.asarray(k, jnp.int32)
-    t, n_below, n_equal = kth_smallest_magnitude(leaves, k, strategy=strategy)
+    t, n_below, n_equal = kth_smallest_magnitude(leaves, k, strategy=strategy, banks=banks)
     ties = k - n_below  # how many of the tied elements must go
     offsets = jnp.cumsum(n_equal) - n_equal  # ties in earlier leaves
     per_leaf = jnp.clip(ties - offsets, 0, n_equal)
