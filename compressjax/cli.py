@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser(
         "inspect", help="what a saved .cjx file holds: each leaf's shape, dtype, encoding, bits per weight, bytes",
         description="Prints a table of the leaves of a file written by compressjax.save (path, shape, dtype, "
-        "encoding, bits per weight, sparsity, bytes) and the totals. Reads the header only; checks the checksum.",
+        "encoding, bits per weight, sparsity, bytes) and the totals. Validates the header as load does; streams the payload through the checksum (memory stays bounded).",
     )
     inspect.add_argument("file", help="a model file written by compressjax.save")
     inspect.add_argument("--json", action="store_true", help="print the report as one JSON object instead of a table")
