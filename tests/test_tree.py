@@ -140,7 +140,7 @@ def test_every_exported_name_resolves_and_init_is_grouped():
     text = open(cj.__file__).read()
     groups = [line[len("# --- "):] for line in text.splitlines() if line.startswith("# --- ")]
     assert groups == ["tree selection", "pruning", "quantization", "distillation", "export", "one-shot compression",
-                      "weight sharing"]
+                      "weight sharing", "allocation"]
 
 
 def test_from_ints_takes_meta_or_keywords_not_both():
