@@ -21,7 +21,7 @@ Rows:
 
 Usage::
 
-    python -m benchmarks.allocation --json benchmarks/results/allocation-cpu.json   # ~30 min on 2 shared cores
+    python -m benchmarks.allocation --json benchmarks/results/allocation-cpu.json   # over an hour on 2 loaded cores (57 solver compilations)
     python -m benchmarks.allocation --quick                                  # smoke test
 """
 
