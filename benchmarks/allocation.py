@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     texts = {"eval": evaluation, "other": other}
 
     def quality(p) -> dict:
+        p = cj.dequantize_params(p)  # QArray and Codebook leaves to floats (embed decodes QArrays only)
         out = {}
         for k in texts:
             cos = minilm.cosines(refs[k], minilm.embed(texts[k], p))
