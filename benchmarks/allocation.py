@@ -21,7 +21,7 @@ Rows:
 
 Usage::
 
-    python -m benchmarks.allocation --json benchmarks/allocation-cpu.json   # ~30 min on 2 shared cores
+    python -m benchmarks.allocation --json benchmarks/results/allocation-cpu.json   # over an hour on 2 loaded cores (57 solver compilations)
     python -m benchmarks.allocation --quick                                  # smoke test
 """
 
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     texts = {"eval": evaluation, "other": other}
 
     def quality(p) -> dict:
+        p = cj.dequantize_params(p)  # QArray and Codebook leaves to floats (embed decodes QArrays only)
         out = {}
         for k in texts:
             cos = minilm.cosines(refs[k], minilm.embed(texts[k], p))

@@ -256,7 +256,7 @@ def test_auto_compress_with_every_method_and_masks(tmp_path):
     menu = [cj.Option("gptq3", "gptq", Q(bits=3, symmetric=False)), cj.Option("gptq4-g8", "gptq", Q(bits=4, group_size=8)),
             cj.Option("sp-2:4", "sparsegpt", n=2, m=4), cj.Option("sp50+int4", "sparsegpt", Q(bits=4), sparsity=0.5),
             cj.Option("km3", "kmeans", bits=3), cj.Option("float", "float")]
-    for bpw in (3.2, 9.0):
+    for bpw in (4.6, 12.0):  # the cheapest plan of this tiny model is 4.2 bits per weight (scales)
         out, plan = cj.auto_compress(apply, PARAMS, BATCHES, bits_per_weight=bpw, menu=menu)
         cj.save(tmp_path / "m.cjx", out)
         saved = kernel_bytes(cj.size_report(tmp_path / "m.cjx"))
