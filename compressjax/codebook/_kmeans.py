@@ -95,6 +95,8 @@ def _rate_boundaries_chunked(c: jax.Array, lam: jax.Array, code_len: jax.Array, 
 
 
 @functools.partial(jax.jit, static_argnames=("k", "iterations", "init", "has_mask", "has_weights", "has_rate"))
+# Long (about 80 lines) on purpose: one traced function whose init, assignment and update closures share the
+# sorted values and prefix sums of every row; split up, they would pass a dozen arrays between them.
 def _lloyd(x_rows, valid, w_rows, key, rate, *, k: int, iterations: int, init: str, has_mask: bool,
            has_weights: bool, has_rate: bool):
     """Exact 1-D Lloyd on every row of ``x_rows`` at once; returns ``(centroids, assignment, its, distinct)``.
@@ -230,6 +232,8 @@ def _aux_by_path(aux_tree: Any, params: Any, name: str) -> dict[str, Any]:
     return dict(tree.leaves_with_paths(aux_tree, tree.is_none_or_compressed))
 
 
+# Long (about 65 lines of body) on purpose: the public entry checks every argument (naming it) before the
+# per-leaf loop; each check is a line or two.
 def kmeans_codebooks(
     params: Any,
     bits: int,

@@ -139,6 +139,8 @@ def unflatten(node: Any, leaves: list[Any]) -> Any:
     return tree
 
 
+# Long (about 65 lines) on purpose: one branch per node kind of the file's tree, each validating what it
+# reads from an untrusted file before building anything; read it as a table.
 def _unflatten(node: Any, leaves: list[Any], used: set[int], path: str, depth: int) -> Any:
     what = repr(path or "the params root")
     if depth > MAX_DEPTH:

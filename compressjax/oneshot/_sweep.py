@@ -133,6 +133,8 @@ def sub_block_size(block: int, sizes: tuple[int, ...] = ()) -> int:
     return 1
 
 
+# Long (about 70 lines) on purpose: three nested fori_loops (blocks, sub-blocks, rows) whose bodies close over
+# the same factor, views and stores; the row step itself is the caller's.
 def run_sweep(w: jax.Array, u: jax.Array, step: RowStep, state: Any, block: int, store_dtype, block_hook: BlockHook | None = None,
               sub: int = 1):
     """The blocked error-feedback sweep over the rows of ``w`` (``(n_pad, d_out)``, padded) with ``U``.
