@@ -157,7 +157,7 @@ def codebook_error_feedback(params: Any, reference: Any, hessians: Any, *, block
     codebook, and its error, weighted by the inverse Hessian, is pushed onto the rows not yet assigned.
     The result equals the same sweep on the transposed (2-D) problem. The centroids are kept; pruned
     weights of a ``zero_reserved`` codebook stay on the exact zero. This is what lifts 3-bit per-channel
-    codebooks on MiniLM from 0.89-0.90 to about 0.97 mean cosine (issue 12's table).
+    codebooks on MiniLM from 0.89-0.90 to about 0.97 mean cosine (BENCHMARKS.md).
 
     Args:
         params: a tree with Codebook leaves (from :func:`kmeans_codebooks`).

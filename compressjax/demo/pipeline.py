@@ -109,8 +109,8 @@ class DemoConfig:
     chunk: int = 50
     teacher: models.CNNConfig = field(default=models.TEACHER)
     student: models.CNNConfig = field(default=models.STUDENT)
-    codebook_bits: int | None = None  # weight sharing instead of uniform QAT (issue 12)
-    budget_bits: float | None = None  # an extra "allocated" stage: auto_compress to this many bits per kernel weight (issue 20)
+    codebook_bits: int | None = None  # weight sharing instead of uniform QAT
+    budget_bits: float | None = None  # an extra "allocated" stage: auto_compress to this many bits per kernel weight
 
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
