@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax import lax
 
 from compressjax.hessians import Hessian, collect_hessians
@@ -314,3 +316,25 @@ def test_shard_map_on_eight_devices_equals_the_plain_model():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SHARD_MAP_8)], capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@settings(max_examples=6, deadline=None)
+@given(n_layers=st.integers(2, 4), d=st.integers(2, 5), axis=st.sampled_from([0, 1, 2]), reverse=st.booleans(), unroll=st.sampled_from([1, 2]))
+def test_scan_over_any_kernel_axis_equals_static_slices(n_layers, d, axis, reverse, unroll):
+    """Property: scanning a stacked kernel over any of its axes (moved first) gives the Hessians of the
+    same layers applied from static slices, with that axis recorded as the layer axis."""
+    rng = np.random.default_rng(n_layers * 100 + d * 10 + axis)
+    p = {"w": jnp.asarray(np.moveaxis(rng.normal(size=(n_layers, d, d)) * 0.5, 0, axis), jnp.float32)}
+    xs = [jnp.asarray(rng.normal(size=(3, d)), jnp.float32)]
+
+    def scanned(p, x):
+        return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, jnp.moveaxis(p["w"], axis, 0), reverse=reverse, unroll=unroll)[0]
+
+    def by_slices(p, x):
+        for i in (reversed(range(n_layers)) if reverse else range(n_layers)):
+            x = jnp.tanh(x @ lax.index_in_dim(p["w"], i, axis, keepdims=False))
+        return x
+
+    H = collect_hessians(scanned, p, xs)
+    assert H["w"].layer_axes == (axis,) and H["w"].h.shape == (n_layers, d, d)
+    _same(H, collect_hessians(by_slices, p, xs))
