@@ -338,3 +338,33 @@ def test_scan_over_any_kernel_axis_equals_static_slices(n_layers, d, axis, rever
     H = collect_hessians(scanned, p, xs)
     assert H["w"].layer_axes == (axis,) and H["w"].h.shape == (n_layers, d, d)
     _same(H, collect_hessians(by_slices, p, xs))
+
+
+def _n_eqns(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                if hasattr(sub, "eqns"):
+                    n += _n_eqns(sub)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    n += _n_eqns(sub.jaxpr)
+    return n
+
+
+def test_the_traced_capture_does_not_grow_with_the_number_of_layers():
+    """The scan stays a scan in the accumulation step: the same equations for 2 and for 16 layers."""
+    from compressjax import hessians as hs
+
+    def size(n_layers):
+        p = {"w": jnp.ones((n_layers, D, D))}
+
+        def f(leaf_list, x):
+            return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, leaf_list[0])[0]
+
+        step, found = hs._build(f, [p["w"]], XS[0], [0], ["w"], None, None, None)
+        acc = {i: (jnp.zeros((lay.n, lay[1], lay[1])), jnp.zeros((lay.n,))) for i, lay in found.items()}
+        return _n_eqns(jax.make_jaxpr(step)(acc, [p["w"]], XS[0]).jaxpr)
+
+    assert size(2) == size(16)
