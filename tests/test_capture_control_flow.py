@@ -136,8 +136,12 @@ def test_fori_and_while_loops_over_a_stacked_tree():
 
         return lax.while_loop(lambda c: c[0] < L, body, (0, x))[1] @ p["head"]
 
+    def carried(p, x):  # the stacked tree passed through the loop carry unchanged
+        return lax.fori_loop(0, L, lambda i, c: (jnp.tanh(c[0] @ c[1]["w"][i]), c[1]), (x, p))[0] @ p["head"]
+
     ref = collect_hessians(_unrolled, STACK, XS)
     _same(collect_hessians(fori, STACK, XS), ref)
+    _same(collect_hessians(carried, STACK, XS), ref)
     _same(collect_hessians(wl, STACK, XS), ref)
     _same(collect_hessians(fori_dynamic, STACK, XS), ref)
 
