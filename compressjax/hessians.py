@@ -9,6 +9,17 @@ matrix. The interpreter recurses into ``jit``/``pjit``, ``closed_call``, ``remat
 ``custom_vjp_call`` sub-jaxprs. No model code changes: Flax linen, Flax NNX (``nnx.split`` state with an
 ``nnx.merge`` closure), equinox modules and plain functions of a dict all work alike.
 
+Control flow: a kernel is followed into ``scan`` (its slice per iteration: the index array of iteration 0
+plus a run-time step times the iteration), ``while`` (``fori_loop``) bodies that ``dynamic_slice`` a stacked
+leaf by the loop counter (the clamped start read at run time), ``cond``/``switch`` branches, batched
+``dot_general`` (the batch axes of the weight are layer axes: MoE experts), grouped convolutions and
+``shard_map`` bodies. Loops and branches holding a kernel are evaluated as ``lax.scan`` /
+``lax.while_loop`` / ``lax.switch`` / ``shard_map`` with the accumulators in the carry, never unrolled, so
+compile time does not grow with the number of layers. What cannot be followed is tracked too: a value
+computed from a selected leaf (and not from the batch) by anything but a shape-only operation, that reaches
+a matmul or convolution, is an error naming the leaf and the primitive, with any ``where``; values that
+depend on the batch (an embedding lookup, a norm scale times activations) are data.
+
 Layout: a kernel's *input axes* are the axes it contracts with the layer input. ``H`` is indexed by the
 kernel's input positions flattened in the kernel's own axis order (``(in, out)`` Flax kernel:
 ``(in, in)``; conv kernel ``(kh, kw, c_in, c_out)``: ``(kh*kw*c_in, kh*kw*c_in)`` in the order of
@@ -37,7 +48,7 @@ from compressjax.qarray import QArray
 
 __all__ = ["Hessian", "collect_hessians"]
 
-_IDENTITY_PRIMS = {"convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier"}
+_IDENTITY_PRIMS = {"convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier", "pvary", "pbroadcast"}
 _CALL_PRIMS = {"jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}
 
 
@@ -224,6 +235,11 @@ def _weight_map(o: np.ndarray, kshape: tuple[int, ...], con: tuple[int, ...], ba
         vf = bool(np.any(c != c[:, :, :1]))
         if vb + vc + vf > 1:
             return f"kernel axis {a} is used as more than one of contracted, batch and output axis"
+        if a in dyn_set and vf and all(tok[0] == "shard" for b, _, tok in dyn_axes if b == a):
+            dyn_axes = [t for t in dyn_axes if t[0] != a]  # an output axis split over shard_map devices
+            dyn_set.discard(a)
+        if a in dyn_set and any(tok[0] == "shard" for b, _, tok in dyn_axes if b == a):
+            return f"kernel axis {a} is split over the devices of a shard_map and {'contracted' if vc else 'used as a layer axis'} (only output axes may be split)"
         if a in dyn_set and (vc or vf):
             return f"kernel axis {a} is indexed at run time and also {'contracted' if vc else 'kept'}"
         if vc:
@@ -323,6 +339,8 @@ class _Analysis:
             return self._while(eqn, vals, key)
         if name == "cond":
             return self._cond(eqn, vals, key)
+        if name == "shard_map":
+            return self._shard_map(eqn, vals, key)
         if name == "dot_general":
             return self._dot(eqn, vals, key)
         if name == "conv_general_dilated":
@@ -484,6 +502,37 @@ class _Analysis:
                 self._fail(self.sites.pop(s).leaf, "it is used in the condition of a while_loop")
         return carry
 
+    def _shard_map(self, eqn, vals, key):
+        p = eqn.params
+        body = p["jaxpr"]
+        body = body.jaxpr if isinstance(body, jcore.ClosedJaxpr) else body
+        ins = []
+        for i, x in enumerate(vals):
+            if x is None or x.org is None:
+                ins.append(x)
+                continue
+            leaf, o, dyn = x.org
+            local = body.invars[i].aval.shape
+            sl = []
+            for dim in range(o.ndim):
+                if o.shape[dim] == local[dim]:
+                    sl.append(slice(None))
+                    continue
+                step = _progression(o, dim)
+                if step is None:
+                    self._fail(leaf, "it enters a shard_map split along a kernel axis collect_hessians cannot follow")
+                    step = 0
+                sl.append(slice(0, local[dim]))
+                dyn = dyn + ((step * local[dim], ("shard", key, i, dim)),)
+            ins.append(_V((leaf, o[tuple(sl)], dyn)))
+        before = self.marks
+        outs = self.run(body, ins, key)
+        if self.marks > before and not p.get("check_vma", True):
+            for k, site in self.sites.items():
+                if k[: len(key)] == key:
+                    self._fail(site.leaf, "it is used inside a shard_map with check_vma=False (which rows vary over which devices is unknown)")
+        return [self._mix([y], "shard_map output", 1)[0] if y is not None and y.org is not None else y for y in outs]
+
     def _cond(self, eqn, vals, key):
         branches = eqn.params["branches"]
         results = [self.run(br.jaxpr, vals[1:], key + (b,)) for b, br in enumerate(branches)]
@@ -552,9 +601,25 @@ def _site_rows(site: _Site, eqn, invals, mask, path):
     return jnp.where(m[None, :, None], rows, 0.0), jnp.broadcast_to(jnp.sum(m, dtype=jnp.float32), (nb,))
 
 
-def _accumulate(site: _Site, rows, counts, h, c, tokens):
+def _varying(x) -> frozenset:
+    """The shard_map mesh axes over which ``x`` holds different values on different devices."""
+    try:
+        aval = jax.typeof(x)
+    except TypeError:
+        return frozenset()
+    mat = getattr(aval, "manual_axis_type", None)
+    v = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
+    return frozenset(v or ())
+
+
+def _accumulate(site: _Site, rows, counts, h, c, tokens, varying=frozenset()):
     """Adds ``rows^T rows`` of every batch position / group to its matrix of the leaf's stacked accumulator."""
     g = jnp.einsum("bnd,bne->bde", rows, rows, precision=lax.Precision.HIGHEST)
+    if varying:  # inside a shard_map: every device holds other rows; sum them (the result is the same everywhere)
+        g, counts = lax.psum((g, counts), tuple(sorted(varying)))
+    same = _varying(g) - varying  # typed as varying, equal in value (see pvary in _Evaluator.run)
+    if same:
+        g, counts = lax.pmax((g, counts), tuple(sorted(same)))
     li = jnp.asarray(site.lbase, jnp.int32)
     for step, tok in site.lsteps:
         li = li + jnp.int32(step) * jnp.asarray(tokens[tok], jnp.int32)
@@ -578,6 +643,7 @@ class _Evaluator:
 
     def run(self, jaxpr, consts, args, prefix, acc, mask):
         env = {}
+        pre_vary: dict = {}
 
         def read(v):
             return v.val if isinstance(v, jcore.Literal) else env[v]
@@ -589,7 +655,7 @@ class _Evaluator:
         for i, eqn in enumerate(jaxpr.eqns):
             key = prefix + (i,)
             invals = [read(v) for v in eqn.invars]
-            if key in self.an.calls and eqn.primitive.name in ("scan", "while", "cond"):
+            if key in self.an.calls and eqn.primitive.name in ("scan", "while", "cond", "shard_map"):
                 outs = getattr(self, "_" + eqn.primitive.name)(eqn, invals, key, acc, mask)
             elif key in self.an.calls and _sub_jaxpr(eqn) is not None:
                 sub, sub_consts = _sub_jaxpr(eqn)
@@ -602,10 +668,17 @@ class _Evaluator:
                 for k, tok in toks:
                     n, s = op.shape[k], eqn.params["slice_sizes"][k]
                     self.tokens[tok] = jnp.clip(jnp.asarray(invals[1 + k], jnp.int32), 0, n - s)
+            if eqn.primitive.name in ("pvary", "pbroadcast"):
+                # shard_map marks a device-invariant value as varying before it meets a split weight; its rows
+                # are still the same on those devices, so sum them only over the axes they truly vary over.
+                for v, x in zip(eqn.outvars, eqn.invars, strict=True):
+                    pre_vary[v] = pre_vary.get(x, None) if not isinstance(x, jcore.Literal) and x in pre_vary else _varying(read(x))
             site = self.an.sites.get(key)
             if site is not None:
                 rows, counts = _site_rows(site, eqn, invals, mask, self.paths[site.leaf])
-                acc[site.leaf] = _accumulate(site, rows, counts, *acc[site.leaf], self.tokens)
+                xv = eqn.invars[site.x_pos]
+                varying = pre_vary[xv] if not isinstance(xv, jcore.Literal) and xv in pre_vary else _varying(invals[site.x_pos])
+                acc[site.leaf] = _accumulate(site, rows, counts, *acc[site.leaf], self.tokens, varying)
             for v, x in zip(eqn.outvars, outs, strict=True):
                 env[v] = x
         return [read(v) for v in jaxpr.outvars]
@@ -644,6 +717,28 @@ class _Evaluator:
             return a, outs
 
         a, outs = lax.while_loop(cond, body, (dict(acc), list(init)))
+        acc.update(a)
+        return outs
+
+    def _shard_map(self, eqn, invals, key, acc, mask):
+        p = eqn.params
+        if mask is not None:
+            raise ValueError("row_mask is not supported for kernels used inside a shard_map (the mask is global, the rows there are per device)")
+        body = p["jaxpr"]
+        jaxpr, consts = (body.jaxpr, body.consts) if isinstance(body, jcore.ClosedJaxpr) else (body, ())
+        P = jax.sharding.PartitionSpec
+
+        def f(acc_in, *args):
+            inc = {k: (jnp.zeros_like(h), jnp.zeros_like(c)) for k, (h, c) in acc_in.items()}
+            outs = self.run(jaxpr, consts, list(args), key, inc, None)
+            return list(outs), {k: (acc_in[k][0] + inc[k][0], acc_in[k][1] + inc[k][1]) for k in acc_in}
+
+        kw = {}
+        if p.get("newly_manual_axes"):
+            kw["axis_names"] = set(p["newly_manual_axes"])
+        sm = jax.shard_map(f, mesh=p["mesh"], in_specs=(P(), *p["in_specs"]), out_specs=(list(p["out_specs"]), P()),
+                           check_vma=True, **kw)
+        outs, a = sm(dict(acc), *invals)
         acc.update(a)
         return outs
 
@@ -718,13 +813,20 @@ def collect_hessians(
         data_axis: the mesh axis that splits the batch.
 
     Returns:
-        A pytree like ``params`` with a :class:`Hessian` (``h``: float32 ``(d_in, d_in)``, ``count``, ``in_axes``)
-        at each selected kernel and ``None`` elsewhere.
+        A pytree like ``params`` with a :class:`Hessian` at each selected kernel and ``None`` elsewhere: ``h``
+        float32 ``(d_in, d_in)`` for a plain kernel; ``(*layer_shape, [groups,] d_in, d_in)`` for a stacked
+        kernel (used in a ``scan``/loop, by static slices ``w[i]``, or as MoE experts in a batched matmul;
+        ``layer_axes`` records which kernel axes) or a grouped convolution (``groups``); ``count`` per matrix.
+        On a mesh spanning several processes every process receives the summed Hessians.
 
     Raises:
         ValueError: ``where`` selects nothing or a leaf that is never a matmul weight (naming it and what it
-            was used by), no batches, NaN/Inf reaching a kernel's input (naming the kernel), a ``row_mask`` that
-            does not match the leading dims of the layer inputs, a batch not divisible over the mesh.
+            was used by), a selected leaf that reaches a matmul or convolution through something the capture
+            cannot follow (naming the leaf and the primitive, with any ``where``), a kernel used with different
+            layouts, no batches, NaN/Inf reaching a kernel's input (naming the kernel), a Hessian (or a layer's
+            or group's) built from zero rows (naming the kernel), a ``row_mask`` that does not match the leading
+            dims of the layer inputs (or used with a kernel inside ``shard_map``), a batch not divisible over
+            the mesh.
         TypeError: a non-callable ``apply_fn`` or ``row_mask``, a selected leaf that is not floating point.
     """
     if not callable(apply_fn):
@@ -750,6 +852,8 @@ def collect_hessians(
     found = None
     n_batches = 0
     for batch in batches:
+        if mesh is not None:  # before tracing: the jaxpr then sees the batch on the (automatic) mesh
+            batch = _shard_batch(batch, mesh, data_axis)
         key = (*base_key, _batch_signature(batch))
         try:
             hit = _CACHE.get(key)
@@ -769,17 +873,22 @@ def collect_hessians(
                 acc = jax.device_put(acc, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         elif found_here != found:
             raise ValueError("batches of different shapes use different kernels; collect them in separate calls")
-        if mesh is not None:
-            batch = _shard_batch(batch, mesh, data_axis)
         acc = step(acc, float_leaves, batch)
         n_batches += 1
     if n_batches == 0:
         raise ValueError("batches is empty: collect_hessians needs at least one calibration batch")
     out = [None] * len(leaves)
     for i, lay in found.items():
-        h, c = acc[i]
+        h, c = (_local(x) for x in acc[i])
         out[i] = _finish(paths[i], h, c, lay)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _local(x: jax.Array) -> jax.Array:
+    """A replicated array spanning several processes (a multi-host mesh) as this process' own copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x.addressable_data(0)
+    return x
 
 
 def _select(params: Any, where: tree.Where) -> tuple[Any, list[str], list[Any], list[int]]:

@@ -1,10 +1,17 @@
 """collect_hessians inside control flow (scan, fori/while, cond/switch), batched and grouped matmuls:
 each form against the Hessians of the same model unrolled by hand, and the cases that must raise."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax import lax
 
 from compressjax.hessians import Hessian, collect_hessians
@@ -129,8 +136,12 @@ def test_fori_and_while_loops_over_a_stacked_tree():
 
         return lax.while_loop(lambda c: c[0] < L, body, (0, x))[1] @ p["head"]
 
+    def carried(p, x):  # the stacked tree passed through the loop carry unchanged
+        return lax.fori_loop(0, L, lambda i, c: (jnp.tanh(c[0] @ c[1]["w"][i]), c[1]), (x, p))[0] @ p["head"]
+
     ref = collect_hessians(_unrolled, STACK, XS)
     _same(collect_hessians(fori, STACK, XS), ref)
+    _same(collect_hessians(carried, STACK, XS), ref)
     _same(collect_hessians(wl, STACK, XS), ref)
     _same(collect_hessians(fori_dynamic, STACK, XS), ref)
 
@@ -243,10 +254,8 @@ def test_what_cannot_be_followed_is_an_error_naming_leaf_and_primitive():
     ids = jnp.asarray([0, 2, 1])
     with pytest.raises(ValueError, match=r"'experts'.*'gather'"):  # weights gathered per token
         collect_hessians(lambda p, x: jnp.einsum("td,tdf->tf", x, p["experts"][ids]), experts, x)
-    mesh = jax.make_mesh((1,), ("d",))
-    sm = jax.shard_map(lambda w, x: x @ w, mesh=mesh, in_specs=(jax.P(), jax.P()), out_specs=jax.P())
-    with pytest.raises(ValueError, match=r"'w'.*shard_map"):
-        collect_hessians(lambda p, x: sm(p["w"], x), {"w": p["w"]}, x)
+    with pytest.raises(ValueError, match=r"'w'.*'custom_thing'|'w'.*'sin'"):  # any op the capture does not know
+        collect_hessians(lambda p, x: x @ jnp.sin(p["w"]), {"w": p["w"]}, x)
     # Embeddings that only feed a gather and elementwise ops are left out, as before.
     H = collect_hessians(lambda p, ids: (p["emb"][ids] + 1.0) @ p["w"], p, [jnp.arange(3)])
     assert H["emb"] is None and H["w"] is not None
@@ -260,3 +269,106 @@ def test_zero_rows_is_an_error_naming_the_kernel():
         collect_hessians(lambda p, x: x @ p["w"], p, [jnp.zeros((0, D))])
     with pytest.raises(ValueError, match=r"'w'.*layer \(2,\).*zero input rows"):  # a slice never used
         collect_hessians(lambda p, x: x @ p["w"][0] @ p["w"][1], {"w": _arr(3, D, D)}, [_arr(4, D)])
+
+
+def test_shard_map_on_one_device_equals_the_plain_model():
+    mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    sm = jax.shard_map(lambda w, x: jnp.tanh(x @ w), mesh=mesh, in_specs=(jax.P(), jax.P("d")), out_specs=jax.P("d"))
+    p = {"w": _arr(D, D)}
+    _same(collect_hessians(lambda p, x: sm(p["w"], x), p, XS), collect_hessians(lambda p, x: jnp.tanh(x @ p["w"]), p, XS))
+
+
+SHARD_MAP_8 = """
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from compressjax.hessians import collect_hessians
+assert jax.device_count() == 8
+mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+P = jax.P
+rng = np.random.default_rng(0)
+p = {"w1": jnp.asarray(rng.normal(size=(6, 8)), jnp.float32), "w2": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
+     "stack": jnp.asarray(rng.normal(size=(3, 8, 8)) * 0.3, jnp.float32)}
+def body(w1, w2, st, x):
+    h = jnp.tanh(x @ w1)                                            # replicated weight, rows split over 'data'
+    h = lax.scan(lambda c, w: (jnp.tanh(c @ w), None), h, st)[0]    # a scanned stack inside the shard_map
+    return h @ w2                                                   # column-parallel: w2's outputs split over 'model'
+sm = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(None, "model"), P(), P("data")), out_specs=P("data", "model"))
+xs = [jnp.asarray(rng.normal(size=(16, 6)), jnp.float32) for _ in range(2)]
+with jax.set_mesh(mesh):
+    H = collect_hessians(lambda p, x: sm(p["w1"], p["w2"], p["stack"], x), p, xs)
+R = collect_hessians(lambda p, x: body(p["w1"], p["w2"], p["stack"], x), p, xs)
+for k in p:
+    np.testing.assert_allclose(np.asarray(H[k].h), np.asarray(R[k].h), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(H[k].count), np.asarray(R[k].count))
+    assert (H[k].in_axes, H[k].layer_axes) == (R[k].in_axes, R[k].layer_axes)
+assert H["stack"].h.shape == (3, 8, 8)
+rowpar = jax.shard_map(lambda w, x: lax.psum(x @ w, "model"), mesh=mesh, in_specs=(P("model", None), P("data", "model")), out_specs=P("data"))
+try:
+    with jax.set_mesh(mesh):
+        collect_hessians(lambda p, x: rowpar(p["w2"], x), {"w2": p["w2"]}, [jnp.ones((16, 8))])
+except ValueError as e:
+    assert "'w2'" in str(e) and "shard_map" in str(e) and "contracted" in str(e), e
+else:
+    raise AssertionError("a weight split along its input axis gave no error")
+print("OK")
+"""
+
+
+@pytest.mark.slow
+def test_shard_map_on_eight_devices_equals_the_plain_model():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SHARD_MAP_8)], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@settings(max_examples=6, deadline=None)
+@given(n_layers=st.integers(2, 4), d=st.integers(2, 5), axis=st.sampled_from([0, 1, 2]), reverse=st.booleans(), unroll=st.sampled_from([1, 2]))
+def test_scan_over_any_kernel_axis_equals_static_slices(n_layers, d, axis, reverse, unroll):
+    """Property: scanning a stacked kernel over any of its axes (moved first) gives the Hessians of the
+    same layers applied from static slices, with that axis recorded as the layer axis."""
+    rng = np.random.default_rng(n_layers * 100 + d * 10 + axis)
+    p = {"w": jnp.asarray(np.moveaxis(rng.normal(size=(n_layers, d, d)) * 0.5, 0, axis), jnp.float32)}
+    xs = [jnp.asarray(rng.normal(size=(3, d)), jnp.float32)]
+
+    def scanned(p, x):
+        return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, jnp.moveaxis(p["w"], axis, 0), reverse=reverse, unroll=unroll)[0]
+
+    def by_slices(p, x):
+        for i in (reversed(range(n_layers)) if reverse else range(n_layers)):
+            x = jnp.tanh(x @ lax.index_in_dim(p["w"], i, axis, keepdims=False))
+        return x
+
+    H = collect_hessians(scanned, p, xs)
+    assert H["w"].layer_axes == (axis,) and H["w"].h.shape == (n_layers, d, d)
+    _same(H, collect_hessians(by_slices, p, xs))
+
+
+def _n_eqns(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                if hasattr(sub, "eqns"):
+                    n += _n_eqns(sub)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    n += _n_eqns(sub.jaxpr)
+    return n
+
+
+def test_the_traced_capture_does_not_grow_with_the_number_of_layers():
+    """The scan stays a scan in the accumulation step: the same equations for 2 and for 16 layers."""
+    from compressjax import hessians as hs
+
+    def size(n_layers):
+        p = {"w": jnp.ones((n_layers, D, D))}
+
+        def f(leaf_list, x):
+            return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, leaf_list[0])[0]
+
+        step, found = hs._build(f, [p["w"]], XS[0], [0], ["w"], None, None, None)
+        acc = {i: (jnp.zeros((lay.n, lay[1], lay[1])), jnp.zeros((lay.n,))) for i, lay in found.items()}
+        return _n_eqns(jax.make_jaxpr(step)(acc, [p["w"]], XS[0]).jaxpr)
+
+    assert size(2) == size(16)

@@ -1,5 +1,6 @@
 """sequential: one pass over the calibration set, each kernel slice compressed right before its first use."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -72,6 +73,11 @@ def test_plain_model_equals_layerwise_and_later_layers_see_compressed_inputs():
     for k in p:
         np.testing.assert_allclose(np.asarray(cj.dequantize(seq[k])), np.asarray(cj.dequantize(lw[k])), rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(cj.dequantize(seq["w2"])), np.asarray(cj.dequantize(one["w2"])))
+    keep = lambda x: jnp.arange(x.shape[0]) % 3 != 0  # noqa: E731  padding rows left out, as in layerwise
+    seq_m = cj.sequential(f, p, XS, _gptq, row_mask=keep)
+    lw_m = cj.layerwise(f, p, XS, _gptq, stages=["w1", "w2", "head"], row_mask=keep)
+    for k in p:
+        np.testing.assert_allclose(np.asarray(cj.dequantize(seq_m[k])), np.asarray(cj.dequantize(lw_m[k])), rtol=1e-5, atol=1e-6)
 
 
 def test_sparsegpt_returns_stacked_masks_and_a_where():
@@ -111,7 +117,7 @@ def test_bad_inputs():
         cj.sequential(scanned, P, [XS[0], XS[0][:4]], _gptq)
     with pytest.raises(TypeError, match="compress"):
         cj.sequential(scanned, P, XS, None)
-    with pytest.raises(ValueError, match="compress must return params"):
+    with pytest.raises(ValueError, match=r"compress \(for leaf .w.\) must return params"):
         cj.sequential(scanned, P, XS, lambda p, h: 3)
 
     def branchy(p, x):
@@ -121,3 +127,51 @@ def test_bad_inputs():
         cj.sequential(branchy, P, [jnp.ones((2, D)), -jnp.ones((2, D))], _gptq, where="head")
     with pytest.raises(ValueError, match=r"'w' \(layer \(0,\)\).*zero input rows"):
         cj.sequential(scanned, P, XS, _gptq, row_mask=lambda x: jnp.zeros(x.shape[:1], bool))
+
+
+def test_one_pass_stacked_hessians_feed_the_stacked_solvers():
+    """collect_hessians' stacked Hessian goes straight into gptq / sparsegpt (solved per layer)."""
+    H = cj.collect_hessians(scanned, P, XS)
+    q = cj.gptq(P, H, SPEC)
+    assert isinstance(q["w"], cj.QArray) and q["w"].shape == (L, D, D)
+    hw = H["w"]
+    for i in range(L):
+        ref = _gptq({"w": P["w"][i]}, {"w": cj.Hessian(hw.h[i], hw.count[i], (0,))})["w"]
+        np.testing.assert_allclose(np.asarray(cj.dequantize(q["w"])[i]), np.asarray(cj.dequantize(ref)), rtol=1e-5, atol=1e-6)
+    out = scanned(cj.dequantize_params(q), XS[0])  # the stacked result runs through the same scanned model
+    assert out.shape == (8, 4) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_linen_nn_scan_with_remat():
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.Dense(D, use_bias=False, name="down")(nn.gelu(nn.Dense(2 * D, use_bias=False, name="up")(nn.LayerNorm()(x)))), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x, _ = nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=L)(name="layers")(x, None)
+            return nn.Dense(3, name="head")(x)
+
+    m = Model()
+    params = m.init(jax.random.key(0), XS[0])
+
+    def unrolled(p, x):  # the same layers applied one by one from static slices of the stacked params
+        for i in range(L):
+            x, _ = Block().apply({"params": jax.tree.map(lambda a, i=i: a[i], p["params"]["layers"])}, x, None)
+        return x @ p["params"]["head"]["kernel"] + p["params"]["head"]["bias"]
+
+    apply = lambda p, x: m.apply(p, x)  # noqa: E731
+    H = cj.collect_hessians(apply, params, XS)
+    R = cj.collect_hessians(unrolled, params, XS)
+    for name in ("up", "down"):
+        h, r = H["params"]["layers"][name]["kernel"], R["params"]["layers"][name]["kernel"]
+        assert h.layer_axes == (0,) and h.h.shape[0] == L
+        np.testing.assert_allclose(np.asarray(h.h), np.asarray(r.h), rtol=1e-4, atol=1e-4)
+    assert H["params"]["layers"]["LayerNorm_0"]["scale"] is None  # stacked norm scales (L, d): left out
+    q = cj.sequential(apply, params, XS, _gptq)
+    assert isinstance(q["params"]["layers"]["up"]["kernel"], cj.QArray) and q["params"]["layers"]["up"]["kernel"].shape == (L, D, 2 * D)
+    assert m.apply(cj.dequantize_params(q), XS[0]).shape == (8, 3)

@@ -13,7 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compressjax import QuantSpec, dequantize, dequantize_params, load, quantize, quantize_params, save, size_report
+from compressjax import (
+    QuantSpec,
+    dequantize,
+    dequantize_params,
+    fake_quant_params,
+    load,
+    quantize,
+    quantize_params,
+    save,
+    size_report,
+)
 from compressjax.hessians import Hessian
 from compressjax.oneshot import gptq, sparsegpt, wanda_masks
 from compressjax.qarray import QArray
@@ -81,15 +91,22 @@ CASES = {
     "MoE E,in,out": dict(shape=(4, 8, 6), layer_axes=(0,), in_axes=(1,)),
     "grouped conv": dict(shape=(2, 2, 4, 6), layer_axes=(), in_axes=(0, 1, 2), groups=2),
     "nested scans": dict(shape=(2, 2, 8, 4), layer_axes=(0, 1), in_axes=(2,)),
+    "depthwise conv": dict(shape=(3, 3, 1, 4), layer_axes=(), in_axes=(0, 1, 2), groups=4),
 }
 
 
 def _spec_for(case):
     last_in = case.shape[case.in_axes[-1]]
+    if last_in % 4:
+        return QuantSpec(bits=4, symmetric=False)  # depthwise: one input channel per group, per channel asymmetric
     return QuantSpec(bits=4, group_size=4 if last_in % 8 else 8)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+SLOW = pytest.mark.slow  # each case compiles its own sweeps (about 5-30 s on the shared 2-core machine)
+
+
+@pytest.mark.parametrize("name", ["L,in,out", "in,L,out (MaxText)", pytest.param("MoE E,in,out", marks=SLOW), "grouped conv",
+                                  pytest.param("nested scans", marks=SLOW), pytest.param("depthwise conv", marks=SLOW)])
 def test_gptq_stacked_equals_each_slice(name):
     case = Case(**CASES[name])
     spec = _spec_for(case)
@@ -106,7 +123,7 @@ def test_gptq_stacked_equals_each_slice(name):
     assert n == int(np.prod(case.layer_shape or (1,))) * case.groups
 
 
-@pytest.mark.parametrize("name", ["L,in,out", "in,L,out (MaxText)", "grouped conv"])
+@pytest.mark.parametrize("name", [pytest.param("L,in,out", marks=SLOW), "in,L,out (MaxText)", pytest.param("grouped conv", marks=SLOW)])
 def test_sparsegpt_and_wanda_stacked_equal_each_slice(name):
     case = Case(**CASES[name], seed=1)
     p, m = sparsegpt({"k": jnp.asarray(case.w)}, {"k": case.hess}, 0.5)
@@ -122,6 +139,7 @@ def test_sparsegpt_and_wanda_stacked_equal_each_slice(name):
         assert int(np.sum(~case.pick(m["k"], li, sl))) == k.size // 2
 
 
+@SLOW
 def test_moe_nm_sparsegpt_with_quantization_and_variants_equal_each_slice():
     case = Case(**CASES["MoE E,in,out"], seed=2)
     spec_pt = QuantSpec(bits=4, channel_axes=())  # per tensor -> per expert
@@ -192,6 +210,7 @@ def test_stacked_qarray_runs_through_the_scanned_model_and_the_file_format(tmp_p
     np.testing.assert_array_equal(np.asarray(kept.scale), np.asarray(qk.scale))
 
 
+@SLOW
 def test_stacked_gptq_compiles_once_per_slice_shape_not_per_layer():
     from compressjax.oneshot import _core
 
@@ -260,9 +279,34 @@ def test_undeclared_3d_kernel_warns_naming_it_and_conv1d_can_say_so():
     params = {"conv": {"kernel": jnp.ones((3, 4, 8))}, "dense": {"kernel": jnp.ones((4, 8))}}
     with pytest.warns(LayerAxesWarning, match=r"'conv/kernel'.*layer_axes=\(0,\)"):
         quantize_params(params, QuantSpec(bits=4))
+    with pytest.warns(LayerAxesWarning, match=r"'conv/kernel'"):
+        fake_quant_params(params, QuantSpec(bits=4, channel_axes=()))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         q = quantize_params(params, QuantSpec(bits=4, layer_axes=()))  # a conv1d kernel: shared across k, as before
         assert q["conv"]["kernel"].channel_axes == (2,)
         # per-(axis 0, out) scales never span axis 0: no warning either
         quantize_params(params, {"conv": QuantSpec(bits=4, channel_axes=(0, 2))})
+
+
+def test_quantized_dot_general_with_per_expert_weight_scales_in_a_batched_matmul():
+    # MoE experts in one batched dot_general ("etd,edf->etf"): layer_axes=(0,) gives each expert its own scales,
+    # which the integer path factors out like a batch axis.
+    from compressjax import quantized_dot_general
+
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(3, 5, 8)).astype(np.float32))
+    w = rng.normal(size=(3, 8, 4)).astype(np.float32)
+    w[2] *= 50.0
+    w = jnp.asarray(w)
+    wspec, aspec = QuantSpec(bits=8, layer_axes=(0,)), QuantSpec(bits=8, channel_axes=())
+    dn = (((2,), (1,)), ((0,), (0,)))
+    fake = quantized_dot_general(wspec, aspec)(x, w, dn)
+    intd = quantized_dot_general(wspec, aspec, mode="int")(x, w, dn)
+    np.testing.assert_allclose(np.asarray(intd), np.asarray(fake), rtol=1e-5, atol=1e-4)
+    wq = dequantize_params(quantize_params({"w": w}, {"w": wspec}))["w"]
+    xq = dequantize(quantize(x, aspec))
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(np.asarray(fake), np.asarray(jnp.einsum("etd,edf->etf", xq, wq)), rtol=1e-5, atol=1e-4)
+    # per-expert scales: the loud expert does not coarsen the others' grids
+    assert quantize(w, wspec).scale.shape == (3, 1, 4)

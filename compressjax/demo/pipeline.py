@@ -129,7 +129,8 @@ class DemoConfig:
 
     def rules(self) -> dict[str, QuantSpec]:
         """Quantization rules of the compressed model: ``bits`` per output channel for kernels, int8 biases."""
-        return {"kernel": QuantSpec(bits=self.bits), "bias": QuantSpec(bits=8, channel_axes=())}
+        # layer_axes=(): the 3-D kernels are conv1d (k, in, out), not stacked layers (scales shared across k)
+        return {"kernel": QuantSpec(bits=self.bits, layer_axes=()), "bias": QuantSpec(bits=8, channel_axes=())}
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,8 @@ def _count_check(path: str, count: Any, lay: KernelLayout) -> None:
         return
     c = np.asarray(count)
     want = lay.h_shape[:-2]
+    if c.size == 1:  # one count for every slice (e.g. the same rows reach every group)
+        c = np.broadcast_to(c.reshape(()), (lay.batch,))
     if c.size != lay.batch:
         raise ValueError(f"leaf {path!r}: Hessian count has shape {c.shape}, expected {want} (one count per layer / group)")
     zero = np.flatnonzero(c.reshape(-1) == 0)

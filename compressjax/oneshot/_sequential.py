@@ -13,6 +13,7 @@ instead of one pass per stage (:func:`~compressjax.layerwise`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import jax
@@ -24,6 +25,8 @@ from compressjax import hessians as _hs
 from compressjax import tree
 from compressjax.hessians import Hessian
 from compressjax.oneshot._common import store_codes
+from compressjax.oneshot._layerwise import split_result
+from compressjax.oneshot._sparsegpt import Pruned
 from compressjax.qarray import QArray
 from compressjax.quantization import dequantize
 
@@ -52,9 +55,11 @@ def sequential(
     It is called once per kernel slice with 2-D sub-problems: ``params`` holds that slice in place of the
     leaf (layer axes removed; for a grouped convolution, the group's block of output channels) and
     ``hessians`` holds one plain ``(d_in, d_in)`` :class:`Hessian` at that leaf and ``None`` elsewhere; the
-    leaf keeps its path, so path-keyed rules apply. It returns either the params (the leaf compressed: a
-    float array or a ``QArray``) or a pair ``(params, masks)``; which of the two is decided by the tree
-    structure of the result (a result shaped like ``params`` is params), and must be the same for every call.
+    leaf keeps its path, so path-keyed rules apply. It returns, as for :func:`~compressjax.layerwise` (see
+    :func:`~compressjax.oneshot.split_result`), either the params (the leaf compressed: a float array or a
+    ``QArray``; a tree of the structure of ``params``) or a :class:`~compressjax.oneshot.Pruned`
+    ``(params, masks)`` (what :func:`~compressjax.sparsegpt` returns); the kind is read from the type of the
+    result, never from ``isinstance(out, tuple)``, and must be the same for every call.
     Slices of a stacked leaf are joined back into the stacked layout: float arrays and masks stacked, and
     ``QArray`` slices merged into one ``QArray`` whose scales are per layer (the layer axes become channel
     axes) and per group (the output axis must then have its own scales).
@@ -64,20 +69,20 @@ def sequential(
             params (``QArray`` leaves of ``params`` are dequantized for it and are not compressed again).
         params: the params pytree.
         batches: the calibration batches, all of the same shapes and dtypes.
-        compress: ``(params, hessians) -> params`` or ``-> (params, masks)`` (see above).
+        compress: ``(params, hessians) -> params`` or ``-> Pruned(params, masks)`` (see above).
         row_mask: as in :func:`~compressjax.collect_hessians`: ``batch -> bool array`` over the leading dims of
             the layer inputs; False rows are left out of every Hessian.
         where: which leaves to compress (as in :func:`~compressjax.collect_hessians`).
 
     Returns:
-        When ``compress`` returns params: the compressed params. When it returns ``(params, masks)``: the pair
-        ``(params, masks)`` with a keep-mask (stacked like its leaf) at every compressed leaf and ``None``
-        elsewhere.
+        When ``compress`` returns params: the compressed params. When it returns a ``Pruned``: a
+        :class:`~compressjax.oneshot.Pruned` ``(params, masks)`` with a keep-mask (stacked like its leaf) at
+        every compressed leaf and ``None`` elsewhere.
 
     Raises:
         ValueError: no batches, batches of different shapes, a branch (``cond``) or loop condition that differs
             between calibration batches, a kernel slice never used by the batches, a Hessian from zero rows,
-            ``compress`` returning something else than params or ``(params, masks)``, plus what
+            ``compress`` returning something else than params or a ``Pruned``, plus what
             :func:`~compressjax.collect_hessians` raises for the model.
         TypeError: a non-callable ``apply_fn``/``compress``/``row_mask``; per-slice results that cannot be
             joined into a stacked leaf (anything but float arrays and ``QArray``).
@@ -85,7 +90,7 @@ def sequential(
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be a callable (params, batch) -> output, got {apply_fn!r}")
     if not callable(compress):
-        raise TypeError(f"compress must be a callable (params, hessians) -> params or (params, masks), got {compress!r}")
+        raise TypeError(f"compress must be a callable (params, hessians) -> params or Pruned(params, masks), got {compress!r}")
     if row_mask is not None and not callable(row_mask):
         raise TypeError(f"row_mask must be None or a callable batch -> bool array, got {row_mask!r}")
     batches = list(batches)
@@ -136,6 +141,7 @@ class _Pass:
         self.kind: str | None = None
         self.fns: dict[tuple, Callable] = {}
         self.last: dict[int, dict] = {}
+        self.plans: dict[tuple, list] = {}
 
     # -- evaluation
     def _last_use(self, jaxpr) -> dict:
@@ -152,6 +158,66 @@ class _Pass:
             self.last[id(jaxpr)] = lu
         return lu
 
+    def _plan(self, jaxpr, prefix) -> list:
+        """The equations in runs: a run of plain equations (no site, no run-time index, nothing the pass must
+        enter) is evaluated by one compiled function, so compilations follow the sites, not the equations."""
+        key = (id(jaxpr), prefix)
+        plan = self.plans.get(key)
+        if plan is None:
+            lu = self._last_use(jaxpr)
+            plan, run = [], []
+
+            def close():
+                if run:
+                    defined = {v for i in run for v in jaxpr.eqns[i].outvars}
+                    ins, seen = [], set()
+                    for i in run:
+                        for v in jaxpr.eqns[i].invars:
+                            if not isinstance(v, jcore.Literal) and v not in defined and v not in seen:
+                                seen.add(v)
+                                ins.append(v)
+                    outs = [v for v in defined if lu.get(v, -1) > run[-1]]
+                    plan.append(("run", (list(run), ins, outs)))
+                    run.clear()
+
+            for i in range(len(jaxpr.eqns)):
+                k = prefix + (i,)
+                if k in self.an.sites or k in self.an.calls or k in self.an.ds_tokens:
+                    close()
+                    plan.append(("eqn", i))
+                else:
+                    run.append(i)
+            close()
+            self.plans[key] = plan
+        return plan
+
+    def _run_plain(self, jaxpr, idx: list[int], ins: list, outs: list, vals: list) -> list:
+        in_b = tuple(b for _, b in vals)
+        batched = {v for v, b in zip(ins, in_b, strict=True) if b}
+        for i in idx:
+            eqn = jaxpr.eqns[i]
+            if any(not isinstance(v, jcore.Literal) and v in batched for v in eqn.invars):
+                batched.update(eqn.outvars)
+        out_b = tuple(v in batched for v in outs)
+        key = (id(jaxpr), tuple(idx), in_b)
+        f = self.fns.get(key)
+        if f is None:
+            eqns = [jaxpr.eqns[i] for i in idx]
+
+            def fn(*xs):
+                env = dict(zip(ins, xs, strict=True))
+                for eqn in eqns:
+                    res = _hs._bind(eqn, [v.val if isinstance(v, jcore.Literal) else env[v] for v in eqn.invars])
+                    env.update(zip(eqn.outvars, res, strict=True))
+                return [env[v] for v in outs]
+
+            if any(in_b):
+                fn = jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_b), out_axes=[0 if b else None for b in out_b])
+            f = jax.jit(fn)
+            self.fns[key] = f
+        res = f(*[x for x, _ in vals])
+        return list(zip(res, out_b, strict=True))
+
     def run(self, jaxpr, consts, args, prefix) -> list:
         env: dict = {}
         lu = self._last_use(jaxpr)
@@ -159,11 +225,25 @@ class _Pass:
         def read(v):
             return (v.val, False) if isinstance(v, jcore.Literal) else env[v]
 
+        def free(i):
+            for v in jaxpr.eqns[i].invars:
+                if not isinstance(v, jcore.Literal) and lu.get(v) == i:
+                    env.pop(v, None)
+
         for v, x in zip(jaxpr.constvars, consts, strict=True):
             env[v] = (x, False)
         for v, x in zip(jaxpr.invars, args, strict=True):
             env[v] = x
-        for i, eqn in enumerate(jaxpr.eqns):
+        for kind, item in self._plan(jaxpr, prefix):
+            if kind == "run":
+                idx, ins, outs = item
+                res = self._run_plain(jaxpr, idx, ins, outs, [env[v] for v in ins])
+                env.update(zip(outs, res, strict=True))
+                for i in idx:
+                    free(i)
+                continue
+            i = item
+            eqn = jaxpr.eqns[i]
             key = prefix + (i,)
             ins = [read(v) for v in eqn.invars]
             site = self.an.sites.get(key)
@@ -192,9 +272,7 @@ class _Pass:
             for v, x in zip(eqn.outvars, outs, strict=True):
                 if lu.get(v, -1) > i:
                     env[v] = x
-            for v in eqn.invars:
-                if not isinstance(v, jcore.Literal) and lu.get(v) == i:
-                    env.pop(v, None)
+            free(i)
         return [read(v) for v in jaxpr.outvars]
 
     def _apply(self, eqn, ins) -> list:
@@ -302,40 +380,40 @@ class _Pass:
         if not bool(jnp.all(jnp.isfinite(h))):
             raise ValueError(f"leaf {path!r}{where_}: its layer inputs hold NaN or Inf in the calibration batches (the Hessian is not finite)")
         kernel = self.work[leaf]
-        idx: list[Any] = [slice(None)] * kernel.ndim
+        # The slice as (start, size) per axis, read and written back by one compiled function per shape
+        # (not one per slice index).
+        starts, sizes = [0] * kernel.ndim, list(kernel.shape)
         for a, c in zip(layer_axes, lc, strict=True):
-            idx[a] = int(c)
+            starts[a], sizes[a] = int(c), 1
         rest = [a for a in range(kernel.ndim) if a not in layer_axes]
         if g > 1:
             out_axis = _out_axis(rest, in_axes, path)
-            blk = kernel.shape[out_axis] // g
-            idx[out_axis] = slice((j % g) * blk, (j % g + 1) * blk)
-        sub = kernel[tuple(idx)]
+            sizes[out_axis] = kernel.shape[out_axis] // g
+            starts[out_axis] = (j % g) * sizes[out_axis]
+        sub_shape = tuple(sizes[a] for a in rest)
+        starts_arr = jnp.asarray(starts, jnp.int32)
+        sub = _take(kernel, starts_arr, tuple(sizes)).reshape(sub_shape)
         hess = Hessian(h, jnp.float32(count), tuple(rest.index(a) for a in in_axes))
         sub_leaves = list(self.base)
         sub_leaves[leaf] = sub
         h_leaves = [None] * len(sub_leaves)
         h_leaves[leaf] = hess
-        out = self.compress(jax.tree_util.tree_unflatten(self.treedef, sub_leaves), jax.tree_util.tree_unflatten(self.treedef, h_leaves))
-        res, mask = self._split(out, leaf, path)
+        sub_params = jax.tree_util.tree_unflatten(self.treedef, sub_leaves)
+        out = self.compress(sub_params, jax.tree_util.tree_unflatten(self.treedef, h_leaves))
+        res, mask = self._split(sub_params, out, leaf, path)
         dense = _decode(res, path)
         if tuple(dense.shape) != tuple(sub.shape):
             raise ValueError(f"leaf {path!r}{where_}: compress returned shape {tuple(dense.shape)} for a slice of shape {tuple(sub.shape)}")
-        self.work[leaf] = kernel.at[tuple(idx)].set(dense.astype(kernel.dtype))
+        self.work[leaf] = _put(kernel, starts_arr, dense.astype(kernel.dtype).reshape(sizes))
         self.done[(leaf, j)] = (res, mask)
 
-    def _split(self, out, leaf: int, path: str) -> tuple[Any, Any]:
-        is_leaf = tree.is_compressed_leaf
-        if jax.tree_util.tree_structure(out, is_leaf=is_leaf) == self.treedef:
-            kind, new_params, masks = "params", out, None
-        elif isinstance(out, tuple | list) and len(out) == 2 and jax.tree_util.tree_structure(out[0], is_leaf=is_leaf) == self.treedef:
-            kind, (new_params, masks) = "params+masks", out
-        else:
-            raise ValueError(f"compress must return params (a tree shaped like the params) or (params, masks); for leaf {path!r} it returned {type(out).__name__}")
+    def _split(self, sub_params, out, leaf: int, path: str) -> tuple[Any, Any]:
+        new_params, masks = split_result(sub_params, out, f"compress (for leaf {path!r})")
+        kind = "params" if masks is None else "pruned"
         if self.kind is not None and kind != self.kind:
             raise ValueError(f"compress returned {kind} for leaf {path!r} but {self.kind} before; it must return the same kind every time")
         self.kind = kind
-        res = jax.tree_util.tree_leaves(new_params, is_leaf=is_leaf)[leaf]
+        res = jax.tree_util.tree_leaves(new_params, is_leaf=tree.is_compressed_leaf)[leaf]
         mask = None
         if masks is not None:
             found = [m for pth, m in tree.leaves_with_paths(masks, tree.is_none) if pth == path]
@@ -375,9 +453,19 @@ class _Pass:
                 coords = {c: tuple(_join([v[k] for v in vs], a, True, path) for k in range(2)) for c, vs in grouped.items()}
             out[leaf], mask_leaves[leaf] = next(iter(coords.values()))
         params = jax.tree_util.tree_unflatten(self.treedef, out)
-        if self.kind == "params+masks":
-            return params, jax.tree_util.tree_unflatten(self.treedef, mask_leaves)
+        if self.kind == "pruned":
+            return Pruned(params, jax.tree_util.tree_unflatten(self.treedef, mask_leaves))
         return params
+
+
+@partial(jax.jit, static_argnums=2)
+def _take(kernel, starts, sizes):
+    return jax.lax.dynamic_slice(kernel, list(starts), sizes)
+
+
+@jax.jit
+def _put(kernel, starts, value):
+    return jax.lax.dynamic_update_slice(kernel, value, list(starts))
 
 
 def _out_axis(rest: list[int], in_axes: tuple[int, ...], path: str) -> int:
