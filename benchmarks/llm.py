@@ -56,6 +56,7 @@ import compressjax as cj  # noqa: E402
 from benchmarks._common import finish, parser  # noqa: E402
 from compressjax import tree  # noqa: E402
 from compressjax.models import smollm  # noqa: E402
+from compressjax.oneshot import Pruned  # noqa: E402
 
 KERNELS = r"layers/.*kernel$"
 ROWS = ("float", "rtn-int4-g128", "rtn-int4-ch", "gptq-int4-g128", "gptq-int4-g128-seq", "gptq-int4-ch-seq",
@@ -213,9 +214,9 @@ def one_shot(name: str, params: Any, calib_batches: list[np.ndarray], hidden: Ca
     return out[0] if isinstance(out, tuple) else out
 
 
-def _wanda(p: Any, h: Any, sparsity: float) -> tuple[Any, Any]:
+def _wanda(p: Any, h: Any, sparsity: float) -> Pruned:
     masks = cj.wanda_masks(p, h, sparsity)
-    return cj.apply_masks(p, masks), masks
+    return Pruned(cj.apply_masks(p, masks), masks)  # sequential reads a Pruned as (params, masks)
 
 
 def compress_row(name: str, params: Any, calib_batches: list[np.ndarray], hidden: Callable, group: int = 128) -> Any:

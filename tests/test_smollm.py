@@ -384,8 +384,10 @@ def test_benchmark_one_shot_rows_run_on_a_tiny_model(row):
     up = np.asarray(out["layers"]["mlp"]["up"]["kernel"])
     assert up.shape == (2, 32, 64)
     zeros = (up == 0).reshape(2, -1).mean(1)
-    if row.startswith(("sparsegpt", "wanda")):
+    if row.startswith(("sparsegpt", "wanda")) and "int4" not in row:
         np.testing.assert_allclose(zeros, 0.5, atol=1e-9)  # exactly half of each layer
+    if row == "sparsegpt-50%+int4":  # half pruned, and a few kept weights round to zero
+        assert np.all((zeros >= 0.5) & (zeros < 0.53)), zeros
     if "int4" in row or "int3" in row:
         levels = 15 if "int4" in row else 7
         assert max(len(np.unique(up[i][:, j])) for i in range(2) for j in range(64)) <= levels + 1
