@@ -56,6 +56,7 @@ import compressjax as cj  # noqa: E402
 from benchmarks._common import finish, parser  # noqa: E402
 from compressjax import tree  # noqa: E402
 from compressjax.models import smollm  # noqa: E402
+from compressjax.oneshot import Pruned  # noqa: E402
 
 KERNELS = r"layers/.*kernel$"
 ROWS = ("float", "rtn-int4-g128", "rtn-int4-ch", "gptq-int4-g128", "gptq-int4-g128-seq", "gptq-int4-ch-seq",
@@ -77,16 +78,16 @@ def group_for(d_in: int, group: int) -> int:
 
 def kernel_rules(params: Any, bits: int, group: int | None, *, stacked: bool) -> dict[str, cj.QuantSpec]:
     """``{path$: QuantSpec}`` for every stacked kernel: symmetric ``bits``, per output channel, and per
-    group of about ``group`` inputs (:func:`group_for`) unless ``group`` is None. ``stacked``: the layer axis
-    0 gets its own scales too (a channel axis), for round-to-nearest on the stacked ``(L, in, out)`` leaf."""
-    axes = (0, -1) if stacked else (-1,)
-    return {re.escape(p) + "$": cj.QuantSpec(bits=bits, channel_axes=axes,
+    group of about ``group`` inputs (:func:`group_for`) unless ``group`` is None. ``stacked``: declare the
+    layer axis 0 (``layer_axes=(0,)``: every layer keeps its own scales), for round-to-nearest on the stacked
+    ``(L, in, out)`` leaf; the one-shot solvers take the layer axes from the Hessians instead."""
+    return {re.escape(p) + "$": cj.QuantSpec(bits=bits, layer_axes=(0,) if stacked else None,
                                               group_size=None if group is None else group_for(x.shape[-2], group))
             for p, x in tree.selected_leaves(params, KERNELS)}
 
 
 def rtn(params: Any, bits: int, group: int | None) -> Any:
-    """Round-to-nearest of the stacked kernels with per-layer scales (the layer axis is a channel axis)."""
+    """Round-to-nearest of the stacked kernels with per-layer scales (the layer axis declared)."""
     return cj.quantize_params(params, kernel_rules(params, bits, group, stacked=True))
 
 
@@ -213,9 +214,9 @@ def one_shot(name: str, params: Any, calib_batches: list[np.ndarray], hidden: Ca
     return out[0] if isinstance(out, tuple) else out
 
 
-def _wanda(p: Any, h: Any, sparsity: float) -> tuple[Any, Any]:
+def _wanda(p: Any, h: Any, sparsity: float) -> Pruned:
     masks = cj.wanda_masks(p, h, sparsity)
-    return cj.apply_masks(p, masks), masks
+    return Pruned(cj.apply_masks(p, masks), masks)  # sequential reads a Pruned as (params, masks)
 
 
 def compress_row(name: str, params: Any, calib_batches: list[np.ndarray], hidden: Callable, group: int = 128) -> Any:

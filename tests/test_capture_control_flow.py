@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax import lax
 
 from compressjax.hessians import Hessian, collect_hessians
@@ -134,8 +136,12 @@ def test_fori_and_while_loops_over_a_stacked_tree():
 
         return lax.while_loop(lambda c: c[0] < L, body, (0, x))[1] @ p["head"]
 
+    def carried(p, x):  # the stacked tree passed through the loop carry unchanged
+        return lax.fori_loop(0, L, lambda i, c: (jnp.tanh(c[0] @ c[1]["w"][i]), c[1]), (x, p))[0] @ p["head"]
+
     ref = collect_hessians(_unrolled, STACK, XS)
     _same(collect_hessians(fori, STACK, XS), ref)
+    _same(collect_hessians(carried, STACK, XS), ref)
     _same(collect_hessians(wl, STACK, XS), ref)
     _same(collect_hessians(fori_dynamic, STACK, XS), ref)
 
@@ -314,3 +320,55 @@ def test_shard_map_on_eight_devices_equals_the_plain_model():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SHARD_MAP_8)], capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@settings(max_examples=6, deadline=None)
+@given(n_layers=st.integers(2, 4), d=st.integers(2, 5), axis=st.sampled_from([0, 1, 2]), reverse=st.booleans(), unroll=st.sampled_from([1, 2]))
+def test_scan_over_any_kernel_axis_equals_static_slices(n_layers, d, axis, reverse, unroll):
+    """Property: scanning a stacked kernel over any of its axes (moved first) gives the Hessians of the
+    same layers applied from static slices, with that axis recorded as the layer axis."""
+    rng = np.random.default_rng(n_layers * 100 + d * 10 + axis)
+    p = {"w": jnp.asarray(np.moveaxis(rng.normal(size=(n_layers, d, d)) * 0.5, 0, axis), jnp.float32)}
+    xs = [jnp.asarray(rng.normal(size=(3, d)), jnp.float32)]
+
+    def scanned(p, x):
+        return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, jnp.moveaxis(p["w"], axis, 0), reverse=reverse, unroll=unroll)[0]
+
+    def by_slices(p, x):
+        for i in (reversed(range(n_layers)) if reverse else range(n_layers)):
+            x = jnp.tanh(x @ lax.index_in_dim(p["w"], i, axis, keepdims=False))
+        return x
+
+    H = collect_hessians(scanned, p, xs)
+    assert H["w"].layer_axes == (axis,) and H["w"].h.shape == (n_layers, d, d)
+    _same(H, collect_hessians(by_slices, p, xs))
+
+
+def _n_eqns(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                if hasattr(sub, "eqns"):
+                    n += _n_eqns(sub)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    n += _n_eqns(sub.jaxpr)
+    return n
+
+
+def test_the_traced_capture_does_not_grow_with_the_number_of_layers():
+    """The scan stays a scan in the accumulation step: the same equations for 2 and for 16 layers."""
+    from compressjax import hessians as hs
+
+    def size(n_layers):
+        p = {"w": jnp.ones((n_layers, D, D))}
+
+        def f(leaf_list, x):
+            return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, leaf_list[0])[0]
+
+        step, found = hs._build(f, [p["w"]], XS[0], [0], ["w"], None, None, None)
+        acc = {i: (jnp.zeros((lay.n, lay[1], lay[1])), jnp.zeros((lay.n,))) for i, lay in found.items()}
+        return _n_eqns(jax.make_jaxpr(step)(acc, [p["w"]], XS[0]).jaxpr)
+
+    assert size(2) == size(16)

@@ -360,3 +360,38 @@ def test_text_sources_are_deterministic_windows():
     assert names == sorted(names) and len(names) == len(set(names))
     assert "jax" in names  # installed with compressjax, with a long description
     assert len(smollm.pydoc_text()) > 100_000 and smollm.pydoc_text() == smollm.pydoc_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", ["gptq-int4-g128", "gptq-int4-g128-seq", "gptq-int4-ch-seq", "gptq-int3-g128-seq",
+                                 "sparsegpt-50%", "sparsegpt-2:4", "sparsegpt-50%+int4", "wanda-50%",
+                                 "codebook-3-seq"])
+def test_benchmark_one_shot_rows_run_on_a_tiny_model(row):
+    """Every one-shot row of benchmarks/llm.py on a tiny decoder: the stacked layout comes back, the
+    embedding and norms untouched, and the row's sparsity or number of distinct values holds per layer."""
+    import compressjax as cj
+    from benchmarks import llm
+
+    cfg = smollm.LlamaConfig(vocab_size=53, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                             intermediate_size=64, head_dim=8)
+    params = smollm.init_params(cfg, seed=6)
+    rng = np.random.default_rng(7)
+    batches = [jnp.asarray(rng.integers(0, 53, (2, 24)), jnp.int32) for _ in range(2)]
+    out = cj.dequantize_params(llm.compress_row(row, params, batches, smollm.make_apply(cfg, head=False), 128))
+    for p, x in [("embed", out["embed"]), ("norm", out["layers"]["mlp_norm"]["scale"])]:
+        ref = params["embed"] if p == "embed" else params["layers"]["mlp_norm"]["scale"]
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(ref))
+    up = np.asarray(out["layers"]["mlp"]["up"]["kernel"])
+    assert up.shape == (2, 32, 64)
+    zeros = (up == 0).reshape(2, -1).mean(1)
+    if row.startswith(("sparsegpt", "wanda")) and "int4" not in row:
+        np.testing.assert_allclose(zeros, 0.5, atol=1e-9)  # exactly half of each layer
+    if row == "sparsegpt-50%+int4":  # half pruned, and a few kept weights round to zero
+        assert np.all((zeros >= 0.5) & (zeros < 0.53)), zeros
+    if "int4" in row or "int3" in row:
+        levels = 15 if "int4" in row else 7
+        assert max(len(np.unique(up[i][:, j])) for i in range(2) for j in range(64)) <= levels + 1
+    if row.startswith("codebook"):
+        assert max(len(np.unique(up[i][:, j])) for i in range(2) for j in range(64)) <= 8
+    if row.startswith("gptq"):
+        assert not np.array_equal(up, np.asarray(params["layers"]["mlp"]["up"]["kernel"]))
