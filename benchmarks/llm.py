@@ -28,7 +28,7 @@ refitted centroids, sequential.
 
 Usage::
 
-    python -m benchmarks.llm --json benchmarks/llm-cpu.json          # every row: about 1.5 h on 2 shared cores
+    python -m benchmarks.llm --json benchmarks/results/llm-cpu.json          # every row: about 1.5 h on 2 shared cores
     python -m benchmarks.llm --rows float,rtn-int4-g128 --quick      # smoke test (tiny data)
 """
 
