@@ -359,7 +359,7 @@ def _n_eqns(jaxpr) -> int:
 
 def test_the_traced_capture_does_not_grow_with_the_number_of_layers():
     """The scan stays a scan in the accumulation step: the same equations for 2 and for 16 layers."""
-    from compressjax import hessians as hs
+    from compressjax.hessians._api import _build
 
     def size(n_layers):
         p = {"w": jnp.ones((n_layers, D, D))}
@@ -367,7 +367,7 @@ def test_the_traced_capture_does_not_grow_with_the_number_of_layers():
         def f(leaf_list, x):
             return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, leaf_list[0])[0]
 
-        step, found = hs._build(f, [p["w"]], XS[0], [0], ["w"], None, None, None)
+        step, found = _build(f, [p["w"]], XS[0], [0], ["w"], None, None, None)
         acc = {i: (jnp.zeros((lay.n, lay[1], lay[1])), jnp.zeros((lay.n,))) for i, lay in found.items()}
         return _n_eqns(jax.make_jaxpr(step)(acc, [p["w"]], XS[0]).jaxpr)
 
