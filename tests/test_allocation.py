@@ -169,6 +169,7 @@ def test_auto_compress_bytes_predicted_equal_bytes_saved(tmp_path, sequential):
     assert bool(jnp.all(jnp.isfinite(y)))
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_plan_never_exceeds_budget_and_tightens_with_it():
     h = cj.collect_hessians(apply, PARAMS, BATCHES)
     cands = cj.option_costs_and_damages(PARAMS, h, RTN)

@@ -132,6 +132,7 @@ def test_quantize_column_of_the_wrong_shape_names_the_argument():
 
 
 # ----------------------------------------------------------------------------- issue 21: huge weights
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_gptq_and_sparsegpt_are_finite_up_to_float32_max():
     big = float(np.finfo(np.float32).max)
     rng = np.random.default_rng(2)

@@ -43,6 +43,7 @@ def _by_hand():
     return w, head
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_scanned_and_unrolled_equal_the_sequential_recipe_by_hand():
     calls = []
 
@@ -88,6 +89,7 @@ def test_sparsegpt_returns_stacked_masks_and_a_where():
     assert bool(jnp.all(jnp.where(masks["w"], True, pruned["w"] == 0)))
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_moe_experts_and_grouped_conv_are_solved_per_slice():
     E = 3
     pe = {"experts": jnp.asarray(RNG.normal(size=(E, D, 8)), jnp.float32)}
@@ -142,6 +144,7 @@ def test_one_pass_stacked_hessians_feed_the_stacked_solvers():
     assert out.shape == (8, 4) and bool(jnp.all(jnp.isfinite(out)))
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_linen_nn_scan_with_remat():
     import flax.linen as nn
 

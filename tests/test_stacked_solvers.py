@@ -176,6 +176,7 @@ def _scanned_model(L=3, d=16, seed=3, n=64):
     return params, apply, hess, x
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_stacked_qarray_runs_through_the_scanned_model_and_the_file_format(tmp_path):
     params, apply, hess, x = _scanned_model()
     q = gptq(params, hess, QuantSpec(bits=4, group_size=8))
