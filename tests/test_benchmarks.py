@@ -178,6 +178,6 @@ def test_weight_sharing_quick_writes_the_issue_keys(tmp_path):
     for side in (res["uniform"], res["uniform_same_sparsity"]):
         assert {"accuracy", "bytes", "ratio"} <= side.keys() and 0 <= side["accuracy"] <= 1
     # the uniform side at about the weight-shared file's size (one proportional step): pruned harder
-    assert res["uniform"]["sparsity"] > ws.SPARSITY
+    assert res["uniform"]["sparsity"] > ws.Settings().sparsity
     assert abs(res["uniform"]["bytes"] - res["bytes"]) < 0.1 * res["bytes"]
     assert res["uniform_same_sparsity"]["bytes"] > res["uniform"]["bytes"]
