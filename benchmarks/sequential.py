@@ -13,11 +13,11 @@ Reports wall time, the solver part, and the process' peak resident memory (``ru_
 
     python -m benchmarks.sequential                # 8 layers, hidden 256, 8 x 128 tokens
     python -m benchmarks.sequential --layers 4 --hidden 128 --json out.json
+    python -m benchmarks.sequential --quick        # smoke test (2 layers, 64 wide)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import subprocess
@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from benchmarks._common import finish, parser
 
 KERNELS = r"layers/(q|k|v|o|gate|up|down)$"
 
@@ -127,8 +129,11 @@ def run_mode(mode: str, cfg: dict) -> dict:
             "peak_mib": _peak_mib(), "peak_mib_before": base}
 
 
+QUICK = {"layers": 2, "hidden": 64, "ffn": 128, "vocab": 128, "seq": 16, "n_batches": 2, "group": 32}
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__.splitlines()[0])  # --quick: a 2-layer, 64-wide decoder (a smoke test)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--ffn", type=int, default=768)
@@ -139,9 +144,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-batches", type=int, default=4)
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--mode", choices=("capture", "sequential"), default=None, help="run one mode in this process")
-    ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     cfg = {k: getattr(a, k) for k in ("layers", "hidden", "ffn", "heads", "vocab", "seq", "batch", "n_batches", "group")}
+    if a.quick:
+        cfg.update(QUICK)
     if a.mode is not None:
         r = run_mode(a.mode, cfg)
         print(json.dumps(r))
@@ -154,14 +160,9 @@ def main(argv=None) -> dict:
             raise RuntimeError(f"{mode} run failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     cap, seq = rows
-    result = {"config": cfg, "rows": rows, "jax": jax.__version__,
-              "ratio_total": seq["seconds"] / cap["seconds"],
-              "ratio_pass": seq["pass_seconds"] / cap["pass_seconds"]}
-    print(json.dumps(result, indent=1))
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(result, fh, indent=1)
-    return result
+    return finish({"benchmark": "sequential", "quick": bool(a.quick), "config": cfg, "rows": rows,
+                   "ratio_total": seq["seconds"] / cap["seconds"],
+                   "ratio_pass": seq["pass_seconds"] / cap["pass_seconds"]}, a.json)
 
 
 if __name__ == "__main__":

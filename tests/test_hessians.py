@@ -31,6 +31,16 @@ def _is_h(x):
     return isinstance(x, Hessian)
 
 
+def test_hessian_is_a_pytree_through_jit():
+    hs = Hessian(jnp.eye(3), jnp.asarray(5.0), (1,), layer_axes=(), groups=1)
+    leaves, treedef = jax.tree.flatten(hs)
+    assert len(leaves) == 2 and all(isinstance(x, jax.Array) for x in leaves)
+    out = jax.jit(lambda t: jax.tree.map(lambda x: 2 * x, t))({"k": hs})["k"]
+    assert isinstance(out, Hessian) and out.in_axes == (1,)
+    np.testing.assert_array_equal(np.asarray(out.h), 2 * np.eye(3))
+    assert float(out.count) == 10.0
+
+
 def test_plain_function_of_a_dict_is_exact():
     rng = np.random.default_rng(0)
     p = {"w1": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32), "w2": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.ones((5,))}

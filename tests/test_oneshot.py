@@ -483,9 +483,12 @@ def test_solvers_on_eight_devices_equal_one():
         h = {"k": jnp.asarray(X.T @ X)}
         mesh = jax.make_mesh((8,), ("model",))
         for kw in ({}, {"act_order": True}):
-            a = dequantize(gptq(p, h, QuantSpec(bits=4, group_size=16), **kw)["k"])
-            b = dequantize(gptq(p, h, QuantSpec(bits=4, group_size=16), mesh=mesh, **kw)["k"])
-            assert np.mean(np.asarray(a) == np.asarray(b)) > 0.99, np.mean(np.asarray(a) == np.asarray(b))
+            qa = gptq(p, h, QuantSpec(bits=4, group_size=16), **kw)["k"]
+            qb = gptq(p, h, QuantSpec(bits=4, group_size=16), mesh=mesh, **kw)["k"]
+            # Sharded matmuls may sum in another order: scales can differ by an ulp, codes should not.
+            same = np.mean(np.asarray(qa.ints()) == np.asarray(qb.ints()))
+            assert same > 0.99, same
+            np.testing.assert_allclose(np.asarray(dequantize(qa)), np.asarray(dequantize(qb)), rtol=1e-5, atol=1e-5)
         a, ma = sparsegpt(p, h, None, n=2, m=4)
         b, mb = sparsegpt(p, h, None, n=2, m=4, mesh=mesh)
         np.testing.assert_allclose(np.asarray(a["k"]), np.asarray(b["k"]), rtol=1e-4, atol=1e-4)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import jax
 
+
+@jax.tree_util.register_pytree_node_class
 class Hessian:
     """The input Gram matrix of one kernel: ``h = sum x x^T`` over ``count`` input rows.
 
