@@ -19,11 +19,11 @@ The losses live in :mod:`compressjax.losses`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from compressjax import losses
 from compressjax.losses import softmax_cross_entropy_with_integer_labels
-from compressjax.tree import PyTree, leaves_with_paths
+from compressjax.tree import PyTree, leaves_with_paths, pytree_node
 
 __all__ = ["DistillState", "make_distill_step"]
 
@@ -39,12 +39,13 @@ ApplyFn = Callable[[PyTree, Any], Any]
 LossFn = Callable[[Any, Any, Any], "jax.Array | tuple[jax.Array, Mapping[str, Any]]"]
 
 
-@flax.struct.dataclass
+@pytree_node(children=("params", "opt_state", "step"))
+@dataclasses.dataclass(frozen=True)
 class DistillState:
     """Training state of the student: its params, the optimizer state and the step counter.
 
-    A pytree (``flax.struct.dataclass``), so it passes through ``jax.jit`` and can be donated, saved with
-    any checkpointer, or replaced field by field with ``state.replace(params=...)``.
+    A frozen dataclass and a pytree, so it passes through ``jax.jit`` and can be donated, saved with any
+    checkpointer, or replaced field by field with ``state.replace(params=...)``.
 
     Attributes:
         params: the student's (uncompressed, trainable) params.
@@ -55,6 +56,10 @@ class DistillState:
     params: PyTree
     opt_state: optax.OptState
     step: jax.Array
+
+    def replace(self, **changes: Any) -> DistillState:
+        """A copy with the given fields replaced (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def create(cls, student_params: PyTree, tx: optax.GradientTransformation) -> DistillState:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax.bitpack import pack, packed_nbytes, unpack
+from compressjax.tree import CompressedLeaf, pytree_node
 
 __all__ = [
     "QuantSpec",
@@ -213,8 +214,9 @@ class Layout:
         return math.prod(self.shape)
 
 
-@jax.tree_util.register_pytree_node_class
-class QArray:
+@pytree_node(children=("values", "scale", "zero_point"),
+             static=("bits", "shape", "dtype", "channel_axes", "group_size", "group_axis"))
+class QArray(CompressedLeaf):
     """A quantized array: integer codes, float32 scales (and a zero point), and static metadata.
 
     A pytree *node*: ``values``, ``scale`` and ``zero_point`` are its children (so a QArray crosses ``jit``
@@ -233,9 +235,6 @@ class QArray:
         group_size, group_axis: the grouping along the contraction axis, or ``None``.
     """
 
-    # compressjax.tree treats instances as single leaves (never their scales); see tree.is_compressed_leaf.
-    _cj_compressed_leaf = True
-
     def __init__(self, values, scale, zero_point, *, bits, shape, dtype, channel_axes=(), group_size=None, group_axis=None, path="QArray"):
         self.values = values
         self.scale = scale
@@ -249,21 +248,6 @@ class QArray:
         self.group_axis = lay.group_axis
         self.validate(path)
 
-    def _aux(self):
-        return (self.bits, self.shape, self.dtype.name, self.channel_axes, self.group_size, self.group_axis)
-
-    def tree_flatten(self):
-        return (self.values, self.scale, self.zero_point), self._aux()
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        # No validation: jax unflattens with tracers and placeholder objects.
-        q = object.__new__(cls)
-        q.values, q.scale, q.zero_point = children
-        q.bits, q.shape, dtype, q.channel_axes, q.group_size, q.group_axis = aux
-        q.dtype = jnp.dtype(dtype)
-        return q
-
     @property
     def symmetric(self) -> bool:
         return self.zero_point is None
@@ -271,14 +255,6 @@ class QArray:
     @property
     def packed(self) -> bool:
         return self.bits <= 4
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def layout(self) -> Layout:

@@ -23,6 +23,7 @@ quantized on their own. The default selector skips compressed leaves.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from typing import Any, TypeAlias
@@ -47,6 +48,8 @@ __all__ = [
     "check_same_structure",
     "check_mask",
     "is_compressed_leaf",
+    "CompressedLeaf",
+    "pytree_node",
     "with_compressed_leaves",
     "check_not_float64",
     "is_none_or_compressed",
@@ -58,6 +61,64 @@ __all__ = [
 def is_compressed_leaf(x: Any) -> bool:
     """True for an object whose class sets ``_cj_compressed_leaf = True`` (a QArray, a codebook array, ...)."""
     return bool(getattr(type(x), "_cj_compressed_leaf", False))
+
+
+def pytree_node(*, children: tuple[str, ...], static: tuple[str, ...] = ()) -> Callable[[type], type]:
+    """Class decorator: registers the class as a JAX pytree node with named array and static fields.
+
+    The one way compressjax declares its pytree types (``QArray``, ``Codebook``, ``Hessian``,
+    ``DistillState``). ``children`` are the fields JAX traces (arrays, subtrees, or ``None``); ``static`` are
+    hashable metadata kept in the tree definition. Unflattening sets the fields without calling
+    ``__init__``, because JAX unflattens with tracers, float0 cotangents and placeholder objects that a
+    validating constructor would reject (the same choice as ``flax.struct`` and ``equinox.Module``).
+
+    Args:
+        children: names of the traced fields, in flattening order.
+        static: names of the static fields.
+
+    Returns:
+        A decorator that registers the class and returns it unchanged.
+    """
+    fields = tuple(children) + tuple(static)
+
+    def register(cls: type) -> type:
+        def flatten(node):
+            return tuple(getattr(node, f) for f in children), tuple(getattr(node, f) for f in static)
+
+        def unflatten(aux, leaves):
+            node = object.__new__(cls)
+            for name, value in zip(fields, (*leaves, *aux), strict=True):
+                object.__setattr__(node, name, value)  # also on frozen dataclasses
+            return node
+
+        jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+        return cls
+
+    return register
+
+
+class CompressedLeaf:
+    """The compressed-leaf protocol: a pytree node that every compressjax tree function treats as one leaf.
+
+    Subclasses (``QArray``, ``Codebook``) define ``shape``, ``dtype`` and :meth:`decode`; tree functions
+    decode any of them without importing its class (see :func:`is_compressed_leaf`).
+    """
+
+    _cj_compressed_leaf = True
+    shape: tuple[int, ...]
+    dtype: Any
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def decode(self) -> jax.Array:
+        """The array this leaf stands for, in its shape and dtype."""
+        raise NotImplementedError
 
 
 def is_none_or_compressed(x: Any) -> bool:

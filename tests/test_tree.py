@@ -176,3 +176,30 @@ def test_map_selected_and_masks_keep_compressed_leaves_whole():
     assert out["q"] is params["q"]
     with pytest.raises(TypeError, match="'q'.*already compressed"):
         cj.apply_masks(params, {"q": jnp.ones((4, 4), bool), "w": None})
+
+
+def test_pytree_node_unflattens_without_init_and_keeps_static_fields():
+    from compressjax.tree import CompressedLeaf, pytree_node
+
+    calls = []
+
+    @pytree_node(children=("a", "b"), static=("shape", "dtype"))
+    class Leaf(CompressedLeaf):
+        def __init__(self, a, b, shape, dtype):
+            calls.append(1)
+            if not hasattr(a, "shape"):
+                raise TypeError("validating constructor")
+            self.a, self.b, self.shape, self.dtype = a, b, tuple(shape), jnp.dtype(dtype)
+
+        def decode(self):
+            return self.a * self.b
+
+    x = Leaf(jnp.ones((2, 3)), jnp.asarray(2.0), (2, 3), "float32")
+    leaves, treedef = jax.tree.flatten(x)
+    assert len(leaves) == 2 and len(calls) == 1
+    y = jax.tree.unflatten(treedef, [object(), None])  # placeholders, as jax passes them: no __init__
+    assert isinstance(y, Leaf) and y.shape == (2, 3) and len(calls) == 1
+    z = jax.jit(lambda t: jax.tree.map(lambda v: v + 1, t))(x)
+    assert isinstance(z, Leaf) and z.dtype == jnp.float32 and (z.ndim, z.size) == (2, 6)
+    np.testing.assert_array_equal(np.asarray(z.decode()), np.full((2, 3), 6.0))
+    assert tree.is_compressed_leaf(x) and len(tree.leaves_with_paths({"x": x})) == 1

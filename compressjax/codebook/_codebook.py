@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax.bitpack import pack, packed_nbytes, unpack
+from compressjax.tree import CompressedLeaf, pytree_node
 
 INITS = ("density", "linear", "random")
 DEFAULT_ITERATIONS = 1000
@@ -24,8 +25,8 @@ _pack_jit = jax.jit(pack, static_argnums=1)
 _unpack_jit = jax.jit(unpack, static_argnums=(1, 2))
 
 
-@jax.tree_util.register_pytree_node_class
-class Codebook:
+@pytree_node(children=("indices", "centroids"), static=("bits", "shape", "dtype", "per_channel", "zero_reserved"))
+class Codebook(CompressedLeaf):
     """A weight-shared array: packed integer indices into float centroids, and static metadata.
 
     A pytree *node* whose children are ``indices`` and ``centroids`` (so it crosses ``jit``, ``grad`` and
@@ -43,8 +44,6 @@ class Codebook:
         zero_reserved: index 0 always decodes to exactly ``0`` whatever ``centroids[..., 0]`` holds (the
             pruned weights' code, so they stay zero through training; its gradient is zero).
     """
-
-    _cj_compressed_leaf = True
 
     def __init__(self, indices, centroids, *, bits, shape, dtype=jnp.float32, per_channel=False, zero_reserved=False,
                  path: str = "Codebook"):
@@ -74,21 +73,6 @@ class Codebook:
         _check_parts(self.indices, self.centroids, self.bits, self.shape, self.dtype, self.per_channel,
                      self.zero_reserved, path)
 
-    def _aux(self):
-        return (self.bits, self.shape, self.dtype.name, self.per_channel, self.zero_reserved)
-
-    def tree_flatten(self):
-        return (self.indices, self.centroids), self._aux()
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        # No validation: jax unflattens with tracers, float0 cotangents and placeholder objects.
-        cb = object.__new__(cls)
-        cb.indices, cb.centroids = children
-        cb.bits, cb.shape, dtype, cb.per_channel, cb.zero_reserved = aux
-        cb.dtype = jnp.dtype(dtype)
-        return cb
-
     @property
     def num_centroids(self) -> int:
         """Entries per codebook, ``2^bits`` (the reserved zero included)."""
@@ -97,14 +81,6 @@ class Codebook:
     @property
     def num_codebooks(self) -> int:
         return self.shape[-1] if self.per_channel else 1
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

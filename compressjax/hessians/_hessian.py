@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import jax
+from compressjax.tree import pytree_node
 
 
-@jax.tree_util.register_pytree_node_class
+@pytree_node(children=("h", "count"), static=("in_axes", "layer_axes", "groups"))
 class Hessian:
     """The input Gram matrix of one kernel: ``h = sum x x^T`` over ``count`` input rows.
 
@@ -31,13 +31,6 @@ class Hessian:
         self.in_axes = tuple(int(a) for a in in_axes)
         self.layer_axes = tuple(int(a) for a in layer_axes)
         self.groups = int(groups)
-
-    def tree_flatten(self):
-        return (self.h, self.count), (self.in_axes, self.layer_axes, self.groups)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
 
     @property
     def d_in(self) -> int:
