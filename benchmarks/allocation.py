@@ -45,35 +45,16 @@ import compressjax as cj  # noqa: E402
 from benchmarks._common import finish, parser  # noqa: E402
 from benchmarks._minilm_oneshot import ENCODER_KERNELS, apply_fn, calibration_split, row_mask  # noqa: E402
 from benchmarks.minilm import length_batches  # noqa: E402
-from compressjax.allocation._auto import _replace, candidate_importance, from_candidates  # noqa: E402
-
-try:  # the model port is moving into the library (issue: models); fall back to the example script
-    from compressjax.models import minilm  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on what has landed
-    from examples import minilm
+from compressjax.allocation import candidate_importance, from_candidates  # noqa: E402
+from compressjax.models import minilm  # noqa: E402
+from compressjax.tree import replace_leaves  # noqa: E402
 
 
 def other_sentences(n: int = 200, min_words: int = 6, max_words: int = 40) -> list[str]:
     """Prose sentences from the docstrings of NumPy's public functions (a second source of text)."""
-    seen, out = set(), []
-    for name in sorted(dir(np)):
-        obj = getattr(np, name, None)
-        doc = inspect.getdoc(obj) if callable(obj) else None
-        if not doc:
-            continue
-        for para in re.split(r"\n\s*\n", doc):
-            lines = [ln for ln in para.split("\n") if ln.strip()]
-            if not lines or any(ln.startswith((" ", "\t", ">>>", "..", "-", "=")) for ln in lines):
-                continue
-            text = " ".join(ln.strip() for ln in lines)
-            for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
-                s = s.strip()
-                if not (min_words <= len(s.split()) <= max_words) or not s.endswith(".") or not s.isascii():
-                    continue
-                if sum(c.isalpha() or c == " " for c in s) / len(s) < 0.85 or s in seen:
-                    continue
-                seen.add(s)
-                out.append(s)
+    docs = (inspect.getdoc(obj) for obj in (getattr(np, name, None) for name in sorted(dir(np))) if callable(obj))
+    out = minilm.prose_sentences((d for d in docs if d), min_words=min_words, max_words=max_words,
+                                 skip_prefixes=(" ", "\t", ">>>", "..", "-", "="))
     rng = np.random.default_rng(0)
     idx = sorted(rng.permutation(len(out))[:n].tolist())
     return [out[i] for i in idx]
@@ -160,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         if np.any(cands.costs[:, j] < 0):
             continue
         nbytes = int(cands.costs[:, j].sum())
-        p = _replace(params, {path: results[(path, o.name)][0] for path in cands.paths})
+        p = replace_leaves(params, {path: results[(path, o.name)][0] for path in cands.paths})
         row = {"name": o.name, "bytes": nbytes, "bits_per_weight": round(8 * nbytes / n_w, 4), **quality(p)}
         uniform.append(row)
         print(f"uniform {row}", flush=True)
@@ -196,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             ok = np.flatnonzero(cands.costs[i] >= 0)
             ok = [j for j in ok if cands.options[j].method != "float"] or list(ok)
             choice[path] = int(rng.choice(ok))
-        p = _replace(params, {path: results[(path, cands.options[j].name)][0] for path, j in choice.items()})
+        p = replace_leaves(params, {path: results[(path, cands.options[j].name)][0] for path, j in choice.items()})
         idx = [(cands.paths.index(path), j) for path, j in choice.items()]
         est_raw.append(float(sum(cands.errors[i, j] for i, j in idx)))
         est_w.append(float(sum(alpha[cands.paths[i]] * cands.errors[i, j] for i, j in idx)))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
 import jax
@@ -45,6 +45,7 @@ __all__ = [
     "selected_leaves",
     "map_selected",
     "map_with_masks",
+    "replace_leaves",
     "check_same_structure",
     "check_mask",
     "is_compressed_leaf",
@@ -318,6 +319,18 @@ def map_with_masks(fn: Callable[[str, Any, Any], Any], masks: PyTree, params: Py
         return fn(p, mask, leaf)
 
     return jax.tree_util.tree_map_with_path(visit, masks, params, is_leaf=is_none_or_compressed)
+
+
+def replace_leaves(tree: PyTree, new: Mapping[str, Any]) -> PyTree:
+    """``tree`` with the leaves at the path strings in ``new`` replaced by their values (compressed leaves whole).
+
+    Paths not in ``new`` keep their leaf; a path in ``new`` that names no leaf is ignored.
+    """
+
+    def visit(kp, x):
+        return new.get(path_to_str(kp), x)
+
+    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_compressed_leaf)
 
 
 def check_same_structure(a: PyTree, b: PyTree, name_a: str = "masks", name_b: str = "params") -> None:

@@ -203,3 +203,13 @@ def test_pytree_node_unflattens_without_init_and_keeps_static_fields():
     assert isinstance(z, Leaf) and z.dtype == jnp.float32 and (z.ndim, z.size) == (2, 6)
     np.testing.assert_array_equal(np.asarray(z.decode()), np.full((2, 3), 6.0))
     assert tree.is_compressed_leaf(x) and len(tree.leaves_with_paths({"x": x})) == 1
+
+
+def test_replace_leaves_by_path_keeps_compressed_leaves_whole():
+    from compressjax import QuantSpec, quantize
+
+    q = quantize(jnp.ones((4, 4)), QuantSpec(bits=4))
+    params = {"a": {"kernel": jnp.ones((2, 2))}, "q": q, "b": [jnp.zeros(3)]}
+    out = tree.replace_leaves(params, {"a/kernel": jnp.full((2, 2), 7.0), "b/0": None, "missing": 1})
+    np.testing.assert_array_equal(np.asarray(out["a"]["kernel"]), 7.0)
+    assert out["q"] is q and out["b"] == [None]

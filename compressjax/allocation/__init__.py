@@ -13,7 +13,14 @@ The allocation sits above the export layer: costs are measured with the file enc
 """
 
 from compressjax.allocation._allocate import allocate
-from compressjax.allocation._auto import apply_plan, auto_compress, budget_bytes, model_stages
+from compressjax.allocation._auto import (
+    apply_plan,
+    auto_compress,
+    budget_bytes,
+    candidate_importance,
+    from_candidates,
+    model_stages,
+)
 from compressjax.allocation._costs import Candidates, option_costs_and_damages
 from compressjax.allocation._importance import kernel_importance
 from compressjax.allocation._menu import Option, default_menu
@@ -32,5 +39,7 @@ __all__ = [
     "PlanEntry",
     "budget_bytes",
     "model_stages",
+    "candidate_importance",
+    "from_candidates",
     "pareto_front",
 ]

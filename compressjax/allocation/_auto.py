@@ -55,13 +55,6 @@ def budget_bytes(num_weights: int, *, bits_per_weight: Any = None, max_bytes: An
     return int(math.floor(4 * num_weights / v))
 
 
-def _replace(params: Any, new: dict[str, Any]) -> Any:
-    def visit(kp, x):
-        return new.get(tree.path_to_str(kp), x)
-
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=tree.is_compressed_leaf)
-
-
 def _masks_tree(params: Any, masks: dict[str, Any]) -> Any:
     def visit(kp, x):
         return masks.get(tree.path_to_str(kp))
@@ -191,7 +184,7 @@ def apply_plan(
         for name in dict.fromkeys(choices.values()):
             todo = [p for p, n in choices.items() if n == name]
             solved = solve_option(options[name], params, hessians, todo)
-            out = _replace(out, {p: r[0] for p, r in solved.items()})
+            out = tree.replace_leaves(out, {p: r[0] for p, r in solved.items()})
             masks.update({p: r[1] for p, r in solved.items() if r[1] is not None})
     return out, (_masks_tree(params, masks) if masks else None)
 
@@ -226,8 +219,8 @@ def _sequential(params, choices, options, apply_fn, batches, row_mask, stages, f
                 new[p] = res
                 info, w, h = infos[p]
                 final[p] = (int(nb), 0.0 if options[name].method == "float" else layer_error(info, w, res[0], h))
-        out = _replace(out, {p: r[0] for p, r in new.items()})
-        view = _replace(view, {p: decoded(r[0]).astype(leaves[p].dtype) for p, r in new.items()})
+        out = tree.replace_leaves(out, {p: r[0] for p, r in new.items()})
+        view = tree.replace_leaves(view, {p: decoded(r[0]).astype(leaves[p].dtype) for p, r in new.items()})
         masks.update({p: r[1] for p, r in new.items() if r[1] is not None})
     return out, masks, final
 
@@ -345,7 +338,7 @@ def from_candidates(apply_fn: Callable, params: Any, batches: Sequence[Any], can
         out, masks, final = _sequential(params, choices, opts, apply_fn, batches, row_mask, order_stages, fallback)
     else:
         final = None
-        out = _replace(params, {p: cands.results[(p, n)][0] for p, n in choices.items()})
+        out = tree.replace_leaves(params, {p: cands.results[(p, n)][0] for p, n in choices.items()})
         masks = {p: cands.results[(p, n)][1] for p, n in choices.items() if cands.results[(p, n)][1] is not None}
     mtree = _masks_tree(params, masks) if masks else None
     plan = make_plan(cands, choice, damages, alpha, budget, sequential=sequential, final=final, masks=mtree, order=order)

@@ -26,7 +26,7 @@ import functools
 import importlib.resources
 import pydoc_data.topics
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -342,18 +342,20 @@ def embed(
 
 
 # ----------------------------------------------------------------------------------------------- text
-def load_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
-    """English prose sentences from the standard library's ``pydoc_data.topics`` (934 with the defaults).
+def prose_sentences(texts: Iterable[str], *, min_words: int = 6, max_words: int = 40,
+                    skip_prefixes: tuple[str, ...] = (" ", "\t", ">>>")) -> list[str]:
+    """The prose sentences of ``texts``, in order, first occurrence kept.
 
-    Deterministic: topics in sorted order, code blocks (indented or ``>>>`` paragraphs) skipped, sentences
-    of ``min_words``..``max_words`` ASCII words ending in a period, mostly letters, first occurrence kept.
+    Each text is split into paragraphs at blank lines; a paragraph with a line starting with one of
+    ``skip_prefixes`` (code blocks, lists) is skipped. A sentence is kept if it has ``min_words`` to
+    ``max_words`` words, ends in a period, is ASCII and is at least 85% letters and spaces.
     """
     seen: set[str] = set()
     out: list[str] = []
-    for key in sorted(pydoc_data.topics.topics):
-        for para in re.split(r"\n\s*\n", pydoc_data.topics.topics[key]):
+    for doc in texts:
+        for para in re.split(r"\n\s*\n", doc):
             lines = [ln for ln in para.split("\n") if ln.strip()]
-            if not lines or any(ln.startswith((" ", "\t", ">>>")) for ln in lines):
+            if not lines or any(ln.startswith(skip_prefixes) for ln in lines):
                 continue
             text = " ".join(ln.strip() for ln in lines)
             for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
@@ -365,6 +367,16 @@ def load_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
                 seen.add(s)
                 out.append(s)
     return out
+
+
+def load_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
+    """English prose sentences from the standard library's ``pydoc_data.topics`` (934 with the defaults).
+
+    Deterministic: topics in sorted order, code blocks (indented or ``>>>`` paragraphs) skipped; see
+    :func:`prose_sentences`.
+    """
+    topics = pydoc_data.topics.topics
+    return prose_sentences((topics[k] for k in sorted(topics)), min_words=min_words, max_words=max_words)
 
 
 def split_sentences(sentences: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
