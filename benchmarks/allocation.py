@@ -23,6 +23,7 @@ Usage::
 
     python -m benchmarks.allocation --json benchmarks/results/allocation-cpu.json   # over an hour on 2 loaded cores (57 solver compilations)
     python -m benchmarks.allocation --quick                                  # smoke test
+    python -m benchmarks.allocation --cost-only --json out.json              # only the GPTQ pass and the search, timed
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq-budgets", default="all", help="budgets also applied sequentially (the others one-shot only)")
     ap.add_argument("--other", type=int, default=200, help="sentences from NumPy's docstrings")
     ap.add_argument("--plans", type=int, default=20, help="random plans for the estimate-vs-measured correlation")
+    ap.add_argument("--cost-only", action="store_true", help="only time the GPTQ pass and the search (a quiet rerun)")
     args = ap.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     seq_budgets = budgets if args.seq_budgets == "all" else [float(b) for b in args.seq_budgets.split(",")]
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
             "bits_per_weight": timed_bpw}
     print(f"auto_compress at {timed_bpw} bpw: {cost}", flush=True)
     print(auto_plan, flush=True)
+    if args.cost_only:
+        return finish({"benchmark": "allocation", "quick": bool(args.quick), "cost": cost}, args.json)
     results = cands.results
 
     uniform = []
