@@ -21,10 +21,10 @@ pyproject.toml, checked in CI by ``lint-imports``)::
 
 Compressed leaves (``QArray``, ``Codebook``) subclass ``tree.CompressedLeaf`` and implement ``decode()``, so
 tree functions decode any of them without importing its class. Every pytree type of the library (the
-compressed leaves, ``Hessian``, ``DistillState``) is declared one way, with ``tree.pytree_node``. The ``# --- group`` comments below group the public API (docs/API.md is
-generated from them). Helpers live in the submodules: :mod:`compressjax.tree`,
-:mod:`compressjax.quantization` (``compute_scale``, ``resolve_rules``), :mod:`compressjax.losses`,
-:mod:`compressjax.radix_select`.
+compressed leaves, ``Hessian``, ``DistillState``) is declared one way, with ``tree.pytree_node``. The
+``# --- group`` comments below group the public API (docs/API.md is generated from them). Helpers live in
+the submodules: :mod:`compressjax.tree`, :mod:`compressjax.quantization` (``compute_scale``,
+``resolve_rules``), :mod:`compressjax.losses`, :mod:`compressjax.radix_select`.
 """
 
 # ruff: noqa: I001  (imports are grouped by architecture layer, not alphabetically)
