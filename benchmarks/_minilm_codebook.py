@@ -86,9 +86,9 @@ def run_kmeans(bench, batches: list, *, distill, seconds: float, quick: bool = F
     t_h = time.perf_counter() - t0
     weighted = cj.kmeans_codebooks(params, 3, where=ENCODER_KERNELS, per_channel=True,
                                    weights=hessian_weights(params, hessians))
-    weighted_q = bench.quality(cj.decode_params(_embeddings_int8(cj.cast_centroids(weighted, jnp.float16))))
+    weighted_q = bench.quality(cj.dequantize_params(_embeddings_int8(cj.cast_centroids(weighted, jnp.float16))))
     fed = cj.codebook_error_feedback(weighted, params, hessians)
-    fed_q = bench.quality(cj.decode_params(_embeddings_int8(cj.cast_centroids(fed, jnp.float16))))
+    fed_q = bench.quality(cj.dequantize_params(_embeddings_int8(cj.cast_centroids(fed, jnp.float16))))
     gptq = cj.refit_centroids(fed, params, hessians)  # least-squares centroids for the new assignment
     _record(bench, "kmeans-3-ch-gptq", gptq, hessian_seconds=round(t_h, 2),
             seconds=round(time.perf_counter() - t0, 2), calibration_sentences=sum(int(b[0].shape[0]) for b in calib),
@@ -97,7 +97,7 @@ def run_kmeans(bench, batches: list, *, distill, seconds: float, quick: bool = F
     # Centroid distillation from the float model, starting from kmeans-3-ch-gptq's codebooks.
     trainable, frozen = cj.split_centroids(gptq)
     steps = 1 if quick else KD_STEPS  # in practice the wall-time cap ends it
-    before = bench.quality(cj.decode_params(_embeddings_int8(cj.cast_centroids(gptq, jnp.float16))))
+    before = bench.quality(cj.dequantize_params(_embeddings_int8(cj.cast_centroids(gptq, jnp.float16))))
     student, info = distill(trainable, params, batches, steps=steps, seconds=seconds, lr=KD_LR,
                             transform=cj.codebook_student(frozen))
     _record(bench, "kmeans-3-ch-kd", cj.merge_centroids(student, frozen), before_distill=before, **info)

@@ -282,7 +282,7 @@ def weight_share(pruned, masks, x, y, key, *, steps_tune: int, teacher, cfg: Set
     merge = functools.partial(cj.merge_centroids, frozen=frozen)
     trainable, _ = train(trainable, x, y, steps=steps_tune, lr=cfg.tune_lr, key=key, teacher=teacher, kd_alpha=cfg.kd_alpha,
                          chunk=cfg.chunk,
-                         transform=lambda t: cj.decode_params(merge(t)))
+                         transform=lambda t: cj.dequantize_params(merge(t)))
     return cj.cast_centroids(merge(trainable), jnp.float16), shared
 
 
@@ -502,8 +502,8 @@ def run_pipeline(args, cfg: Settings) -> dict:
     # 3-4. Weight sharing and centroid fine-tuning (indices fixed, pruned weights on the reserved zero).
     t_km = time.perf_counter()
     tuned, shared = weight_share(pruned, masks, x, y, k_tune, steps_tune=steps_tune, teacher=teacher, cfg=cfg)
-    shared_acc = accuracy(cj.decode_params(shared), xt, yt)
-    tuned_acc = accuracy(cj.decode_params(tuned), xt, yt)
+    shared_acc = accuracy(cj.dequantize_params(shared), xt, yt)
+    tuned_acc = accuracy(cj.dequantize_params(tuned), xt, yt)
     share_s = time.perf_counter() - t_km
     ws_bytes, acc, report = saved_size_and_accuracy(tuned, xt, yt)
     print(report)

@@ -27,7 +27,8 @@ def cast_centroids(params: Any, dtype: Any = jnp.float16) -> Any:
                         is_leaf=tree.is_compressed_leaf)
 
 
-# The forward-pass view of a compressed tree is one function: every compressed leaf decodes itself.
+# The forward-pass view of a compressed tree is one function, ``dequantize_params`` (every compressed leaf
+# decodes itself); ``decode_params`` is the same object under the name the weight-sharing API shipped with.
 decode_params = dequantize_params
 
 
@@ -79,7 +80,7 @@ def codebook_student(frozen: Any, transform: Callable[[Any, jax.Array], Any] | N
     weights) and applies ``transform(decoded, step)`` when given.
     """
     def student_transform(trainable, step):
-        decoded = decode_params(merge_centroids(trainable, frozen))
+        decoded = dequantize_params(merge_centroids(trainable, frozen))
         return decoded if transform is None else transform(decoded, step)
 
     return student_transform
