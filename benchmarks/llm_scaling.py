@@ -37,6 +37,11 @@ def ffn_width(hidden: int) -> int:
     return -(-hidden * 8 // 3 // 64) * 64
 
 
+def params_mib(layers: int, hidden: int, ffn: int, vocab: int = 0) -> float:
+    """float32 MiB of the decoder's kernels (q, k, v, o, gate, up, down per layer) and its embedding."""
+    return 4 * (layers * (4 * hidden * hidden + 3 * hidden * ffn) + vocab * hidden) / 2**20
+
+
 def configs(quick: bool) -> list[dict]:
     if quick:
         small = dict(BASE, heads=2, vocab=64, seq=16, n_batches=2, group=16)
@@ -55,8 +60,7 @@ def run(cfg: dict) -> dict:
     if out.returncode:
         raise RuntimeError(f"{cfg} failed:\n{out.stderr[-3000:]}")
     row = json.loads(out.stdout.strip().splitlines()[-1])
-    d, f, n = cfg["hidden"], cfg["ffn"], cfg["layers"]
-    row.update(cfg, params_mib=4 * (n * (4 * d * d + 3 * d * f) + cfg["vocab"] * d) / 2**20)
+    row.update(cfg, params_mib=params_mib(cfg["layers"], cfg["hidden"], cfg["ffn"], cfg["vocab"]))
     return row
 
 
@@ -72,7 +76,7 @@ def fit(rows: list[dict]) -> dict:
     # Peak growth over the process' baseline, linear in the params' bytes (compiled code is the constant).
     mem_slope, mem_const = np.polyfit([r["params_mib"] for r in rows], [r["peak_mib"] - r["peak_mib_before"] for r in rows], 1)
     seven_per_layer = float(np.exp(log_c) * SEVEN_B["hidden"] ** p)
-    seven_params_mib = 4 * SEVEN_B["layers"] * (4 * 4096**2 + 3 * 4096 * SEVEN_B["ffn"]) / 2**20
+    seven_params_mib = params_mib(**SEVEN_B)  # kernels only, as in the JSON of the run reported
     return {"seconds_per_layer_at_depth_width": float(slope), "fixed_seconds": float(intercept),
             "per_layer_width_exponent": float(p), "peak_growth_mib_per_param_mib": float(mem_slope),
             "peak_growth_fixed_mib": float(mem_const),

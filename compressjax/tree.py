@@ -71,7 +71,7 @@ def pytree_node(*, children: tuple[str, ...], static: tuple[str, ...] = ()) -> C
     ``DistillState``). ``children`` are the fields JAX traces (arrays, subtrees, or ``None``); ``static`` are
     hashable metadata kept in the tree definition. Unflattening sets the fields without calling
     ``__init__``, because JAX unflattens with tracers, float0 cotangents and placeholder objects that a
-    validating constructor would reject (the same choice as ``flax.struct`` and ``equinox.Module``).
+    validating constructor would reject (as ``equinox.Module`` unflattens).
 
     Args:
         children: names of the traced fields, in flattening order.
