@@ -171,14 +171,14 @@ def _only_path(hessians: Any) -> str:
 def codebook_compress(bits: int) -> Callable[[Any, Any], Any]:
     """A ``sequential`` compress step: per-channel k-means codebooks, error feedback, refitted centroids.
 
-    Returns float params (the decoded codebooks): ``sequential`` joins float or ``QArray`` slices only.
+    ``sequential`` joins the per-layer codebooks into one stacked :class:`~compressjax.Codebook` per kernel
+    (``layer_axes=(0,)``: every layer keeps its own centroids).
     """
     def compress(p: Any, h: Any) -> Any:
         path = _only_path(h)
         cb = cj.kmeans_codebooks(p, bits, where=lambda q, x: q == path, per_channel=True)
         cb = cj.codebook_error_feedback(cb, p, h)
-        cb = cj.refit_centroids(cb, p, h)
-        return cj.dequantize_params(cb)
+        return cj.refit_centroids(cb, p, h)
 
     return compress
 

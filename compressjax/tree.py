@@ -102,7 +102,9 @@ class CompressedLeaf:
     """The compressed-leaf protocol: a pytree node that every compressjax tree function treats as one leaf.
 
     Subclasses (``QArray``, ``Codebook``) define ``shape``, ``dtype`` and :meth:`decode`; tree functions
-    decode any of them without importing its class (see :func:`is_compressed_leaf`).
+    decode any of them without importing its class (see :func:`is_compressed_leaf`). A subclass may also
+    define a classmethod ``join_slices(parts, axis, new, path)`` that stacks (``new``) or concatenates
+    per-slice leaves into one (``Codebook`` does), which :func:`~compressjax.sequential` uses on stacked kernels.
     """
 
     _cj_compressed_leaf = True

@@ -227,15 +227,3 @@ def test_chunked_entropy_boundaries_equal_the_whole_table():
     for chunk in (1, 4, 13):
         np.testing.assert_array_equal(np.asarray(_rate_boundaries_chunked(c, lam, code_len, chunk)), np.asarray(whole))
 
-
-def test_a_stacked_hessian_is_refused_not_misread():
-    """Until codebooks carry layer axes, a stacked Hessian (issue 19's layer_axes) must not be read as one
-    big kernel's Hessian: an error naming the leaf."""
-    from types import SimpleNamespace
-
-    w = jnp.asarray(np.random.default_rng(9).standard_normal((2, 4, 3)).astype(np.float32))
-    q = cj.kmeans_codebooks({"w": w}, 2)
-    hess = SimpleNamespace(h=jnp.stack([jnp.eye(4)] * 2), count=jnp.ones(2), in_axes=(1,), layer_axes=(0,))
-    for fn in (codebook_error_feedback, refit_centroids):
-        with pytest.raises(ValueError, match="'w': a stacked Hessian \\(layer_axes=\\(0,\\)\\)"):
-            fn(q, {"w": w}, {"w": hess})

@@ -11,7 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import tree
-from compressjax.codebook._codebook import DEFAULT_ITERATIONS, INITS, Codebook, _check_bits, _pack_jit
+from compressjax.codebook._codebook import (
+    DEFAULT_ITERATIONS,
+    INITS,
+    Codebook,
+    _check_bits,
+    _pack_jit,
+    centroid_shape,
+    check_layer_axes,
+)
 
 # ------------------------------------------------------------------------------------------------ k-means
 
@@ -195,15 +203,30 @@ def _pow2_above(m: jax.Array) -> jax.Array:
     return jnp.where(m > 0, jnp.ldexp(jnp.ones_like(m), jnp.clip(e - 1, -126, 126)), 1.0)
 
 
-def _rows(x: jax.Array, per_channel: bool) -> jax.Array:
-    """``(codebooks, values)`` view: one row per output channel, or one row for the whole array."""
+def _rows(x: jax.Array, per_channel: bool, layer_axes: tuple[int, ...] = ()) -> jax.Array:
+    """``(codebooks, values)`` view: one row per codebook, in the order of :func:`~compressjax.codebook.
+    _codebook.book_ids` (layer-major, then the output channel), or one row for the whole array."""
+    if layer_axes:
+        rest = tuple(a for a in range(x.ndim) if a not in layer_axes)
+        n_layers = math.prod(x.shape[a] for a in layer_axes)
+        x = jnp.transpose(x, layer_axes + rest)
+    else:
+        n_layers = 1
     if per_channel:
-        return jnp.reshape(x, (-1, x.shape[-1])).T
-    return jnp.reshape(x, (1, -1))
+        c = x.shape[-1]
+        return jnp.reshape(x, (n_layers, -1, c)).transpose(0, 2, 1).reshape(n_layers * c, -1)
+    return jnp.reshape(x, (n_layers, -1))
 
 
-def _unrows(a: jax.Array, shape: tuple[int, ...], per_channel: bool) -> jax.Array:
-    return jnp.reshape(a.T if per_channel else a, shape)
+def _unrows(a: jax.Array, shape: tuple[int, ...], per_channel: bool, layer_axes: tuple[int, ...] = ()) -> jax.Array:
+    """Inverse of :func:`_rows`."""
+    rest = tuple(d for d in range(len(shape)) if d not in layer_axes)
+    perm = tuple(layer_axes) + rest
+    if per_channel:
+        n_layers = math.prod(shape[d] for d in layer_axes)
+        a = a.reshape(n_layers, shape[-1], -1).transpose(0, 2, 1)
+    a = jnp.reshape(a, [shape[d] for d in perm])
+    return jnp.transpose(a, tuple(int(i) for i in np.argsort(perm))) if layer_axes else a
 
 
 def _check_aux(path: str, name: str, aux: Any, leaf: Any, *, nonneg: bool) -> None:
@@ -246,6 +269,7 @@ def kmeans_codebooks(
     masks: Any = None,
     key: jax.Array | None = None,
     entropy_weight: float = 0.0,
+    layer_axes: tuple[int, ...] = (),
 ) -> Any:
     """Replaces the selected kernels with k-means :class:`Codebook` leaves (weight sharing).
 
@@ -286,7 +310,8 @@ def kmeans_codebooks(
         ``params`` with each selected leaf replaced by a :class:`Codebook` (centroids float32).
 
     Raises:
-        ValueError: ``bits`` outside 1..8, unknown ``init``, ``iterations < 1``, a leaf with NaN/Inf,
+        ValueError: ``bits`` outside 1..8, unknown ``init``, ``iterations < 1``, ``layer_axes`` that are not
+            axes of a selected leaf (or include a per-channel codebook's last axis), a leaf with NaN/Inf,
             negative or non-finite importances, a leaf (or a channel) with fewer distinct surviving values
             than centroids to fit, ``weights`` / ``masks`` whose structure or shapes differ from
             ``params``; each names the leaf.
@@ -347,12 +372,13 @@ def kmeans_codebooks(
         tree.check_finite(path, leaf)
         if per_channel and jnp.ndim(leaf) == 0:
             raise ValueError(f"leaf {path!r} is a scalar: per_channel codebooks need an output axis")
+        axes = check_layer_axes(layer_axes, tuple(jnp.shape(leaf)), bool(per_channel), path)
         w, m = w_by.get(path), m_by.get(path)
         if w is not None:
             _check_aux(path, "weights", w, leaf, nonneg=True)
         if m is not None:
             _check_aux(path, "masks", m, leaf, nonneg=False)
-        out[path] = _kmeans_leaf(path, jnp.asarray(leaf), bits, k, per_channel, init, int(iterations), w, m,
+        out[path] = _kmeans_leaf(path, jnp.asarray(leaf), bits, k, per_channel, axes, init, int(iterations), w, m,
                                  masks is not None, jax.random.fold_in(key, i), rate)
 
     def visit(kp, leaf):
@@ -362,24 +388,34 @@ def kmeans_codebooks(
     return jax.tree_util.tree_map_with_path(visit, params, is_leaf=tree.is_compressed_leaf)
 
 
-def _kmeans_leaf(path, x, bits, k, per_channel, init, iterations, w, m, reserve_zero, key, rate) -> Codebook:
+def _book_name(r: int, shape: tuple[int, ...], per_channel: bool, layer_axes: tuple[int, ...]) -> str:
+    """``"layer (2,) channel 5 of "``: codebook ``r`` (a row of :func:`_rows`) in words, for error messages."""
+    layer, chan = divmod(r, shape[-1]) if per_channel else (r, None)
+    parts = []
+    if layer_axes:
+        parts.append(f"layer {tuple(int(i) for i in np.unravel_index(layer, [shape[a] for a in layer_axes]))}")
+    if chan is not None:
+        parts.append(f"channel {chan}")
+    return " ".join(parts) + " of " if parts else ""
+
+
+def _kmeans_leaf(path, x, bits, k, per_channel, layer_axes, init, iterations, w, m, reserve_zero, key, rate) -> Codebook:
     shape = tuple(x.shape)
     if x.size == 0:  # nothing to cluster: a valid empty Codebook (zero centroids), as quantize passes them through
-        kk = 1 << bits
-        centroids = jnp.zeros((shape[-1], kk) if per_channel else (kk,), jnp.float32)
+        centroids = jnp.zeros(centroid_shape(shape, bits, per_channel, layer_axes), jnp.float32)
         return Codebook(jnp.zeros((0,), jnp.uint8), centroids, bits=bits, shape=shape, dtype=x.dtype,
-                        per_channel=per_channel, zero_reserved=reserve_zero, path=path)
-    n_values = x.size // shape[-1] if per_channel else x.size
-    if n_values < k and not reserve_zero:  # (with masks, the distinct-value check below says which channel)
-        where_ = "each channel of " if per_channel else ""
+                        per_channel=per_channel, zero_reserved=reserve_zero, layer_axes=layer_axes, path=path)
+    x_rows = _rows(x.astype(jnp.float32), per_channel, layer_axes)
+    n_values = x_rows.shape[1]
+    if n_values < k and not reserve_zero:  # (with masks, the distinct-value check below says which codebook)
+        where_ = "each channel of " if per_channel else "each layer of " if layer_axes else ""
         raise ValueError(f"leaf {path!r}: {where_}the weights hold {n_values} values, fewer than the {k} centroids of "
                          f"a {bits}-bit codebook; use fewer bits{' or one codebook per leaf' if per_channel else ''}")
-    x_rows = _rows(x.astype(jnp.float32), per_channel)
     if m is not None:
-        valid = _rows(jnp.asarray(m) != 0, per_channel)
+        valid = _rows(jnp.asarray(m) != 0, per_channel, layer_axes)
     else:
         valid = jnp.ones(x_rows.shape, bool)
-    w_rows = _rows(jnp.asarray(w, jnp.float32), per_channel) if w is not None else None
+    w_rows = _rows(jnp.asarray(w, jnp.float32), per_channel, layer_axes) if w is not None else None
     c, a, _, distinct = _lloyd(x_rows, valid, w_rows, key, jnp.float32(rate), k=k, iterations=iterations,
                                init=init, has_mask=m is not None, has_weights=w is not None, has_rate=rate > 0)
     if not isinstance(distinct, jax.core.Tracer):
@@ -387,9 +423,8 @@ def _kmeans_leaf(path, x, bits, k, per_channel, init, iterations, w, m, reserve_
         short = (d > 0) & (d < k) if reserve_zero else d < k
         if np.any(short):
             r = int(np.argmax(short))
-            where_ = f"channel {r} of " if per_channel else ""
             raise ValueError(
-                f"leaf {path!r}: {where_}the weights have {int(d[r])} distinct "
+                f"leaf {path!r}: {_book_name(r, shape, per_channel, layer_axes)}the weights have {int(d[r])} distinct "
                 f"{'surviving ' if reserve_zero else ''}values, fewer than the {k} centroids of a {bits}-bit codebook"
                 f"{' (one of 2^bits is the reserved zero)' if reserve_zero else ''}; use fewer bits"
                 f"{' or one codebook per leaf' if per_channel else ''}"
@@ -397,9 +432,7 @@ def _kmeans_leaf(path, x, bits, k, per_channel, init, iterations, w, m, reserve_
     if reserve_zero:
         c = jnp.concatenate([jnp.zeros((c.shape[0], 1), c.dtype), c], axis=1)
         a = jnp.where(valid, a + 1, 0)
-    centroids = c if per_channel else c[0]
-    idx = _unrows(a, shape, per_channel)
+    centroids = c.reshape(centroid_shape(shape, bits, per_channel, layer_axes))
+    idx = _unrows(a, shape, per_channel, layer_axes)
     return Codebook(_pack_jit(idx, bits), centroids, bits=bits, shape=shape, dtype=x.dtype,
-                    per_channel=per_channel, zero_reserved=reserve_zero, path=path)
-
-
+                    per_channel=per_channel, zero_reserved=reserve_zero, layer_axes=layer_axes, path=path)

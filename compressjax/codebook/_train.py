@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from compressjax import tree
-from compressjax.codebook._codebook import Codebook, _pack_jit
+from compressjax.codebook._codebook import Codebook
 from compressjax.codebook._kmeans import _rows, _unrows
 from compressjax.quantization import dequantize_params
 
@@ -86,10 +86,12 @@ def codebook_student(frozen: Any, transform: Callable[[Any, jax.Array], Any] | N
     return student_transform
 
 
-@functools.partial(jax.jit, static_argnames=("per_channel", "zero_reserved", "shape"))
-def _nearest(x, centroids, valid, *, per_channel, zero_reserved, shape):
-    rows = _rows(x.astype(jnp.float32), per_channel)
-    c = jnp.atleast_2d(centroids.astype(jnp.float32))
+@functools.partial(jax.jit, static_argnames=("per_channel", "zero_reserved", "shape", "layer_axes"))
+def _nearest(x, centroids, valid, *, per_channel, zero_reserved, shape, layer_axes=()):
+    """The index of the nearest centroid of each weight's codebook (``int32``, ``shape``); ``valid`` False:
+    the reserved zero."""
+    rows = _rows(x.astype(jnp.float32), per_channel, layer_axes)
+    c = centroids.astype(jnp.float32).reshape(rows.shape[0], -1)
     if zero_reserved:
         c = c[:, 1:]
     order = jnp.argsort(c, axis=1)
@@ -98,8 +100,8 @@ def _nearest(x, centroids, valid, *, per_channel, zero_reserved, shape):
     a = jax.vmap(lambda bb, v: jnp.searchsorted(bb, v, side="left"))(b, rows)
     a = jnp.take_along_axis(order, a, axis=1)
     if zero_reserved:
-        a = jnp.where(_rows(valid, per_channel), a + 1, 0)
-    return _unrows(a, shape, per_channel)
+        a = jnp.where(_rows(valid, per_channel, layer_axes), a + 1, 0)
+    return _unrows(a, shape, per_channel, layer_axes)
 
 
 def reassign_indices(params: Any, reference: Any) -> Any:
@@ -128,9 +130,8 @@ def reassign_indices(params: Any, reference: Any) -> Any:
             return x
         valid = x.index_array() != 0 if x.zero_reserved else jnp.ones(x.shape, bool)
         a = _nearest(jnp.asarray(r), x.centroids, valid, per_channel=x.per_channel, zero_reserved=x.zero_reserved,
-                     shape=x.shape)
-        return Codebook(_pack_jit(a, x.bits), x.centroids, bits=x.bits, shape=x.shape, dtype=x.dtype,
-                        per_channel=x.per_channel, zero_reserved=x.zero_reserved, path=p)
+                     shape=x.shape, layer_axes=x.layer_axes)
+        return x.with_indices(a)
 
     return jax.tree_util.tree_map_with_path(visit, params, is_leaf=tree.is_compressed_leaf)
 

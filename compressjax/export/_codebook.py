@@ -3,7 +3,7 @@
 A codebook leaf is stored as one JSON record::
 
     {"e": "cb", "meta": {"format": "compressjax.codebook/1", "bits": b, "shape": [...], "dtype": "float32",
-                         "per_channel": bool, "zero": bool},
+                         "per_channel": bool, "zero": bool, "layers": [axes]},
      "idx": <index record>, "c": <array record of the centroids>, "h": <Shannon entropy, bits per index>}
 
 The indices are entropy coded: the index record is either an ordinary array record
@@ -11,7 +11,8 @@ The indices are entropy coded: the index record is either an ordinary array reco
 of a ``zero_reserved`` codebook is the pruned weights' code, so a pruned leaf is stored as positions plus
 the surviving indices), each byte stream coded by zstd, whose literal coder is Huffman / FSE, or, when
 smaller, ``{"e": "packed", "s": [i]}``: the bit-packed stream of :func:`compressjax.bitpack.pack`
-as one stream. The centroids are stored in their own dtype (float32, or float16 / bfloat16 after
+as one stream. ``"layers"`` (the ``layer_axes`` of a stacked codebook, one codebook set per layer slice) is
+written only when not empty, so files of unstacked codebooks are unchanged. The centroids are stored in their own dtype (float32, or float16 / bfloat16 after
 ``Codebook.astype_centroids``), so a round trip is bit-exact. ``"h"`` is the empirical entropy of the
 indices, kept so that :func:`~compressjax.size_report` can print the measured bits per index next to the
 ideal (Han et al., 2016, "Deep Compression", ICLR: Huffman coding of the shared-weight indices).
@@ -29,6 +30,7 @@ import numpy as np
 
 from compressjax.bitpack import pack_np, unpack_np
 from compressjax.codebook import Codebook
+from compressjax.codebook._codebook import centroid_shape
 from compressjax.export import _codec
 from compressjax.export._container import FormatError
 
@@ -62,6 +64,8 @@ def plan(x: Any, path: str, sw: _codec.StreamWriter) -> tuple[dict, tuple]:
         coded = {"e": "packed", "s": [bitpacked]}
     meta = {"format": FORMAT, "bits": x.bits, "shape": list(x.shape), "dtype": x.dtype.name,
             "per_channel": x.per_channel, "zero": x.zero_reserved}
+    if x.layer_axes:
+        meta["layers"] = list(x.layer_axes)
     rec = {"e": "cb", "meta": meta, "idx": coded, "c": _codec.encode_array(centroids, path + " centroids", sw),
            "h": round(entropy_bits(u, 1 << x.bits), 4)}
     nnz = int(coded.get("nnz", n)) if coded["e"] == "sparse" else int(np.count_nonzero(u)) if x.zero_reserved else n
@@ -71,7 +75,7 @@ def plan(x: Any, path: str, sw: _codec.StreamWriter) -> tuple[dict, tuple]:
 def _encoding(rec: dict) -> str:
     meta, idx = rec["meta"], rec["idx"]
     kind = {"sparse": f"sparse/{idx.get('pos')}", "dense": "dense", "packed": "packed"}.get(idx.get("e"), "?")
-    return f"cb{meta['bits']}{'/ch' if meta['per_channel'] else ''} {kind}"
+    return f"cb{meta['bits']}{'/ch' if meta['per_channel'] else ''}{'/layer' if meta.get('layers') else ''} {kind}"
 
 
 def index_stats(rec: dict, table: list, n: int) -> tuple[float, float]:
@@ -87,11 +91,11 @@ def record_streams(rec: dict) -> list:
     return [*rec["idx"]["s"], *rec["c"]["s"]]
 
 
-def _meta(rec: dict, what: str) -> tuple[int, tuple[int, ...], str, bool, bool]:
+def _meta(rec: dict, what: str) -> tuple[int, tuple[int, ...], str, bool, bool, tuple[int, ...]]:
     meta = rec.get("meta")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise FormatError(f"{what}: malformed codebook metadata (expected format {FORMAT!r})")
-    extra = set(meta) - {"format", "bits", "shape", "dtype", "per_channel", "zero"}
+    extra = set(meta) - {"format", "bits", "shape", "dtype", "per_channel", "zero", "layers"}
     if extra:
         raise FormatError(f"{what}: unknown codebook metadata fields {sorted(extra)}")
     bits = meta.get("bits")
@@ -106,14 +110,21 @@ def _meta(rec: dict, what: str) -> tuple[int, tuple[int, ...], str, bool, bool]:
         raise FormatError(f"{what}: per_channel and zero must be booleans, got {per_channel!r} and {zero!r}")
     if per_channel and not shape:
         raise FormatError(f"{what}: a per-channel codebook needs an array with at least one axis")
-    return bits, shape, dtype, per_channel, zero
+    layers = meta.get("layers", [])
+    if (not isinstance(layers, list) or len(layers) > len(shape)
+            or any(not isinstance(a, int) or isinstance(a, bool) for a in layers)
+            or layers != sorted(set(layers)) or any(not 0 <= a < len(shape) for a in layers)
+            or (per_channel and len(shape) - 1 in layers)):
+        raise FormatError(f"{what}: invalid codebook layer axes {str(layers)[:80]} for the shape {shape}")
+    return bits, shape, dtype, per_channel, zero, tuple(layers)
 
 
 class RecordHeader:
     """What a codebook record declares, checked against itself (see :func:`check_record`)."""
 
-    def __init__(self, bits, shape, dtype, per_channel, zero, idx_head, c_head, streams):
+    def __init__(self, bits, shape, dtype, per_channel, zero, layers, idx_head, c_head, streams):
         self.bits, self.shape, self.dtype, self.per_channel, self.zero = bits, shape, dtype, per_channel, zero
+        self.layers = layers
         self.idx_head, self.c_head, self.streams = idx_head, c_head, streams
 
     @property
@@ -130,14 +141,13 @@ def check_record(rec: Any, what: str, entries: list | None = None) -> RecordHead
     both call it, so they accept and reject the same headers (``FormatError``)."""
     if not isinstance(rec, dict):
         raise FormatError(f"{what}: malformed codebook record")
-    bits, shape, dtype, per_channel, zero = _meta(rec, what)
+    bits, shape, dtype, per_channel, zero, layers = _meta(rec, what)
     if set(rec) - {"e", "meta", "idx", "c", "h"}:
         raise FormatError(f"{what}: unknown codebook record fields {sorted(map(str, set(rec) - {'e', 'meta', 'idx', 'c', 'h'}))[:5]}")
     h = rec.get("h")
     if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 <= h <= 8.0:
         raise FormatError(f"{what}: invalid index entropy {h!r} in a codebook record"[:200])
     n = math.prod(shape)
-    k = 1 << bits
     idx = rec.get("idx")
     if not isinstance(idx, dict):
         raise FormatError(f"{what}: malformed codebook index record")
@@ -156,11 +166,12 @@ def check_record(rec: Any, what: str, entries: list | None = None) -> RecordHead
             raise FormatError(f"{what}: the indices ({idx_head.dtype} {idx_head.shape}) do not match the metadata {shape}")
         idx_streams = list(idx_head.streams)
     c_head = _codec.check_array_record(rec.get("c"), what + " centroids", entries)
-    want = (shape[-1], k) if per_channel else (k,)
+    want = centroid_shape(shape, bits, per_channel, layers)
     if c_head.dtype.name not in _CENTROID_DTYPES or c_head.shape != want:
         raise FormatError(f"{what}: the centroids ({c_head.dtype} {c_head.shape}) do not match the metadata "
-                          f"(float {want}: bits={bits}, per_channel={per_channel})")
-    return RecordHeader(bits, shape, dtype, per_channel, zero, idx_head, c_head, idx_streams + list(c_head.streams))
+                          f"(float {want}: bits={bits}, per_channel={per_channel}, layer axes {layers})")
+    return RecordHeader(bits, shape, dtype, per_channel, zero, layers, idx_head, c_head,
+                        idx_streams + list(c_head.streams))
 
 
 def report_leaf(rec: dict, entries: list, what: str) -> tuple[tuple, int, float, float, list]:
@@ -179,7 +190,7 @@ def decode(rec: dict, sr: _codec.StreamReader, what: str, dequantize: bool) -> A
     import jax.numpy as jnp
 
     head = check_record(rec, what, sr.entries)
-    bits, shape, dtype, per_channel, zero = head.bits, head.shape, head.dtype, head.per_channel, head.zero
+    bits, shape, dtype, per_channel, zero, layers = head.bits, head.shape, head.dtype, head.per_channel, head.zero, head.layers
     n = math.prod(shape)
     k = 1 << bits
     idx = rec["idx"]
@@ -199,14 +210,14 @@ def decode(rec: dict, sr: _codec.StreamReader, what: str, dequantize: bool) -> A
         sr.budget.charge(n * bits + plen, what)  # packing planes and the packed stream
         packed = pack_np(u, bits)
     c = _codec.decode_array(rec.get("c"), sr, what + " centroids")
-    want = (shape[-1], k) if per_channel else (k,)
+    want = centroid_shape(shape, bits, per_channel, layers)
     if c.dtype.name not in _CENTROID_DTYPES or tuple(c.shape) != want:
         raise FormatError(f"{what}: the centroids ({c.dtype} {c.shape}) do not match the metadata (float {want})")
     if dequantize:
         sr.budget.charge(n * (8 + np.dtype(_codec.dtype_from_name(dtype)).itemsize), what)  # indices + output
     try:
         cb = Codebook(jnp.asarray(packed), jnp.asarray(c), bits=bits, shape=shape, dtype=dtype,
-                      per_channel=per_channel, zero_reserved=zero, path=what)
+                      per_channel=per_channel, zero_reserved=zero, layer_axes=layers, path=what)
     except (TypeError, ValueError) as e:
         raise FormatError(f"{what}: invalid codebook: {e}") from e
     return cb.decode() if dequantize else cb

@@ -482,10 +482,13 @@ def _join(parts: list, axis: int, new: bool, path: str) -> Any:
         return None
     if all(isinstance(p, QArray) for p in parts):
         return _join_q(parts, axis, new, path)
+    join = getattr(type(parts[0]), "join_slices", None)  # a compressed leaf type that can join itself (Codebook)
+    if join is not None and all(type(p) is type(parts[0]) for p in parts):
+        return join(parts, axis, new, path)
     if all(isinstance(p, jax.Array | np.ndarray) for p in parts):
         return jnp.stack(parts, axis) if new else jnp.concatenate(parts, axis)
     kinds = sorted({type(p).__name__ for p in parts})
-    raise TypeError(f"leaf {path!r}: sequential cannot join per-slice results of types {kinds} into the stacked leaf (float arrays and QArray can be joined)")
+    raise TypeError(f"leaf {path!r}: sequential cannot join per-slice results of types {kinds} into the stacked leaf (float arrays, QArray and Codebook can be joined)")
 
 
 def _join_q(qs: list[QArray], axis: int, new: bool, path: str) -> QArray:
