@@ -294,3 +294,33 @@ def test_apply_plan_checks_names_modes_and_paths():
         apply_plan(PARAMS, {"params/nope/kernel": "rtn4"}, h, menu=RTN)
     with pytest.raises(ValueError, match="give hessians="):
         apply_plan(PARAMS, {paths[0]: "rtn4"}, menu=RTN)
+
+
+def test_kernel_importance_equals_the_jvp_ratio_by_hand_for_any_chunk_size():
+    """alpha = sum_b ||J X dW||^2 / sum_b ||X dW||^2, with J X dW the model's jvp along the probe."""
+    rng = np.random.default_rng(3)
+    params = {"a": {"kernel": jnp.asarray(rng.normal(size=(6, 8)), jnp.float32)},
+              "b": {"kernel": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)},
+              "c": {"kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)}}
+
+    def apply(p, x):
+        h = jnp.tanh(x @ p["a"]["kernel"])
+        h = jnp.tanh(h @ p["b"]["kernel"])
+        return h @ p["c"]["kernel"]
+
+    batches = [jnp.asarray(rng.normal(size=(7, 6)), jnp.float32) for _ in range(3)]
+    probes = {f"{k}/kernel": jnp.asarray(rng.normal(size=params[k]["kernel"].shape), jnp.float32) for k in "abc"}
+    xs = {"a": lambda x: x, "b": lambda x: jnp.tanh(x @ params["a"]["kernel"]),
+          "c": lambda x: jnp.tanh(jnp.tanh(x @ params["a"]["kernel"]) @ params["b"]["kernel"])}
+    want = {}
+    for k in "abc":
+        dw = probes[f"{k}/kernel"]
+        tangent = jax.tree.map(jnp.zeros_like, params)
+        tangent[k]["kernel"] = dw
+        num = sum(float(jnp.sum(jax.jvp(lambda p, x=x: apply(p, x), (params,), (tangent,))[1] ** 2)) for x in batches)
+        den = sum(float(jnp.sum((xs[k](x) @ dw) ** 2)) for x in batches)
+        want[f"{k}/kernel"] = num / den
+    for chunk in (1, 2, 3, 8):
+        got = cj.kernel_importance(apply, params, batches, probes, chunk_size=chunk)
+        for p in probes:
+            np.testing.assert_allclose(got[p], want[p], rtol=1e-4)

@@ -8,7 +8,8 @@ the compression error. We estimate, per kernel ``l``, the amplification
     alpha_l = sum_batches ||J_l X_l dW_l||^2 / sum_batches ||X_l dW_l||^2
 
 along a probe direction ``dW_l`` (by default the real error of one of the kernel's options), with one
-forward-mode product (``jax.jvp``) per kernel and batch, and both sums over the same batches; the damage
+forward-mode product per kernel and batch (``jax.linearize`` once per batch, so the primal pass is shared,
+and the kernels' tangent passes vectorised in chunks), and both sums over the same batches; the damage
 of every option of that kernel is then ``alpha_l * tr(dW^T H dW)``. This is a per-layer sensitivity weight
 in the spirit of HAWQ-V2 (Dong et al., NeurIPS 2020: the Hessian trace of the loss per layer) and of
 NVIDIA ModelOpt's ``auto_quantize`` (output-gradient-weighted output error, a Fisher approximation), for
@@ -46,6 +47,7 @@ def kernel_importance(
     *,
     row_mask: Callable[[Any], Any] | None = None,
     max_batches: int = 4,
+    chunk_size: int = 6,
 ) -> dict[str, float]:
     """How much of each kernel's layer output error reaches the model's output: ``{path: alpha}``.
 
@@ -57,7 +59,9 @@ def kernel_importance(
         batches: calibration batches; at most ``max_batches`` of them, evenly spaced, are used.
         probes: ``{path: dW}``, a perturbation of each kernel's shape (e.g. an option's error ``W_hat - W``).
         row_mask: as for :func:`compressjax.collect_hessians` (the denominators leave the same rows out).
-        max_batches: how many batches to use (one ``jvp`` per kernel and batch).
+        max_batches: how many batches to use (one tangent pass per kernel and batch).
+        chunk_size: kernels whose tangent passes share one linearisation (a primal pass) and run vectorised;
+            memory grows with it (each holds a zero-padded tangent of every selected kernel).
 
     Returns:
         ``{path: alpha}``, ``alpha >= 0``; 1.0 for a zero probe (nothing to measure).
@@ -78,22 +82,32 @@ def kernel_importance(
     sel = [leaf_paths.index(p) for p in paths]
 
     @jax.jit
-    def sq_jvp(leaves, dws, which, batch):
+    def sq_jvps(leaves, dws, which, batch):
+        """``||J X dW_j||^2`` for the kernels ``which`` (``-1``: padding, 0): one linearisation of the model
+        at ``batch`` (its primal pass computed once), then the tangent pass of each kernel, vectorised."""
         def f(ks):
             ls = list(leaves)
             for j, i in enumerate(sel):
                 ls[i] = ks[j]
             return apply_fn(jax.tree_util.tree_unflatten(treedef, ls), batch)
 
-        tangents = [jnp.where(which == j, dws[j], 0.0).astype(leaves[i].dtype) for j, i in enumerate(sel)]
-        _, out = jax.jvp(f, ([leaves[i] for i in sel],), (tangents,))
-        return sum(jnp.sum(jnp.square(jnp.asarray(o, jnp.float32))) for o in jax.tree_util.tree_leaves(out))
+        _, lin = jax.linearize(f, [leaves[i] for i in sel])
+
+        def one(k):
+            out = lin([jnp.where(k == j, dws[j], 0.0).astype(leaves[i].dtype) for j, i in enumerate(sel)])
+            return sum(jnp.sum(jnp.square(jnp.asarray(o, jnp.float32))) for o in jax.tree_util.tree_leaves(out))
+
+        return jax.vmap(one)(which)
 
     dws = [jnp.asarray(probes[p], jnp.float32) for p in paths]
-    num = np.zeros(len(paths))
+    chunk = max(1, min(len(paths), chunk_size))
+    n_chunks = -(-len(paths) // chunk)
+    which = np.full(n_chunks * chunk, -1, np.int32)
+    which[: len(paths)] = np.arange(len(paths))
+    num = np.zeros(n_chunks * chunk)
     for batch in batches:
-        for j in range(len(paths)):
-            num[j] += float(sq_jvp(leaves, dws, jnp.int32(j), batch))
+        for c in range(n_chunks):
+            num[c * chunk:(c + 1) * chunk] += np.asarray(sq_jvps(leaves, dws, jnp.asarray(which[c * chunk:(c + 1) * chunk]), batch))
     out = {}
     for j, p in enumerate(paths):
         h = hs[p]
