@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import warnings
 
 import flax.linen as nn
 import jax
@@ -324,3 +325,40 @@ def test_kernel_importance_equals_the_jvp_ratio_by_hand_for_any_chunk_size():
         got = cj.kernel_importance(apply, params, batches, probes, chunk_size=chunk)
         for p in probes:
             np.testing.assert_allclose(got[p], want[p], rtol=1e-4)
+
+
+def test_stacked_kernels_of_a_scanned_model_are_allocated_with_per_layer_scales_and_codebooks(tmp_path):
+    """A kernel stacked (L, in, out) and run by lax.scan is one allocation unit: every option keeps each layer's
+    own scales or codebooks, and the saved bytes are the plan's."""
+    rng = np.random.default_rng(7)
+    L, d = 3, 16
+    params = {"layers": {"kernel": jnp.asarray(rng.normal(size=(L, d, d)) / np.sqrt(d), jnp.float32)},
+              "head": {"kernel": jnp.asarray(rng.normal(size=(d, 8)), jnp.float32)}}
+
+    def apply(p, x):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["layers"]["kernel"])
+        return h @ p["head"]["kernel"]
+
+    batches = [jnp.asarray(rng.normal(size=(32, d)), jnp.float32) for _ in range(2)]
+    Q = cj.QuantSpec
+    menu = [cj.Option("float", "float"), cj.Option("gptq-int4-g8", "gptq", Q(bits=4, group_size=8)),
+            cj.Option("rtn-int4-g8", "rtn", Q(bits=4, group_size=8)), cj.Option("kmeans-2b", "kmeans", bits=2)]
+    hess = cj.collect_hessians(apply, params, batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no LayerAxesWarning: the rtn option declares the layer axes
+        cands = cj.option_costs_and_damages(params, hess, menu, keep_results=True)
+    stacked = cands.results[("layers/kernel", "rtn-int4-g8")][0]
+    assert 0 in stacked.channel_axes
+    cb = cands.results[("layers/kernel", "kmeans-2b")][0]
+    assert cb.layer_axes == (0,) and cb.centroids.shape == (L, d, 4)
+    for opt in menu[1:]:
+        leaf = cands.results[("layers/kernel", opt.name)][0]
+        assert cands.costs[cands.paths.index("layers/kernel"), menu.index(opt)] == cj.size_report([leaf]).leaves[0].stored_bytes
+    for sequential in (False, True):
+        # tiny kernels: the scales and metadata dominate, so the budget sits between the cheapest plan and float
+        out, plan = cj.auto_compress(apply, params, batches, bits_per_weight=12.0, menu=menu, sequential=sequential)
+        cj.save(tmp_path / "a.cjx", out)
+        kernels = {leaf.path: leaf.stored_bytes for leaf in cj.size_report(tmp_path / "a.cjx").leaves}
+        assert sum(kernels[e.path] for e in plan.entries) == plan.total_bytes <= math.floor(12.0 * (L * d * d + d * 8) / 8)
+        assert np.all(np.isfinite(np.asarray(apply(cj.dequantize_params(out), batches[0]))))
+        assert any(e.option != "float" for e in plan.entries)

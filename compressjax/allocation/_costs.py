@@ -75,6 +75,11 @@ def _only(hessians: Any, keep: set[str]) -> Any:
     return jax.tree_util.tree_map_with_path(visit, hessians, is_leaf=lambda x: isinstance(x, Hessian) or x is None)
 
 
+def _layer_axes(hessians: Any, path: str) -> tuple[int, ...]:
+    found = [h for p, h in tree.leaves_with_paths(hessians, lambda x: isinstance(x, Hessian) or x is None) if p == path]
+    return tuple(getattr(found[0], "layer_axes", ()) or ()) if found and found[0] is not None else ()
+
+
 def solve_option(option: Option, params: Any, hessians: Any, paths: list[str]) -> dict[str, tuple[Any, Any]]:
     """Compresses the kernels ``paths`` of ``params`` with ``option``; ``{path: (leaf, keep_mask or None)}``.
 
@@ -91,13 +96,20 @@ def solve_option(option: Option, params: Any, hessians: Any, paths: list[str]) -
     masks = None
     if option.method == "gptq":
         out = gptq(params, hs, option.spec, act_order=option.act_order)
-    elif option.method == "rtn":
-        out = quantize_params(params, {_exact(paths): option.spec})
+    elif option.method == "rtn":  # a stacked kernel keeps per-layer scales (the layer axes of its Hessian)
+        rules = {_exact([p]): dataclasses.replace(option.spec, layer_axes=_layer_axes(hessians, p)) for p in paths}
+        out = quantize_params(params, rules)
     elif option.method == "sparsegpt":
         sparsity = None if option.n is not None else float(option.sparsity)
         out, masks = sparsegpt(params, hs, sparsity, n=option.n, m=option.m, rules=option.spec)
     else:  # kmeans
-        out = kmeans_codebooks(params, option.bits, where=lambda p, _: p in keep, per_channel=option.per_channel)
+        out = params
+        by_axes: dict[tuple[int, ...], set[str]] = {}
+        for p in paths:  # stacked kernels get one codebook set per layer, as their Hessians have
+            by_axes.setdefault(_layer_axes(hessians, p), set()).add(p)
+        for axes, group in by_axes.items():
+            out = kmeans_codebooks(out, option.bits, where=lambda p, _, group=group: p in group,
+                                   per_channel=option.per_channel, layer_axes=axes)
         if option.error_feedback:
             out = codebook_error_feedback(out, params, hs)
             out = refit_centroids(out, params, hs)

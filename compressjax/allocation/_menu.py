@@ -147,11 +147,10 @@ def why_not(option: Option, k: KernelInfo) -> str | None:
     if option.m is not None and k.last_in % option.m:
         return f"m={option.m} does not divide the input axis of length {k.last_in} (shape {k.shape})"
     if option.method == "kmeans":
-        if len(k.shape) != 2 or k.layer_axes:
-            return f"k-means with error feedback takes 2-D (d_in, d_out) kernels, got shape {k.shape}"
-        per = k.shape[0] if option.per_channel else k.size
+        if len(k.shape) < 2 or (option.per_channel and len(k.shape) - 1 in k.layer_axes):
+            return f"k-means with error feedback takes kernels with an output (last) axis, got shape {k.shape}"
+        books = math.prod(k.shape[a] for a in k.layer_axes) * (k.shape[-1] if option.per_channel else 1)
+        per = k.size // books
         if per < 2 ** option.bits:
             return f"{2 ** option.bits} centroids need at least as many weights per codebook, got {per} (shape {k.shape})"
-    if option.method == "rtn" and k.layer_axes:
-        return f"round to nearest shares scales across the layer axes {k.layer_axes}; use gptq (shape {k.shape})"
     return None
