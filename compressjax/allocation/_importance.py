@@ -100,8 +100,8 @@ def kernel_importance(
         return jax.vmap(one)(which)
 
     dws = [jnp.asarray(probes[p], jnp.float32) for p in paths]
-    chunk = max(1, min(len(paths), chunk_size))
-    n_chunks = -(-len(paths) // chunk)
+    n_chunks = -(-len(paths) // max(1, chunk_size))
+    chunk = -(-len(paths) // n_chunks)  # balanced chunks: the least padding
     which = np.full(n_chunks * chunk, -1, np.int32)
     which[: len(paths)] = np.arange(len(paths))
     num = np.zeros(n_chunks * chunk)

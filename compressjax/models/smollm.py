@@ -544,9 +544,10 @@ def package_descriptions() -> list[tuple[str, str, str]]:
 
     The description is the metadata's ``Description`` field or its body; names are normalised (lower case,
     ``_`` and ``.`` as ``-``) and the first distribution of a name on ``sys.path`` is kept. Which packages
-    are installed decides the text, so a run records the names it used.
+    are installed decides the text, so a run records the names it used. compressjax itself is left out: its
+    description is this repository's README, which changes with the code (and so would the evaluation text).
     """
-    seen: dict[str, tuple[str, str, str]] = {}
+    seen: dict[str, tuple[str, str, str]] = {"compressjax": ("compressjax", "", "")}
     for dist in importlib.metadata.distributions():
         name = dist.metadata["Name"]
         if not name:

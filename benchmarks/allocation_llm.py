@@ -1,0 +1,120 @@
+"""Benchmark: compress to a budget on a real decoder LLM (SmolLM2-135M, stacked layers run by ``lax.scan``).
+
+Issue 20's LLM row: perplexity at 3.0 and 3.5 bits per weight over the seven stacked kernels (106M weights),
+allocated by ``auto_compress``'s steps, against every uniform setting of the menu that fits the same budget.
+Model, data and metrics are :mod:`benchmarks.llm`'s (calibration: pydoc topics, 128 x 256 tokens;
+evaluation: package descriptions, 32 x 512 tokens; the tied embedding and the norms stay float).
+
+Each stacked kernel ``(30, in, out)`` is one allocation unit (every option keeps per-layer scales or
+codebooks; the seven units get one option each). The menu is written for this model before the first run:
+``default_menu()``'s group sizes 128 and 64 become 64 and 192 (128 does not divide the 576-wide inputs),
+and the sparse and k-means options are left out to keep the run under an hour on 2 CPU cores (each option
+is a GPTQ pass over 106M weights); its names say what each option is. The plans are applied one-shot
+(``sequential=False``: the candidates' own results), and the importance is measured on the final hidden
+states (the model without its tied head), as the calibration is.
+
+Usage::
+
+    python -m benchmarks.allocation_llm --json benchmarks/results/allocation-llm-cpu.json   # about 45 min, 2 cores
+    python -m benchmarks.allocation_llm --quick                                             # smoke test
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+import compressjax as cj  # noqa: E402
+from benchmarks._common import finish, parser  # noqa: E402
+from benchmarks.llm import KERNELS, data, evaluate  # noqa: E402
+from compressjax.allocation import candidate_importance, from_candidates  # noqa: E402
+from compressjax.models import smollm  # noqa: E402
+from compressjax.tree import replace_leaves  # noqa: E402
+
+
+def llm_menu() -> list[cj.Option]:
+    """GPTQ (act-order) options in the spirit of ``default_menu()``, with group sizes dividing 576 and 1536."""
+    Q = cj.QuantSpec
+    menu = [cj.Option("float", "float"), cj.Option("gptq-int8", "gptq", Q(bits=8)),
+            cj.Option("gptq-int4", "gptq", Q(bits=4, calibration="mse", error_power=2.0))]
+    for g in (192, 64):
+        menu.append(cj.Option(f"gptq-int4-g{g}", "gptq", Q(bits=4, group_size=g)))
+    for b in (3, 2):
+        menu.append(cj.Option(f"gptq-int{b}", "gptq", Q(bits=b, symmetric=False)))
+        for g in (192, 64):
+            menu.append(cj.Option(f"gptq-int{b}-g{g}", "gptq", Q(bits=b, group_size=g, symmetric=False)))
+    return menu
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = parser(__doc__.split("\n")[0])
+    ap.add_argument("--budgets", default="3.0,3.5", help="bits per weight over the stacked kernels")
+    args = ap.parse_args(argv)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    sizes = SimpleNamespace(n_calib=128, calib_len=256, n_eval=32, eval_len=512)
+    calib_batch, eval_batch, menu = 8, 4, llm_menu()
+    if args.quick:
+        sizes = SimpleNamespace(n_calib=8, calib_len=64, n_eval=4, eval_len=128)
+        calib_batch, menu = 4, [menu[0], menu[4], menu[9]]  # float, int4 g64, int3 g64
+
+    params, config, tok = smollm.load_smollm2()
+    apply, hidden = smollm.make_apply(config), smollm.make_apply(config, head=False)
+    calib, evaluation, info = data(tok, sizes)
+    batches = [calib[i:i + calib_batch] for i in range(0, len(calib), calib_batch)]
+    float_ppl, float_top = evaluate(apply, params, evaluation, eval_batch)
+
+    def quality(p) -> dict:
+        ppl, top = evaluate(apply, cj.dequantize_params(p), evaluation, eval_batch)
+        return {"ppl": round(ppl, 3), "top1": round(float((top == float_top).mean()), 4)}
+
+    t = time.perf_counter()
+    hess = cj.collect_hessians(hidden, params, batches, where=KERNELS)
+    cands = cj.option_costs_and_damages(params, hess, menu, keep_results=True)
+    t_cands = time.perf_counter() - t
+    alpha = candidate_importance(hidden, params, batches, cands)
+    t_alpha = time.perf_counter() - t - t_cands
+    print(f"candidates {t_cands:.1f} s, importance {t_alpha:.1f} s", flush=True)
+    n_w = cands.num_weights
+
+    uniform = []
+    for j, opt in enumerate(cands.options):
+        if np.any(cands.costs[:, j] < 0):
+            continue  # the option skips a kernel: no uniform setting
+        nbytes = int(cands.costs[:, j].sum())
+        p = replace_leaves(params, {p: cands.results[(p, opt.name)][0] for p in cands.paths})
+        row = {"name": opt.name, "bits_per_weight": round(8 * nbytes / n_w, 4), **quality(p)}
+        print(row, flush=True)
+        uniform.append(row)
+
+    allocated = []
+    for bpw in budgets:
+        budget = int(np.floor(bpw * n_w / 8))
+        out, plan = from_candidates(hidden, params, batches, cands, budget, alpha, sequential=False)
+        fitting = [u for u in uniform if u["bits_per_weight"] <= bpw]
+        best = min(fitting, key=lambda u: u["ppl"]) if fitting else None
+        row = {"budget_bpw": bpw, "bits_per_weight": round(8 * plan.total_bytes / n_w, 4), **quality(out),
+               "plan": {e.path: e.option for e in plan.entries},
+               "best_fitting_uniform": best and best["name"], "best_fitting_uniform_ppl": best and best["ppl"]}
+        row["beats_every_fitting_uniform"] = best is None or row["ppl"] <= best["ppl"]
+        print(row, flush=True)
+        allocated.append(row)
+
+    return finish({
+        "benchmark": "allocation_llm", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
+        "compressed": f"{KERNELS} (7 stacked kernels x {config.num_layers} layers, {n_w} weights)",
+        "menu": [o.name for o in menu], "float": {"ppl": round(float_ppl, 3)}, "uniform": uniform,
+        "allocated": allocated, "importance": {p: float(a) for p, a in alpha.items()}, "data": info,
+        "candidates_seconds": round(t_cands, 1), "importance_seconds": round(t_alpha, 1), "quick": bool(args.quick),
+        "note": "plans applied one-shot from the candidates (sequential=False); times on a shared machine",
+    }, args.json)
+
+
+if __name__ == "__main__":
+    main()
