@@ -362,3 +362,11 @@ def test_stacked_kernels_of_a_scanned_model_are_allocated_with_per_layer_scales_
         assert sum(kernels[e.path] for e in plan.entries) == plan.total_bytes <= math.floor(12.0 * (L * d * d + d * 8) / 8)
         assert np.all(np.isfinite(np.asarray(apply(cj.dequantize_params(out), batches[0]))))
         assert any(e.option != "float" for e in plan.entries)
+
+
+@pytest.mark.parametrize("kw, err", [({"chunk_size": 0}, ValueError), ({"max_batches": -1}, ValueError),
+                                     ({"chunk_size": 2.0}, TypeError), ({"max_batches": True}, TypeError)])
+def test_kernel_importance_bad_sizes_are_named(kw, err):
+    params = {"k": jnp.ones((3, 2))}
+    with pytest.raises(err, match=next(iter(kw))):
+        cj.kernel_importance(lambda p, x: x @ p["k"], params, [jnp.ones((4, 3))], {"k": jnp.ones((3, 2))}, **kw)

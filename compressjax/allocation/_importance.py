@@ -34,6 +34,7 @@ import numpy as np
 
 from compressjax import tree
 from compressjax.allocation._costs import _exact, decoded
+from compressjax.checks import check_positive_int
 from compressjax.hessians import collect_hessians
 
 __all__ = ["kernel_importance"]
@@ -65,7 +66,13 @@ def kernel_importance(
 
     Returns:
         ``{path: alpha}``, ``alpha >= 0``; 1.0 for a zero probe (nothing to measure).
+
+    Raises:
+        ValueError: no batches, ``max_batches`` or ``chunk_size`` below 1.
+        TypeError: ``max_batches`` or ``chunk_size`` not an int.
     """
+    max_batches = check_positive_int("max_batches", max_batches)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty: importance needs at least one calibration batch")
@@ -100,7 +107,7 @@ def kernel_importance(
         return jax.vmap(one)(which)
 
     dws = [jnp.asarray(probes[p], jnp.float32) for p in paths]
-    n_chunks = -(-len(paths) // max(1, chunk_size))
+    n_chunks = -(-len(paths) // chunk_size)
     chunk = -(-len(paths) // n_chunks)  # balanced chunks: the least padding
     which = np.full(n_chunks * chunk, -1, np.int32)
     which[: len(paths)] = np.arange(len(paths))
