@@ -198,3 +198,23 @@ def test_forged_layer_axes_in_a_file_are_format_errors(tmp_path, layers):
     for fn in (cj.load, cj.size_report):
         with pytest.raises(FormatError, match="codebook layer axes|do not match the metadata"):
             fn(bad)
+
+
+def test_grouped_convolution_hessians_sweep_and_refit_each_group():
+    """A grouped convolution's Hessian (``groups``) pairs group ``g`` of the output channels with ``H[g]``: the
+    per-channel codebooks are swept and refit per group, as on each group's kernel alone."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(3, 3, 2, 6)).astype(np.float32)  # (kh, kw, in per group, out), 2 groups of 3 outputs
+    h = np.stack([_gram(rng, 18) for _ in range(2)])
+    hess = Hessian(jnp.asarray(h), jnp.full((2,), 48.0), (0, 1, 2), groups=2)
+    q = kmeans_codebooks({"w": jnp.asarray(w)}, 2, per_channel=True)["w"]
+    fed = codebook_error_feedback({"w": q}, {"w": jnp.asarray(w)}, {"w": hess})["w"]
+    fit = refit_centroids({"w": fed}, {"w": jnp.asarray(w)}, {"w": hess})["w"]
+    for g in range(2):
+        cols = slice(3 * g, 3 * g + 3)
+        q1 = Codebook.from_indices(q.index_array()[..., cols], q.centroids[cols], bits=2, per_channel=True)
+        h1 = Hessian(jnp.asarray(h[g]), 48.0, (0, 1, 2))
+        fed1 = codebook_error_feedback({"w": q1}, {"w": jnp.asarray(w[..., cols])}, {"w": h1})["w"]
+        np.testing.assert_array_equal(np.asarray(fed.index_array()[..., cols]), np.asarray(fed1.index_array()))
+        fit1 = refit_centroids({"w": fed1}, {"w": jnp.asarray(w[..., cols])}, {"w": h1})["w"]
+        np.testing.assert_allclose(np.asarray(fit.centroids[cols]), np.asarray(fit1.centroids), rtol=2e-4, atol=2e-5)
