@@ -15,6 +15,7 @@ import pytest
 from conftest import resign, set_field
 
 import compressjax as cj
+from compressjax.cli import main
 from compressjax.codebook import Codebook, codebook_error_feedback, kmeans_codebooks, refit_centroids
 from compressjax.export import FormatError, _container
 from compressjax.hessians import Hessian
@@ -101,7 +102,7 @@ def test_a_codebook_shared_by_the_layers_sweeps_each_slice_on_its_own_hessian():
         assert _out_err(bumped.decode(), w, h) > e_fit
 
 
-def test_stacked_codebook_through_the_scanned_model_and_the_file_format(tmp_path):
+def test_stacked_codebook_through_the_scanned_model_and_the_file_format(tmp_path, capsys):
     L, d = 3, 16
     rng = np.random.default_rng(5)
     params = {"layers": {"kernel": jnp.asarray(rng.normal(size=(L, d, d)).astype(np.float32) / np.sqrt(d))},
@@ -132,6 +133,8 @@ def test_stacked_codebook_through_the_scanned_model_and_the_file_format(tmp_path
     report = cj.size_report(tmp_path / "s.cjx")
     assert report.total_bytes == rep.total_bytes
     assert any("/layer" in leaf.encoding for leaf in report.leaves)
+    assert main(["inspect", str(tmp_path / "s.cjx")]) == 0
+    assert "cb3/ch/layer" in capsys.readouterr().out
 
 
 def test_sequential_joins_the_slices_codebooks_into_a_stacked_codebook():
