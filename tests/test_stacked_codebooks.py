@@ -86,7 +86,7 @@ def _out_err(w_hat, w, h):
 
 def test_a_codebook_shared_by_the_layers_sweeps_each_slice_on_its_own_hessian():
     w, _, hess, h, in2, slices = _case("L,in,out", seed=1)
-    q = kmeans_codebooks({"w": jnp.asarray(w)}, 3)["w"]  # one codebook for all layers
+    q = kmeans_codebooks({"w": jnp.asarray(w)}, 3, layer_axes=())["w"]  # one codebook for all layers
     fed = codebook_error_feedback({"w": q}, {"w": jnp.asarray(w)}, {"w": hess})["w"]
     assert fed.layer_axes == () and np.array_equal(np.asarray(fed.centroids), np.asarray(q.centroids))
     for (i,) in slices:  # the sweep of slice i uses slice i's Hessian and the shared table
@@ -120,7 +120,7 @@ def test_stacked_codebook_through_the_scanned_model_and_the_file_format(tmp_path
     assert isinstance(cb, Codebook) and cb.layer_axes == (0,) and cb.centroids.shape == (L, d, 8)
     y = apply(cj.dequantize_params(q), x)
     y_float = apply(params, x)
-    shared = kmeans_codebooks(params, 3, where="layers/kernel", per_channel=True)
+    shared = kmeans_codebooks(params, 3, where="layers/kernel", per_channel=True, layer_axes=())
     y_shared = apply(cj.dequantize_params(shared), x)
     assert float(jnp.mean((y - y_float) ** 2)) < float(jnp.mean((y_shared - y_float) ** 2))
     # jit and the pytree: the stacked codebook crosses jit whole
@@ -221,3 +221,18 @@ def test_grouped_convolution_hessians_sweep_and_refit_each_group():
         np.testing.assert_array_equal(np.asarray(fed.index_array()[..., cols]), np.asarray(fed1.index_array()))
         fit1 = refit_centroids({"w": fed1}, {"w": jnp.asarray(w[..., cols])}, {"w": h1})["w"]
         np.testing.assert_allclose(np.asarray(fit.centroids[cols]), np.asarray(fit1.centroids), rtol=2e-4, atol=2e-5)
+
+
+def test_an_undeclared_3d_leaf_warns_naming_it_and_declaring_silences_it():
+    import warnings
+
+    from compressjax.quantization import LayerAxesWarning
+
+    w = jnp.asarray(np.random.default_rng(8).standard_normal((3, 8, 4)).astype(np.float32))
+    with pytest.warns(LayerAxesWarning, match="leaf 'layers/kernel' of shape \\(3, 8, 4\\)"):
+        kmeans_codebooks({"layers": {"kernel": w}}, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kmeans_codebooks({"w": w}, 2, layer_axes=(0,))
+        kmeans_codebooks({"w": w}, 2, layer_axes=())
+        kmeans_codebooks({"w": w[0]}, 2)  # 2-D: nothing to declare

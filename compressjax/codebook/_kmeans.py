@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ from compressjax.codebook._codebook import (
     centroid_shape,
     check_layer_axes,
 )
+from compressjax.quantization import LayerAxesWarning
 
 # ------------------------------------------------------------------------------------------------ k-means
 
@@ -269,7 +271,7 @@ def kmeans_codebooks(
     masks: Any = None,
     key: jax.Array | None = None,
     entropy_weight: float = 0.0,
-    layer_axes: tuple[int, ...] = (),
+    layer_axes: tuple[int, ...] | None = None,
 ) -> Any:
     """Replaces the selected kernels with k-means :class:`Codebook` leaves (weight sharing).
 
@@ -372,7 +374,13 @@ def kmeans_codebooks(
         tree.check_finite(path, leaf)
         if per_channel and jnp.ndim(leaf) == 0:
             raise ValueError(f"leaf {path!r} is a scalar: per_channel codebooks need an output axis")
-        axes = check_layer_axes(layer_axes, tuple(jnp.shape(leaf)), bool(per_channel), path)
+        if layer_axes is None and jnp.ndim(leaf) == 3 and jnp.size(leaf):
+            warnings.warn(
+                f"leaf {path!r} of shape {tuple(jnp.shape(leaf))} gets codebooks shared across axes 0 and 1: if it "
+                f"stacks {jnp.shape(leaf)[0]} layers or experts, each codebook spans them all. Declare "
+                "layer_axes=(0,) for per-layer codebooks, or layer_axes=() for a conv1d (k, in, out) kernel",
+                LayerAxesWarning, stacklevel=2)
+        axes = check_layer_axes(() if layer_axes is None else layer_axes, tuple(jnp.shape(leaf)), bool(per_channel), path)
         w, m = w_by.get(path), m_by.get(path)
         if w is not None:
             _check_aux(path, "weights", w, leaf, nonneg=True)

@@ -471,7 +471,7 @@ def _weight_sharing_stages(cfg: DemoConfig, student, teacher, t_params, d_params
     state = distill(student, teacher, t_params, DistillState.create(d_params, tx_c), tx_c, x_transfer, y_transfer,
                     cfg, k_prune, "prune", progress=progress)
     masks = masks_from_state(state.opt_state)
-    shared = kmeans_codebooks(state.params, cfg.codebook_bits, masks=masks)
+    shared = kmeans_codebooks(state.params, cfg.codebook_bits, masks=masks, layer_axes=())  # conv1d (k, in, out) kernels
     trainable, frozen = split_centroids(shared)
     tune_cfg = dataclasses.replace(cfg, epochs=max(cfg.epochs // 4, 1))
     tx_t = make_optimizer(cfg.learning_rate / 10, tune_cfg.steps, weight_decay=0.0)
