@@ -122,7 +122,6 @@ def _weight_map(o: np.ndarray, kshape: tuple[int, ...], con: tuple[int, ...], ba
     nb = math.prod(o.shape[a] for a in bat)
     nc = math.prod(o.shape[a] for a in con)
     o3 = o.transpose(bat + con + free).reshape(nb, nc, -1)
-    coords = np.unravel_index(o3, kshape)
     strides = [math.prod(kshape[a + 1:]) for a in range(len(kshape))]
     dyn_axes: list[tuple[int, int, Any]] = []
     for delta, token in dyn:
@@ -138,11 +137,16 @@ def _weight_map(o: np.ndarray, kshape: tuple[int, ...], con: tuple[int, ...], ba
         dyn_axes.append((hit, delta // strides[hit], token))
     dyn_set = {a for a, _, _ in dyn_axes}
     in_axes, out_axes, layer_axes = [], [], []
+    # One kernel axis's coordinates at a time (what np.unravel_index would give for all axes at once, in the
+    # index arrays' dtype): a stacked kernel's index array is as large as the kernel.
+    along_con, along_bat, varies_con = {}, {}, {}
     for a in range(len(kshape)):
-        c = coords[a]
+        c = (o3 // strides[a]) % kshape[a]
+        along_con[a], along_bat[a] = c[0, :, 0], c[:, 0, 0]
         vb = bool(np.any(c != c[:1])) if nb > 1 else False
-        vc = bool(np.any(c != c[:, :1]))
+        vc = varies_con[a] = bool(np.any(c != c[:, :1]))
         vf = bool(np.any(c != c[:, :, :1]))
+        del c
         if vb + vc + vf > 1:
             return f"kernel axis {a} is used as more than one of contracted, batch and output axis"
         if a in dyn_set and vf and all(tok[0] == "shard" for b, _, tok in dyn_axes if b == a):
@@ -160,13 +164,13 @@ def _weight_map(o: np.ndarray, kshape: tuple[int, ...], con: tuple[int, ...], ba
             layer_axes.append(a)
         else:  # a constant axis of length 1 counts as an input axis (e.g. a 1x1 convolution window)
             in_axes.append(a)
-    if not any(kshape[a] > 1 or np.any(coords[a] != coords[a][:, :1]) for a in in_axes) and nc > 1:
+    if not any(kshape[a] > 1 or varies_con[a] for a in in_axes) and nc > 1:
         return "no kernel axis is contracted"
     if not in_axes:
         return "no kernel axis is contracted"
     in_shape = [kshape[a] for a in in_axes]
-    idx = np.ravel_multi_index([coords[a][0, :, 0] for a in in_axes], in_shape)
-    lcoords = np.stack([coords[a][:, 0, 0] for a in layer_axes], axis=-1) if layer_axes else np.zeros((nb, 0), np.int64)
+    idx = np.ravel_multi_index([along_con[a].astype(np.int64) for a in in_axes], in_shape)
+    lcoords = np.stack([along_bat[a].astype(np.int64) for a in layer_axes], axis=-1) if layer_axes else np.zeros((nb, 0), np.int64)
     ldyn = [(layer_axes.index(a), m, tok) for a, m, tok in dyn_axes]
     return {"in_axes": tuple(in_axes), "idx": idx, "d_in": math.prod(in_shape), "layer_axes": tuple(layer_axes), "lcoords": lcoords, "ldyn": ldyn}
 

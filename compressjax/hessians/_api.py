@@ -234,7 +234,8 @@ def _analyse(fn, float_leaves, batch, selected, paths, where):
     shapes = {i: tuple(float_leaves[i].shape) for i in selected}
     ins = [None] * len(closed.jaxpr.invars)
     for i in selected:
-        ins[invar_of[i]] = _V((i, np.arange(math.prod(shapes[i]), dtype=np.int64).reshape(shapes[i]), ()))
+        n = math.prod(shapes[i])  # int32 indices where they fit: the analysis holds one per kernel weight
+        ins[invar_of[i]] = _V((i, np.arange(n, dtype=np.int32 if n < 2**31 else np.int64).reshape(shapes[i]), ()))
     for k in range(n_leaves, len(closed.jaxpr.invars)):
         ins[k] = _V(None, None, True)
     an = _Analysis(shapes)
