@@ -364,8 +364,14 @@ class _Pass:
                 return g, cnt
 
             def total(xv, m):
-                g, c = jax.vmap(one, in_axes=(0, None if m is None else 0))(xv, m)
-                return jnp.sum(g, axis=0), jnp.sum(c, axis=0)
+                # Batch by batch into one sum: never a (batches, d_in, d_in) stack of Gram matrices.
+                def add(acc, i):
+                    g, c = one(xv[i], None if m is None else m[i])
+                    return (acc[0] + g, acc[1] + c), None
+
+                shape = jax.eval_shape(one, xv[0], None if m is None else m[0])
+                init = tuple(jnp.zeros(a.shape, a.dtype) for a in shape)
+                return jax.lax.scan(add, init, jnp.arange(xv.shape[0]))[0]
 
             f = jax.jit(total)
             self.fns[("gram", key)] = f
