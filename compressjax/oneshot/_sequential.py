@@ -340,7 +340,7 @@ class _Pass:
                 self._compress(leaf, j, jnp.sum(grams[sel], axis=0), float(jnp.sum(counts[sel])))
         w_pos, o, dyn = site.w_org
         off = sum(delta * self.tokens[tok] for delta, tok in dyn)
-        w = jnp.reshape(self.work[leaf], -1)[jnp.asarray(o + off)].astype(eqn.invars[w_pos].aval.dtype)
+        w = _gather(self.work[leaf], jnp.asarray(o + off)).astype(eqn.invars[w_pos].aval.dtype)
         ins = list(ins)
         ins[w_pos] = (w, False)
         return ins
@@ -411,6 +411,8 @@ class _Pass:
         dense = _decode(res, path)
         if tuple(dense.shape) != tuple(sub.shape):
             raise ValueError(f"leaf {path!r}{where_}: compress returned shape {tuple(dense.shape)} for a slice of shape {tuple(sub.shape)}")
+        if kernel is self.base[leaf]:  # the first write: from here on the working copy is the pass's own
+            kernel = jnp.array(kernel, copy=True)
         self.work[leaf] = _put(kernel, starts_arr, dense.astype(kernel.dtype).reshape(sizes))
         self.done[(leaf, j)] = (res, mask)
 
@@ -470,9 +472,15 @@ def _take(kernel, starts, sizes):
     return jax.lax.dynamic_slice(kernel, list(starts), sizes)
 
 
-@jax.jit
+@partial(jax.jit, donate_argnums=0)  # in place: the working copy is never held twice
 def _put(kernel, starts, value):
     return jax.lax.dynamic_update_slice(kernel, value, list(starts))
+
+
+@jax.jit
+def _gather(kernel, flat_index):
+    """``kernel.reshape(-1)[flat_index]`` in one compiled call (no flattened copy of a stacked kernel)."""
+    return jnp.reshape(kernel, -1)[flat_index]
 
 
 def _out_axis(rest: list[int], in_axes: tuple[int, ...], path: str) -> int:
