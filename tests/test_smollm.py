@@ -378,7 +378,11 @@ def test_benchmark_one_shot_rows_run_on_a_tiny_model(row):
     params = smollm.init_params(cfg, seed=6)
     rng = np.random.default_rng(7)
     batches = [jnp.asarray(rng.integers(0, 53, (2, 24)), jnp.int32) for _ in range(2)]
-    out = cj.dequantize_params(llm.compress_row(row, params, batches, smollm.make_apply(cfg, head=False), 128))
+    raw = llm.compress_row(row, params, batches, smollm.make_apply(cfg, head=False), 128)
+    if row.startswith("codebook"):  # sequential joins the layers' codebooks into one stacked Codebook
+        cb = raw["layers"]["mlp"]["up"]["kernel"]
+        assert isinstance(cb, cj.Codebook) and cb.layer_axes == (0,) and cb.centroids.shape == (2, 64, 8)
+    out = cj.dequantize_params(raw)
     for p, x in [("embed", out["embed"]), ("norm", out["layers"]["mlp_norm"]["scale"])]:
         ref = params["embed"] if p == "embed" else params["layers"]["mlp_norm"]["scale"]
         np.testing.assert_array_equal(np.asarray(x), np.asarray(ref))
