@@ -10,17 +10,22 @@ codebooks; the seven units get one option each). The menu is written for this mo
 ``default_menu()``'s group sizes 128 and 64 become 64 and 192 (128 does not divide the 576-wide inputs),
 and the sparse and k-means options are left out to keep the run under an hour on 2 CPU cores (each option
 is a GPTQ pass over 106M weights); its names say what each option is. The plans are applied one-shot
-(``sequential=False``: the candidates' own results), and the importance is measured on the final hidden
-states (the model without its tied head), as the calibration is.
+(``sequential=False``: the candidates' own results). The importance (``--importance``) is measured on the
+logits with :func:`compressjax.softmax_kl` (``kl``, the default: the second-order change of the predicted
+distribution, what perplexity feels), or as the squared change of the final hidden states (``hidden``, the
+library's default metric on the model without its tied head, as the calibration is).
 
 Usage::
 
     python -m benchmarks.allocation_llm --json benchmarks/results/allocation-llm-cpu.json   # about 45 min, 2 cores
     python -m benchmarks.allocation_llm --quick                                             # smoke test
+    # the same with another importance metric, reusing the uniform rows of a run on the same data:
+    python -m benchmarks.allocation_llm --importance hidden --uniform-json benchmarks/results/allocation-llm-cpu.json
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -56,6 +61,10 @@ def llm_menu() -> list[cj.Option]:
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__.split("\n")[0])
     ap.add_argument("--budgets", default="3.0,3.5", help="bits per weight over the stacked kernels")
+    ap.add_argument("--importance", choices=("kl", "hidden"), default="kl",
+                    help="output metric of the importance: softmax_kl of the logits, or the hidden states' squared change")
+    ap.add_argument("--uniform-json", default=None,
+                    help="take the uniform rows from this earlier run's JSON (same data and menu) instead of evaluating them")
     args = ap.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     sizes = SimpleNamespace(n_calib=128, calib_len=256, n_eval=32, eval_len=512)
@@ -78,13 +87,21 @@ def main(argv: list[str] | None = None) -> dict:
     hess = cj.collect_hessians(hidden, params, batches, where=KERNELS)
     cands = cj.option_costs_and_damages(params, hess, menu, keep_results=True)
     t_cands = time.perf_counter() - t
-    alpha = candidate_importance(hidden, params, batches, cands)
+    if args.importance == "kl":
+        alpha = candidate_importance(apply, params, batches, cands, output_metric=cj.softmax_kl)
+    else:
+        alpha = candidate_importance(hidden, params, batches, cands)
     t_alpha = time.perf_counter() - t - t_cands
     print(f"candidates {t_cands:.1f} s, importance {t_alpha:.1f} s", flush=True)
     n_w = cands.num_weights
 
     uniform = []
-    for j, opt in enumerate(cands.options):
+    if args.uniform_json:
+        earlier = json.loads(Path(args.uniform_json).read_text())
+        if earlier["data"] != info or earlier["menu"] != [o.name for o in menu]:
+            raise SystemExit(f"{args.uniform_json} was measured on other data or another menu")
+        uniform = earlier["uniform"]
+    for j, opt in enumerate(cands.options if not uniform else ()):
         if np.any(cands.costs[:, j] < 0):
             continue  # the option skips a kernel: no uniform setting
         nbytes = int(cands.costs[:, j].sum())
@@ -110,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "allocation_llm", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
         "compressed": f"{KERNELS} (7 stacked kernels x {config.num_layers} layers, {n_w} weights)",
         "menu": [o.name for o in menu], "float": {"ppl": round(float_ppl, 3)}, "uniform": uniform,
-        "allocated": allocated, "importance": {p: float(a) for p, a in alpha.items()}, "data": info,
+        "allocated": allocated, "importance_metric": args.importance,
+        "importance": {p: float(a) for p, a in alpha.items()}, "data": info,
         "candidates_seconds": round(t_cands, 1), "importance_seconds": round(t_alpha, 1), "quick": bool(args.quick),
         "note": "plans applied one-shot from the candidates (sequential=False); times on a shared machine",
     }, args.json)

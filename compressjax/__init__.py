@@ -106,6 +106,8 @@ from compressjax.allocation import (
     default_menu,
     kernel_importance,
     option_costs_and_damages,
+    softmax_kl,
+    squared_change,
 )
 
 __version__ = "0.1.0"
@@ -182,6 +184,8 @@ __all__ = [
     "default_menu",
     "option_costs_and_damages",
     "kernel_importance",
+    "softmax_kl",
+    "squared_change",
     "allocate",
     "apply_plan",
     "Plan",

@@ -370,3 +370,35 @@ def test_kernel_importance_bad_sizes_are_named(kw, err):
     params = {"k": jnp.ones((3, 2))}
     with pytest.raises(err, match=next(iter(kw))):
         cj.kernel_importance(lambda p, x: x @ p["k"], params, [jnp.ones((4, 3))], {"k": jnp.ones((3, 2))}, **kw)
+
+
+def test_softmax_kl_importance_is_the_fisher_form_of_the_jvp_by_hand():
+    """With ``output_metric=softmax_kl`` the numerator is ``1/2 dz^T (diag p - p p^T) dz`` of the logits' jvp,
+    which is also the second derivative of KL(p || softmax(z + t dz)) at t = 0."""
+    rng = np.random.default_rng(5)
+    params = {"a": {"kernel": jnp.asarray(rng.normal(size=(6, 8)), jnp.float32)},
+              "b": {"kernel": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)}}
+
+    def apply(p, x):
+        return jnp.tanh(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
+
+    batches = [jnp.asarray(rng.normal(size=(7, 6)), jnp.float32) for _ in range(2)]
+    probes = {f"{k}/kernel": jnp.asarray(rng.normal(size=params[k]["kernel"].shape), jnp.float32) for k in "ab"}
+    got = cj.kernel_importance(apply, params, batches, probes, output_metric=cj.softmax_kl, chunk_size=1)
+    for k, xs in (("a", lambda x: x), ("b", lambda x: jnp.tanh(x @ params["a"]["kernel"]))):
+        dw = probes[f"{k}/kernel"]
+        tangent = jax.tree.map(jnp.zeros_like, params)
+        tangent[k]["kernel"] = dw
+        num = 0.0
+        for x in batches:
+            z, dz = jax.jvp(lambda p, x=x: apply(p, x), (params,), (tangent,))
+
+            def kl(t, z=z, dz=dz):
+                p = jax.nn.softmax(z, -1)
+                return jnp.sum(p * (jax.nn.log_softmax(z, -1) - jax.nn.log_softmax(z + t * dz, -1)))
+
+            num += 0.5 * float(jax.grad(jax.grad(kl))(0.0))
+        den = sum(float(jnp.sum((xs(x) @ dw) ** 2)) for x in batches)
+        np.testing.assert_allclose(got[f"{k}/kernel"], num / den, rtol=1e-3)
+    with pytest.raises(TypeError, match="output_metric must be callable"):
+        cj.kernel_importance(apply, params, batches, probes, output_metric="kl")

@@ -22,7 +22,7 @@ from compressjax.allocation._auto import (
     model_stages,
 )
 from compressjax.allocation._costs import Candidates, option_costs_and_damages
-from compressjax.allocation._importance import kernel_importance
+from compressjax.allocation._importance import kernel_importance, softmax_kl, squared_change
 from compressjax.allocation._menu import Option, default_menu
 from compressjax.allocation._plan import Plan, PlanEntry, pareto_front
 
@@ -33,6 +33,8 @@ __all__ = [
     "option_costs_and_damages",
     "Candidates",
     "kernel_importance",
+    "softmax_kl",
+    "squared_change",
     "allocate",
     "apply_plan",
     "Plan",

@@ -237,7 +237,7 @@ def auto_compress(
     where: tree.Where = None,
     row_mask: Callable[[Any], Any] | None = None,
     sequential: bool = True,
-    importance: bool = True,
+    importance: bool | Callable[[Any, Any], Any] = True,
     stages: Sequence[Sequence[str]] | None = None,
 ) -> tuple[Any, Plan]:
     """Compresses a model to a byte budget, choosing per kernel the option (method and bits) that costs least.
@@ -270,7 +270,9 @@ def auto_compress(
         where: which kernels (as for ``collect_hessians``; default every matmul/conv kernel).
         row_mask: ``batch -> bool`` rows to leave out of the Hessians (padding).
         sequential: compress stage by stage (see above).
-        importance: weight each kernel's damages by its importance (see above).
+        importance: weight each kernel's damages by its importance (see above). A callable is the output
+            metric of :func:`kernel_importance` (``True``: :func:`squared_change` of the outputs; for a model
+            returning logits, :func:`softmax_kl` weights a change by how much it moves the predictions).
         stages: for ``sequential``, lists of kernel paths (default :func:`model_stages`).
 
     Returns:
@@ -293,16 +295,18 @@ def auto_compress(
     batches = list(batches)
     hessians = collect_hessians(apply_fn, params, batches, where=where, row_mask=row_mask)
     cands = option_costs_and_damages(params, hessians, menu, keep_results=True)
-    alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask) if importance else None
+    metric = importance if callable(importance) else None
+    alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, output_metric=metric) if importance else None
     budget = budget_bytes(cands.num_weights, bits_per_weight=bits_per_weight, max_bytes=max_bytes, ratio=ratio)
     return from_candidates(apply_fn, params, batches, cands, budget, alpha, sequential=sequential, row_mask=row_mask,
                            stages=stages)
 
 
 def candidate_importance(apply_fn: Callable, params: Any, batches: Sequence[Any], cands: Candidates, *,
-                         row_mask: Callable | None = None) -> dict[str, float]:
+                         row_mask: Callable | None = None, output_metric: Callable | None = None) -> dict[str, float]:
     """:func:`kernel_importance` of every kernel, probed with the error of its median-damage option (needs
-    ``cands`` made with ``keep_results=True``); 1.0 for a kernel whose options all have zero error."""
+    ``cands`` made with ``keep_results=True``); 1.0 for a kernel whose options all have zero error.
+    ``output_metric``: as for :func:`kernel_importance`."""
     probes = {}
     leaves = dict(tree.leaves_with_paths(params, tree.is_compressed_leaf))
     for i, p in enumerate(cands.paths):
@@ -314,7 +318,7 @@ def candidate_importance(apply_fn: Callable, params: Any, batches: Sequence[Any]
         probes[p] = decoded(cands.results[(p, cands.options[j].name)][0]) - leaves[p]
     alpha = {p: 1.0 for p in cands.paths}
     if probes:
-        alpha.update(kernel_importance(apply_fn, params, batches, probes, row_mask=row_mask))
+        alpha.update(kernel_importance(apply_fn, params, batches, probes, row_mask=row_mask, output_metric=output_metric))
     return alpha
 
 

@@ -37,7 +37,32 @@ from compressjax.allocation._costs import _exact, decoded
 from compressjax.checks import check_positive_int
 from compressjax.hessians import collect_hessians
 
-__all__ = ["kernel_importance"]
+__all__ = ["kernel_importance", "squared_change", "softmax_kl"]
+
+OutputMetric = Callable[[Any, Any], jax.Array]
+
+
+def squared_change(output: Any, tangent: Any) -> jax.Array:
+    """``||dy||^2``: the squared change of every output (the Gauss-Newton form of a squared-error loss); the
+    default output metric of :func:`kernel_importance`. ``output`` is unused."""
+    del output
+    return sum(jnp.sum(jnp.square(jnp.asarray(t, jnp.float32))) for t in jax.tree_util.tree_leaves(tangent))
+
+
+def softmax_kl(logits: jax.Array, tangent: jax.Array) -> jax.Array:
+    """The second-order KL divergence between ``softmax(z)`` and ``softmax(z + dz)`` over the last axis,
+    summed over positions: ``1/2 sum dz^T (diag(p) - p p^T) dz``, the Fisher metric of a classifier's or a
+    language model's predictive distribution (``logits`` ``z``, ``tangent`` ``dz``). Use it as
+    :func:`kernel_importance`'s ``output_metric`` (or ``auto_compress(importance=softmax_kl)``) when
+    ``apply_fn`` returns logits: it weights a logit change by how much it moves the predictions.
+
+    References:
+        Martens, "New insights and perspectives on the natural gradient method", JMLR 21, 2020.
+    """
+    z, dz = jnp.asarray(logits, jnp.float32), jnp.asarray(tangent, jnp.float32)
+    p = jax.nn.softmax(z, axis=-1)
+    mean = jnp.sum(p * dz, axis=-1)
+    return 0.5 * jnp.sum(jnp.sum(p * dz * dz, axis=-1) - mean * mean)
 
 
 def kernel_importance(
@@ -49,10 +74,12 @@ def kernel_importance(
     row_mask: Callable[[Any], Any] | None = None,
     max_batches: int = 4,
     chunk_size: int = 6,
+    output_metric: OutputMetric | None = None,
 ) -> dict[str, float]:
     """How much of each kernel's layer output error reaches the model's output: ``{path: alpha}``.
 
-    ``alpha = sum ||J X dW||^2 / sum ||X dW||^2`` along the probe ``dW`` (see the module docstring).
+    ``alpha = sum ||J X dW||^2 / sum ||X dW||^2`` along the probe ``dW`` (see the module docstring); with
+    ``output_metric`` the numerator is ``sum metric(y, J X dW)`` instead, e.g. :func:`softmax_kl` for logits.
 
     Args:
         apply_fn: ``(params, batch) -> output`` (any pytree of float arrays).
@@ -63,14 +90,19 @@ def kernel_importance(
         max_batches: how many batches to use (one tangent pass per kernel and batch).
         chunk_size: kernels whose tangent passes share one linearisation (a primal pass) and run vectorised;
             memory grows with it (each holds a zero-padded tangent of every selected kernel).
+        output_metric: ``(output, output_tangent) -> scalar``, a quadratic form in the tangent measuring the
+            output change (default :func:`squared_change`).
 
     Returns:
         ``{path: alpha}``, ``alpha >= 0``; 1.0 for a zero probe (nothing to measure).
 
     Raises:
         ValueError: no batches, ``max_batches`` or ``chunk_size`` below 1.
-        TypeError: ``max_batches`` or ``chunk_size`` not an int.
+        TypeError: ``max_batches`` or ``chunk_size`` not an int, an ``output_metric`` that is not callable.
     """
+    metric = squared_change if output_metric is None else output_metric
+    if not callable(metric):
+        raise TypeError(f"output_metric must be callable (output, tangent) -> scalar, got {output_metric!r}")
     max_batches = check_positive_int("max_batches", max_batches)
     chunk_size = check_positive_int("chunk_size", chunk_size)
     batches = list(batches)
@@ -98,11 +130,10 @@ def kernel_importance(
                 ls[i] = ks[j]
             return apply_fn(jax.tree_util.tree_unflatten(treedef, ls), batch)
 
-        _, lin = jax.linearize(f, [leaves[i] for i in sel])
+        y, lin = jax.linearize(f, [leaves[i] for i in sel])
 
         def one(k):
-            out = lin([jnp.where(k == j, dws[j], 0.0).astype(leaves[i].dtype) for j, i in enumerate(sel)])
-            return sum(jnp.sum(jnp.square(jnp.asarray(o, jnp.float32))) for o in jax.tree_util.tree_leaves(out))
+            return metric(y, lin([jnp.where(k == j, dws[j], 0.0).astype(leaves[i].dtype) for j, i in enumerate(sel)]))
 
         return jax.vmap(one)(which)
 
