@@ -402,3 +402,28 @@ def test_softmax_kl_importance_is_the_fisher_form_of_the_jvp_by_hand():
         np.testing.assert_allclose(got[f"{k}/kernel"], num / den, rtol=1e-3)
     with pytest.raises(TypeError, match="output_metric must be callable"):
         cj.kernel_importance(apply, params, batches, probes, output_metric="kl")
+
+
+def test_sequential_plans_on_a_scanned_model_calibrate_layer_by_layer():
+    """sequential=True on stacked kernels is one pass of compressjax.sequential with the planned options: the
+    same result as calling it with that option, not the float-model Hessians' one-shot result."""
+    rng = np.random.default_rng(11)
+    L, d = 3, 16
+    params = {"layers": {"kernel": jnp.asarray(rng.normal(size=(L, d, d)) / np.sqrt(d), jnp.float32)}}
+
+    def apply(p, x):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["layers"]["kernel"])
+        return h
+
+    batches = [jnp.asarray(rng.normal(size=(32, d)), jnp.float32) for _ in range(2)]
+    spec = cj.QuantSpec(bits=4, group_size=8)
+    menu = [cj.Option("float", "float"), cj.Option("gptq", "gptq", spec)]
+    one, plan1 = cj.auto_compress(apply, params, batches, bits_per_weight=8.0, menu=menu, sequential=False)
+    seq, plan = cj.auto_compress(apply, params, batches, bits_per_weight=8.0, menu=menu, sequential=True)
+    assert plan.choices == plan1.choices == {"layers/kernel": "gptq"}
+    want = cj.sequential(apply, params, batches, lambda p, h: cj.gptq(p, h, spec, act_order=True))["layers"]["kernel"]
+    got, first = seq["layers"]["kernel"], one["layers"]["kernel"]
+    assert plan.total_bytes <= math.floor(8.0 * L * d * d / 8)
+    np.testing.assert_array_equal(np.asarray(got.ints()), np.asarray(want.ints()))  # (its bytes fit the plan here)
+    np.testing.assert_array_equal(np.asarray(got.ints())[0], np.asarray(first.ints())[0])  # layer 0 sees float inputs
+    assert not np.array_equal(np.asarray(got.ints())[2], np.asarray(first.ints())[2])

@@ -26,7 +26,9 @@ from compressjax.allocation._costs import (
 from compressjax.allocation._importance import kernel_importance
 from compressjax.allocation._menu import Option, check_menu, default_menu
 from compressjax.allocation._plan import Plan, PlanEntry
-from compressjax.hessians import collect_hessians
+from compressjax.hessians import Hessian, collect_hessians
+from compressjax.oneshot import Pruned
+from compressjax.oneshot import sequential as one_pass_sequential
 
 __all__ = ["auto_compress", "apply_plan", "budget_bytes", "model_stages", "make_plan", "from_candidates", "candidate_importance"]
 
@@ -208,9 +210,14 @@ def _sequential(params, choices, options, apply_fn, batches, row_mask, stages, f
             raise ValueError(f"stage {i} ({stage}): {e}") from e
         infos = kernel_infos(params, hess)
         new = {}
+        if any(infos[p][0].layer_axes for p in stage):
+            # Stacked kernels (layers run by lax.scan): a stage holds every layer at once, so calibrate slice by
+            # slice in one pass instead, each layer on the outputs of the layers already compressed.
+            stacked = _one_pass_stage(view, stage, choices, options, apply_fn, batches, row_mask)
         for name in dict.fromkeys(choices[p] for p in stage):
             todo = [p for p in stage if choices[p] == name]
-            solved = solve_option(options[name], params, hess, todo)
+            solved = {p: stacked[p] for p in todo} if any(infos[p][0].layer_axes for p in stage) else \
+                solve_option(options[name], params, hess, todo)
             sizes = leaf_bytes([solved[p][0] for p in todo])
             for p, nb in zip(todo, sizes, strict=True):
                 res = solved[p]
@@ -223,6 +230,23 @@ def _sequential(params, choices, options, apply_fn, batches, row_mask, stages, f
         view = tree.replace_leaves(view, {p: decoded(r[0]).astype(leaves[p].dtype) for p, r in new.items()})
         masks.update({p: r[1] for p, r in new.items() if r[1] is not None})
     return out, masks, final
+
+
+def _one_pass_stage(view, stage, choices, options, apply_fn, batches, row_mask) -> dict[str, tuple[Any, Any]]:
+    """``{path: (leaf, mask)}`` of a stage's kernels compressed by :func:`compressjax.sequential`: every slice
+    of a stacked kernel with the kernel's planned option, calibrated on inputs through the slices compressed
+    before it (one pass over ``batches``)."""
+    def compress(sub, hessians):
+        hs = [p for p, h in tree.leaves_with_paths(hessians, lambda x: x is None or isinstance(x, Hessian)) if h is not None]
+        solved = solve_option(options[choices[hs[0]]], sub, hessians, hs)
+        masks = jax.tree_util.tree_map(lambda _: None, sub, is_leaf=tree.is_compressed_leaf)
+        return Pruned(tree.replace_leaves(sub, {p: r[0] for p, r in solved.items()}),
+                      tree.replace_leaves(masks, {p: r[1] for p, r in solved.items()}))
+
+    out, masks = one_pass_sequential(apply_fn, view, batches, compress, where=_exact(stage), row_mask=row_mask)
+    got = dict(tree.leaves_with_paths(out, tree.is_compressed_leaf))
+    mk = dict(tree.leaves_with_paths(masks, tree.is_none_or_compressed))
+    return {p: (got[p], mk.get(p)) for p in stage}
 
 
 def auto_compress(
@@ -253,8 +277,10 @@ def auto_compress(
        stage by stage (blocks in model order, :func:`model_stages`), each stage with Hessians collected on
        the model as compressed so far, so later layers correct for earlier ones (GPTQ's sequential mode); a
        kernel whose new result would take more bytes than planned keeps its step-2 result instead, so the
-       budget holds (every kernel's bytes at most the planned ones). The plan records the bytes and layer
-       errors of the results used.
+       budget holds (every kernel's bytes at most the planned ones). A stage holding stacked kernels (layers
+       run by ``lax.scan``, all in one stage) goes through :func:`compressjax.sequential` instead: each layer
+       slice with its kernel's planned option, on the outputs of the slices compressed before it. The plan
+       records the bytes and layer errors of the results used.
 
     The budget covers the selected kernels' bytes in the file (``size_report``'s ``stored_bytes`` of those
     leaves); other leaves (biases, norms, embeddings not selected) and the file's header are outside it.
