@@ -210,14 +210,17 @@ def _sequential(params, choices, options, apply_fn, batches, row_mask, stages, f
             raise ValueError(f"stage {i} ({stage}): {e}") from e
         infos = kernel_infos(params, hess)
         new = {}
+        # Stacked kernels (layers run by lax.scan): a stage holds every layer at once, so calibrate slice by
+        # slice in one pass instead, each layer on the outputs of the layers already compressed.
+        stacked = None
         if any(infos[p][0].layer_axes for p in stage):
-            # Stacked kernels (layers run by lax.scan): a stage holds every layer at once, so calibrate slice by
-            # slice in one pass instead, each layer on the outputs of the layers already compressed.
             stacked = _one_pass_stage(view, stage, choices, options, apply_fn, batches, row_mask)
         for name in dict.fromkeys(choices[p] for p in stage):
             todo = [p for p in stage if choices[p] == name]
-            solved = {p: stacked[p] for p in todo} if any(infos[p][0].layer_axes for p in stage) else \
-                solve_option(options[name], params, hess, todo)
+            if stacked is not None:
+                solved = {p: stacked[p] for p in todo}
+            else:
+                solved = solve_option(options[name], params, hess, todo)
             sizes = leaf_bytes([solved[p][0] for p in todo])
             for p, nb in zip(todo, sizes, strict=True):
                 res = solved[p]
