@@ -121,7 +121,9 @@ def test_property_any_layout_equals_the_transposed_problem(case):
     d_in = math.prod(shape[a] for a in in_axes)
     h = _hessian(d_in, seed=seed + 1)
     masks = cj.magnitude_masks({"w": w}, 0.25) if pruned else None
-    q = cj.kmeans_codebooks({"w": w}, 1 if per_channel else 2, per_channel=per_channel, masks=masks)["w"]
+    # layer_axes=(): every axis here is an input or output axis of one kernel (none stacks layers)
+    q = cj.kmeans_codebooks({"w": w}, 1 if per_channel else 2, per_channel=per_channel, masks=masks,
+                            layer_axes=())["w"]
     hess = cj.Hessian(h, jnp.float32(4 * d_in), in_axes)
     fed = codebook_error_feedback({"w": q}, {"w": w}, {"w": hess})["w"]
     q2 = _transposed_codebook(q, in_axes, per_channel)
