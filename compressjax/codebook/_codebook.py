@@ -32,9 +32,8 @@ class Codebook(CompressedLeaf):
 
     A pytree *node* whose children are ``indices`` and ``centroids`` (so it crosses ``jit``, ``grad`` and
     ``device_put``); ``bits``, ``shape``, ``dtype``, ``per_channel``, ``zero_reserved`` and ``layer_axes`` are
-    static. It
-    carries ``_cj_compressed_leaf = True``: compressjax's tree utilities treat it as one leaf. When
-    flattening a tree yourself, pass ``is_leaf=compressjax.codebook.is_codebook``.
+    static. It carries ``_cj_compressed_leaf = True``: compressjax's tree utilities treat it as one leaf.
+    When flattening a tree yourself, pass ``is_leaf=compressjax.codebook.is_codebook``.
 
     Attributes:
         indices: ``uint8`` bit stream of ``ceil(size * bits / 8)`` bytes (see :mod:`compressjax.bitpack`).
