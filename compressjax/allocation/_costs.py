@@ -75,9 +75,10 @@ def _only(hessians: Any, keep: set[str]) -> Any:
     return jax.tree_util.tree_map_with_path(visit, hessians, is_leaf=lambda x: isinstance(x, Hessian) or x is None)
 
 
-def _layer_axes(hessians: Any, path: str) -> tuple[int, ...]:
-    found = [h for p, h in tree.leaves_with_paths(hessians, lambda x: isinstance(x, Hessian) or x is None) if p == path]
-    return tuple(getattr(found[0], "layer_axes", ()) or ()) if found and found[0] is not None else ()
+def _layer_axes_by_path(hessians: Any) -> dict[str, tuple[int, ...]]:
+    """``{path: layer axes}`` of every Hessian (``()`` for an unstacked kernel)."""
+    return {p: tuple(getattr(h, "layer_axes", ()) or ())
+            for p, h in tree.leaves_with_paths(hessians, lambda x: isinstance(x, Hessian) or x is None) if h is not None}
 
 
 def solve_option(option: Option, params: Any, hessians: Any, paths: list[str]) -> dict[str, tuple[Any, Any]]:
@@ -97,16 +98,18 @@ def solve_option(option: Option, params: Any, hessians: Any, paths: list[str]) -
     if option.method == "gptq":
         out = gptq(params, hs, option.spec, act_order=option.act_order)
     elif option.method == "rtn":  # a stacked kernel keeps per-layer scales (the layer axes of its Hessian)
-        rules = {_exact([p]): dataclasses.replace(option.spec, layer_axes=_layer_axes(hessians, p)) for p in paths}
+        axes = _layer_axes_by_path(hessians)
+        rules = {_exact([p]): dataclasses.replace(option.spec, layer_axes=axes.get(p, ())) for p in paths}
         out = quantize_params(params, rules)
     elif option.method == "sparsegpt":
         sparsity = None if option.n is not None else float(option.sparsity)
         out, masks = sparsegpt(params, hs, sparsity, n=option.n, m=option.m, rules=option.spec)
     else:  # kmeans
         out = params
+        axes_of = _layer_axes_by_path(hessians)
         by_axes: dict[tuple[int, ...], set[str]] = {}
         for p in paths:  # stacked kernels get one codebook set per layer, as their Hessians have
-            by_axes.setdefault(_layer_axes(hessians, p), set()).add(p)
+            by_axes.setdefault(axes_of.get(p, ()), set()).add(p)
         for axes, group in by_axes.items():
             out = kmeans_codebooks(out, option.bits, where=lambda p, _, group=group: p in group,
                                    per_channel=option.per_channel, layer_axes=axes)
