@@ -402,6 +402,38 @@ class QArray(CompressedLeaf):
             group_axis=meta.get("group_axis"), path=path,
         )
 
+    @classmethod
+    def join_slices(cls, parts: list[QArray], axis: int, new: bool, path: str = "QArray") -> QArray:
+        """Per-slice QArrays (e.g. :func:`~compressjax.sequential`'s, one per scan iteration) as one leaf.
+
+        ``new``: stacked along a new axis ``axis``, which becomes a channel axis (each slice keeps its own
+        scales). Otherwise concatenated along the existing ``axis``, which must be a channel axis (the groups
+        of a grouped convolution, each with its own scales).
+        """
+        q0 = parts[0]
+        for q in parts[1:]:
+            if (q.bits, q.shape, q.dtype, q.channel_axes, q.group_size, q.group_axis, q.zero_point is None) != (
+                q0.bits, q0.shape, q0.dtype, q0.channel_axes, q0.group_size, q0.group_axis, q0.zero_point is None
+            ):
+                raise ValueError(f"leaf {path!r}: compress returned QArrays of different layouts for its slices; they cannot be joined")
+        ga = q0.group_axis
+        if new:
+            chans = tuple(sorted([c + (c >= axis) for c in q0.channel_axes] + [axis]))
+            ga = None if ga is None else ga + (ga >= axis)
+        else:
+            if axis not in q0.channel_axes:
+                raise ValueError(f"leaf {path!r}: the groups of a grouped convolution need their own scales along output axis {axis}, but compress gave channel axes {q0.channel_axes}")
+            chans = q0.channel_axes
+        pos = axis if ga is None or axis < ga else axis + 1  # the axis in the grouped view of the scales
+
+        def cat(xs):
+            return jnp.stack(xs, pos) if new else jnp.concatenate(xs, pos)
+
+        codes = jnp.stack([q.ints() for q in parts], axis) if new else jnp.concatenate([q.ints() for q in parts], axis)
+        zp = None if q0.zero_point is None else cat([q.zero_point for q in parts])
+        return cls(codes_to_storage(codes, q0.bits), cat([q.scale for q in parts]), zp, bits=q0.bits, shape=codes.shape,
+                   dtype=q0.dtype, channel_axes=chans, group_size=q0.group_size, group_axis=ga, path=path)
+
     def __repr__(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         grp = f", group_size={self.group_size}" if self.group_size else ""

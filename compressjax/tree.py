@@ -104,7 +104,8 @@ class CompressedLeaf:
     Subclasses (``QArray``, ``Codebook``) define ``shape``, ``dtype`` and :meth:`decode`; tree functions
     decode any of them without importing its class (see :func:`is_compressed_leaf`). A subclass may also
     define a classmethod ``join_slices(parts, axis, new, path)`` that stacks (``new``) or concatenates
-    per-slice leaves into one (``Codebook`` does), which :func:`~compressjax.sequential` uses on stacked kernels.
+    per-slice leaves into one (``QArray`` and ``Codebook`` do); :func:`~compressjax.sequential` uses it to
+    assemble stacked kernels.
     """
 
     _cj_compressed_leaf = True

@@ -28,7 +28,7 @@ from compressjax.hessians._api import _analyse, _batch_signature, _select
 from compressjax.hessians._evaluate import _bind, _site_rows
 from compressjax.oneshot._layerwise import split_result
 from compressjax.oneshot._sparsegpt import Pruned
-from compressjax.qarray import QArray, codes_to_storage
+from compressjax.qarray import QArray
 from compressjax.quantization import dequantize
 
 __all__ = ["sequential"]
@@ -86,7 +86,7 @@ def sequential(
             ``compress`` returning something else than params or a ``Pruned``, plus what
             :func:`~compressjax.collect_hessians` raises for the model.
         TypeError: a non-callable ``apply_fn``/``compress``/``row_mask``; per-slice results that cannot be
-            joined into a stacked leaf (anything but float arrays and ``QArray``).
+            joined into a stacked leaf (anything but float arrays, ``QArray`` and ``Codebook``).
     """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be a callable (params, batch) -> output, got {apply_fn!r}")
@@ -491,42 +491,14 @@ def _out_axis(rest: list[int], in_axes: tuple[int, ...], path: str) -> int:
 
 
 def _join(parts: list, axis: int, new: bool, path: str) -> Any:
-    """Stacks (``new``) or concatenates per-slice results along ``axis``: arrays, masks or ``QArray``."""
+    """Stacks (``new``) or concatenates per-slice results along ``axis``: arrays, masks, or compressed leaves
+    that join themselves (``QArray``, ``Codebook``: ``join_slices``)."""
     if all(p is None for p in parts):
         return None
-    if all(isinstance(p, QArray) for p in parts):
-        return _join_q(parts, axis, new, path)
-    join = getattr(type(parts[0]), "join_slices", None)  # a compressed leaf type that can join itself (Codebook)
+    join = getattr(type(parts[0]), "join_slices", None)
     if join is not None and all(type(p) is type(parts[0]) for p in parts):
         return join(parts, axis, new, path)
     if all(isinstance(p, jax.Array | np.ndarray) for p in parts):
         return jnp.stack(parts, axis) if new else jnp.concatenate(parts, axis)
     kinds = sorted({type(p).__name__ for p in parts})
     raise TypeError(f"leaf {path!r}: sequential cannot join per-slice results of types {kinds} into the stacked leaf (float arrays, QArray and Codebook can be joined)")
-
-
-def _join_q(qs: list[QArray], axis: int, new: bool, path: str) -> QArray:
-    q0 = qs[0]
-    for q in qs[1:]:
-        if (q.bits, q.shape, q.dtype, q.channel_axes, q.group_size, q.group_axis, q.zero_point is None) != (
-            q0.bits, q0.shape, q0.dtype, q0.channel_axes, q0.group_size, q0.group_axis, q0.zero_point is None
-        ):
-            raise ValueError(f"leaf {path!r}: compress returned QArrays of different layouts for its slices; they cannot be joined")
-    ga = q0.group_axis
-    if new:
-        chans = tuple(sorted([c + (c >= axis) for c in q0.channel_axes] + [axis]))
-        ga = None if ga is None else ga + (ga >= axis)
-    else:
-        if axis not in q0.channel_axes:
-            raise ValueError(f"leaf {path!r}: the groups of a grouped convolution need their own scales along output axis {axis}, but compress gave channel axes {q0.channel_axes}")
-        chans = q0.channel_axes
-    pos = axis if ga is None or axis < ga else axis + 1  # the axis in the grouped view of the scales
-
-    def cat(xs):
-        return jnp.stack(xs, pos) if new else jnp.concatenate(xs, pos)
-
-    codes = jnp.stack([q.ints() for q in qs], axis) if new else jnp.concatenate([q.ints() for q in qs], axis)
-    zp = None if q0.zero_point is None else cat([q.zero_point for q in qs])
-    return QArray(codes_to_storage(codes, q0.bits), cat([q.scale for q in qs]), zp, bits=q0.bits, shape=codes.shape, dtype=q0.dtype,
-                  channel_axes=chans, group_size=q0.group_size, group_axis=ga, path=path)
-
