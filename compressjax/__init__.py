@@ -80,7 +80,7 @@ from compressjax.export import FormatError, LeafSize, SizeReport, load, save, si
 
 # --- one-shot compression
 from compressjax.hessians import Hessian, collect_hessians
-from compressjax.oneshot import error_feedback, gptq, layerwise, sequential, sparsegpt, wanda_masks
+from compressjax.oneshot import error_feedback, gptq, gptq_many, layerwise, sequential, sparsegpt, wanda_masks
 
 # --- weight sharing
 from compressjax.codebook import (
@@ -163,6 +163,7 @@ __all__ = [
     "collect_hessians",
     "error_feedback",
     "gptq",
+    "gptq_many",
     "sparsegpt",
     "wanda_masks",
     "layerwise",

@@ -27,7 +27,7 @@ from compressjax.allocation._menu import KernelInfo, Option, check_menu, why_not
 from compressjax.codebook import codebook_error_feedback, kmeans_codebooks, refit_centroids
 from compressjax.export import size_report
 from compressjax.hessians import Hessian
-from compressjax.oneshot import gptq, sparsegpt
+from compressjax.oneshot import gptq, gptq_many, sparsegpt
 from compressjax.qarray import QArray
 from compressjax.quantization import dequantize, quantize_params
 
@@ -121,6 +121,25 @@ def solve_option(option: Option, params: Any, hessians: Any, paths: list[str]) -
     return {p: (got[p], mk.get(p)) for p in paths}
 
 
+def _gptq_batches(options, todos: dict[int, list[str]], params: Any, hessians: Any) -> dict[int, dict[str, tuple[Any, Any]]]:
+    """The GPTQ options that apply to the same kernels with the same ``act_order``, solved together by
+    :func:`compressjax.gptq_many` (one factorisation per kernel, one compiled sweep for all their bit widths);
+    ``{option index: solve_option's result}``."""
+    groups: dict[tuple, list[int]] = {}
+    for j, todo in todos.items():
+        if options[j].method == "gptq":
+            groups.setdefault((tuple(todo), options[j].act_order), []).append(j)
+    out = {}
+    for (todo, act_order), js in groups.items():
+        if len(js) < 2:
+            continue
+        results = gptq_many(params, _only(hessians, set(todo)), [options[j].spec for j in js], act_order=act_order)
+        for j, res in zip(js, results, strict=True):
+            got = dict(tree.leaves_with_paths(res, tree.is_compressed_leaf))
+            out[j] = {p: (got[p], None) for p in todo}
+    return out
+
+
 def leaf_bytes(leaves: list[Any]) -> list[int]:
     """Bytes each leaf takes in a file written by :func:`compressjax.save` (its streams, after zstd)."""
     if not leaves:
@@ -200,6 +219,7 @@ def option_costs_and_damages(params: Any, hessians: Any, menu: Any = None, *, ke
     errors = np.full(shape, np.inf, np.float64)
     skipped: dict = {}
     results: dict = {}
+    todos: dict[int, list[str]] = {}
     for j, opt in enumerate(options):
         todo = []
         for p in paths:
@@ -208,12 +228,15 @@ def option_costs_and_damages(params: Any, hessians: Any, menu: Any = None, *, ke
                 todo.append(p)
             else:
                 skipped[(p, opt.name)] = reason
-        if not todo:
-            if is_default:
-                continue
+        if not todo and not is_default:
             example = next(iter(skipped[(p, opt.name)] for p in paths))
             raise ValueError(f"option {opt.name!r} applies to no selected kernel (e.g. {paths[0]!r}: {example})")
-        solved = solve_option(opt, params, hessians, todo)
+        if todo:
+            todos[j] = todo
+    batched = _gptq_batches(options, todos, params, hessians)
+    for j, todo in todos.items():
+        opt = options[j]
+        solved = batched.pop(j) if j in batched else solve_option(opt, params, hessians, todo)
         sizes = leaf_bytes([solved[p][0] for p in todo])
         for p, nbytes in zip(todo, sizes, strict=True):
             i = paths.index(p)

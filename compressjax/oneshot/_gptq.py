@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from compressjax.checks import check_positive_int
@@ -13,10 +14,11 @@ from compressjax.oneshot._common import (
     spec_plan,
     zero_size_result,
 )
-from compressjax.oneshot._solver import SolverConfig, solve_kernel
+from compressjax.oneshot._solver import SolverConfig, batchable, solve_kernel, solve_kernel_many
 from compressjax.oneshot._sweep import check_damp, padded_block
+from compressjax.qarray import QuantSpec
 
-__all__ = ["gptq"]
+__all__ = ["gptq", "gptq_many"]
 
 
 def gptq(params: Any, hessians: Any, rules: Any, *, block_size: int = 128, damp: float = 0.01, act_order: bool = False, mesh=None) -> Any:
@@ -84,14 +86,77 @@ def gptq(params: Any, hessians: Any, rules: Any, *, block_size: int = 128, damp:
     new = {}
     for path, (leaf, h, lay) in items.items():
         spec = plan[path]
-        g = spec.group_size
         if lay.size == 0:
             out = zero_size_result(lay, spec, leaf, prune=False)
         else:
-            block, n_pad = padded_block(lay.d_in, block_size, g or 1)
-            cfg = SolverConfig(d_in=lay.d_in, block=block, n_pad=n_pad, spec=spec, per_tensor=spec.channel_axes == () and g is None,
-                               group=g, act_order=act_order)
-            out = solve_kernel(leaf, h, lay, damp, cfg, mesh)
+            out = solve_kernel(leaf, h, lay, damp, _config(lay, spec, block_size, act_order), mesh)
         check_factorised(path, out["ok"], damp, lay)
         new[path] = build_qarray(path, leaf, lay, spec, out["codes"], out["scale"], out["zp"])
     return map_hessian_leaves(params, new)
+
+
+def _config(lay, spec, block_size: int, act_order: bool) -> SolverConfig:
+    g = spec.group_size
+    block, n_pad = padded_block(lay.d_in, block_size, g or 1)
+    return SolverConfig(d_in=lay.d_in, block=block, n_pad=n_pad, spec=spec, per_tensor=spec.channel_axes == () and g is None,
+                        group=g, act_order=act_order)
+
+
+def gptq_many(params: Any, hessians: Any, rules: Sequence[Any], *, block_size: int = 128, damp: float = 0.01,
+              act_order: bool = False, mesh=None) -> list[Any]:
+    """:func:`gptq` with several quantizers: ``[gptq(params, hessians, r, ...) for r in rules]``, the same
+    codes and scales, for about the cost of one.
+
+    Each kernel's Hessian is factorised once, and the quantizers whose scales are known before the sweep
+    (per output channel or per tensor, with any ``calibration``; groups with ``act_order``) share one
+    compiled sweep that quantizes the kernel with all of them at once (vectorised over their scale tables and
+    code ranges), so a menu of bit widths compiles once per kernel shape instead of once per width. The
+    quantizers with lazy groups (``group_size`` without ``act_order``: scales computed as the sweep reaches
+    each group) and any whose block layout differs are solved on their own. This is how the allocation
+    (:func:`compressjax.option_costs_and_damages`) solves its GPTQ options.
+
+    Args:
+        params, hessians, block_size, damp, act_order, mesh: as for :func:`gptq`.
+        rules: a non-empty sequence; each entry a :class:`QuantSpec` or a ``{pattern: QuantSpec}`` mapping, as
+            :func:`gptq`'s ``rules``.
+
+    Returns:
+        One params tree per entry of ``rules``, in order, each as :func:`gptq` returns it.
+
+    Raises:
+        What :func:`gptq` raises for any entry; ``ValueError`` for an empty ``rules``, ``TypeError`` for
+        ``rules`` that is not a sequence.
+    """
+    if isinstance(rules, dict | QuantSpec) or not isinstance(rules, Sequence) or isinstance(rules, str | bytes):
+        raise TypeError(f"rules must be a sequence of QuantSpec or rule mappings (one per result), got {rules!r}")
+    if len(rules) == 0:
+        raise ValueError("rules is empty: give at least one QuantSpec")
+    block_size = check_positive_int("block_size", block_size)
+    damp = check_damp(damp)
+    if not isinstance(act_order, bool):
+        raise TypeError(f"act_order must be a bool, got {act_order!r}")
+    items = hessian_items(params, hessians)
+    plans = [spec_plan(items, r) for r in rules]
+    new: list[dict[str, Any]] = [{} for _ in rules]
+    for path, (leaf, h, lay) in items.items():
+        specs = [plan[path] for plan in plans]
+        outs: dict[int, dict] = {}
+        if lay.size == 0:
+            outs = {k: zero_size_result(lay, spec, leaf, prune=False) for k, spec in enumerate(specs)}
+        cfgs = [None if lay.size == 0 else _config(lay, spec, block_size, act_order) for spec in specs]
+        shared: dict[tuple, list[int]] = {}
+        for k, cfg in enumerate(cfgs):
+            if k not in outs and batchable(cfg):
+                shared.setdefault((cfg.block, cfg.n_pad), []).append(k)
+        for ks in shared.values():
+            if len(ks) > 1:
+                unique = list(dict.fromkeys(cfgs[k] for k in ks))  # equal specs are solved once
+                got = solve_kernel_many(leaf, h, lay, damp, tuple(unique), mesh)
+                outs.update({k: got[unique.index(cfgs[k])] for k in ks})
+        for k, cfg in enumerate(cfgs):
+            if k not in outs:
+                outs[k] = solve_kernel(leaf, h, lay, damp, cfg, mesh)
+        for k, spec in enumerate(specs):
+            check_factorised(path, outs[k]["ok"], damp, lay)
+            new[k][path] = build_qarray(path, leaf, lay, spec, outs[k]["codes"], outs[k]["scale"], outs[k]["zp"])
+    return [map_hessian_leaves(params, n) for n in new]

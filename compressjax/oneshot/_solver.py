@@ -15,11 +15,11 @@ from jax import lax
 
 from compressjax.oneshot._common import place
 from compressjax.oneshot._sweep import inverse_hessian_factor, run_sweep, sub_block_size
-from compressjax.qarray import QuantSpec
-from compressjax.quantization import _compute_scale_grouped, round_to_grid
+from compressjax.qarray import QuantSpec, code_range
+from compressjax.quantization import _compute_scale_grouped, _div_scale, round_to_grid
 from compressjax.radix_select import exact_keep_masks
 
-__all__ = ["SolverConfig", "solve", "solve_stacked", "solve_kernel"]
+__all__ = ["SolverConfig", "solve", "solve_stacked", "solve_kernel", "solve_kernel_many", "batchable"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,3 +258,89 @@ def solve_kernel(leaf, h3, lay, damp, cfg: SolverConfig, mesh=None) -> dict:
         return jax.tree.map(lambda x: x[None], solve(w2d, hh, damp, cfg))
     w3, hh = place(mesh, lay.to_3d(jnp.asarray(leaf)), h3)
     return solve_stacked(w3, hh, damp, cfg)
+
+
+# ------------------------------------------------------------------ several quantizers in one sweep
+def batchable(cfg: SolverConfig) -> bool:
+    """Whether ``cfg`` can share a sweep with other quantizers (:func:`solve_kernel_many`): its scales are
+    known before the sweep (per channel, per tensor, or static act-order groups) and nothing is pruned."""
+    return cfg.spec is not None and cfg.prune is None and not cfg.lazy_groups
+
+
+def _row_tables(w_orig, dead, perm, cfg: SolverConfig):
+    """``(compact, (s_rows, z_rows))``: the up-front scales of ``cfg`` as :func:`_initial_scales` gives them,
+    and the same spread to one ``(n_pad, d_out)`` table per row in sweep order (padding rows: scale 1)."""
+    s, z = compact = _initial_scales(w_orig, dead, cfg)
+    d_in, d_out = w_orig.shape
+
+    def rows(a, fill):
+        a = jnp.broadcast_to(a, (d_in, d_out)) if cfg.group is None else jnp.repeat(a, cfg.group, axis=0)
+        return jnp.pad(a[perm], ((0, cfg.n_pad - d_in), (0, 0)), constant_values=fill)
+
+    return compact, (rows(s, 1.0), jnp.zeros((cfg.n_pad, d_out), jnp.float32) if z is None else rows(z, 0.0))
+
+
+def _table_step(row, j, i, view, st, *, tables, d_in):
+    """The row step of :func:`_row_step` (no pruning, scales known up front) for one quantizer given by
+    traced tables: row ``j``'s scale and zero point, the code range and whether it is symmetric. Bit for bit
+    :func:`~compressjax.quantization.round_to_grid` with that quantizer's spec."""
+    del i, view
+    s_rows, z_rows, lo, hi, sym = tables
+    s, z = s_rows[j], z_rows[j]
+    t = _div_scale(row, s)
+    t = jnp.where(sym, t, t + z)
+    code = jnp.clip(jnp.round(t), lo, hi)
+    q = jnp.where(sym, code * s, (code - z) * s)
+    q = jnp.where(j < d_in, q, row)
+    return q, (code.astype(jnp.int8),), st
+
+
+def _solve_many(w2d, h, damp, cfgs: tuple[SolverConfig, ...]):
+    """:func:`_solve` for several batchable quantizers of one kernel (same ``d_in``, ``block``, ``n_pad`` and
+    ``act_order``): the dead-input fix, the row order and the inverse Hessian factor are computed once, and
+    one sweep runs for all the quantizers at once (``vmap`` over their row tables)."""
+    base = cfgs[0]
+    w, h, w_orig, dead, e = _dead_inputs_fixed(w2d, h, base.d_in)
+    perm = jnp.argsort(-jnp.diagonal(h), stable=True) if base.act_order else jnp.arange(base.d_in)
+    if base.act_order:
+        w, h = w[perm], h[perm][:, perm]
+    u, _ = inverse_hessian_factor(h, damp, base.n_pad)
+    ok = jnp.all(jnp.isfinite(u))
+    u = jnp.where(ok, u, jnp.eye(base.n_pad, dtype=jnp.float32))
+    w = jnp.pad(w, ((0, base.n_pad - base.d_in), (0, 0)))
+    compact, tables = zip(*(_row_tables(w_orig, dead, perm, c) for c in cfgs), strict=True)
+    s_rows, z_rows = (jnp.stack(t) for t in zip(*tables, strict=True))
+    ranges = [code_range(c.spec.bits, c.spec.symmetric) for c in cfgs]
+    lo, hi = (jnp.asarray(r, jnp.float32) for r in zip(*ranges, strict=True))
+    sym = jnp.asarray([c.spec.symmetric for c in cfgs])
+
+    def sweep(*tab):
+        step = partial(_table_step, tables=tab, d_in=base.d_in)
+        stored, _ = run_sweep(w, u, step, None, base.block, (jnp.int8,), sub=sub_block_size(base.block))
+        return stored[0]
+
+    codes = jax.vmap(sweep)(s_rows, z_rows, lo, hi, sym)
+    inv = jnp.argsort(perm)
+    return tuple({"ok": ok, "codes": codes[k][: base.d_in][inv], "scale": jnp.ldexp(s, e), "zp": z}
+                 for k, (s, z) in enumerate(compact))
+
+
+@partial(jax.jit, static_argnames=("cfgs",))
+def _solve_many_2d(w2d, h, damp, cfgs):
+    return _solve_many(w2d, h, damp, cfgs)
+
+
+@partial(jax.jit, static_argnames=("cfgs",))
+def _solve_many_stacked(w3, h3, damp, cfgs):
+    return lax.map(lambda a: _solve_many(a[0], a[1], damp, cfgs), (w3, h3))
+
+
+def solve_kernel_many(leaf, h3, lay, damp, cfgs: tuple[SolverConfig, ...], mesh=None) -> tuple[dict, ...]:
+    """:func:`solve_kernel` for several batchable quantizers at once (see :func:`batchable`; they share
+    ``d_in``, ``block``, ``n_pad`` and ``act_order``): one result dict per config, identical to what
+    :func:`solve_kernel` gives for it alone, from one factorisation and one compiled sweep."""
+    if not lay.stacked:
+        w2d, hh = place(mesh, lay.to_2d(jnp.asarray(leaf)), h3[0])
+        return jax.tree.map(lambda x: x[None], _solve_many_2d(w2d, hh, damp, cfgs))
+    w3, hh = place(mesh, lay.to_3d(jnp.asarray(leaf)), h3)
+    return _solve_many_stacked(w3, hh, damp, cfgs)
