@@ -427,3 +427,30 @@ def test_sequential_plans_on_a_scanned_model_calibrate_layer_by_layer():
     np.testing.assert_array_equal(np.asarray(got.ints()), np.asarray(want.ints()))  # (its bytes fit the plan here)
     np.testing.assert_array_equal(np.asarray(got.ints())[0], np.asarray(first.ints())[0])  # layer 0 sees float inputs
     assert not np.array_equal(np.asarray(got.ints())[2], np.asarray(first.ints())[2])
+
+
+def test_stacked_kernels_of_one_scan_are_one_sequential_stage():
+    """Two kernels stacked in one lax.scan (and a head outside it): sequential=True compresses both stacked
+    kernels in one pass, layer after layer (what compressjax.sequential gives), not one kernel per pass."""
+    rng = np.random.default_rng(12)
+    L, d = 3, 16
+    params = {"layers": {"a": {"kernel": jnp.asarray(rng.normal(size=(L, d, d)) / np.sqrt(d), jnp.float32)},
+                         "b": {"kernel": jnp.asarray(rng.normal(size=(L, d, d)) / np.sqrt(d), jnp.float32)}},
+              "head": {"kernel": jnp.asarray(rng.normal(size=(d, 8)) / np.sqrt(d), jnp.float32)}}
+
+    def apply(p, x):
+        def body(h, w):
+            return jnp.tanh(jnp.tanh(h @ w["a"]["kernel"]) @ w["b"]["kernel"]), None
+
+        h, _ = jax.lax.scan(body, x, p["layers"])
+        return h @ p["head"]["kernel"]
+
+    batches = [jnp.asarray(rng.normal(size=(32, d)), jnp.float32) for _ in range(2)]
+    spec = cj.QuantSpec(bits=4, group_size=8)
+    menu = [cj.Option("float", "float"), cj.Option("gptq", "gptq", spec)]
+    where = r"layers/.*kernel$"
+    seq, plan = cj.auto_compress(apply, params, batches, bits_per_weight=8.0, menu=menu, where=where)
+    assert set(plan.choices.values()) == {"gptq"}
+    want = cj.sequential(apply, params, batches, lambda p, h: cj.gptq(p, h, spec, act_order=True), where=where)
+    for k in "ab":
+        np.testing.assert_array_equal(np.asarray(seq["layers"][k]["kernel"].ints()), np.asarray(want["layers"][k]["kernel"].ints()))

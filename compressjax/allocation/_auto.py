@@ -235,6 +235,20 @@ def _sequential(params, choices, options, apply_fn, batches, row_mask, stages, f
     return out, masks, final
 
 
+def _stacked_together(stages: list[list[str]], stacked: Sequence[str]) -> list[list[str]]:
+    """``stages`` with every stacked kernel in one stage, where the first of them was: kernels run by the
+    same ``lax.scan`` are compressed in one pass, layer after layer, rather than one kernel (all its layers)
+    per pass."""
+    if not stacked:
+        return stages
+    keep = set(stacked)
+    at = next(i for i, s in enumerate(stages) if keep & set(s))
+    rest = [[p for p in s if p not in keep] for s in stages]
+    merged = [p for s in stages for p in s if p in keep]
+    out = [s for s in rest[:at] if s] + [merged] + [s for s in rest[at:] if s]
+    return out
+
+
 def _one_pass_stage(view, stage, choices, options, apply_fn, batches, row_mask) -> dict[str, tuple[Any, Any]]:
     """``{path: (leaf, mask)}`` of a stage's kernels compressed by :func:`compressjax.sequential`: every slice
     of a stacked kernel with the kernel's planned option, calibrated on inputs through the slices compressed
@@ -280,9 +294,10 @@ def auto_compress(
        stage by stage (blocks in model order, :func:`model_stages`), each stage with Hessians collected on
        the model as compressed so far, so later layers correct for earlier ones (GPTQ's sequential mode); a
        kernel whose new result would take more bytes than planned keeps its step-2 result instead, so the
-       budget holds (every kernel's bytes at most the planned ones). A stage holding stacked kernels (layers
-       run by ``lax.scan``, all in one stage) goes through :func:`compressjax.sequential` instead: each layer
-       slice with its kernel's planned option, on the outputs of the slices compressed before it. The plan
+       budget holds (every kernel's bytes at most the planned ones). The stacked kernels (layers run by
+       ``lax.scan``) form one stage, which goes through :func:`compressjax.sequential` instead: each layer
+       slice with its kernel's planned option, on the outputs of the slices compressed before it (one pass,
+       layer after layer). The plan
        records the bytes and layer errors of the results used.
 
     The budget covers the selected kernels' bytes in the file (``size_report``'s ``stored_bytes`` of those
@@ -364,7 +379,10 @@ def from_candidates(apply_fn: Callable, params: Any, batches: Sequence[Any], can
     order = None
     if sequential:
         batches = list(batches)
-        order_stages = stages if stages is not None else model_stages(apply_fn, params, batches[0], list(cands.paths))
+        order_stages = stages
+        if stages is None:
+            stacked = [p for p, info in zip(cands.paths, cands.infos, strict=True) if info.layer_axes]
+            order_stages = _stacked_together(model_stages(apply_fn, params, batches[0], list(cands.paths)), stacked)
         order = [p for s in order_stages for p in s]
         fallback = {p: (cands.results[(p, n)], int(cands.costs[i, int(choice[i])])) for i, (p, n) in enumerate(choices.items())}
         opts = {o.name: o for o in cands.options}
