@@ -195,7 +195,8 @@ def option_costs_and_damages(params: Any, hessians: Any, menu: Any = None, *, ke
     """Solves every option of ``menu`` on every kernel that has a Hessian; returns exact bytes and errors.
 
     Each option is solved once for all the kernels it applies to, from the same Hessians (from
-    :func:`compressjax.collect_hessians`). Its cost is the leaf's bytes in the library's file (measured by
+    :func:`compressjax.collect_hessians`); the GPTQ options that apply to the same kernels are solved
+    together by :func:`compressjax.gptq_many` (one factorisation per kernel, one compiled sweep). Its cost is the leaf's bytes in the library's file (measured by
     encoding the result with :func:`compressjax.size_report`, so scales, indices, positions and centroids
     are counted), its damage the layer output error ``tr(dW^T H dW)`` of the real result.
 
