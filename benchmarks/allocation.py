@@ -24,6 +24,7 @@ Usage::
     python -m benchmarks.allocation --json benchmarks/results/allocation-cpu.json   # over an hour on 2 loaded cores (57 solver compilations)
     python -m benchmarks.allocation --quick                                  # smoke test
     python -m benchmarks.allocation --cost-only --json out.json              # only the GPTQ pass and the search, timed
+                                                                             # (then the menu's GPTQ options: gptq each vs gptq_many)
 """
 
 from __future__ import annotations
@@ -69,6 +70,27 @@ def spearman(a, b) -> float:
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gptq_options_side_by_side(params, batches, menu) -> dict:
+    """The menu's GPTQ options solved one ``gptq`` call each against one ``gptq_many`` call, both cold (their
+    compiled programs differ) and then warm, from the same Hessians, in this process (after the search, so
+    that neither warms the search up)."""
+    specs = [o.spec for o in (menu or cj.default_menu()) if o.method == "gptq"]
+    hess = cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask)
+    jax.block_until_ready(jax.tree.leaves(hess))
+    out = {"options": len(specs)}
+    for run in ("cold", "warm"):
+        t = time.perf_counter()
+        for spec in specs:
+            jax.block_until_ready(jax.tree.leaves(cj.gptq(params, hess, spec, act_order=True)))
+        loop = time.perf_counter() - t
+        t = time.perf_counter()
+        jax.block_until_ready(jax.tree.leaves(cj.gptq_many(params, hess, specs, act_order=True)))
+        many = time.perf_counter() - t
+        out[run] = {"gptq_each_seconds": round(loop, 1), "gptq_many_seconds": round(many, 1), "speedup": round(loop / many, 2)}
+    print(f"GPTQ options side by side: {out}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -137,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"auto_compress at {timed_bpw} bpw: {cost}", flush=True)
     print(auto_plan, flush=True)
     if args.cost_only:
+        cost["gptq_options"] = gptq_options_side_by_side(params, batches, menu)
         return finish({"benchmark": "allocation", "quick": bool(args.quick), "cost": cost}, args.json)
     results = cands.results
 

@@ -454,3 +454,53 @@ def test_stacked_kernels_of_one_scan_are_one_sequential_stage():
     want = cj.sequential(apply, params, batches, lambda p, h: cj.gptq(p, h, spec, act_order=True), where=where)
     for k in "ab":
         np.testing.assert_array_equal(np.asarray(seq["layers"][k]["kernel"].ints()), np.asarray(want["layers"][k]["kernel"].ints()))
+
+
+def _three_layers():
+    rng = np.random.default_rng(5)
+    params = {"a": {"kernel": jnp.asarray(rng.normal(size=(16, 16)) / 4, jnp.float32)},
+              "b": {"kernel": jnp.asarray(rng.normal(size=(16, 16)) / 4, jnp.float32)}}
+
+    def apply(p, x):
+        return jnp.tanh(jnp.tanh(x @ p["a"]["kernel"]) @ p["b"]["kernel"])
+
+    batches = [jnp.asarray(rng.normal(size=(24, 16)), jnp.float32) for _ in range(3)]
+    return params, apply, batches
+
+
+def test_output_damages_put_each_result_alone_into_the_float_model():
+    from compressjax.allocation import from_candidates, output_damages
+
+    params, apply, batches = _three_layers()
+    menu = [cj.Option("float", "float"), cj.Option("int2", "rtn", Q(bits=2)), cj.Option("int4", "rtn", Q(bits=4))]
+    hess = cj.collect_hessians(apply, params, batches)
+    cands = cj.option_costs_and_damages(params, hess, menu, keep_results=True)
+    got = output_damages(apply, params, batches, cands, max_batches=3)
+    assert got.shape == (2, 3) and np.all(got[:, 0] == 0)
+    for i, p in enumerate(cands.paths):
+        for j, o in enumerate(menu[1:], start=1):
+            trial = cj.tree.replace_leaves(params, {p: cj.dequantize(cands.results[(p, o.name)][0])})
+            want = sum(float(jnp.sum((apply(trial, x) - apply(params, x)) ** 2)) for x in batches)
+            np.testing.assert_allclose(got[i, j], want, rtol=1e-5)
+    assert np.all(got[:, 1] > got[:, 2])  # int2 hurts more than int4
+    # The allocator follows the measured damages: at a budget for one int4 kernel and one int2 kernel, the
+    # kernel whose int2 damage is the smaller one takes int2.
+    budget = int(cands.costs[0, 1] + cands.costs[1, 2]) + int(abs(cands.costs[1, 1] - cands.costs[0, 1]))
+    _, plan = from_candidates(apply, params, batches, cands, budget, None, sequential=False, damages=got)
+    cheap = int(np.argmin(got[:, 1] - got[:, 2]))
+    assert plan.choices[cands.paths[cheap]] == "int2"
+    assert plan.entries[cheap].damage == pytest.approx(got[cheap, 1])
+    # One batch by default is spaced out of three; errors are named.
+    assert output_damages(apply, params, batches, cands, max_batches=1).shape == (2, 3)
+    with pytest.raises(TypeError, match="distance must be callable"):
+        output_damages(apply, params, batches, cands, distance="kl")
+    with pytest.raises(ValueError, match="batches is empty"):
+        output_damages(apply, params, [], cands)
+    with pytest.raises(ValueError, match="keep_results=True"):
+        output_damages(apply, params, batches, cj.option_costs_and_damages(params, hess, menu))
+    with pytest.raises(ValueError, match="candidates' shape"):
+        from_candidates(apply, params, batches, cands, budget, None, sequential=False, damages=got[:, :2])
+    bad = got.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"damages\[1, 2\].*'int4'"):
+        from_candidates(apply, params, batches, cands, budget, None, sequential=False, damages=bad)

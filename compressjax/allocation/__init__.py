@@ -23,6 +23,7 @@ from compressjax.allocation._auto import (
 )
 from compressjax.allocation._costs import Candidates, option_costs_and_damages
 from compressjax.allocation._importance import kernel_importance, softmax_kl, squared_change
+from compressjax.allocation._measured import output_damages, squared_distance
 from compressjax.allocation._menu import Option, default_menu
 from compressjax.allocation._plan import Plan, PlanEntry, pareto_front
 
@@ -44,4 +45,6 @@ __all__ = [
     "candidate_importance",
     "from_candidates",
     "pareto_front",
+    "output_damages",
+    "squared_distance",
 ]

@@ -117,20 +117,26 @@ def model_stages(apply_fn: Callable, params: Any, batch: Any, paths: Sequence[st
 
 def make_plan(cands: Candidates, choice: Sequence[int], damages: np.ndarray, importance: dict[str, float] | None,
               budget: int, *, sequential: bool, final: dict[str, tuple[Any, ...]] | None = None,
-              masks: Any = None, order: Sequence[str] | None = None) -> Plan:
+              masks: Any = None, order: Sequence[str] | None = None, measured: bool = False) -> Plan:
     """A :class:`Plan` from the candidates and the chosen columns (``final``: ``{path: (bytes, layer_error)}``
-    measured on the results actually used, when they differ from the candidates')."""
+    measured on the results actually used, when they differ from the candidates'). ``measured``: ``damages``
+    were given (e.g. :func:`output_damages`), not ``importance * layer_error``; each entry keeps its planned
+    damage and, as its importance, the ratio of that damage to the option's layer error."""
     entries = []
     for i, p in enumerate(cands.paths):
         j = int(choice[i])
         alpha = 1.0 if importance is None else float(importance[p])
         nb, err = (int(cands.costs[i, j]), float(cands.errors[i, j])) if final is None or p not in final else final[p]
         cand = tuple((o.name, int(cands.costs[i, k]), float(damages[i, k])) for k, o in enumerate(cands.options) if cands.costs[i, k] >= 0)
-        entries.append(PlanEntry(p, cands.infos[i].shape, cands.options[j].name, nb, alpha * err, err, alpha, cand))
+        damage = alpha * err
+        if measured:
+            damage = float(damages[i, j])
+            alpha = damage / float(cands.errors[i, j]) if cands.errors[i, j] > 0 else 1.0
+        entries.append(PlanEntry(p, cands.infos[i].shape, cands.options[j].name, nb, damage, err, alpha, cand))
     if order is not None:
         rank = {p: k for k, p in enumerate(order)}
         entries.sort(key=lambda e: rank.get(e.path, len(rank)))
-    return Plan(tuple(entries), int(budget), tuple(cands.options), sequential, importance is not None, masks)
+    return Plan(tuple(entries), int(budget), tuple(cands.options), sequential, importance is not None or measured, masks)
 
 
 def apply_plan(
@@ -368,11 +374,26 @@ def candidate_importance(apply_fn: Callable, params: Any, batches: Sequence[Any]
 
 def from_candidates(apply_fn: Callable, params: Any, batches: Sequence[Any], cands: Candidates, budget: int,
                     alpha: dict[str, float] | None, *, sequential: bool = True, row_mask: Callable | None = None,
-                    stages: Sequence[Sequence[str]] | None = None) -> tuple[Any, Plan]:
+                    stages: Sequence[Sequence[str]] | None = None, damages: np.ndarray | None = None) -> tuple[Any, Plan]:
     """Steps 3 and 4 of :func:`auto_compress` on candidates already measured (``keep_results=True``):
-    allocate ``budget`` bytes with damages ``alpha[path] * layer_error`` (``alpha=None``: unweighted), apply."""
-    scale = np.array([1.0 if alpha is None else alpha[p] for p in cands.paths])[:, None]
-    damages = np.where(cands.costs >= 0, cands.errors * scale, np.inf)
+    allocate ``budget`` bytes with damages ``alpha[path] * layer_error`` (``alpha=None``: unweighted), or with
+    ``damages`` given as a ``(kernels, options)`` array (e.g. :func:`output_damages`; ``alpha`` is then
+    ignored), and apply."""
+    measured = damages is not None
+    if measured:
+        damages = np.asarray(damages, np.float64)
+        if damages.shape != cands.costs.shape:
+            raise ValueError(f"damages must have the candidates' shape {cands.costs.shape} (kernels, options), got {damages.shape}")
+        bad = (cands.costs >= 0) & ~(np.isfinite(damages) & (damages >= 0))
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise ValueError(f"damages[{i}, {j}] (kernel {cands.paths[i]!r}, option {cands.options[j].name!r}) is "
+                             f"{damages[i, j]}: need a finite value >= 0 wherever the option applies")
+        alpha = None
+    else:
+        scale = np.array([1.0 if alpha is None else alpha[p] for p in cands.paths])[:, None]
+        damages = cands.errors * scale
+    damages = np.where(cands.costs >= 0, damages, np.inf)
     costs = np.where(cands.costs >= 0, cands.costs, -1)
     choice = allocate(costs, damages, budget)
     choices = {p: cands.options[int(j)].name for p, j in zip(cands.paths, choice, strict=True)}
@@ -392,7 +413,8 @@ def from_candidates(apply_fn: Callable, params: Any, batches: Sequence[Any], can
         out = tree.replace_leaves(params, {p: cands.results[(p, n)][0] for p, n in choices.items()})
         masks = {p: cands.results[(p, n)][1] for p, n in choices.items() if cands.results[(p, n)][1] is not None}
     mtree = _masks_tree(params, masks) if masks else None
-    plan = make_plan(cands, choice, damages, alpha, budget, sequential=sequential, final=final, masks=mtree, order=order)
+    plan = make_plan(cands, choice, damages, alpha, budget, sequential=sequential, final=final, masks=mtree, order=order,
+                     measured=measured)
     if plan.total_bytes > budget:  # cannot happen: the allocator and the fallback keep it within
         raise AssertionError(f"plan of {plan.total_bytes} bytes exceeds the budget of {budget}")
     return out, plan
