@@ -21,6 +21,7 @@ Usage::
 
     python -m benchmarks.allocation_llm --json benchmarks/results/allocation-llm-cpu.json   # about 45 min, 2 cores
     python -m benchmarks.allocation_llm --quick                                             # smoke test
+    python -m benchmarks.allocation_llm --damage measured --uniform-json benchmarks/results/allocation-llm-hidden-cpu.json
     python -m benchmarks.allocation_llm --sequential --uniform-json benchmarks/results/allocation-llm-hidden-cpu.json \
         --json benchmarks/results/allocation-llm-seq-cpu.json                              # plans applied sequentially
     # the same with another importance metric, reusing the uniform rows of a run on the same data:
@@ -38,12 +39,13 @@ from types import SimpleNamespace
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import compressjax as cj  # noqa: E402
 from benchmarks._common import finish, parser  # noqa: E402
 from benchmarks.llm import KERNELS, data, evaluate  # noqa: E402
-from compressjax.allocation import candidate_importance, from_candidates  # noqa: E402
+from compressjax.allocation import candidate_importance, from_candidates, output_damages  # noqa: E402
 from compressjax.models import smollm  # noqa: E402
 from compressjax.tree import replace_leaves  # noqa: E402
 
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="output metric of the importance: softmax_kl of the logits, or the hidden states' squared change")
     ap.add_argument("--uniform-json", default=None,
                     help="take the uniform rows from this earlier run's JSON (same data and menu) instead of evaluating them")
+    ap.add_argument("--damage", choices=("estimate", "measured"), default="estimate",
+                    help="allocate with the first-order estimate (importance x layer error) or with output_damages: the "
+                         "KL divergence of the logits with each kernel alone compressed, over 2 calibration batches")
     ap.add_argument("--sequential", action="store_true",
                     help="apply the plans sequentially (auto_compress's default) and compare them with the best fitting "
                          "uniform settings applied sequentially too")
@@ -100,6 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
         alpha = candidate_importance(hidden, params, batches, cands)
     t_alpha = time.perf_counter() - t - t_cands
     print(f"candidates {t_cands:.1f} s, importance {t_alpha:.1f} s", flush=True)
+    damages = None
+    if args.damage == "measured":
+        t = time.perf_counter()
+        damages = output_damages(apply, params, batches, cands, distance=lambda ref, y: jnp.sum(cj.kd_loss(y, ref)), max_batches=2)
+        print(f"measured damages {time.perf_counter() - t:.1f} s", flush=True)
     n_w = cands.num_weights
 
     uniform = []
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     for bpw in budgets:
         budget = int(np.floor(bpw * n_w / 8))
         t = time.perf_counter()
-        out, plan = from_candidates(hidden, params, batches, cands, budget, alpha, sequential=args.sequential)
+        out, plan = from_candidates(hidden, params, batches, cands, budget, alpha, sequential=args.sequential, damages=damages)
         seconds = time.perf_counter() - t
         fitting = [u for u in uniform if u["bits_per_weight"] <= bpw]
         best = min(fitting, key=lambda u: u["ppl"]) if fitting else None
@@ -149,7 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "allocation_llm", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
         "compressed": f"{KERNELS} (7 stacked kernels x {config.num_layers} layers, {n_w} weights)",
         "menu": [o.name for o in menu], "float": {"ppl": round(float_ppl, 3)}, "uniform": uniform,
-        "allocated": allocated, "importance_metric": args.importance,
+        "allocated": allocated, "importance_metric": args.importance, "damage": args.damage,
+        "measured_damages": None if damages is None else {"paths": list(cands.paths), "options": [o.name for o in menu],
+                                                          "kl": np.where(np.isfinite(damages), damages, -1).tolist()},
         "importance": {p: float(a) for p, a in alpha.items()}, "data": info,
         "candidates_seconds": round(t_cands, 1), "importance_seconds": round(t_alpha, 1), "quick": bool(args.quick),
         "sequential": bool(args.sequential),
