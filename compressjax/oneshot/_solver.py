@@ -84,14 +84,7 @@ _BIG = 2.0**64
 def _solve(w2d, h, damp, cfg: SolverConfig):
     """One kernel's sweep: dead inputs fixed, rows (optionally) permuted, the inverse Hessian factored, then
     :func:`~compressjax.oneshot._sweep.run_sweep` with the row step of ``cfg`` (:func:`_row_step`)."""
-    w, h, w_orig, dead, e = _dead_inputs_fixed(w2d, h, cfg.d_in)
-    perm = jnp.argsort(-jnp.diagonal(h), stable=True) if cfg.act_order else jnp.arange(cfg.d_in)
-    if cfg.act_order:
-        w, h = w[perm], h[perm][:, perm]
-    u, _ = inverse_hessian_factor(h, damp, cfg.n_pad)
-    ok = jnp.all(jnp.isfinite(u))
-    u = jnp.where(ok, u, jnp.eye(cfg.n_pad, dtype=jnp.float32))  # keep the sweep finite; the caller raises
-    w = jnp.pad(w, ((0, cfg.n_pad - cfg.d_in), (0, 0)))
+    w, u, ok, perm, w_orig, dead, e = _prepared(w2d, h, damp, cfg)
     diag_u = jnp.diagonal(u)
     d_out = w.shape[1]
     state0 = (_initial_scales(w_orig, dead, cfg), jnp.ones((cfg.block, d_out), bool) if cfg.prune else None)
@@ -101,6 +94,22 @@ def _solve(w2d, h, damp, cfg: SolverConfig):
     stored, (scales, _) = run_sweep(w, u, step, state0, cfg.block, _store_dtypes(cfg), hook,
                                     sub=sub_block_size(cfg.block, sizes))
     return _outputs(stored, scales, perm, e, ok, cfg)
+
+
+def _prepared(w2d, h, damp, cfg: SolverConfig):
+    """``(w, u, ok, perm, w_orig, dead, e)``: the kernel with dead inputs fixed (:func:`_dead_inputs_fixed`),
+    in sweep order (``perm``: act-order or identity) and padded to ``n_pad`` rows, the inverse Hessian factor
+    ``u`` (the identity where the factorisation failed, ``ok`` False, to keep the sweep finite; the caller
+    raises)."""
+    w, h, w_orig, dead, e = _dead_inputs_fixed(w2d, h, cfg.d_in)
+    perm = jnp.argsort(-jnp.diagonal(h), stable=True) if cfg.act_order else jnp.arange(cfg.d_in)
+    if cfg.act_order:
+        w, h = w[perm], h[perm][:, perm]
+    u, _ = inverse_hessian_factor(h, damp, cfg.n_pad)
+    ok = jnp.all(jnp.isfinite(u))
+    u = jnp.where(ok, u, jnp.eye(cfg.n_pad, dtype=jnp.float32))
+    w = jnp.pad(w, ((0, cfg.n_pad - cfg.d_in), (0, 0)))
+    return w, u, ok, perm, w_orig, dead, e
 
 
 def _dead_inputs_fixed(w2d, h, d_in: int):
@@ -300,14 +309,7 @@ def _solve_many(w2d, h, damp, cfgs: tuple[SolverConfig, ...]):
     ``act_order``): the dead-input fix, the row order and the inverse Hessian factor are computed once, and
     one sweep runs for all the quantizers at once (``vmap`` over their row tables)."""
     base = cfgs[0]
-    w, h, w_orig, dead, e = _dead_inputs_fixed(w2d, h, base.d_in)
-    perm = jnp.argsort(-jnp.diagonal(h), stable=True) if base.act_order else jnp.arange(base.d_in)
-    if base.act_order:
-        w, h = w[perm], h[perm][:, perm]
-    u, _ = inverse_hessian_factor(h, damp, base.n_pad)
-    ok = jnp.all(jnp.isfinite(u))
-    u = jnp.where(ok, u, jnp.eye(base.n_pad, dtype=jnp.float32))
-    w = jnp.pad(w, ((0, base.n_pad - base.d_in), (0, 0)))
+    w, u, ok, perm, w_orig, dead, e = _prepared(w2d, h, damp, base)
     compact, tables = zip(*(_row_tables(w_orig, dead, perm, c) for c in cfgs), strict=True)
     s_rows, z_rows = (jnp.stack(t) for t in zip(*tables, strict=True))
     ranges = [code_range(c.spec.bits, c.spec.symmetric) for c in cfgs]
