@@ -77,22 +77,8 @@ def gptq(params: Any, hessians: Any, rules: Any, *, block_size: int = 128, damp:
         Frantar, Ashkboos, Hoefler & Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
         Pre-trained Transformers", ICLR 2023 (arXiv:2210.17323).
     """
-    block_size = check_positive_int("block_size", block_size)
-    damp = check_damp(damp)
-    if not isinstance(act_order, bool):
-        raise TypeError(f"act_order must be a bool, got {act_order!r}")
-    items = hessian_items(params, hessians)
-    plan = spec_plan(items, rules)
-    new = {}
-    for path, (leaf, h, lay) in items.items():
-        spec = plan[path]
-        if lay.size == 0:
-            out = zero_size_result(lay, spec, leaf, prune=False)
-        else:
-            out = solve_kernel(leaf, h, lay, damp, _config(lay, spec, block_size, act_order), mesh)
-        check_factorised(path, out["ok"], damp, lay)
-        new[path] = build_qarray(path, leaf, lay, spec, out["codes"], out["scale"], out["zp"])
-    return map_hessian_leaves(params, new)
+    # One quantizer is gptq_many's single-entry case: it solves it alone, on the one-quantizer sweep.
+    return gptq_many(params, hessians, [rules], block_size=block_size, damp=damp, act_order=act_order, mesh=mesh)[0]
 
 
 def _config(lay, spec, block_size: int, act_order: bool) -> SolverConfig:
