@@ -65,6 +65,18 @@ def softmax_kl(logits: jax.Array, tangent: jax.Array) -> jax.Array:
     return 0.5 * jnp.sum(jnp.sum(p * dz * dz, axis=-1) - mean * mean)
 
 
+def spaced_batches(batches: Sequence[Any], max_batches: int, what: str) -> list[Any]:
+    """At most ``max_batches`` of ``batches``, evenly spaced (first and last kept); ``ValueError`` naming
+    ``what`` needs them when there are none."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"batches is empty: {what} needs at least one calibration batch")
+    if len(batches) > max_batches:
+        idx = np.linspace(0, len(batches) - 1, max_batches).round().astype(int)
+        batches = [batches[i] for i in sorted(set(idx.tolist()))]
+    return batches
+
+
 def kernel_importance(
     apply_fn: Callable[[Any, Any], Any],
     params: Any,
@@ -105,12 +117,7 @@ def kernel_importance(
         raise TypeError(f"output_metric must be callable (output, tangent) -> scalar, got {output_metric!r}")
     max_batches = check_positive_int("max_batches", max_batches)
     chunk_size = check_positive_int("chunk_size", chunk_size)
-    batches = list(batches)
-    if not batches:
-        raise ValueError("batches is empty: importance needs at least one calibration batch")
-    if len(batches) > max_batches:
-        idx = np.linspace(0, len(batches) - 1, max_batches).round().astype(int)
-        batches = [batches[i] for i in sorted(set(idx.tolist()))]
+    batches = spaced_batches(batches, max_batches, "importance")
     float_params = jax.tree_util.tree_map(decoded, params, is_leaf=tree.is_compressed_leaf)
     paths = list(probes)
     hess = collect_hessians(apply_fn, float_params, batches, where=_exact(paths), row_mask=row_mask)

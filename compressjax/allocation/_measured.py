@@ -28,6 +28,7 @@ import numpy as np
 
 from compressjax import tree
 from compressjax.allocation._costs import Candidates, decoded
+from compressjax.allocation._importance import spaced_batches
 from compressjax.checks import check_positive_int
 
 __all__ = ["output_damages", "squared_distance"]
@@ -76,12 +77,7 @@ def output_damages(
     if not callable(dist):
         raise TypeError(f"distance must be callable (float_output, output) -> scalar, got {distance!r}")
     max_batches = check_positive_int("max_batches", max_batches)
-    batches = list(batches)
-    if not batches:
-        raise ValueError("batches is empty: output_damages needs at least one calibration batch")
-    if len(batches) > max_batches:
-        idx = np.linspace(0, len(batches) - 1, max_batches).round().astype(int)
-        batches = [batches[i] for i in sorted(set(idx.tolist()))]
+    batches = spaced_batches(batches, max_batches, "output_damages")
     float_params = jax.tree_util.tree_map(decoded, params, is_leaf=tree.is_compressed_leaf)
     flat, treedef = jax.tree_util.tree_flatten_with_path(float_params)
     leaf_paths = [tree.path_to_str(kp) for kp, _ in flat]
