@@ -12,7 +12,10 @@ and the sparse and k-means options are left out to keep the run under an hour on
 is a GPTQ pass over 106M weights); its names say what each option is. The plans are applied one-shot
 (``sequential=False``: the candidates' own results), or with ``--sequential`` sequentially, as
 ``auto_compress`` does by default (the stacked kernels in one pass of :func:`compressjax.sequential`, layer
-after layer), and then compared with the best three fitting uniform settings applied sequentially too. The importance (``--importance``) is measured on the
+after layer), and then compared with the best three fitting uniform settings applied sequentially too.
+As ``auto_compress`` does by default, the allocator's plan is compared, whole, with the fitting uniform
+settings at the output on two calibration batches (the KL divergence of the logits; ``--no-compare`` keeps
+the allocator's plan), and the closest to the float model is applied. The importance (``--importance``) is measured on the
 logits with :func:`compressjax.softmax_kl` (``kl``, the default: the second-order change of the predicted
 distribution, what perplexity feels), or as the squared change of the final hidden states (``hidden``, the
 library's default metric on the model without its tied head, as the calibration is).
@@ -39,13 +42,17 @@ from types import SimpleNamespace
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import compressjax as cj  # noqa: E402
 from benchmarks._common import finish, parser  # noqa: E402
 from benchmarks.llm import KERNELS, data, evaluate  # noqa: E402
-from compressjax.allocation import candidate_importance, from_candidates, output_damages  # noqa: E402
+from compressjax.allocation import (  # noqa: E402
+    candidate_importance,
+    from_candidates,
+    output_damages,
+    softmax_kl_distance,
+)
 from compressjax.models import smollm  # noqa: E402
 from compressjax.tree import replace_leaves  # noqa: E402
 
@@ -77,6 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sequential", action="store_true",
                     help="apply the plans sequentially (auto_compress's default) and compare them with the best fitting "
                          "uniform settings applied sequentially too")
+    ap.add_argument("--no-compare", action="store_true",
+                    help="keep the allocator's plan (compare_uniform=False) instead of comparing it at the output with "
+                         "the fitting uniform settings")
     args = ap.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     sizes = SimpleNamespace(n_calib=128, calib_len=256, n_eval=32, eval_len=512)
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     damages = None
     if args.damage == "measured":
         t = time.perf_counter()
-        damages = output_damages(apply, params, batches, cands, distance=lambda ref, y: jnp.sum(cj.kd_loss(y, ref)), max_batches=2)
+        damages = output_damages(apply, params, batches, cands, distance=softmax_kl_distance, max_batches=2)
         print(f"measured damages {time.perf_counter() - t:.1f} s", flush=True)
     n_w = cands.num_weights
 
@@ -131,12 +141,18 @@ def main(argv: list[str] | None = None) -> dict:
     for bpw in budgets:
         budget = int(np.floor(bpw * n_w / 8))
         t = time.perf_counter()
-        out, plan = from_candidates(hidden, params, batches, cands, budget, alpha, sequential=args.sequential, damages=damages)
+        # The whole-plan comparison measures the KL of the logits one-shot; applied sequentially, the model
+        # runs without its head (the logits of all 128 sequences would take 6.4 GB), so the comparison
+        # measures the final hidden states' squared distance instead.
+        compare_fn, distance = (hidden, None) if args.sequential else (apply, softmax_kl_distance)
+        out, plan = from_candidates(compare_fn, params, batches, cands, budget, alpha, sequential=args.sequential,
+                                    damages=damages, compare_uniform=not args.no_compare, distance=distance)
         seconds = time.perf_counter() - t
         fitting = [u for u in uniform if u["bits_per_weight"] <= bpw]
         best = min(fitting, key=lambda u: u["ppl"]) if fitting else None
         row = {"budget_bpw": bpw, "bits_per_weight": round(8 * plan.total_bytes / n_w, 4), **quality(out),
                "plan": {e.path: e.option for e in plan.entries}, "apply_seconds": round(seconds, 1),
+               "compared": [{"plan": n, "bytes": b, "distance": round(d, 4)} for n, b, d in plan.compared],
                "best_fitting_uniform": best and best["name"], "best_fitting_uniform_ppl": best and best["ppl"]}
         if args.sequential and fitting:
             # The fair comparison: the fitting uniform settings applied sequentially as well (the best three
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                           "kl": np.where(np.isfinite(damages), damages, -1).tolist()},
         "importance": {p: float(a) for p, a in alpha.items()}, "data": info,
         "candidates_seconds": round(t_cands, 1), "importance_seconds": round(t_alpha, 1), "quick": bool(args.quick),
-        "sequential": bool(args.sequential),
+        "sequential": bool(args.sequential), "compare_uniform": not args.no_compare,
         "note": ("plans and the best fitting uniform settings applied sequentially" if args.sequential else
                  "plans applied one-shot from the candidates (sequential=False)") + "; times on a shared machine",
     }, args.json)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -504,3 +505,57 @@ def test_output_damages_put_each_result_alone_into_the_float_model():
     bad[1, 2] = np.nan
     with pytest.raises(ValueError, match=r"damages\[1, 2\].*'int4'"):
         from_candidates(apply, params, batches, cands, budget, None, sequential=False, damages=bad)
+
+
+def test_plans_are_compared_whole_at_the_output_with_the_fitting_uniform_settings():
+    from compressjax.allocation import from_candidates, plan_distances, uniform_choices
+
+    params, apply, batches = _three_layers()
+    menu = [cj.Option("float", "float"), cj.Option("int2", "rtn", Q(bits=2)), cj.Option("int4", "rtn", Q(bits=4))]
+    hess = cj.collect_hessians(apply, params, batches)
+    cands = cj.option_costs_and_damages(params, hess, menu, keep_results=True)
+    budget = int(cands.costs[:, 2].sum())  # uniform int4 fits, float does not
+    assert set(uniform_choices(cands, budget)) == {"int2", "int4"}
+    # plan_distances runs each plan whole: every kernel replaced at once.
+    got = plan_distances(apply, params, batches, cands, [[1, 2], [2, 2]], max_batches=3)
+    for k, choice in enumerate([[1, 2], [2, 2]]):
+        trial = cj.tree.replace_leaves(params, {p: cj.dequantize(cands.results[(p, menu[j].name)][0])
+                                                for p, j in zip(cands.paths, choice, strict=True)})
+        want = sum(float(jnp.sum((apply(trial, x) - apply(params, x)) ** 2)) for x in batches)
+        np.testing.assert_allclose(got[k], want, rtol=1e-5)
+    # Forged damages that call int2 harmless: the allocator takes int2 on both kernels (uniform int2, so one
+    # plan to compare with int4); measured whole, int4 is closer to the float model and is what is applied.
+    forged = np.where(cands.costs >= 0, 1.0, np.inf)
+    forged[:, 0], forged[:, 1] = 0.0, 0.0
+    out, plan = from_candidates(apply, params, batches, cands, budget, None, sequential=False, damages=forged)
+    assert set(plan.choices.values()) == {"int4"}
+    assert [n for n, _, _ in plan.compared] == ["allocated", "uniform int4"]
+    dist = dict((n, d) for n, _, d in plan.compared)
+    assert dist["uniform int4"] < dist["allocated"]
+    assert plan.compared[1][1] == budget == plan.total_bytes
+    assert "compared at the output" in str(plan) and plan.to_dict()["compared"][0]["plan"] == "allocated"
+    leaf = dict(cj.tree.leaves_with_paths(out, cj.tree.is_compressed_leaf))[cands.paths[0]]
+    assert leaf.bits == 4
+    _, kept = from_candidates(apply, params, batches, cands, budget, None, sequential=False, damages=forged,
+                              compare_uniform=False)
+    assert set(kept.choices.values()) == {"int2"} and kept.compared == ()
+    # Errors name the plan and the kernel.
+    with pytest.raises(ValueError, match="plan 0 chooses 1 options for 2 kernels"):
+        plan_distances(apply, params, batches, cands, [[1]])
+    costs = cands.costs.copy()
+    costs[0, 2] = -1
+    with pytest.raises(ValueError, match="plan 0: option 'int4' does not apply to kernel"):
+        plan_distances(apply, params, batches, dataclasses.replace(cands, costs=costs), [[2, 2]])
+    with pytest.raises(TypeError, match="distance must be callable"):
+        plan_distances(apply, params, batches, cands, [[1, 1]], distance=3)
+
+
+def test_softmax_kl_distance_is_the_kl_of_the_predictions():
+    from compressjax.allocation import softmax_kl_distance
+
+    rng = np.random.default_rng(0)
+    ref, y = rng.normal(size=(2, 5, 7)), rng.normal(size=(2, 5, 7))
+    p, q = np.exp(ref) / np.exp(ref).sum(-1, keepdims=True), np.exp(y) / np.exp(y).sum(-1, keepdims=True)
+    want = float(np.sum(p * (np.log(p) - np.log(q))))
+    assert float(softmax_kl_distance(jnp.asarray(ref), jnp.asarray(y))) == pytest.approx(want, rel=1e-5)
+    assert float(softmax_kl_distance(jnp.asarray(ref), jnp.asarray(ref))) == pytest.approx(0.0, abs=1e-6)

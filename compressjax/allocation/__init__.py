@@ -20,10 +20,11 @@ from compressjax.allocation._auto import (
     candidate_importance,
     from_candidates,
     model_stages,
+    uniform_choices,
 )
 from compressjax.allocation._costs import Candidates, option_costs_and_damages
 from compressjax.allocation._importance import kernel_importance, softmax_kl, squared_change
-from compressjax.allocation._measured import output_damages, squared_distance
+from compressjax.allocation._measured import output_damages, plan_distances, softmax_kl_distance, squared_distance
 from compressjax.allocation._menu import Option, default_menu
 from compressjax.allocation._plan import Plan, PlanEntry, pareto_front
 
@@ -47,4 +48,7 @@ __all__ = [
     "pareto_front",
     "output_damages",
     "squared_distance",
+    "plan_distances",
+    "softmax_kl_distance",
+    "uniform_choices",
 ]

@@ -23,14 +23,16 @@ from compressjax.allocation._costs import (
     option_costs_and_damages,
     solve_option,
 )
-from compressjax.allocation._importance import kernel_importance
+from compressjax.allocation._importance import kernel_importance, softmax_kl
+from compressjax.allocation._measured import Distance, plan_distances, softmax_kl_distance
 from compressjax.allocation._menu import Option, check_menu, default_menu
 from compressjax.allocation._plan import Plan, PlanEntry
 from compressjax.hessians import Hessian, collect_hessians
 from compressjax.oneshot import Pruned
 from compressjax.oneshot import sequential as one_pass_sequential
 
-__all__ = ["auto_compress", "apply_plan", "budget_bytes", "model_stages", "make_plan", "from_candidates", "candidate_importance"]
+__all__ = ["auto_compress", "apply_plan", "budget_bytes", "model_stages", "make_plan", "from_candidates", "candidate_importance",
+           "uniform_choices"]
 
 
 def budget_bytes(num_weights: int, *, bits_per_weight: Any = None, max_bytes: Any = None, ratio: Any = None) -> int:
@@ -117,11 +119,13 @@ def model_stages(apply_fn: Callable, params: Any, batch: Any, paths: Sequence[st
 
 def make_plan(cands: Candidates, choice: Sequence[int], damages: np.ndarray, importance: dict[str, float] | None,
               budget: int, *, sequential: bool, final: dict[str, tuple[Any, ...]] | None = None,
-              masks: Any = None, order: Sequence[str] | None = None, measured: bool = False) -> Plan:
+              masks: Any = None, order: Sequence[str] | None = None, measured: bool = False,
+              compared: Sequence[tuple[str, int, float]] = ()) -> Plan:
     """A :class:`Plan` from the candidates and the chosen columns (``final``: ``{path: (bytes, layer_error)}``
     measured on the results actually used, when they differ from the candidates'). ``measured``: ``damages``
     were given (e.g. :func:`output_damages`), not ``importance * layer_error``; each entry keeps its planned
-    damage and, as its importance, the ratio of that damage to the option's layer error."""
+    damage and, as its importance, the ratio of that damage to the option's layer error. ``compared``: the
+    whole plans measured at the output when the choice was made (see :func:`from_candidates`)."""
     entries = []
     for i, p in enumerate(cands.paths):
         j = int(choice[i])
@@ -136,7 +140,8 @@ def make_plan(cands: Candidates, choice: Sequence[int], damages: np.ndarray, imp
     if order is not None:
         rank = {p: k for k, p in enumerate(order)}
         entries.sort(key=lambda e: rank.get(e.path, len(rank)))
-    return Plan(tuple(entries), int(budget), tuple(cands.options), sequential, importance is not None or measured, masks)
+    return Plan(tuple(entries), int(budget), tuple(cands.options), sequential, importance is not None or measured, masks,
+                tuple(compared))
 
 
 def apply_plan(
@@ -286,6 +291,8 @@ def auto_compress(
     sequential: bool = True,
     importance: bool | Callable[[Any, Any], Any] = True,
     stages: Sequence[Sequence[str]] | None = None,
+    compare_uniform: bool = True,
+    distance: Distance | None = None,
 ) -> tuple[Any, Plan]:
     """Compresses a model to a byte budget, choosing per kernel the option (method and bits) that costs least.
 
@@ -295,6 +302,9 @@ def auto_compress(
        ``tr(dW^T H dW)``, times, with ``importance``, the kernel's output-error amplification
        (:func:`kernel_importance`, probed with the error of the kernel's median-damage option);
     3. :func:`allocate` picks one option per kernel: least total damage, total bytes at most the budget;
+       with ``compare_uniform``, that plan and every uniform setting of the menu that fits the budget are
+       then run as whole plans on two calibration batches, and the one whose output is closest to the float
+       model's is kept (the damages of step 2 add up kernel by kernel; this sees how errors combine);
     4. the plan is applied. ``sequential=False``: the results of step 2 are used as they are, so every
        kernel's bytes are exactly the planned ones. ``sequential=True``: the kernels are compressed again
        stage by stage (blocks in model order, :func:`model_stages`), each stage with Hessians collected on
@@ -324,6 +334,9 @@ def auto_compress(
             metric of :func:`kernel_importance` (``True``: :func:`squared_change` of the outputs; for a model
             returning logits, :func:`softmax_kl` weights a change by how much it moves the predictions).
         stages: for ``sequential``, lists of kernel paths (default :func:`model_stages`).
+        compare_uniform: compare the plan with the fitting uniform settings at the output (step 3).
+        distance: ``(float_output, output) -> scalar`` for that comparison (default
+            :func:`squared_distance`; :func:`softmax_kl_distance` when ``importance`` is :func:`softmax_kl`).
 
     Returns:
         ``(params, plan)``: the compressed params (``QArray``, ``Codebook`` or pruned float leaves at the
@@ -348,8 +361,10 @@ def auto_compress(
     metric = importance if callable(importance) else None
     alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, output_metric=metric) if importance else None
     budget = budget_bytes(cands.num_weights, bits_per_weight=bits_per_weight, max_bytes=max_bytes, ratio=ratio)
+    if distance is None and importance is softmax_kl:
+        distance = softmax_kl_distance
     return from_candidates(apply_fn, params, batches, cands, budget, alpha, sequential=sequential, row_mask=row_mask,
-                           stages=stages)
+                           stages=stages, compare_uniform=compare_uniform, distance=distance)
 
 
 def candidate_importance(apply_fn: Callable, params: Any, batches: Sequence[Any], cands: Candidates, *,
@@ -372,13 +387,47 @@ def candidate_importance(apply_fn: Callable, params: Any, batches: Sequence[Any]
     return alpha
 
 
+def uniform_choices(cands: Candidates, budget: int) -> dict[str, np.ndarray]:
+    """``{option name: choice}`` for every option that applies to every kernel and fits ``budget`` on all of
+    them (the uniform settings a plan competes with)."""
+    out = {}
+    for j, opt in enumerate(cands.options):
+        if np.all(cands.costs[:, j] >= 0) and cands.costs[:, j].sum() <= budget:
+            out[opt.name] = np.full(len(cands.paths), j)
+    return out
+
+
+def _compare_at_output(apply_fn, params, batches, cands, choice, budget, distance):
+    """The allocator's plan against the uniform settings that fit, measured as whole plans at the output
+    (:func:`plan_distances`); returns the best choice and ``(name, bytes, distance)`` of each compared."""
+    plans = {"allocated": np.asarray(choice)}
+    for name, c in uniform_choices(cands, budget).items():
+        if not any(np.array_equal(c, q) for q in plans.values()):
+            plans[f"uniform {name}"] = c
+    if len(plans) == 1:
+        return choice, ()
+    dist = plan_distances(apply_fn, params, batches, cands, list(plans.values()), distance=distance)
+    compared = tuple((n, int(sum(cands.costs[i, int(c[i])] for i in range(len(c)))), float(d))
+                     for (n, c), d in zip(plans.items(), dist, strict=True))
+    best = int(np.argmin(dist))  # the first of equals: the allocated plan wins ties
+    return list(plans.values())[best], compared
+
+
 def from_candidates(apply_fn: Callable, params: Any, batches: Sequence[Any], cands: Candidates, budget: int,
                     alpha: dict[str, float] | None, *, sequential: bool = True, row_mask: Callable | None = None,
-                    stages: Sequence[Sequence[str]] | None = None, damages: np.ndarray | None = None) -> tuple[Any, Plan]:
+                    stages: Sequence[Sequence[str]] | None = None, damages: np.ndarray | None = None,
+                    compare_uniform: bool = True, distance: Distance | None = None) -> tuple[Any, Plan]:
     """Steps 3 and 4 of :func:`auto_compress` on candidates already measured (``keep_results=True``):
     allocate ``budget`` bytes with damages ``alpha[path] * layer_error`` (``alpha=None``: unweighted), or with
     ``damages`` given as a ``(kernels, options)`` array (e.g. :func:`output_damages`; ``alpha`` is then
-    ignored), and apply."""
+    ignored), and apply.
+
+    ``compare_uniform``: the allocated plan and every uniform setting that fits the budget are measured as
+    whole plans at the output (:func:`plan_distances` with ``distance``, default :func:`squared_distance`,
+    on two calibration batches) and the closest to the float model is applied. The allocator sums damages
+    kernel by kernel; on a model with few, large allocation units (stacked kernels spanning every layer)
+    their errors compound beyond that sum, and a plan the estimate prefers can lose to a uniform setting.
+    The comparison costs one forward pass per plan and batch; ``plan.compared`` records it."""
     measured = damages is not None
     if measured:
         damages = np.asarray(damages, np.float64)
@@ -396,10 +445,13 @@ def from_candidates(apply_fn: Callable, params: Any, batches: Sequence[Any], can
     damages = np.where(cands.costs >= 0, damages, np.inf)
     costs = np.where(cands.costs >= 0, cands.costs, -1)
     choice = allocate(costs, damages, budget)
+    batches = list(batches)
+    compared: tuple = ()
+    if compare_uniform:
+        choice, compared = _compare_at_output(apply_fn, params, batches, cands, choice, budget, distance)
     choices = {p: cands.options[int(j)].name for p, j in zip(cands.paths, choice, strict=True)}
     order = None
     if sequential:
-        batches = list(batches)
         order_stages = stages
         if stages is None:
             stacked = [p for p, info in zip(cands.paths, cands.infos, strict=True) if info.layer_axes]
@@ -414,7 +466,7 @@ def from_candidates(apply_fn: Callable, params: Any, batches: Sequence[Any], can
         masks = {p: cands.results[(p, n)][1] for p, n in choices.items() if cands.results[(p, n)][1] is not None}
     mtree = _masks_tree(params, masks) if masks else None
     plan = make_plan(cands, choice, damages, alpha, budget, sequential=sequential, final=final, masks=mtree, order=order,
-                     measured=measured)
+                     measured=measured, compared=compared)
     if plan.total_bytes > budget:  # cannot happen: the allocator and the fallback keep it within
         raise AssertionError(f"plan of {plan.total_bytes} bytes exceeds the budget of {budget}")
     return out, plan

@@ -30,14 +30,59 @@ from compressjax import tree
 from compressjax.allocation._costs import Candidates, decoded
 from compressjax.allocation._importance import spaced_batches
 from compressjax.checks import check_positive_int
+from compressjax.losses import kd_loss
 
-__all__ = ["output_damages", "squared_distance"]
+__all__ = ["output_damages", "plan_distances", "squared_distance", "softmax_kl_distance"]
+
+Distance = Callable[[Any, Any], jax.Array]
 
 
 def squared_distance(reference: Any, output: Any) -> jax.Array:
     """``||output - reference||^2`` over every leaf: the default distance of :func:`output_damages`."""
     pairs = zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(output), strict=True)
     return sum(jnp.sum(jnp.square(jnp.asarray(y, jnp.float32) - jnp.asarray(r, jnp.float32))) for r, y in pairs)
+
+
+def softmax_kl_distance(reference: jax.Array, logits: jax.Array) -> jax.Array:
+    """``sum KL(softmax(reference) || softmax(logits))`` over every position: the distance for a model that
+    returns logits (what perplexity and accuracy feel); :func:`compressjax.softmax_kl` is its second-order
+    form."""
+    return jnp.sum(kd_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(reference, jnp.float32)))
+
+
+def _output_scorer(apply_fn: Callable, params: Any, batches: Sequence[Any], distance: Distance | None,
+                   max_batches: int, what: str) -> Callable[[dict[str, Any]], float]:
+    """``score({path: leaf}) -> sum over batches of distance(float output, output with those leaves)``, at
+    most ``max_batches`` evenly spaced batches; one compiled forward pass per batch shape serves every call
+    (the params are arguments)."""
+    dist = squared_distance if distance is None else distance
+    if not callable(dist):
+        raise TypeError(f"distance must be callable (float_output, output) -> scalar, got {distance!r}")
+    max_batches = check_positive_int("max_batches", max_batches)
+    batches = spaced_batches(batches, max_batches, what)
+    float_params = jax.tree_util.tree_map(decoded, params, is_leaf=tree.is_compressed_leaf)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(float_params)
+    index = {tree.path_to_str(kp): i for i, (kp, _) in enumerate(flat)}
+    leaves = [x for _, x in flat]
+
+    @jax.jit
+    def forward(leaves, batch):
+        return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), batch)
+
+    @jax.jit
+    def damage(leaves, batch, reference):
+        return dist(reference, forward(leaves, batch))
+
+    references = [forward(leaves, b) for b in batches]
+
+    def score(replace: dict[str, Any]) -> float:
+        trial = list(leaves)
+        for p, leaf in replace.items():
+            k = index[p]
+            trial[k] = decoded(leaf).astype(leaves[k].dtype)
+        return sum(float(damage(trial, b, r)) for b, r in zip(batches, references, strict=True))
+
+    return score
 
 
 def output_damages(
@@ -64,8 +109,8 @@ def output_damages(
         params: the float params.
         batches: calibration batches.
         cands: from :func:`option_costs_and_damages` with ``keep_results=True``.
-        distance: ``(float_output, output) -> scalar`` (default :func:`squared_distance`); for logits, e.g.
-            ``lambda ref, y: jnp.sum(compressjax.kd_loss(y, ref))`` (the KL divergence of the predictions).
+        distance: ``(float_output, output) -> scalar`` (default :func:`squared_distance`); for logits,
+            :func:`softmax_kl_distance` (the KL divergence of the predictions).
         max_batches: how many batches to run (each costs one forward pass per kernel and option).
 
     Raises:
@@ -73,28 +118,9 @@ def output_damages(
             is not finite (naming the kernel and option).
         TypeError: a ``distance`` that is not callable.
     """
-    dist = squared_distance if distance is None else distance
-    if not callable(dist):
-        raise TypeError(f"distance must be callable (float_output, output) -> scalar, got {distance!r}")
-    max_batches = check_positive_int("max_batches", max_batches)
-    batches = spaced_batches(batches, max_batches, "output_damages")
-    float_params = jax.tree_util.tree_map(decoded, params, is_leaf=tree.is_compressed_leaf)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(float_params)
-    leaf_paths = [tree.path_to_str(kp) for kp, _ in flat]
-    leaves = [x for _, x in flat]
-
-    @jax.jit
-    def forward(leaves, batch):
-        return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), batch)
-
-    @jax.jit
-    def damage(leaves, batch, reference):
-        return dist(reference, forward(leaves, batch))
-
-    references = [forward(leaves, b) for b in batches]
+    score = _output_scorer(apply_fn, params, batches, distance, max_batches, "output_damages")
     out = np.full(cands.costs.shape, np.inf)
     for i, p in enumerate(cands.paths):
-        k = leaf_paths.index(p)
         for j, opt in enumerate(cands.options):
             if cands.costs[i, j] < 0:
                 continue
@@ -103,10 +129,52 @@ def output_damages(
                 continue
             if (p, opt.name) not in cands.results:
                 raise ValueError(f"candidates hold no result for {p!r} / {opt.name!r}: make them with keep_results=True")
-            trial = list(leaves)
-            trial[k] = decoded(cands.results[(p, opt.name)][0]).astype(leaves[k].dtype)
-            value = sum(float(damage(trial, b, r)) for b, r in zip(batches, references, strict=True))
+            value = score({p: cands.results[(p, opt.name)][0]})
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"kernel {p!r}, option {opt.name!r}: the output distance is {value}, not a finite value >= 0")
             out[i, j] = value
+    return out
+
+
+def plan_distances(
+    apply_fn: Callable[[Any, Any], Any],
+    params: Any,
+    batches: Sequence[Any],
+    cands: Candidates,
+    choices: Sequence[Sequence[int]],
+    *,
+    distance: Distance | None = None,
+    max_batches: int = 2,
+) -> np.ndarray:
+    """Whole plans measured at the output: every kernel replaced by its chosen option's result at once.
+
+    ``out[k] = sum_batches distance(f(params), f(params with plan k))`` for each plan ``choices[k]`` (one
+    option column of ``cands`` per kernel), over at most ``max_batches`` evenly spaced batches. Unlike the
+    additive damages the allocator sums, this sees how the kernels' errors combine. Cost: one forward pass
+    per plan and batch.
+
+    Raises:
+        ValueError: a plan of the wrong length, an option that does not apply to its kernel, candidates
+            without their results, a distance that is not finite.
+        TypeError: a ``distance`` that is not callable.
+    """
+    score = _output_scorer(apply_fn, params, batches, distance, max_batches, "plan_distances")
+    out = np.empty(len(choices))
+    for k, choice in enumerate(choices):
+        if len(choice) != len(cands.paths):
+            raise ValueError(f"plan {k} chooses {len(choice)} options for {len(cands.paths)} kernels")
+        replace = {}
+        for i, p in enumerate(cands.paths):
+            j = int(choice[i])
+            if cands.costs[i, j] < 0:
+                raise ValueError(f"plan {k}: option {cands.options[j].name!r} does not apply to kernel {p!r}")
+            if cands.options[j].method == "float":
+                continue
+            if (p, cands.options[j].name) not in cands.results:
+                raise ValueError(f"candidates hold no result for {p!r} / {cands.options[j].name!r}: make them with keep_results=True")
+            replace[p] = cands.results[(p, cands.options[j].name)][0]
+        value = score(replace)
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"plan {k}: the output distance is {value}, not a finite value >= 0")
+        out[k] = value
     return out

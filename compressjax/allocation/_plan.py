@@ -63,6 +63,9 @@ class Plan:
         sequential: whether the kernels were compressed stage by stage (see :func:`auto_compress`).
         importance: whether damages are importance-weighted.
         masks: keep-masks at the pruned kernels (``None`` elsewhere), a tree like the params, or ``None``.
+        compared: whole plans measured at the model's output before the choice, ``(name, bytes, distance)``:
+            ``"allocated"`` (the allocator's plan) and ``"uniform <option>"`` for every uniform setting that
+            fits the budget; the plan kept is the one with the least distance (empty when nothing was compared).
     """
 
     entries: tuple[PlanEntry, ...]
@@ -71,6 +74,7 @@ class Plan:
     sequential: bool = False
     importance: bool = False
     masks: Any = dataclasses.field(default=None, compare=False, repr=False)
+    compared: tuple[tuple[str, int, float], ...] = ()
 
     @property
     def choices(self) -> dict[str, str]:
@@ -104,6 +108,7 @@ class Plan:
         return {"budget_bytes": self.budget_bytes, "total_bytes": self.total_bytes, "num_weights": self.num_weights,
                 "bits_per_weight": self.bits_per_weight, "total_damage": self.total_damage,
                 "sequential": self.sequential, "importance": self.importance,
+                "compared": [{"plan": n, "bytes": b, "distance": d} for n, b, d in self.compared],
                 "kernels": [{"path": e.path, "shape": list(e.shape), "option": e.option, "bytes": e.bytes,
                              "damage": e.damage, "layer_error": e.layer_error, "importance": e.importance}
                             for e in self.entries]}
@@ -131,7 +136,8 @@ class Plan:
                 for e in self.entries]
         tail = (f"{'total':40s} {'':26s} {self.total_bytes:>11,} {self.bits_per_weight:>7.2f} {self.total_damage:>10.4g}"
                 f"   (budget {self.budget_bytes:,} bytes)")
-        return "\n".join([head, *rows, tail])
+        compared = [f"compared at the output: {n} {b:,} bytes, distance {d:.4g}" for n, b, d in self.compared]
+        return "\n".join([head, *rows, tail, *compared])
 
     def plot(self, path: Any, *, max_kernels: int | None = None) -> Any:
         """Writes a figure: for each kernel, estimated damage against bytes of every option, the Pareto front
