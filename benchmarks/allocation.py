@@ -24,7 +24,9 @@ Usage::
     python -m benchmarks.allocation --json benchmarks/results/allocation-cpu.json   # over an hour on 2 loaded cores (57 solver compilations)
     python -m benchmarks.allocation --quick                                  # smoke test
     python -m benchmarks.allocation --cost-only --json out.json              # only the GPTQ pass and the search, timed
-                                                                             # (then the menu's GPTQ options: gptq each vs gptq_many)
+                                                                             # (then the plans compared at each budget, the
+                                                                             # menu's GPTQ options: gptq each vs gptq_many, and a
+                                                                             # sequential GPTQ pass, warm)
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import compressjax as cj  # noqa: E402
 from benchmarks._common import finish, parser  # noqa: E402
 from benchmarks._minilm_oneshot import ENCODER_KERNELS, apply_fn, calibration_split, row_mask  # noqa: E402
 from benchmarks.minilm import length_batches  # noqa: E402
-from compressjax.allocation import candidate_importance, from_candidates  # noqa: E402
+from compressjax.allocation import candidate_importance, from_candidates, model_stages  # noqa: E402
 from compressjax.models import minilm  # noqa: E402
 from compressjax.tree import replace_leaves  # noqa: E402
 
@@ -70,6 +72,33 @@ def spearman(a, b) -> float:
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def compared_at_every_budget(params, batches, cands, alpha, budgets) -> dict:
+    """For each budget, the one-shot plans ``from_candidates`` compares at the output (the allocated plan
+    and the fitting uniform settings: ``(name, bytes, squared distance)``) and which one it keeps."""
+    out = {}
+    for bpw in budgets:
+        _, plan = from_candidates(apply_fn, params, batches, cands, int(np.floor(bpw * cands.num_weights / 8)), alpha,
+                                  sequential=False, row_mask=row_mask)
+        kept = min(plan.compared, key=lambda c: c[2])[0] if plan.compared else "allocated"
+        out[str(bpw)] = {"kept": kept, "compared": [[n, b, round(d, 4)] for n, b, d in plan.compared]}
+        print(f"{bpw} bpw: kept {kept} of {len(plan.compared)} compared", flush=True)
+    return out
+
+
+def sequential_gptq_pass(params, batches, paths) -> dict:
+    """A GPTQ int4 g128 pass in sequential mode (``layerwise`` over ``model_stages``: what ``auto_compress``'s
+    default ``sequential=True`` runs after its search), timed warm: this process has compiled GPTQ already."""
+    stages = model_stages(apply_fn, params, batches[0], paths)
+    wheres = ["^(?:" + "|".join(re.escape(p) for p in s) + ")$" for s in stages]
+    t = time.perf_counter()
+    q = cj.layerwise(apply_fn, params, batches, lambda p, h: cj.gptq(p, h, cj.QuantSpec(bits=4, group_size=128), act_order=True),
+                     stages=wheres, row_mask=row_mask)
+    jax.block_until_ready(jax.tree.leaves(q))
+    seconds = time.perf_counter() - t
+    print(f"sequential GPTQ int4 g128 pass ({len(stages)} stages): {seconds:.1f} s", flush=True)
+    return {"gptq_int4_g128_sequential_seconds": round(seconds, 1), "sequential_stages": len(stages)}
 
 
 def gptq_options_side_by_side(params, batches, menu) -> dict:
@@ -159,7 +188,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"auto_compress at {timed_bpw} bpw: {cost}", flush=True)
     print(auto_plan, flush=True)
     if args.cost_only:
+        cost["compared_one_shot"] = compared_at_every_budget(params, batches, cands, alpha, budgets)
         cost["gptq_options"] = gptq_options_side_by_side(params, batches, menu)
+        cost.update(sequential_gptq_pass(params, batches, list(cands.paths)))
+        cost["ratio_to_sequential_gptq"] = round(t_auto / cost["gptq_int4_g128_sequential_seconds"], 2)
+        print(cost, flush=True)
         return finish({"benchmark": "allocation", "quick": bool(args.quick), "cost": cost}, args.json)
     results = cands.results
 
@@ -186,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
             saved = sum(s.stored_bytes for s in cj.size_report(p).leaves if re.search(ENCODER_KERNELS, s.path))
             row = {"budget_bits_per_weight": bpw, "sequential": seq, "importance": weights is not None,
                    "budget_bytes": budget, "plan_bytes": plan.total_bytes, "saved_kernel_bytes": int(saved),
-                   "bits_per_weight": round(plan.bits_per_weight, 4), **quality(p), "options": plan.counts()}
+                   "bits_per_weight": round(plan.bits_per_weight, 4), **quality(p), "options": plan.counts(),
+                   "compared": [[n, b, round(d, 4)] for n, b, d in plan.compared]}
             for k in texts:
                 fits = [u for u in uniform if u["bytes"] <= budget]
                 best = max(fits, key=lambda u: u[f"{k}_mean_cosine"]) if fits else None

@@ -149,11 +149,17 @@ def main(argv: list[str] | None = None) -> dict:
                                     damages=damages, compare_uniform=not args.no_compare, distance=distance)
         seconds = time.perf_counter() - t
         fitting = [u for u in uniform if u["bits_per_weight"] <= bpw]
-        best = min(fitting, key=lambda u: u["ppl"]) if fitting else None
+        kept = {e.option for e in plan.entries}
         row = {"budget_bpw": bpw, "bits_per_weight": round(8 * plan.total_bytes / n_w, 4), **quality(out),
                "plan": {e.path: e.option for e in plan.entries}, "apply_seconds": round(seconds, 1),
                "compared": [{"plan": n, "bytes": b, "distance": round(d, 4)} for n, b, d in plan.compared],
-               "best_fitting_uniform": best and best["name"], "best_fitting_uniform_ppl": best and best["ppl"]}
+               "kept": f"uniform {next(iter(kept))}" if len(kept) == 1 else "allocated"}
+        if len(kept) == 1:
+            # The comparison kept a uniform setting: this row is that setting, measured again in this run (the
+            # uniform rows may come from another machine, whose floating point differs in the last digits).
+            fitting = [dict(u, ppl=row["ppl"], measured_here=True) if u["name"] in kept else u for u in fitting]
+        best = min(fitting, key=lambda u: u["ppl"]) if fitting else None
+        row.update({"best_fitting_uniform": best and best["name"], "best_fitting_uniform_ppl": best and best["ppl"]})
         if args.sequential and fitting:
             # The fair comparison: the fitting uniform settings applied sequentially as well (the best three
             # one-shot ones; one pass each, all kernels in one stage, layer after layer).

@@ -134,8 +134,9 @@ class _Pass:
 
     def __init__(self, an, found, paths, treedef, float_leaves, compress, masks, n_batches):
         self.an, self.found, self.paths, self.treedef = an, found, paths, treedef
+        # The float leaves, never written: a site reads its (already compressed) slices back from their
+        # results (``done``), decoded for that use only, so no float copy of a kernel is held.
         self.base = list(float_leaves)
-        self.work = list(float_leaves)  # current float values (compressed slices written in)
         self.compress, self.masks, self.nb = compress, masks, n_batches
         self.done: dict[tuple[int, int], tuple[Any, Any]] = {}
         self.tokens: dict[tuple, int] = {}
@@ -333,14 +334,15 @@ class _Pass:
         leaf = site.leaf
         li = np.asarray(site.lbase, np.int64) + sum(step * self.tokens[tok] for step, tok in site.lsteps)
         pending = sorted({int(j) for j in li if (leaf, int(j)) not in self.done})
+        fresh = {}
         if pending:
             grams, counts = self._gram(site, eqn, key, ins[site.x_pos])
             for j in pending:
                 sel = np.flatnonzero(li == j)
-                self._compress(leaf, j, jnp.sum(grams[sel], axis=0), float(jnp.sum(counts[sel])))
+                fresh[j] = self._compress(leaf, j, jnp.sum(grams[sel], axis=0), float(jnp.sum(counts[sel])))
         w_pos, o, dyn = site.w_org
         off = sum(delta * self.tokens[tok] for delta, tok in dyn)
-        w = _gather(self.work[leaf], jnp.asarray(o + off)).astype(eqn.invars[w_pos].aval.dtype)
+        w = self._read(leaf, sorted({int(j) for j in li}), fresh, jnp.asarray(o + off)).astype(eqn.invars[w_pos].aval.dtype)
         ins = list(ins)
         ins[w_pos] = (w, False)
         return ins
@@ -377,7 +379,22 @@ class _Pass:
             self.fns[("gram", key)] = f
         return f(v, self.masks)
 
-    def _compress(self, leaf: int, j: int, h, count: float) -> None:
+    def _read(self, leaf: int, slices: list[int], fresh: dict, flat_index) -> jax.Array:
+        """The site's weight operand, ``kernel.reshape(-1)[flat_index]`` of the kernel as compressed so far:
+        gathered from the decoded results of ``slices`` (every slice the site reads is compressed by now)."""
+        path, kernel = self.paths[leaf], self.base[leaf]
+        _, _, layer_axes, _, g = self.found[leaf]
+        dense = [fresh[j] if j in fresh else _decode(self.done[(leaf, j)][0], path).astype(kernel.dtype) for j in slices]
+        out_axis = -1
+        if g > 1:
+            out_axis = _out_axis([a for a in range(kernel.ndim) if a not in layer_axes], self.found[leaf][0], path)
+        slot = np.zeros(self.found[leaf].n, np.int32)
+        slot[slices] = np.arange(len(slices))
+        return _gather_slices(jnp.stack([d.reshape(-1) for d in dense]), jnp.asarray(slot), flat_index,
+                              tuple(kernel.shape), tuple(layer_axes), int(g), out_axis)
+
+    def _compress(self, leaf: int, j: int, h, count: float) -> jax.Array:
+        """Compresses slice ``j`` of ``leaf`` from its Hessian; returns the slice decoded (kernel dtype)."""
         in_axes, _, layer_axes, layer_shape, g = self.found[leaf]
         path = self.paths[leaf]
         lc = np.unravel_index(j // g, layer_shape) if layer_shape else ()
@@ -386,9 +403,8 @@ class _Pass:
             raise ValueError(f"leaf {path!r}{where_}: its Hessian is built from zero input rows (a row_mask that is all False?); it cannot calibrate the kernel")
         if not bool(jnp.all(jnp.isfinite(h))):
             raise ValueError(f"leaf {path!r}{where_}: its layer inputs hold NaN or Inf in the calibration batches (the Hessian is not finite)")
-        kernel = self.work[leaf]
-        # The slice as (start, size) per axis, read and written back by one compiled function per shape
-        # (not one per slice index).
+        kernel = self.base[leaf]
+        # The slice as (start, size) per axis, read by one compiled function per shape (not one per index).
         starts, sizes = [0] * kernel.ndim, list(kernel.shape)
         for a, c in zip(layer_axes, lc, strict=True):
             starts[a], sizes[a] = int(c), 1
@@ -411,10 +427,8 @@ class _Pass:
         dense = _decode(res, path)
         if tuple(dense.shape) != tuple(sub.shape):
             raise ValueError(f"leaf {path!r}{where_}: compress returned shape {tuple(dense.shape)} for a slice of shape {tuple(sub.shape)}")
-        if kernel is self.base[leaf]:  # the first write: from here on the working copy is the pass's own
-            kernel = jnp.array(kernel, copy=True)
-        self.work[leaf] = _put(kernel, starts_arr, dense.astype(kernel.dtype).reshape(sizes))
         self.done[(leaf, j)] = (res, mask)
+        return dense.astype(kernel.dtype)
 
     def _split(self, sub_params, out, leaf: int, path: str) -> tuple[Any, Any]:
         new_params, masks = split_result(sub_params, out, f"compress (for leaf {path!r})")
@@ -472,15 +486,22 @@ def _take(kernel, starts, sizes):
     return jax.lax.dynamic_slice(kernel, list(starts), sizes)
 
 
-@partial(jax.jit, donate_argnums=0)  # in place: the working copy is never held twice
-def _put(kernel, starts, value):
-    return jax.lax.dynamic_update_slice(kernel, value, list(starts))
-
-
-@jax.jit
-def _gather(kernel, flat_index):
-    """``kernel.reshape(-1)[flat_index]`` in one compiled call (no flattened copy of a stacked kernel)."""
-    return jnp.reshape(kernel, -1)[flat_index]
+@partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _gather_slices(stack, slot, flat_index, shape, layer_axes, g, out_axis):
+    """``kernel.reshape(-1)[flat_index]`` where the kernel (``shape``) is known only by the slices the indices
+    fall in: ``stack[slot[j]]`` is slice ``j`` (one layer of the ``layer_axes``, and with ``g > 1`` one of
+    ``g`` blocks of ``out_axis``) flattened. Each index is split into its slice and its place in the slice."""
+    m = jnp.unravel_index(flat_index, shape)
+    j = jnp.ravel_multi_index([m[a] for a in layer_axes], [shape[a] for a in layer_axes], mode="clip") if layer_axes else 0
+    local, sizes = list(m), list(shape)
+    for a in layer_axes:
+        local[a], sizes[a] = jnp.zeros_like(m[a]), 1
+    if g > 1:
+        sizes[out_axis] = shape[out_axis] // g
+        j = j * g + m[out_axis] // sizes[out_axis]
+        local[out_axis] = m[out_axis] % sizes[out_axis]
+    within = jnp.ravel_multi_index(local, sizes, mode="clip")
+    return stack[slot[j], within]
 
 
 def _out_axis(rest: list[int], in_axes: tuple[int, ...], path: str) -> int:
