@@ -219,6 +219,24 @@ def _shard_batch(batch, mesh, data_axis):
     return jax.tree_util.tree_map(put, batch)
 
 
+_ANALYSIS_CHUNK = 2**24  # kernel weights followed at once by the analysis (64 MiB of int32 indices)
+
+
+def _chunks(selected: list[int], shapes: dict[int, tuple[int, ...]], limit: int) -> list[list[int]]:
+    """``selected`` in order, cut into runs of at most ``limit`` weights (a larger leaf alone); one empty
+    chunk when nothing is selected, so the model is still walked once."""
+    out: list[list[int]] = [[]]
+    size = 0
+    for i in selected:
+        n = math.prod(shapes[i])
+        if out[-1] and size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += n
+    return out
+
+
 def _analyse(fn, float_leaves, batch, selected, paths, where):
     """Traces ``fn(float_leaves, batch)`` and finds its sites: ``(closed jaxpr, analysis, layouts)``."""
     closed = jax.make_jaxpr(fn)(float_leaves, batch)
@@ -232,14 +250,19 @@ def _analyse(fn, float_leaves, batch, selected, paths, where):
             k += 1
     assert k == n_leaves
     shapes = {i: tuple(float_leaves[i].shape) for i in selected}
-    ins = [None] * len(closed.jaxpr.invars)
-    for i in selected:
-        n = math.prod(shapes[i])  # int32 indices where they fit: the analysis holds one per kernel weight
-        ins[invar_of[i]] = _V((i, np.arange(n, dtype=np.int32 if n < 2**31 else np.int64).reshape(shapes[i]), ()))
-    for k in range(n_leaves, len(closed.jaxpr.invars)):
-        ins[k] = _V(None, None, True)
     an = _Analysis(shapes)
-    an.run(closed.jaxpr, ins, ())
+    # The analysis follows one index per kernel weight (int32 where it fits). It follows the leaves a chunk
+    # at a time, each run of the jaxpr adding its sites to the same record, so that its memory is bounded by
+    # a chunk rather than by the model (a leaf larger than a chunk is followed alone).
+    for chunk in _chunks(selected, shapes, _ANALYSIS_CHUNK):
+        ins = [None] * len(closed.jaxpr.invars)
+        for i in chunk:
+            n = math.prod(shapes[i])
+            ins[invar_of[i]] = _V((i, np.arange(n, dtype=np.int32 if n < 2**31 else np.int64).reshape(shapes[i]), ()))
+        for k in range(n_leaves, len(closed.jaxpr.invars)):
+            ins[k] = _V(None, None, True)
+        an.run(closed.jaxpr, ins, ())
+        del ins
     found = _layouts(an, selected, paths, where)
     return closed, an, found
 
