@@ -27,6 +27,7 @@ Usage::
                                                                              # (then the plans compared at each budget, the
                                                                              # menu's GPTQ options: gptq each vs gptq_many, and a
                                                                              # sequential GPTQ pass, warm)
+    python -m benchmarks.allocation --fast --json out.json                   # the GPTQ pass and the cheapest search
 """
 
 from __future__ import annotations
@@ -72,6 +73,24 @@ def spearman(a, b) -> float:
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fast_search(params, batches, bpw, t_gptq, quality) -> dict:
+    """``auto_compress`` in its cheapest form, timed cold after the GPTQ pass: the default menu's GPTQ
+    options only (solved together by ``gptq_many``), no importance, one-shot, the plan compared at the output
+    with the fitting uniform settings (the default)."""
+    menu = [o for o in cj.default_menu() if o.method in ("float", "gptq")]
+    t = time.perf_counter()
+    out, plan = cj.auto_compress(apply_fn, params, batches, bits_per_weight=bpw, menu=menu, where=ENCODER_KERNELS,
+                                 row_mask=row_mask, sequential=False, importance=False)
+    jax.block_until_ready(jax.tree.leaves(out))
+    seconds = time.perf_counter() - t
+    kept = min(plan.compared, key=lambda c: c[2])[0] if plan.compared else "allocated"
+    row = {"bits_per_weight": bpw, "menu": [o.name for o in menu], "seconds": round(seconds, 1),
+           "gptq_int4_g128_seconds": round(t_gptq, 1), "ratio": round(seconds / t_gptq, 2), "kept": kept,
+           "plan_bits_per_weight": round(plan.bits_per_weight, 4), **quality(out), "peak_rss_mb": round(peak_mb())}
+    print(f"fast search: {row}", flush=True)
+    return row
 
 
 def compared_at_every_budget(params, batches, cands, alpha, budgets) -> dict:
@@ -129,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--other", type=int, default=200, help="sentences from NumPy's docstrings")
     ap.add_argument("--plans", type=int, default=20, help="random plans for the estimate-vs-measured correlation")
     ap.add_argument("--cost-only", action="store_true", help="only time the GPTQ pass and the search (a quiet rerun)")
+    ap.add_argument("--fast", action="store_true",
+                    help="only time the GPTQ pass and auto_compress's cheapest form (GPTQ options, no importance, one-shot)")
     args = ap.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     seq_budgets = budgets if args.seq_budgets == "all" else [float(b) for b in args.seq_budgets.split(",")]
@@ -165,6 +186,10 @@ def main(argv: list[str] | None = None) -> dict:
     mem_gptq = peak_mb()
     print(f"GPTQ int4 g128 pass: {t_gptq:.1f} s, peak RSS {mem_gptq:.0f} MB", flush=True)
     del q, hess0
+
+    if args.fast:
+        return finish({"benchmark": "allocation", "quick": bool(args.quick),
+                       "fast": fast_search(params, batches, 3.5, t_gptq, quality)}, args.json)
 
     # The whole search: exactly the steps of auto_compress (collect_hessians, option_costs_and_damages,
     # candidate_importance, from_candidates), run through its pieces so that the candidates are measured

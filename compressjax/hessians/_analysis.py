@@ -109,8 +109,18 @@ def _progression(o: np.ndarray, axis: int) -> int | None:
     if not np.all(delta == delta.flat[0]):
         return None
     step = int(delta.flat[0])
-    k = np.arange(n).reshape([-1 if a == axis else 1 for a in range(o.ndim)])
-    return step if np.array_equal(o, first + k * step) else None
+    # Slice by slice: no temporary as large as a stacked kernel's indices.
+    first = first.astype(np.int64)
+    return step if all(np.array_equal(np.take(o, [k], axis=axis), first + k * step) for k in range(n)) else None
+
+
+def _owned(o: np.ndarray) -> np.ndarray:
+    """``o``, copied when it views a larger array (one layer of a stacked kernel's indices), so that a site
+    keeps only its own indices alive, not those of every layer."""
+    base = o.base
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return o.copy() if isinstance(base, np.ndarray) and base.size > o.size else o
 
 
 def _weight_map(o: np.ndarray, kshape: tuple[int, ...], con: tuple[int, ...], bat: tuple[int, ...], dyn: tuple):
@@ -326,7 +336,7 @@ class _Analysis:
                 self._fail(leaf, f"it is the weight of a dot_general where {m}")
             else:
                 self.sites[key] = _Site(leaf, "dot", 1 - w_pos, x_con, x_bat, m, None, 1)
-                self.sites[key].w_org = (w_pos, o, dyn)
+                self.sites[key].w_org = (w_pos, _owned(o), dyn)
                 self.marks += 1
             x = vals[1 - w_pos]
             return [None if x is None or not x.batch else _V(None, None, True)]
@@ -354,7 +364,7 @@ class _Analysis:
             return self._mix(vals, "conv_general_dilated", 1)
         window = tuple(o.shape[a] for a in rhs_spec[2:])
         self.sites[key] = _Site(leaf, "conv", 0, None, (), m, window, int(p["feature_group_count"]))
-        self.sites[key].w_org = (1, o, dyn)
+        self.sites[key].w_org = (1, _owned(o), dyn)
         self.marks += 1
         return [None if lhs is None or not lhs.batch else _V(None, None, True)]
 
