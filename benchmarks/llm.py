@@ -16,7 +16,9 @@ Data (both deterministic, both offline):
 Metrics: perplexity of the next token over every evaluation position, ``top1`` the fraction of positions
 whose argmax prediction equals the float model's, ``seconds`` the wall time to compress (capture + solve;
 evaluation excluded; compilation included), ``peak_mib`` the highest resident memory of the process
-sampled every 20 ms while the row ran (it includes the float model and the data held throughout).
+sampled every 20 ms while the row ran (it includes the float model and the data held throughout), and
+``live_peak_mib`` the highest total of live JAX arrays the row added (sampled every 200 ms; without the
+allocator's retained pages and XLA's compilations). The result is decoded for the evaluation after both.
 
 Rows (``--rows`` picks some): ``float``; ``rtn-int4-g128`` / ``rtn-int4-ch``: round to nearest, symmetric
 int4, scales per layer and per output channel (and per group of 128 inputs); ``gptq-*``: GPTQ with
@@ -124,10 +126,14 @@ def data(tok: Any, args: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------------------- measuring
 class PeakMemory:
-    """Highest resident set size (MiB) of this process while the ``with`` block ran, sampled every 20 ms."""
+    """Highest resident set size (MiB) of this process while the ``with`` block ran, sampled every 20 ms, and
+    (``live_peak``) the highest total of live JAX arrays above their total on entry, sampled every 200 ms:
+    what the computation holds, without the allocator's retained pages and XLA's compilations."""
 
     def __enter__(self) -> PeakMemory:
         self.peak = self._rss()
+        self._live0 = self._live()
+        self.live_peak = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -139,8 +145,16 @@ class PeakMemory:
         self.peak = max(self.peak, self._rss())
 
     def _sample(self) -> None:
+        k = 0
         while not self._stop.wait(0.02):
             self.peak = max(self.peak, self._rss())
+            k += 1
+            if k % 10 == 0:
+                self.live_peak = max(self.live_peak, self._live() - self._live0)
+
+    @staticmethod
+    def _live() -> float:
+        return sum(a.nbytes for a in jax.live_arrays()) / 2**20
 
     @staticmethod
     def _rss() -> float:
@@ -265,12 +279,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in rows:
         with PeakMemory() as mem:
             t = time.perf_counter()
-            new = compress_row(name, params, calib_batches, hidden, args.group)
-            new = jax.block_until_ready(cj.dequantize_params(new))
+            new = jax.block_until_ready(compress_row(name, params, calib_batches, hidden, args.group))
             seconds = time.perf_counter() - t
+        new = cj.dequantize_params(new)  # for the evaluation: outside the measured time and memory
         ppl, top = (float_ppl, float_top) if name == "float" else evaluate(apply, new, evaluation, args.eval_batch)
         row = {"name": name, "ppl": round(ppl, 3), "top1": round(float((top == float_top).mean()), 4),
-               "seconds": round(seconds, 1), "peak_mib": round(mem.peak)}
+               "seconds": round(seconds, 1), "peak_mib": round(mem.peak), "live_peak_mib": round(mem.live_peak)}
         print(row, flush=True)
         results.append(row)
         del new

@@ -548,6 +548,8 @@ def test_plans_are_compared_whole_at_the_output_with_the_fitting_uniform_setting
         plan_distances(apply, params, batches, dataclasses.replace(cands, costs=costs), [[2, 2]])
     with pytest.raises(TypeError, match="distance must be callable"):
         plan_distances(apply, params, batches, cands, [[1, 1]], distance=3)
+    with pytest.raises(ValueError, match="plan 0: the output distance is nan"):
+        plan_distances(apply, params, batches, cands, [[1, 1]], distance=lambda ref, y: jnp.float32(jnp.nan))
 
 
 def test_softmax_kl_distance_is_the_kl_of_the_predictions():

@@ -85,13 +85,25 @@ def _output_scorer(apply_fn: Callable, params: Any, batches: Sequence[Any], dist
     return score
 
 
+def _result(cands: Candidates, path: str, name: str) -> Any:
+    if (path, name) not in cands.results:
+        raise ValueError(f"candidates hold no result for {path!r} / {name!r}: make them with keep_results=True")
+    return cands.results[(path, name)][0]
+
+
+def _finite(value: float, what: str) -> float:
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{what}: the output distance is {value}, not a finite value >= 0")
+    return value
+
+
 def output_damages(
     apply_fn: Callable[[Any, Any], Any],
     params: Any,
     batches: Sequence[Any],
     cands: Candidates,
     *,
-    distance: Callable[[Any, Any], jax.Array] | None = None,
+    distance: Distance | None = None,
     max_batches: int = 2,
 ) -> np.ndarray:
     """Each option's damage measured at the output, with its kernel alone compressed: ``(kernels, options)``.
@@ -127,12 +139,7 @@ def output_damages(
             if opt.method == "float":
                 out[i, j] = 0.0
                 continue
-            if (p, opt.name) not in cands.results:
-                raise ValueError(f"candidates hold no result for {p!r} / {opt.name!r}: make them with keep_results=True")
-            value = score({p: cands.results[(p, opt.name)][0]})
-            if not np.isfinite(value) or value < 0:
-                raise ValueError(f"kernel {p!r}, option {opt.name!r}: the output distance is {value}, not a finite value >= 0")
-            out[i, j] = value
+            out[i, j] = _finite(score({p: _result(cands, p, opt.name)}), f"kernel {p!r}, option {opt.name!r}")
     return out
 
 
@@ -170,11 +177,6 @@ def plan_distances(
                 raise ValueError(f"plan {k}: option {cands.options[j].name!r} does not apply to kernel {p!r}")
             if cands.options[j].method == "float":
                 continue
-            if (p, cands.options[j].name) not in cands.results:
-                raise ValueError(f"candidates hold no result for {p!r} / {cands.options[j].name!r}: make them with keep_results=True")
-            replace[p] = cands.results[(p, cands.options[j].name)][0]
-        value = score(replace)
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"plan {k}: the output distance is {value}, not a finite value >= 0")
-        out[k] = value
+            replace[p] = _result(cands, p, cands.options[j].name)
+        out[k] = _finite(score(replace), f"plan {k}")
     return out
