@@ -109,9 +109,15 @@ def _progression(o: np.ndarray, axis: int) -> int | None:
     if not np.all(delta == delta.flat[0]):
         return None
     step = int(delta.flat[0])
-    # Slice by slice: no temporary as large as a stacked kernel's indices.
+    # In blocks of about 2^22 indices along ``axis``: no temporary as large as a stacked kernel's indices.
     first = first.astype(np.int64)
-    return step if all(np.array_equal(np.take(o, [k], axis=axis), first + k * step) for k in range(n)) else None
+    block = max(1, 2**22 // max(1, o.size // n))
+    shape = [-1 if a == axis else 1 for a in range(o.ndim)]
+    for k0 in range(0, n, block):
+        ks = np.arange(k0, min(n, k0 + block)).reshape(shape)
+        if not np.array_equal(np.take(o, ks.reshape(-1), axis=axis), first + ks * step):
+            return None
+    return step
 
 
 def _owned(o: np.ndarray) -> np.ndarray:
