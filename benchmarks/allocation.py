@@ -85,9 +85,8 @@ def fast_search(params, batches, bpw, t_gptq, quality) -> dict:
                                  row_mask=row_mask, sequential=False, importance=False)
     jax.block_until_ready(jax.tree.leaves(out))
     seconds = time.perf_counter() - t
-    kept = min(plan.compared, key=lambda c: c[2])[0] if plan.compared else "allocated"
     row = {"bits_per_weight": bpw, "menu": [o.name for o in menu], "seconds": round(seconds, 1),
-           "gptq_int4_g128_seconds": round(t_gptq, 1), "ratio": round(seconds / t_gptq, 2), "kept": kept,
+           "gptq_int4_g128_seconds": round(t_gptq, 1), "ratio": round(seconds / t_gptq, 2), "kept": plan.kept,
            "plan_bits_per_weight": round(plan.bits_per_weight, 4), **quality(out), "peak_rss_mb": round(peak_mb())}
     print(f"fast search: {row}", flush=True)
     return row
@@ -100,9 +99,8 @@ def compared_at_every_budget(params, batches, cands, alpha, budgets) -> dict:
     for bpw in budgets:
         _, plan = from_candidates(apply_fn, params, batches, cands, int(np.floor(bpw * cands.num_weights / 8)), alpha,
                                   sequential=False, row_mask=row_mask)
-        kept = min(plan.compared, key=lambda c: c[2])[0] if plan.compared else "allocated"
-        out[str(bpw)] = {"kept": kept, "compared": [[n, b, round(d, 4)] for n, b, d in plan.compared]}
-        print(f"{bpw} bpw: kept {kept} of {len(plan.compared)} compared", flush=True)
+        out[str(bpw)] = {"kept": plan.kept, "compared": [[n, b, round(d, 4)] for n, b, d in plan.compared]}
+        print(f"{bpw} bpw: kept {plan.kept} of {len(plan.compared)} compared", flush=True)
     return out
 
 

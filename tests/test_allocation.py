@@ -533,12 +533,13 @@ def test_plans_are_compared_whole_at_the_output_with_the_fitting_uniform_setting
     dist = dict((n, d) for n, _, d in plan.compared)
     assert dist["uniform int4"] < dist["allocated"]
     assert plan.compared[1][1] == budget == plan.total_bytes
+    assert plan.kept == "uniform int4"
     assert "compared at the output" in str(plan) and plan.to_dict()["compared"][0]["plan"] == "allocated"
     leaf = dict(cj.tree.leaves_with_paths(out, cj.tree.is_compressed_leaf))[cands.paths[0]]
     assert leaf.bits == 4
     _, kept = from_candidates(apply, params, batches, cands, budget, None, sequential=False, damages=forged,
                               compare_uniform=False)
-    assert set(kept.choices.values()) == {"int2"} and kept.compared == ()
+    assert set(kept.choices.values()) == {"int2"} and kept.compared == () and kept.kept == "allocated"
     # Errors name the plan and the kernel.
     with pytest.raises(ValueError, match="plan 0 chooses 1 options for 2 kernels"):
         plan_distances(apply, params, batches, cands, [[1]])

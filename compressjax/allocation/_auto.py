@@ -407,8 +407,8 @@ def _compare_at_output(apply_fn, params, batches, cands, choice, budget, distanc
     if len(plans) == 1:
         return choice, ()
     dist = plan_distances(apply_fn, params, batches, cands, list(plans.values()), distance=distance)
-    compared = tuple((n, int(sum(cands.costs[i, int(c[i])] for i in range(len(c)))), float(d))
-                     for (n, c), d in zip(plans.items(), dist, strict=True))
+    rows = np.arange(len(cands.paths))
+    compared = tuple((n, int(cands.costs[rows, c].sum()), float(d)) for (n, c), d in zip(plans.items(), dist, strict=True))
     best = int(np.argmin(dist))  # the first of equals: the allocated plan wins ties
     return list(plans.values())[best], compared
 

@@ -82,6 +82,12 @@ class Plan:
         return {e.path: e.option for e in self.entries}
 
     @property
+    def kept(self) -> str:
+        """The name of the compared plan that was applied (the least distance, the allocated plan on a tie);
+        ``"allocated"`` when nothing was compared."""
+        return min(self.compared, key=lambda c: c[2])[0] if self.compared else "allocated"
+
+    @property
     def total_bytes(self) -> int:
         return sum(e.bytes for e in self.entries)
 
