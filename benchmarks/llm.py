@@ -249,7 +249,7 @@ def compress_row(name: str, params: Any, calib_batches: list[np.ndarray], hidden
 # ----------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = parser(__doc__.split("\n")[0])
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default all: " + ','.join(ROWS).replace('%', '%%') + ")")
     ap.add_argument("--group", type=int, default=128,
                     help="group width of the g128 rows: the divisor of each input width nearest to it (default 128)")
     ap.add_argument("--n-calib", type=int, default=128, help="calibration windows (default 128)")
