@@ -16,8 +16,8 @@ Data (both deterministic, both offline):
 Metrics: perplexity of the next token over every evaluation position, ``top1`` the fraction of positions
 whose argmax prediction equals the float model's, ``seconds`` the wall time to compress (capture + solve;
 evaluation excluded; compilation included), ``peak_mib`` the highest resident memory of the process
-sampled every 20 ms while the row ran (it includes the float model and the data held throughout), and
-``live_peak_mib`` the highest total of live JAX arrays the row added (sampled every 200 ms; without the
+sampled every 20 ms while the row ran (it includes the float model and the data held throughout;
+``start_mib`` the resident memory when the row began), and ``live_peak_mib`` the highest total of live JAX arrays the row added (sampled every 200 ms; without the
 allocator's retained pages and XLA's compilations). The result is decoded for the evaluation after both.
 
 Rows (``--rows`` picks some): ``float``; ``rtn-int4-g128`` / ``rtn-int4-ch``: round to nearest, symmetric
@@ -26,7 +26,9 @@ act-order, one pass (Hessians of the float model) or ``-seq`` (``sequential``: e
 inputs through the already-compressed earlier layers, in about one forward pass); ``sparsegpt-*``:
 SparseGPT, sequential; ``wanda-50%``: Wanda, sequential; ``magnitude-50%``: half of each layer's weights
 by magnitude; ``codebook-3-seq``: 3-bit per-channel k-means codebooks with GPTQ-style error feedback and
-refitted centroids, sequential.
+refitted centroids, sequential. Extra rows, only when named: ``gptq-*-seq-qep``, the sequential row with
+``float_target`` (``--float-target``, default 0.5: each layer corrected towards the float model's outputs,
+GPTAQ / QEP).
 
 Usage::
 
@@ -64,6 +66,8 @@ KERNELS = r"layers/.*kernel$"
 ROWS = ("float", "rtn-int4-g128", "rtn-int4-ch", "gptq-int4-g128", "gptq-int4-g128-seq", "gptq-int4-ch-seq",
         "gptq-int3-g128-seq", "sparsegpt-50%", "sparsegpt-2:4", "sparsegpt-50%+int4", "wanda-50%",
         "magnitude-50%", "codebook-3-seq")
+# Not in the default run: sequential rows with the float target (GPTAQ / QEP, ``--float-target``).
+EXTRA_ROWS = ("gptq-int4-g128-seq-qep", "gptq-int4-ch-seq-qep", "gptq-int3-g128-seq-qep")
 
 
 # ----------------------------------------------------------------------------------------------- specs
@@ -131,7 +135,7 @@ class PeakMemory:
     what the computation holds, without the allocator's retained pages and XLA's compilations."""
 
     def __enter__(self) -> PeakMemory:
-        self.peak = self._rss()
+        self.peak = self.start = self._rss()
         self._live0 = self._live()
         self.live_peak = 0.0
         self._stop = threading.Event()
@@ -197,8 +201,10 @@ def codebook_compress(bits: int) -> Callable[[Any, Any], Any]:
     return compress
 
 
-def one_shot(name: str, params: Any, calib_batches: list[np.ndarray], hidden: Callable, group: int) -> Any:
-    """The compressed params of a one-shot row (``QArray`` leaves or decoded floats)."""
+def one_shot(name: str, params: Any, calib_batches: list[np.ndarray], hidden: Callable, group: int,
+             float_target: float = 0.5) -> Any:
+    """The compressed params of a one-shot row (``QArray`` leaves or decoded floats); a ``-qep`` row is its
+    sequential row with ``float_target``."""
     gptq = dict(act_order=True)  # the library's GPTQ with act-order (static groups)
     g4, ch4, g3 = (kernel_rules(params, b, g, stacked=False) for b, g in ((4, group), (4, None), (3, group)))
 
@@ -222,9 +228,10 @@ def one_shot(name: str, params: Any, calib_batches: list[np.ndarray], hidden: Ca
     if name == "gptq-int4-g128":
         hess = cj.collect_hessians(hidden, params, calib_batches, where=KERNELS)
         return cj.gptq(params, hess, g4, **gptq)
-    if name not in seq_rules:
-        raise ValueError(f"unknown row {name!r}; rows are {', '.join(ROWS)}")
-    out = cj.sequential(hidden, params, calib_batches, seq_rules[name], where=KERNELS)
+    base, target = (name[:-4], float_target) if name.endswith("-qep") else (name, 0.0)
+    if base not in seq_rules:
+        raise ValueError(f"unknown row {name!r}; rows are {', '.join(ROWS + EXTRA_ROWS)}")
+    out = cj.sequential(hidden, params, calib_batches, seq_rules[base], where=KERNELS, float_target=target)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -233,7 +240,8 @@ def _wanda(p: Any, h: Any, sparsity: float) -> Pruned:
     return Pruned(cj.apply_masks(p, masks), masks)  # sequential reads a Pruned as (params, masks)
 
 
-def compress_row(name: str, params: Any, calib_batches: list[np.ndarray], hidden: Callable, group: int = 128) -> Any:
+def compress_row(name: str, params: Any, calib_batches: list[np.ndarray], hidden: Callable, group: int = 128,
+                 float_target: float = 0.5) -> Any:
     """Params for row ``name`` (``QArray`` leaves or floats), embeddings and norms untouched."""
     if name == "float":
         return params
@@ -243,7 +251,7 @@ def compress_row(name: str, params: Any, calib_batches: list[np.ndarray], hidden
         return rtn(params, 4, None)
     if name == "magnitude-50%":
         return cj.apply_masks(params, per_layer_magnitude_masks(params, 0.5))
-    return one_shot(name, params, calib_batches, hidden, group)
+    return one_shot(name, params, calib_batches, hidden, group, float_target)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -252,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default all: " + ','.join(ROWS).replace('%', '%%') + ")")
     ap.add_argument("--group", type=int, default=128,
                     help="group width of the g128 rows: the divisor of each input width nearest to it (default 128)")
+    ap.add_argument("--float-target", type=float, default=0.5,
+                    help="float_target of the -qep rows (" + ", ".join(EXTRA_ROWS) + "; default 0.5)")
     ap.add_argument("--n-calib", type=int, default=128, help="calibration windows (default 128)")
     ap.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default 256)")
     ap.add_argument("--calib-batch", type=int, default=8, help="calibration windows per batch (default 8)")
@@ -260,9 +270,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--eval-batch", type=int, default=4, help="evaluation windows per forward pass (default 4)")
     args = ap.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
+    unknown = [r for r in rows if r not in ROWS + EXTRA_ROWS]
     if unknown:
-        ap.error(f"unknown rows {unknown}; rows are {', '.join(ROWS)}")
+        ap.error(f"unknown rows {unknown}; rows are {', '.join(ROWS + EXTRA_ROWS)}")
     if args.quick:
         args.n_calib, args.calib_len, args.calib_batch, args.n_eval, args.eval_len = 8, 64, 4, 4, 128
 
@@ -279,12 +289,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in rows:
         with PeakMemory() as mem:
             t = time.perf_counter()
-            new = jax.block_until_ready(compress_row(name, params, calib_batches, hidden, args.group))
+            new = jax.block_until_ready(compress_row(name, params, calib_batches, hidden, args.group, args.float_target))
             seconds = time.perf_counter() - t
         new = cj.dequantize_params(new)  # for the evaluation: outside the measured time and memory
         ppl, top = (float_ppl, float_top) if name == "float" else evaluate(apply, new, evaluation, args.eval_batch)
         row = {"name": name, "ppl": round(ppl, 3), "top1": round(float((top == float_top).mean()), 4),
-               "seconds": round(seconds, 1), "peak_mib": round(mem.peak), "live_peak_mib": round(mem.live_peak)}
+               "seconds": round(seconds, 1), "peak_mib": round(mem.peak), "start_mib": round(mem.start),
+               "live_peak_mib": round(mem.live_peak), **({"float_target": args.float_target} if name.endswith("-qep") else {})}
         print(row, flush=True)
         results.append(row)
         del new

@@ -178,3 +178,65 @@ def test_linen_nn_scan_with_remat():
     q = cj.sequential(apply, params, XS, _gptq)
     assert isinstance(q["params"]["layers"]["up"]["kernel"], cj.QArray) and q["params"]["layers"]["up"]["kernel"].shape == (L, D, 2 * D)
     assert m.apply(cj.dequantize_params(q), XS[0]).shape == (8, 3)
+
+
+# -- the float target (GPTAQ / QEP): each kernel corrected towards the float model's outputs
+def _rtn3(p, h):
+    return cj.quantize_params(p, {k: cj.QuantSpec(bits=3) for k, v in h.items() if v is not None})
+
+
+def test_float_target_equals_the_correction_by_hand():
+    """Slice 1's target is ``W + a (H + lambda I)^-1 (X_q^T X_f - H) W`` with ``X_q`` through the compressed
+    slice 0 and ``X_f`` through the float one; ``compress`` receives it, here as the identity's input."""
+    p = {"w1": P["w"][0], "w2": P["w"][1], "head": P["head"]}
+
+    def f(p, x):
+        return jnp.tanh(jnp.tanh(x @ p["w1"]) @ p["w2"]) @ p["head"]
+
+    seen = {}
+
+    def compress(sub, hs):
+        (path, _), = [(k, h) for k, h in hs.items() if h is not None]
+        seen[path] = np.asarray(sub[path])
+        return _rtn3(sub, hs) if path == "w1" else sub
+
+    alpha = 0.7
+    out = cj.sequential(f, p, XS, compress, float_target=alpha)
+    X = np.concatenate([np.asarray(x) for x in XS]).astype(np.float64)
+    np.testing.assert_allclose(seen["w1"], np.asarray(p["w1"]))  # the first kernel's inputs are exact
+    w1q = np.asarray(cj.dequantize(out["w1"]), np.float64)
+    xq, xf = np.tanh(X @ w1q), np.tanh(X @ np.asarray(p["w1"], np.float64))
+    h, c, w2 = xq.T @ xq, xq.T @ xf, np.asarray(p["w2"], np.float64)
+    lam = 0.01 * np.mean(np.diag(h))
+    want = w2 + alpha * np.linalg.solve(h + lam * np.eye(D), (c - h) @ w2)
+    np.testing.assert_allclose(seen["w2"], want, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out["w2"]), want, rtol=2e-4, atol=2e-5)
+
+
+def test_float_target_of_a_lossless_compression_is_the_float_model():
+    out = cj.sequential(scanned, P, XS, lambda p, h: p, float_target=1.0)
+    for k in P:
+        np.testing.assert_allclose(np.asarray(out[k]), np.asarray(P[k]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # about 10 s on 2 cores
+def test_float_target_brings_a_scanned_model_closer_to_the_float_outputs():
+    """Int3 RTN per slice: with the float target the later slices undo part of the earlier slices' error."""
+    xs = [jnp.asarray(RNG.normal(size=(64, D)), jnp.float32) for _ in range(2)]
+    ref = np.concatenate([np.asarray(scanned(P, x)) for x in xs])
+
+    def err(q):
+        d = cj.dequantize_params(q)
+        return float(np.mean((np.concatenate([np.asarray(scanned(d, x)) for x in xs]) - ref) ** 2))
+
+    plain = err(cj.sequential(scanned, P, xs, _rtn3))
+    towards_float = err(cj.sequential(scanned, P, xs, _rtn3, float_target=1.0))
+    assert towards_float < 0.8 * plain, (towards_float, plain)
+    masked = cj.sequential(scanned, P, xs, _rtn3, float_target=1.0, row_mask=lambda x: jnp.arange(x.shape[0]) % 4 != 0)
+    assert np.isfinite(err(masked))
+
+
+@pytest.mark.parametrize("bad, exc", [(-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError), ("1", TypeError), (True, TypeError)])
+def test_float_target_must_be_a_fraction(bad, exc):
+    with pytest.raises(exc, match="float_target"):
+        cj.sequential(scanned, P, XS, _gptq, float_target=bad)

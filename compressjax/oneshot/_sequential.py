@@ -8,6 +8,14 @@ is used from then on: later layers (and later iterations of a ``scan``) are cali
 through the already-compressed earlier ones, as in the papers' sequential mode (Frantar et al., "GPTQ",
 ICLR 2023, Sec. 4; Frantar & Alistarh, "SparseGPT", ICML 2023), at the cost of about one forward pass
 instead of one pass per stage (:func:`~compressjax.layerwise`).
+
+With ``float_target`` the float model runs alongside (the calibration batches twice over: once through the
+compressed kernels, once through the float ones), and each kernel's target moves towards the float model's
+outputs: ``W* = W + a (H + lambda I)^-1 (X_q^T X_f - H) W`` minimises ``||X_q W* - X_f W||`` at ``a = 1``
+(``X_q``: its inputs through the compressed earlier layers, ``H = X_q^T X_q``; ``X_f``: its inputs in the
+float model), so a kernel also corrects the error its inputs carry, as in GPTAQ (Li et al., "GPTAQ: Efficient
+Finetuning-Free Quantization for Asymmetric Calibration", ICML 2025) and QEP (Arai & Ichikawa, "Quantization
+Error Propagation: Revisiting Layer-Wise Post-Training Quantization", 2025).
 """
 
 from __future__ import annotations
@@ -22,10 +30,12 @@ import numpy as np
 from jax.extend import core as jcore
 
 from compressjax import tree
+from compressjax.checks import check_fraction
 from compressjax.hessians import Hessian
 from compressjax.hessians._analysis import _sub_jaxpr
 from compressjax.hessians._api import _analyse, _batch_signature, _select
 from compressjax.hessians._evaluate import _bind, _site_rows
+from compressjax.oneshot._common import KernelLayout
 from compressjax.oneshot._layerwise import split_result
 from compressjax.oneshot._sparsegpt import Pruned
 from compressjax.qarray import QArray
@@ -42,6 +52,7 @@ def sequential(
     *,
     row_mask: Callable[[Any], Any] | None = None,
     where: tree.Where = None,
+    float_target: float = 0.0,
 ) -> Any:
     """Compresses every selected kernel in the order the model first uses it, in one pass over the data.
 
@@ -74,6 +85,11 @@ def sequential(
         row_mask: as in :func:`~compressjax.collect_hessians`: ``batch -> bool array`` over the leading dims of
             the layer inputs; False rows are left out of every Hessian.
         where: which leaves to compress (as in :func:`~compressjax.collect_hessians`).
+        float_target: ``a`` in ``[0, 1]``: how far each kernel's target moves from the float kernel towards
+            the float model's outputs (see the module docstring; QEP's propagation strength). ``0`` (the
+            default): each kernel fits its own compressed inputs, as in GPTQ's sequential mode. Above 0 the
+            float model runs alongside: twice the forward work and twice the activations, plus one
+            ``(d_in, d_in)`` cross-product per slice; ``compress`` receives the corrected ``W*`` as the slice.
 
     Returns:
         When ``compress`` returns params: the compressed params. When it returns a ``Pruned``: a
@@ -86,7 +102,8 @@ def sequential(
             ``compress`` returning something else than params or a ``Pruned``, plus what
             :func:`~compressjax.collect_hessians` raises for the model.
         TypeError: a non-callable ``apply_fn``/``compress``/``row_mask``; per-slice results that cannot be
-            joined into a stacked leaf (anything but float arrays, ``QArray`` and ``Codebook``).
+            joined into a stacked leaf (anything but float arrays, ``QArray`` and ``Codebook``); a
+            ``float_target`` that is not a real number.
     """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be a callable (params, batch) -> output, got {apply_fn!r}")
@@ -94,6 +111,7 @@ def sequential(
         raise TypeError(f"compress must be a callable (params, hessians) -> params or Pruned(params, masks), got {compress!r}")
     if row_mask is not None and not callable(row_mask):
         raise TypeError(f"row_mask must be None or a callable batch -> bool array, got {row_mask!r}")
+    alpha = check_fraction(float_target, "float_target")
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty: sequential needs at least one calibration batch")
@@ -108,14 +126,17 @@ def sequential(
         return apply_fn(jax.tree_util.tree_unflatten(treedef, leaf_list), batch)
 
     closed, an, found = _analyse(fn, float_leaves, batches[0], selected, paths, where)
-    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *batches)
+    # With a float target the batches run twice over: the first half through the compressed kernels, the
+    # second through the float ones.
+    streams = batches + batches if alpha > 0 else batches
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *streams)
     masks = None
     if row_mask is not None:
-        ms = [jnp.asarray(row_mask(b)) for b in batches]
+        ms = [jnp.asarray(row_mask(b)) for b in streams]
         if any(m.dtype != jnp.bool_ for m in ms):
             raise TypeError(f"row_mask must return a bool array, got dtype {ms[0].dtype}")
         masks = jnp.stack(ms)
-    p = _Pass(an, found, paths, treedef, float_leaves, compress, masks, len(batches))
+    p = _Pass(an, found, paths, treedef, float_leaves, compress, masks, len(streams), alpha)
     args = [(x, False) for x in float_leaves if x is not None] + [(x, True) for x in jax.tree_util.tree_leaves(stacked)]
     p.run(closed.jaxpr, closed.consts, args, ())
     return p.result(leaves)
@@ -132,12 +153,13 @@ def _decode(x: Any, path: str) -> jax.Array:
 class _Pass:
     """The one pass: evaluates the jaxpr on stacked batches and compresses slices at their first use."""
 
-    def __init__(self, an, found, paths, treedef, float_leaves, compress, masks, n_batches):
+    def __init__(self, an, found, paths, treedef, float_leaves, compress, masks, n_batches, alpha=0.0):
         self.an, self.found, self.paths, self.treedef = an, found, paths, treedef
         # The float leaves, never written: a site reads its (already compressed) slices back from their
         # results (``done``), decoded for that use only, so no float copy of a kernel is held.
         self.base = list(float_leaves)
         self.compress, self.masks, self.nb = compress, masks, n_batches
+        self.alpha = alpha  # > 0: batches [0, nb/2) run through the compressed kernels, the rest through the float ones
         self.done: dict[tuple[int, int], tuple[Any, Any]] = {}
         self.tokens: dict[tuple, int] = {}
         self.kind: str | None = None
@@ -249,11 +271,14 @@ class _Pass:
             key = prefix + (i,)
             ins = [read(v) for v in eqn.invars]
             site = self.an.sites.get(key)
+            float_w = None
             if site is not None:
-                ins = self._site(site, eqn, ins, key)
+                ins, float_w = self._site(site, eqn, ins, key)
             name = eqn.primitive.name
             inside = key in self.an.calls
-            if inside and name == "scan":
+            if float_w is not None:
+                outs = self._apply_streams(eqn, ins, site.w_org[0], float_w)
+            elif inside and name == "scan":
                 outs = self._scan(eqn, ins, key)
             elif inside and name == "while":
                 outs = self._while(eqn, ins, key)
@@ -286,6 +311,24 @@ class _Pass:
             f = jax.jit(jax.vmap(lambda *a: _bind(eqn, list(a)), in_axes=axes))
             self.fns[(id(eqn), axes)] = f
         return [(o, True) for o in f(*[x for x, _ in ins])]
+
+    def _apply_streams(self, eqn, ins, w_pos: int, float_w) -> list:
+        """A site's matmul with the float target: the compressed weight on the first half of the batches, the
+        float weight on the second."""
+        half = self.nb // 2
+        q_ins, f_ins = [], []
+        for k, (v, b) in enumerate(ins):
+            if k == w_pos:
+                q_ins.append((v, b))
+                f_ins.append((float_w, False))
+            elif b:
+                q_ins.append((v[:half], True))
+                f_ins.append((v[half:], True))
+            else:
+                q_ins.append((v, False))
+                f_ins.append((v, False))
+        q, f = self._apply(eqn, q_ins), self._apply(eqn, f_ins)
+        return [(jnp.concatenate([a, c]) if ba else a, ba) for (a, ba), (c, _) in zip(q, f, strict=True)]
 
     def _concrete(self, x, what: str) -> int:
         v, b = x
@@ -336,48 +379,68 @@ class _Pass:
         pending = sorted({int(j) for j in li if (leaf, int(j)) not in self.done})
         fresh = {}
         if pending:
-            grams, counts = self._gram(site, eqn, key, ins[site.x_pos])
+            grams, cross, counts = self._gram(site, eqn, key, ins[site.x_pos])
             for j in pending:
                 sel = np.flatnonzero(li == j)
-                fresh[j] = self._compress(leaf, j, jnp.sum(grams[sel], axis=0), float(jnp.sum(counts[sel])))
+                c = None if cross is None else jnp.sum(cross[sel], axis=0)
+                fresh[j] = self._compress(leaf, j, jnp.sum(grams[sel], axis=0), float(jnp.sum(counts[sel])), c)
         w_pos, o, dyn = site.w_org
         off = sum(delta * self.tokens[tok] for delta, tok in dyn)
-        w = self._read(leaf, sorted({int(j) for j in li}), fresh, jnp.asarray(o + off)).astype(eqn.invars[w_pos].aval.dtype)
+        flat_index = jnp.asarray(o + off)
+        dtype = eqn.invars[w_pos].aval.dtype
+        w = self._read(leaf, sorted({int(j) for j in li}), fresh, flat_index).astype(dtype)
         ins = list(ins)
         ins[w_pos] = (w, False)
-        return ins
+        float_w = None if self.alpha == 0 else _flat_take(self.base[leaf], flat_index).astype(dtype)
+        return ins, float_w
 
     def _gram(self, site, eqn, key, x):
+        """``(H, C, counts)`` per slice of the site, summed over the batches: ``H = X_q^T X_q`` and, with a
+        float target, ``C = X_q^T X_f`` (row by row, the two streams see the same tokens), else ``C = None``."""
         v, b = x
         if not b:
             v = jnp.broadcast_to(v, (self.nb, *jnp.shape(v)))
+        half = self.nb // 2 if self.alpha > 0 else self.nb
         f = self.fns.get(("gram", key))
         if f is None:
             path = self.paths[site.leaf]
 
-            def one(xv, m):
+            def rows_of(xv, m):
                 invals = [None, None]
                 invals[site.x_pos] = xv
-                rows, cnt = _site_rows(site, eqn, invals, m, path)
-                g = jnp.einsum("bnd,bne->bde", rows, rows, precision=jax.lax.Precision.HIGHEST)
-                if not site.full:  # input rows in the matmul's order -> the kernel's input positions
-                    ix = jnp.asarray(site.idx)
-                    g = jnp.zeros((g.shape[0], site.d_in, site.d_in), g.dtype).at[:, ix[:, None], ix[None, :]].add(g)
-                return g, cnt
+                return _site_rows(site, eqn, invals, m, path)
 
-            def total(xv, m):
+            def scatter(g):  # input rows in the matmul's order -> the kernel's input positions
+                if site.full:
+                    return g
+                ix = jnp.asarray(site.idx)
+                return jnp.zeros((g.shape[0], site.d_in, site.d_in), g.dtype).at[:, ix[:, None], ix[None, :]].add(g)
+
+            def one(xq, xf, m):
+                rows, cnt = rows_of(xq, m)
+                g = scatter(jnp.einsum("bnd,bne->bde", rows, rows, precision=jax.lax.Precision.HIGHEST))
+                if xf is None:
+                    return g, cnt
+                rows_f, _ = rows_of(xf, m)
+                c = scatter(jnp.einsum("bnd,bne->bde", rows, rows_f, precision=jax.lax.Precision.HIGHEST))
+                return g, cnt, c
+
+            def total(xq, xf, m):
                 # Batch by batch into one sum: never a (batches, d_in, d_in) stack of Gram matrices.
-                def add(acc, i):
-                    g, c = one(xv[i], None if m is None else m[i])
-                    return (acc[0] + g, acc[1] + c), None
+                def at(i):
+                    return xq[i], None if xf is None else xf[i], None if m is None else m[i]
 
-                shape = jax.eval_shape(one, xv[0], None if m is None else m[0])
-                init = tuple(jnp.zeros(a.shape, a.dtype) for a in shape)
-                return jax.lax.scan(add, init, jnp.arange(xv.shape[0]))[0]
+                def add(acc, i):
+                    return tuple(a + b for a, b in zip(acc, one(*at(i)), strict=True)), None
+
+                init = tuple(jnp.zeros(a.shape, a.dtype) for a in jax.eval_shape(one, *at(0)))
+                return jax.lax.scan(add, init, jnp.arange(xq.shape[0]))[0]
 
             f = jax.jit(total)
             self.fns[("gram", key)] = f
-        return f(v, self.masks)
+        masks = None if self.masks is None else self.masks[:half]
+        out = f(v[:half], v[half:] if self.alpha > 0 else None, masks)
+        return out[0], (out[2] if self.alpha > 0 else None), out[1]
 
     def _read(self, leaf: int, slices: list[int], fresh: dict, flat_index) -> jax.Array:
         """The site's weight operand, ``kernel.reshape(-1)[flat_index]`` of the kernel as compressed so far:
@@ -393,8 +456,9 @@ class _Pass:
         return _gather_slices(jnp.stack([d.reshape(-1) for d in dense]), jnp.asarray(slot), flat_index,
                               tuple(kernel.shape), tuple(layer_axes), int(g), out_axis)
 
-    def _compress(self, leaf: int, j: int, h, count: float) -> jax.Array:
-        """Compresses slice ``j`` of ``leaf`` from its Hessian; returns the slice decoded (kernel dtype)."""
+    def _compress(self, leaf: int, j: int, h, count: float, cross=None) -> jax.Array:
+        """Compresses slice ``j`` of ``leaf`` from its Hessian (towards the float model's outputs when
+        ``cross = X_q^T X_f`` is given); returns the slice decoded (kernel dtype)."""
         in_axes, _, layer_axes, layer_shape, g = self.found[leaf]
         path = self.paths[leaf]
         lc = np.unravel_index(j // g, layer_shape) if layer_shape else ()
@@ -416,7 +480,11 @@ class _Pass:
         sub_shape = tuple(sizes[a] for a in rest)
         starts_arr = jnp.asarray(starts, jnp.int32)
         sub = _take(kernel, starts_arr, tuple(sizes)).reshape(sub_shape)
-        hess = Hessian(h, jnp.float32(count), tuple(rest.index(a) for a in in_axes))
+        sub_in = tuple(rest.index(a) for a in in_axes)
+        if cross is not None:
+            lay = KernelLayout(sub_shape, sub_in, path)
+            sub = lay.from_2d(_float_target(lay.to_2d(sub), h, cross, self.alpha)).astype(kernel.dtype)
+        hess = Hessian(h, jnp.float32(count), sub_in)
         sub_leaves = list(self.base)
         sub_leaves[leaf] = sub
         h_leaves = [None] * len(sub_leaves)
@@ -479,6 +547,24 @@ class _Pass:
         if self.kind == "pruned":
             return Pruned(params, jax.tree_util.tree_unflatten(self.treedef, mask_leaves))
         return params
+
+
+@jax.jit
+def _flat_take(kernel, flat_index):
+    return kernel.reshape(-1)[flat_index]
+
+
+@jax.jit
+def _float_target(w, h, cross, alpha, damp=0.01):
+    """``W + alpha (H + lambda I)^-1 (C - H) W`` for ``(d_in, d_out)`` ``W``, ``H = X_q^T X_q``, ``C = X_q^T X_f``:
+    at ``alpha = 1`` the least-squares ``W*`` with ``X_q W* ~ X_f W`` (damped by ``lambda = damp * mean(diag H)``,
+    GPTQ's default damping)."""
+    w32 = w.astype(jnp.float32)
+    lam = damp * jnp.mean(jnp.diag(h)) + jnp.finfo(jnp.float32).tiny
+    hd = h + lam * jnp.eye(h.shape[0], dtype=h.dtype)
+    rhs = jnp.matmul(cross - h, w32, precision=jax.lax.Precision.HIGHEST)
+    delta = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(hd, lower=True), rhs)
+    return w32 + alpha * delta
 
 
 @partial(jax.jit, static_argnums=2)
