@@ -400,7 +400,7 @@ class _Pass:
         v, b = x
         if not b:
             v = jnp.broadcast_to(v, (self.nb, *jnp.shape(v)))
-        half = self.nb // 2 if self.alpha > 0 else self.nb
+        half = self.nb // 2
         f = self.fns.get(("gram", key))
         if f is None:
             path = self.paths[site.leaf]
@@ -438,9 +438,11 @@ class _Pass:
 
             f = jax.jit(total)
             self.fns[("gram", key)] = f
-        masks = None if self.masks is None else self.masks[:half]
-        out = f(v[:half], v[half:] if self.alpha > 0 else None, masks)
-        return out[0], (out[2] if self.alpha > 0 else None), out[1]
+        if self.alpha == 0:  # no slicing: a slice would copy the activations
+            g, cnt = f(v, None, self.masks)
+            return g, None, cnt
+        g, cnt, c = f(v[:half], v[half:], None if self.masks is None else self.masks[:half])
+        return g, c, cnt
 
     def _read(self, leaf: int, slices: list[int], fresh: dict, flat_index) -> jax.Array:
         """The site's weight operand, ``kernel.reshape(-1)[flat_index]`` of the kernel as compressed so far:
