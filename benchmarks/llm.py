@@ -26,9 +26,9 @@ act-order, one pass (Hessians of the float model) or ``-seq`` (``sequential``: e
 inputs through the already-compressed earlier layers, in about one forward pass); ``sparsegpt-*``:
 SparseGPT, sequential; ``wanda-50%``: Wanda, sequential; ``magnitude-50%``: half of each layer's weights
 by magnitude; ``codebook-3-seq``: 3-bit per-channel k-means codebooks with GPTQ-style error feedback and
-refitted centroids, sequential. Extra rows, only when named: ``gptq-*-seq-qep``, the sequential row with
-``float_target`` (``--float-target``, default 0.5: each layer corrected towards the float model's outputs,
-GPTAQ / QEP).
+refitted centroids, sequential. Extra rows, only when named: ``gptq-*-seq-qep`` and ``sparsegpt-50%-qep``,
+the sequential row with ``float_target`` (``--float-target``, default 0.5: each layer corrected towards the
+float model's outputs, GPTAQ / QEP).
 
 Usage::
 
@@ -67,7 +67,7 @@ ROWS = ("float", "rtn-int4-g128", "rtn-int4-ch", "gptq-int4-g128", "gptq-int4-g1
         "gptq-int3-g128-seq", "sparsegpt-50%", "sparsegpt-2:4", "sparsegpt-50%+int4", "wanda-50%",
         "magnitude-50%", "codebook-3-seq")
 # Not in the default run: sequential rows with the float target (GPTAQ / QEP, ``--float-target``).
-EXTRA_ROWS = ("gptq-int4-g128-seq-qep", "gptq-int4-ch-seq-qep", "gptq-int3-g128-seq-qep")
+EXTRA_ROWS = ("gptq-int4-g128-seq-qep", "gptq-int4-ch-seq-qep", "gptq-int3-g128-seq-qep", "sparsegpt-50%-qep")
 
 
 # ----------------------------------------------------------------------------------------------- specs
