@@ -17,8 +17,9 @@ Metrics: perplexity of the next token over every evaluation position, ``top1`` t
 whose argmax prediction equals the float model's, ``seconds`` the wall time to compress (capture + solve;
 evaluation excluded; compilation included), ``peak_mib`` the highest resident memory of the process
 sampled every 20 ms while the row ran (it includes the float model and the data held throughout;
-``start_mib`` the resident memory when the row began), and ``live_peak_mib`` the highest total of live JAX arrays the row added (sampled every 200 ms; without the
-allocator's retained pages and XLA's compilations). The result is decoded for the evaluation after both.
+``start_mib`` the resident memory when the row began), and ``live_peak_mib`` the highest total of live JAX
+arrays the row added (sampled every 200 ms; without the allocator's retained pages and XLA's
+compilations). The result is decoded for the evaluation after both.
 
 Rows (``--rows`` picks some): ``float``; ``rtn-int4-g128`` / ``rtn-int4-ch``: round to nearest, symmetric
 int4, scales per layer and per output channel (and per group of 128 inputs); ``gptq-*``: GPTQ with
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--group", type=int, default=128,
                     help="group width of the g128 rows: the divisor of each input width nearest to it (default 128)")
     ap.add_argument("--float-target", type=float, default=0.5,
-                    help="float_target of the -qep rows (" + ", ".join(EXTRA_ROWS) + "; default 0.5)")
+                    help="float_target of the -qep rows (" + ", ".join(EXTRA_ROWS).replace("%", "%%") + "; default 0.5)")
     ap.add_argument("--n-calib", type=int, default=128, help="calibration windows (default 128)")
     ap.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default 256)")
     ap.add_argument("--calib-batch", type=int, default=8, help="calibration windows per batch (default 8)")
