@@ -66,3 +66,16 @@ def test_one_command_style_for_benchmarks():
     for doc in ("README.md", "BENCHMARKS.md", *(f"benchmarks/{p.name}" for p in (ROOT / "benchmarks").glob("*.py"))):
         text = (ROOT / doc).read_text()
         assert not re.search(r"python3? benchmarks/\w+\.py", text), doc
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if "def main(argv" in p.read_text()))
+def test_benchmark_help_prints(name, capsys):
+    """``python -m benchmarks.<name> --help`` prints its usage (a ``%`` in a help string crashed it once)."""
+    try:
+        module = importlib.import_module(f"benchmarks.{name}")
+    except ModuleNotFoundError as e:  # an optional extra (e.g. gguf for the LLM benchmarks)
+        pytest.skip(f"benchmarks.{name} needs {e.name}: pip install -e '.[test]'")
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    assert "usage:" in capsys.readouterr().out
