@@ -132,10 +132,10 @@ def sequential(
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *streams)
     masks = None
     if row_mask is not None:
-        ms = [jnp.asarray(row_mask(b)) for b in streams]
+        ms = [jnp.asarray(row_mask(b)) for b in batches]
         if any(m.dtype != jnp.bool_ for m in ms):
             raise TypeError(f"row_mask must return a bool array, got dtype {ms[0].dtype}")
-        masks = jnp.stack(ms)
+        masks = jnp.stack(ms + ms if alpha > 0 else ms)
     p = _Pass(an, found, paths, treedef, float_leaves, compress, masks, len(streams), alpha)
     args = [(x, False) for x in float_leaves if x is not None] + [(x, True) for x in jax.tree_util.tree_leaves(stacked)]
     p.run(closed.jaxpr, closed.consts, args, ())
