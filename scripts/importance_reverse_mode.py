@@ -12,7 +12,6 @@ estimate assumes a leading sample axis with independent samples.
 import argparse
 import json
 import platform
-import re
 import time
 
 import jax
@@ -24,6 +23,7 @@ import compressjax as cj
 from benchmarks._minilm_oneshot import ENCODER_KERNELS, apply_fn, calibration_split, row_mask
 from benchmarks.minilm import length_batches
 from compressjax import tree
+from compressjax.allocation._costs import _exact
 from compressjax.allocation._importance import kernel_importance, spaced_batches
 from compressjax.models import minilm
 
@@ -88,7 +88,7 @@ for probes_per_batch, nb in ((1, 4), (4, 4), (1, 8)):
     num /= probes_per_batch
     t_rev = time.perf_counter() - t
     # denominators over the same batches
-    h2 = cj.collect_hessians(apply_fn, params, use, where="^(?:" + "|".join(re.escape(p) for p in paths) + ")$", row_mask=row_mask)
+    h2 = cj.collect_hessians(apply_fn, params, use, where=_exact(paths), row_mask=row_mask)
     hs = dict(tree.leaves_with_paths(h2, lambda x: x is None or isinstance(x, cj.Hessian)))
     est = {}
     for j, p in enumerate(paths):
