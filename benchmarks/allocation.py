@@ -28,6 +28,7 @@ Usage::
                                                                              # menu's GPTQ options: gptq each vs gptq_many, and a
                                                                              # sequential GPTQ pass, warm)
     python -m benchmarks.allocation --fast --json out.json                   # the GPTQ pass and the cheapest search
+    python -m benchmarks.allocation --importance-only --json out.json        # importance: forward vs reverse mode
 """
 
 from __future__ import annotations
@@ -92,6 +93,58 @@ def fast_search(params, batches, bpw, t_gptq, quality) -> dict:
     return row
 
 
+def estimate_vs_measured(params, cands, alphas: dict, plans: int, ref, sentences) -> dict:
+    """Over ``plans`` random plans (each kernel a random non-float option; seed 0), the Spearman rank
+    correlation between the estimated total damage (unweighted, and weighted by each of ``alphas``) and the
+    measured loss of mean cosine to the float embeddings ``ref`` of ``sentences``."""
+    rng = np.random.default_rng(0)
+    est = {"unweighted": [], **{name: [] for name in alphas}}
+    measured = []
+    for _ in range(plans):
+        choice = {}
+        for i, path in enumerate(cands.paths):
+            ok = np.flatnonzero(cands.costs[i] >= 0)
+            ok = [j for j in ok if cands.options[j].method != "float"] or list(ok)
+            choice[path] = int(rng.choice(ok))
+        p = replace_leaves(params, {path: cands.results[(path, cands.options[j].name)][0] for path, j in choice.items()})
+        idx = [(cands.paths.index(path), j) for path, j in choice.items()]
+        est["unweighted"].append(float(sum(cands.errors[i, j] for i, j in idx)))
+        for name, alpha in alphas.items():
+            est[name].append(float(sum(alpha[cands.paths[i]] * cands.errors[i, j] for i, j in idx)))
+        measured.append(float(1 - minilm.cosines(ref, minilm.embed(sentences, p)).mean()))
+    corr = {"plans": plans, **{f"spearman_{name}": round(spearman(e, measured), 4) for name, e in est.items()},
+            "loss_of_mean_cosine_range": [round(min(measured), 5), round(max(measured), 5)]}
+    print(f"estimate vs measured: {corr}", flush=True)
+    return corr
+
+
+def importance_methods(params, batches, menu, plans, ref, sentences) -> dict:
+    """``kernel_importance`` by forward mode (exact) and by reverse mode (estimated; three seeds), each timed
+    warm after a first call that compiles it, their alphas compared, and the Spearman test of each."""
+    hess = cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask)
+    cands = cj.option_costs_and_damages(params, hess, menu, keep_results=True)
+    alphas, seconds = {}, {}
+    runs = [("forward", "forward", 0), *((f"reverse_seed{s}", "reverse", s) for s in range(3))]
+    for name, method, seed in runs:
+        for _ in range(2):  # cold, then warm
+            t = time.perf_counter()
+            alphas[name] = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, method=method, seed=seed)
+            seconds.setdefault(name, []).append(round(time.perf_counter() - t, 1))
+        print(f"importance {name}: {seconds[name]} s (cold, warm)", flush=True)
+    exact = np.array([alphas["forward"][p] for p in cands.paths])
+    agreement = {}
+    for name in alphas:
+        if name != "forward":
+            est = np.array([alphas[name][p] for p in cands.paths])
+            rel = np.abs(est / exact - 1)
+            agreement[name] = {"median_rel_err": round(float(np.median(rel)), 4), "max_rel_err": round(float(rel.max()), 4),
+                               "spearman_with_forward": round(spearman(exact, est), 4)}
+    print(f"alphas against forward mode: {agreement}", flush=True)
+    corr = estimate_vs_measured(params, cands, alphas, plans, ref, sentences)
+    return {"seconds_cold_warm": seconds, "alphas_against_forward": agreement, "estimate_vs_measured": corr,
+            "alphas": {name: {p: float(f"{a:.4g}") for p, a in al.items()} for name, al in alphas.items()}}
+
+
 def compared_at_every_budget(params, batches, cands, alpha, budgets) -> dict:
     """For each budget, the one-shot plans ``from_candidates`` compares at the output (the allocated plan
     and the fitting uniform settings: ``(name, bytes, squared distance)``) and which one it keeps."""
@@ -148,6 +201,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cost-only", action="store_true", help="only time the GPTQ pass and the search (a quiet rerun)")
     ap.add_argument("--fast", action="store_true",
                     help="only time the GPTQ pass and auto_compress's cheapest form (GPTQ options, no importance, one-shot)")
+    ap.add_argument("--importance-method", default="auto", choices=("forward", "reverse", "auto"),
+                    help="kernel_importance's method for the search")
+    ap.add_argument("--importance-only", action="store_true",
+                    help="only the importance by forward and reverse mode: time, agreement, Spearman test of each")
     args = ap.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     seq_budgets = budgets if args.seq_budgets == "all" else [float(b) for b in args.seq_budgets.split(",")]
@@ -185,6 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"GPTQ int4 g128 pass: {t_gptq:.1f} s, peak RSS {mem_gptq:.0f} MB", flush=True)
     del q, hess0
 
+    if args.importance_only:
+        return finish({"benchmark": "allocation", "quick": bool(args.quick),
+                       "importance_methods": importance_methods(params, batches, menu, plans, refs["eval"], evaluation)}, args.json)
     if args.fast:
         return finish({"benchmark": "allocation", "quick": bool(args.quick),
                        "fast": fast_search(params, batches, 3.5, t_gptq, quality)}, args.json)
@@ -197,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     hess = cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask)
     cands = cj.option_costs_and_damages(params, hess, menu, keep_results=True)
     t_cands = time.perf_counter() - t
-    alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask)
+    alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, method=args.importance_method)
     t_alpha = time.perf_counter() - t - t_cands
     n_w = cands.num_weights
     auto_params, auto_plan = from_candidates(apply_fn, params, batches, cands, int(np.floor(timed_bpw * n_w / 8)), alpha,
@@ -252,31 +312,13 @@ def main(argv: list[str] | None = None) -> dict:
             allocated.append(row)
             print(f"allocated {row}", flush=True)
 
-    # Estimated total damage vs the measured loss of mean cosine over random plans.
-    rng = np.random.default_rng(0)
-    est_raw, est_w, measured = [], [], []
-    for _ in range(plans):
-        choice = {}
-        for i, path in enumerate(cands.paths):
-            ok = np.flatnonzero(cands.costs[i] >= 0)
-            ok = [j for j in ok if cands.options[j].method != "float"] or list(ok)
-            choice[path] = int(rng.choice(ok))
-        p = replace_leaves(params, {path: results[(path, cands.options[j].name)][0] for path, j in choice.items()})
-        idx = [(cands.paths.index(path), j) for path, j in choice.items()]
-        est_raw.append(float(sum(cands.errors[i, j] for i, j in idx)))
-        est_w.append(float(sum(alpha[cands.paths[i]] * cands.errors[i, j] for i, j in idx)))
-        cos = minilm.cosines(refs["eval"], minilm.embed(evaluation, p))
-        measured.append(float(1 - cos.mean()))
-    corr = {"plans": plans, "spearman_unweighted": round(spearman(est_raw, measured), 4),
-            "spearman_importance_weighted": round(spearman(est_w, measured), 4),
-            "loss_of_mean_cosine_range": [round(min(measured), 5), round(max(measured), 5)]}
-    print(f"estimate vs measured: {corr}", flush=True)
+    corr = estimate_vs_measured(params, cands, {"importance_weighted": alpha}, plans, refs["eval"], evaluation)
 
     result = {"benchmark": "allocation", "quick": bool(args.quick), "calib_sentences": len(calib),
               "eval_sentences": len(evaluation), "other_sentences": len(other), "kernel_weights": n_w,
               "menu": [o.name for o in cands.options], "uniform": uniform, "allocated": allocated,
               "estimate_vs_measured": corr, "cost": cost, "seq_budgets": seq_budgets,
-              "importance": {p: round(a, 4) for p, a in alpha.items()},
+              "importance": {p: float(f"{a:.4g}") for p, a in alpha.items()},
               "plan_3_5": auto_plan.to_dict()}
     return finish(result, args.json)
 

@@ -23,7 +23,7 @@ from compressjax.allocation._costs import (
     option_costs_and_damages,
     solve_option,
 )
-from compressjax.allocation._importance import kernel_importance, softmax_kl
+from compressjax.allocation._importance import METHODS, kernel_importance, softmax_kl
 from compressjax.allocation._measured import Distance, plan_distances, softmax_kl_distance
 from compressjax.allocation._menu import Option, check_menu, default_menu
 from compressjax.allocation._plan import Plan, PlanEntry
@@ -290,6 +290,7 @@ def auto_compress(
     row_mask: Callable[[Any], Any] | None = None,
     sequential: bool = True,
     importance: bool | Callable[[Any, Any], Any] = True,
+    importance_method: str = "auto",
     stages: Sequence[Sequence[str]] | None = None,
     compare_uniform: bool = True,
     distance: Distance | None = None,
@@ -300,7 +301,8 @@ def auto_compress(
     2. every option of ``menu`` is solved once per kernel from those Hessians, its exact bytes in the file
        measured (:func:`option_costs_and_damages`) and its damage estimated: the layer output error
        ``tr(dW^T H dW)``, times, with ``importance``, the kernel's output-error amplification
-       (:func:`kernel_importance`, probed with the error of the kernel's median-damage option);
+       (:func:`kernel_importance`, probed with the error of the kernel's median-damage option; estimated by
+       reverse mode where the samples allow, see ``importance_method``);
     3. :func:`allocate` picks one option per kernel: least total damage, total bytes at most the budget;
        with ``compare_uniform``, that plan and every uniform setting of the menu that fits the budget are
        then run as whole plans on two calibration batches, and the one whose output is closest to the float
@@ -333,6 +335,10 @@ def auto_compress(
         importance: weight each kernel's damages by its importance (see above). A callable is the output
             metric of :func:`kernel_importance` (``True``: :func:`squared_change` of the outputs; for a model
             returning logits, :func:`softmax_kl` weights a change by how much it moves the predictions).
+        importance_method: :func:`kernel_importance`'s ``method``: ``"auto"`` (default) estimates the
+            importance by reverse mode (one backward pass per calibration sample for all kernels) when the
+            batches have a leading axis of independent samples and the metric is built in, and computes it
+            exactly by forward mode (one tangent pass per kernel and batch) otherwise.
         stages: for ``sequential``, lists of kernel paths (default :func:`model_stages`).
         compare_uniform: compare the plan with the fitting uniform settings at the output (step 3).
         distance: ``(float_output, output) -> scalar`` for that comparison (default
@@ -355,11 +361,16 @@ def auto_compress(
     # Cheap checks first: the budget form, the menu.
     budget_bytes(1, bits_per_weight=bits_per_weight, max_bytes=max_bytes, ratio=ratio)
     check_menu(menu)
+    if importance_method not in METHODS:
+        raise ValueError(f"importance_method must be one of {METHODS}, got {importance_method!r}")
     batches = list(batches)
     hessians = collect_hessians(apply_fn, params, batches, where=where, row_mask=row_mask)
     cands = option_costs_and_damages(params, hessians, menu, keep_results=True)
     metric = importance if callable(importance) else None
-    alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, output_metric=metric) if importance else None
+    alpha = None
+    if importance:
+        alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, output_metric=metric,
+                                     method=importance_method)
     budget = budget_bytes(cands.num_weights, bits_per_weight=bits_per_weight, max_bytes=max_bytes, ratio=ratio)
     if distance is None and importance is softmax_kl:
         distance = softmax_kl_distance
@@ -368,10 +379,11 @@ def auto_compress(
 
 
 def candidate_importance(apply_fn: Callable, params: Any, batches: Sequence[Any], cands: Candidates, *,
-                         row_mask: Callable | None = None, output_metric: Callable | None = None) -> dict[str, float]:
+                         row_mask: Callable | None = None, output_metric: Callable | None = None,
+                         method: str = "forward", seed: int = 0) -> dict[str, float]:
     """:func:`kernel_importance` of every kernel, probed with the error of its median-damage option (needs
     ``cands`` made with ``keep_results=True``); 1.0 for a kernel whose options all have zero error.
-    ``output_metric``: as for :func:`kernel_importance`."""
+    ``output_metric``, ``method``, ``seed``: as for :func:`kernel_importance`."""
     probes = {}
     leaves = dict(tree.leaves_with_paths(params, tree.is_compressed_leaf))
     for i, p in enumerate(cands.paths):
@@ -383,7 +395,8 @@ def candidate_importance(apply_fn: Callable, params: Any, batches: Sequence[Any]
         probes[p] = decoded(cands.results[(p, cands.options[j].name)][0]) - leaves[p]
     alpha = {p: 1.0 for p in cands.paths}
     if probes:
-        alpha.update(kernel_importance(apply_fn, params, batches, probes, row_mask=row_mask, output_metric=output_metric))
+        alpha.update(kernel_importance(apply_fn, params, batches, probes, row_mask=row_mask, output_metric=output_metric,
+                                       method=method, seed=seed))
     return alpha
 
 

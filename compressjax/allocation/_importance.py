@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -77,6 +78,9 @@ def spaced_batches(batches: Sequence[Any], max_batches: int, what: str) -> list[
     return batches
 
 
+METHODS = ("forward", "reverse", "auto")
+
+
 def kernel_importance(
     apply_fn: Callable[[Any, Any], Any],
     params: Any,
@@ -84,14 +88,33 @@ def kernel_importance(
     probes: dict[str, Any],
     *,
     row_mask: Callable[[Any], Any] | None = None,
-    max_batches: int = 4,
+    max_batches: int | None = None,
     chunk_size: int = 6,
     output_metric: OutputMetric | None = None,
+    method: str = "forward",
+    num_probes: int = 1,
+    seed: int = 0,
 ) -> dict[str, float]:
     """How much of each kernel's layer output error reaches the model's output: ``{path: alpha}``.
 
     ``alpha = sum ||J X dW||^2 / sum ||X dW||^2`` along the probe ``dW`` (see the module docstring); with
     ``output_metric`` the numerator is ``sum metric(y, J X dW)`` instead, e.g. :func:`softmax_kl` for logits.
+
+    Two ways to get the numerators:
+
+    * ``method="forward"`` (exact): one forward-mode tangent pass per kernel and batch, about two forward
+      passes each; the cost grows with the number of kernels.
+    * ``method="reverse"`` (an unbiased estimate): one backward pass per calibration sample for all the
+      kernels at once. For a random ``v_s`` over sample ``s``'s output with covariance the metric's
+      (``N(0, I)`` for :func:`squared_change`), ``c = <d(v_s . y_s)/dW, dW> = v_s . J_s X_s dW`` has
+      ``E[c^2]`` equal to the sample's numerator, so the sum of ``c^2`` over the samples estimates the total
+      (Hutchinson, 1990; the per-sample form of the trick behind Fisher estimates such as Kunstner, Hennig &
+      Balles, NeurIPS 2019). Its relative error shrinks as one over the square root of the number of
+      samples times ``num_probes``. It needs a leading sample axis on every leaf of a batch and of the
+      output, with each sample's output depending on that sample alone: the first batch is checked (its
+      output against the output of its first and last samples alone), and a model that mixes samples is a
+      ``ValueError``. Only the two built-in metrics are supported (their probes are known).
+    * ``method="auto"``: reverse where that check passes and the metric is built in, else forward.
 
     Args:
         apply_fn: ``(params, batch) -> output`` (any pytree of float arrays).
@@ -99,69 +122,221 @@ def kernel_importance(
         batches: calibration batches; at most ``max_batches`` of them, evenly spaced, are used.
         probes: ``{path: dW}``, a perturbation of each kernel's shape (e.g. an option's error ``W_hat - W``).
         row_mask: as for :func:`compressjax.collect_hessians` (the denominators leave the same rows out).
-        max_batches: how many batches to use (one tangent pass per kernel and batch).
-        chunk_size: kernels whose tangent passes share one linearisation (a primal pass) and run vectorised;
-            memory grows with it (each holds a zero-padded tangent of every selected kernel).
+        max_batches: how many batches to use (default 4 forward, 16 reverse: a backward pass per sample is
+            cheap, and more samples mean a closer estimate).
+        chunk_size: forward: kernels whose tangent passes share one linearisation (a primal pass) and run
+            vectorised; reverse: samples whose backward passes run vectorised. Memory grows with it (forward:
+            a zero-padded tangent of every selected kernel each; reverse: a gradient of every selected kernel
+            each).
         output_metric: ``(output, output_tangent) -> scalar``, a quadratic form in the tangent measuring the
             output change (default :func:`squared_change`).
+        method: ``"forward"``, ``"reverse"`` or ``"auto"`` (see above).
+        num_probes: reverse: random probes per sample.
+        seed: reverse: the seed of the probes (the estimate is a deterministic function of it).
 
     Returns:
         ``{path: alpha}``, ``alpha >= 0``; 1.0 for a zero probe (nothing to measure).
 
     Raises:
-        ValueError: no batches, ``max_batches`` or ``chunk_size`` below 1.
-        TypeError: ``max_batches`` or ``chunk_size`` not an int, an ``output_metric`` that is not callable.
+        ValueError: no batches, ``max_batches``, ``chunk_size`` or ``num_probes`` below 1, an unknown
+            ``method``, ``method="reverse"`` on batches without a shared leading sample axis or a model
+            whose samples' outputs depend on each other.
+        TypeError: a size that is not an int, an ``output_metric`` that is not callable, or (reverse) not
+            built in.
     """
     metric = squared_change if output_metric is None else output_metric
     if not callable(metric):
         raise TypeError(f"output_metric must be callable (output, tangent) -> scalar, got {output_metric!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "reverse" and metric not in PROBE_SAMPLERS:
+        raise TypeError(f"method='reverse' supports output_metric squared_change or softmax_kl (their probes are known), "
+                        f"got {metric!r}; use method='forward'")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty: importance needs at least one calibration batch")
+    float_params = jax.tree_util.tree_map(decoded, params, is_leaf=tree.is_compressed_leaf)
+    if method != "forward":
+        problem = _sample_axis_problem(apply_fn, float_params, batches[0])
+        if method == "auto":
+            method = "reverse" if problem is None and metric in PROBE_SAMPLERS else "forward"
+        elif problem is not None:
+            raise ValueError(f"method='reverse' needs independent samples along the leading axis of the batch: {problem}; "
+                             "use method='forward'")
+    if max_batches is None:
+        max_batches = 4 if method == "forward" else 16
     max_batches = check_positive_int("max_batches", max_batches)
     chunk_size = check_positive_int("chunk_size", chunk_size)
+    num_probes = check_positive_int("num_probes", num_probes)
     batches = spaced_batches(batches, max_batches, "importance")
-    float_params = jax.tree_util.tree_map(decoded, params, is_leaf=tree.is_compressed_leaf)
     paths = list(probes)
-    hess = collect_hessians(apply_fn, float_params, batches, where=_exact(paths), row_mask=row_mask)
-    hs = {p: h for p, h in tree.leaves_with_paths(hess, lambda x: x is None or hasattr(x, "in_axes")) if h is not None}
     flat, treedef = jax.tree_util.tree_flatten_with_path(float_params)
     leaf_paths = [tree.path_to_str(kp) for kp, _ in flat]
     leaves = [x for _, x in flat]
     sel = [leaf_paths.index(p) for p in paths]
+    dws = [jnp.asarray(probes[p], jnp.float32) for p in paths]
+    if method == "reverse":
+        num = _reverse_numerators(apply_fn, leaves, treedef, sel, dws, batches, PROBE_SAMPLERS[metric], chunk_size,
+                                  num_probes, seed)
+    else:
+        num = _forward_numerators(apply_fn, leaves, treedef, sel, dws, batches, metric, chunk_size)
+    hess = collect_hessians(apply_fn, float_params, batches, where=_exact(paths), row_mask=row_mask)
+    hs = {p: h for p, h in tree.leaves_with_paths(hess, lambda x: x is None or hasattr(x, "in_axes")) if h is not None}
+    out = {}
+    for j, p in enumerate(paths):
+        den = layer_output_error(hs[p], dws[j])
+        out[p] = float(num[j]) / den if den > 0 else 1.0
+    return out
 
-    @jax.jit
-    def sq_jvps(leaves, dws, which, batch):
-        """``||J X dW_j||^2`` for the kernels ``which`` (``-1``: padding, 0): one linearisation of the model
-        at ``batch`` (its primal pass computed once), then the tangent pass of each kernel, vectorised."""
+
+def layer_output_error(h: Any, dw: jax.Array) -> float:
+    """``tr(dW^T H dW)`` of a perturbation ``dw`` of a kernel with Hessian ``h`` (a :class:`Hessian`; its
+    layer axes, if any, summed over)."""
+    in_axes = tuple(sorted(h.in_axes))
+    lay = tuple(getattr(h, "layer_axes", ()))
+    rest = tuple(a for a in range(dw.ndim) if a not in in_axes and a not in lay)
+    dw = jnp.transpose(dw, lay + in_axes + rest)
+    d_in = int(np.prod([dw.shape[len(lay) + k] for k in range(len(in_axes))]))
+    dw = dw.reshape(dw.shape[: len(lay)] + (d_in, -1))
+    return float(jnp.sum(jnp.matmul(jnp.asarray(h.h, jnp.float32), dw, precision=jax.lax.Precision.HIGHEST) * dw))
+
+
+@partial(jax.jit, static_argnames=("apply_fn", "treedef", "sel", "metric"))
+def _forward_batch(leaves, dws, which, batch, *, apply_fn, treedef, sel, metric):
+    """``metric(y, J X dW_j)`` for the kernels ``which`` (``-1``: padding, 0): one linearisation of the model at
+    ``batch`` (its primal pass computed once), then the tangent pass of each kernel, vectorised."""
+    def f(ks):
+        ls = list(leaves)
+        for j, i in enumerate(sel):
+            ls[i] = ks[j]
+        return apply_fn(jax.tree_util.tree_unflatten(treedef, ls), batch)
+
+    y, lin = jax.linearize(f, [leaves[i] for i in sel])
+
+    def one(k):
+        return metric(y, lin([jnp.where(k == j, dws[j], 0.0).astype(leaves[i].dtype) for j, i in enumerate(sel)]))
+
+    return jax.vmap(one)(which)
+
+
+def _forward_numerators(apply_fn, leaves, treedef, sel, dws, batches, metric, chunk_size) -> np.ndarray:
+    """``sum_batches metric(y, J X dW_j)`` for every kernel ``j``, exactly, by forward mode."""
+    n_chunks = -(-len(sel) // chunk_size)
+    chunk = -(-len(sel) // n_chunks)  # balanced chunks: the least padding
+    which = np.full(n_chunks * chunk, -1, np.int32)
+    which[: len(sel)] = np.arange(len(sel))
+    num = np.zeros(n_chunks * chunk)
+    static = {"apply_fn": apply_fn, "treedef": treedef, "sel": tuple(sel), "metric": metric}
+    for batch in batches:
+        for c in range(n_chunks):
+            num[c * chunk:(c + 1) * chunk] += np.asarray(_forward_batch(leaves, dws, jnp.asarray(which[c * chunk:(c + 1) * chunk]),
+                                                                        batch, **static))
+    return num[: len(sel)]
+
+
+def _gaussian_probe(y: Any, key: jax.Array) -> Any:
+    """``v ~ N(0, I)`` shaped like the output ``y``: the probe of :func:`squared_change`."""
+    ys, tdef = jax.tree_util.tree_flatten(y)
+    keys = jax.random.split(key, len(ys))
+    return jax.tree_util.tree_unflatten(tdef, [jax.random.normal(k, jnp.shape(a), jnp.float32).astype(a.dtype)
+                                               for k, a in zip(keys, ys, strict=True)])
+
+
+def _softmax_kl_probe(logits: jax.Array, key: jax.Array) -> jax.Array:
+    """``v`` with covariance ``1/2 (diag p - p p^T)`` over the last axis (``p = softmax(logits)``): the probe
+    of :func:`softmax_kl`. With ``g ~ N(0, I)``, ``v = sqrt(1/2) (sqrt(p) g - p (sqrt(p) . g))``."""
+    p = jax.nn.softmax(jax.lax.stop_gradient(jnp.asarray(logits, jnp.float32)), axis=-1)
+    g = jax.random.normal(key, p.shape, jnp.float32)
+    sg = jnp.sqrt(p) * g
+    return (np.sqrt(0.5) * (sg - p * jnp.sum(sg, axis=-1, keepdims=True))).astype(logits.dtype)
+
+
+PROBE_SAMPLERS: dict[Callable, Callable[[Any, jax.Array], Any]] = {squared_change: _gaussian_probe,
+                                                                   softmax_kl: _softmax_kl_probe}
+
+
+def _leading_size(batch: Any, what: str) -> tuple[int | None, str | None]:
+    """The leading axis size shared by every leaf of ``batch``, or ``(None, why not)``."""
+    flat = jax.tree_util.tree_flatten_with_path(batch)[0]
+    if not flat:
+        return None, f"the {what} has no arrays"
+    sizes = {tree.path_to_str(kp) or "(root)": (jnp.shape(x)[0] if jnp.ndim(x) else None) for kp, x in flat}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        return None, f"the {what}'s leaves have no common leading axis (leading sizes {sizes})"
+    return next(iter(sizes.values())), None
+
+
+def _sample_axis_problem(apply_fn, params, batch) -> str | None:
+    """``None`` when ``batch`` and its output share a leading sample axis and the outputs of the first and
+    last samples run alone match theirs in the batch (to 1e-3 of the output's scale; 3e-2 below float32),
+    else what is wrong."""
+    n, why = _leading_size(batch, "batch")
+    if why is not None:
+        return why
+    y = apply_fn(params, batch)
+    m, why = _leading_size(y, "output")
+    if why is not None:
+        return why
+    if m != n:
+        return f"the batch has {n} samples but the output's leading axis has {m}"
+    for s in sorted({0, n - 1}):
+        alone = apply_fn(params, jax.tree_util.tree_map(lambda x, s=s: x[s:s + 1], batch))
+        for x, b in zip(jax.tree_util.tree_leaves(y), jax.tree_util.tree_leaves(alone), strict=True):
+            a = np.asarray(x[s], np.float64)
+            b = np.asarray(b[0], np.float64)
+            tol = 1e-3 if jnp.dtype(x.dtype).itemsize >= 4 else 3e-2
+            scale = float(np.sqrt(np.mean(a * a))) or 1.0
+            diff = float(np.sqrt(np.mean((a - b) ** 2))) if a.shape == b.shape else np.inf
+            if not diff <= tol * scale:
+                return (f"sample {s}'s output alone differs from its output in the batch of {n} "
+                        f"(rms difference {diff:.3g}, output rms {scale:.3g})")
+    return None
+
+
+@partial(jax.jit, static_argnames=("apply_fn", "treedef", "sel", "sample_probe", "chunk_size", "num_probes"))
+def _reverse_batch(leaves, dws, batch, key, *, apply_fn, treedef, sel, sample_probe, chunk_size, num_probes):
+    """``sum_s c_sj^2 / num_probes`` over the samples of ``batch``, ``c_sj = <grad_W (v . y_s), dW_j>``."""
+    def one(sample, key):
         def f(ks):
             ls = list(leaves)
             for j, i in enumerate(sel):
                 ls[i] = ks[j]
-            return apply_fn(jax.tree_util.tree_unflatten(treedef, ls), batch)
+            return apply_fn(jax.tree_util.tree_unflatten(treedef, ls), jax.tree_util.tree_map(lambda x: x[None], sample))
 
-        y, lin = jax.linearize(f, [leaves[i] for i in sel])
+        y, vjp = jax.vjp(f, [leaves[i] for i in sel])
 
-        def one(k):
-            return metric(y, lin([jnp.where(k == j, dws[j], 0.0).astype(leaves[i].dtype) for j, i in enumerate(sel)]))
+        def probe(total, k):  # one gradient of the kernels at a time, not a vmap over probes
+            grads = vjp(sample_probe(y, k))[0]
+            c = jnp.stack([jnp.vdot(jnp.asarray(g, jnp.float32), dw) for g, dw in zip(grads, dws, strict=True)])
+            return total + c * c, None
 
-        return jax.vmap(one)(which)
+        total, _ = jax.lax.scan(probe, jnp.zeros(len(sel), jnp.float32), jax.random.split(key, num_probes))
+        return total / num_probes
 
-    dws = [jnp.asarray(probes[p], jnp.float32) for p in paths]
-    n_chunks = -(-len(paths) // chunk_size)
-    chunk = -(-len(paths) // n_chunks)  # balanced chunks: the least padding
-    which = np.full(n_chunks * chunk, -1, np.int32)
-    which[: len(paths)] = np.arange(len(paths))
-    num = np.zeros(n_chunks * chunk)
+    # Balanced chunks of samples, the last padded with copies of sample 0 weighted 0: one compiled body.
+    n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    n_chunks = -(-n // chunk_size)
+    chunk = -(-n // n_chunks)
+    pad = n_chunks * chunk - n
+
+    def chunked(x):
+        x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x
+        return x.reshape((n_chunks, chunk) + x.shape[1:])
+
+    weight = (jnp.arange(n_chunks * chunk) < n).astype(jnp.float32).reshape(n_chunks, chunk)
+    keys = chunked(jax.random.split(key, n))
+    sums = jax.lax.map(lambda a: jax.vmap(one)(*a[:2]) * a[2][:, None], (jax.tree_util.tree_map(chunked, batch), keys, weight))
+    return jnp.sum(sums, axis=(0, 1))
+
+
+def _reverse_numerators(apply_fn, leaves, treedef, sel, dws, batches, sample_probe, chunk_size, num_probes, seed) -> np.ndarray:
+    """An unbiased estimate of ``sum_batches metric(y, J X dW_j)`` for every kernel ``j``: per sample, ``c_j =
+    <grad_W (v . y), dW_j>`` for random probes ``v`` of the metric's covariance, squared and summed."""
+    static = {"apply_fn": apply_fn, "treedef": treedef, "sel": tuple(sel), "sample_probe": sample_probe,
+              "chunk_size": chunk_size, "num_probes": num_probes}
+    key = jax.random.PRNGKey(seed)
+    num = np.zeros(len(sel))
     for batch in batches:
-        for c in range(n_chunks):
-            num[c * chunk:(c + 1) * chunk] += np.asarray(sq_jvps(leaves, dws, jnp.asarray(which[c * chunk:(c + 1) * chunk]), batch))
-    out = {}
-    for j, p in enumerate(paths):
-        h = hs[p]
-        in_axes = tuple(sorted(h.in_axes))
-        lay = tuple(getattr(h, "layer_axes", ()))
-        rest = tuple(a for a in range(dws[j].ndim) if a not in in_axes and a not in lay)
-        dw = jnp.transpose(dws[j], lay + in_axes + rest)
-        d_in = int(np.prod([dws[j].shape[a] for a in in_axes]))
-        dw = dw.reshape(dw.shape[: len(lay)] + (d_in, -1))
-        den = float(jnp.sum(jnp.matmul(jnp.asarray(h.h, jnp.float32), dw, precision=jax.lax.Precision.HIGHEST) * dw))
-        out[p] = num[j] / den if den > 0 else 1.0
-    return out
+        key, sub = jax.random.split(key)
+        num += np.asarray(_reverse_batch(leaves, dws, batch, sub, **static), np.float64)
+    return num
