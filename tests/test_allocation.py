@@ -365,6 +365,15 @@ def test_reverse_mode_importance_is_an_unbiased_estimate_of_the_forward_one(metr
     assert auto == cj.kernel_importance(apply, params, batches, probes, output_metric=metric, method="reverse")
 
 
+def test_auto_leaves_kernels_whose_per_sample_gradient_is_too_big_to_forward_mode(monkeypatch):
+    from compressjax.allocation import _importance
+
+    apply, params, batches, probes = _three_layer_mlp()
+    exact = cj.kernel_importance(apply, params, batches, probes)
+    monkeypatch.setattr(_importance, "AUTO_REVERSE_BYTES", 4 * 6 * 8)  # less than the three kernels' 4 * 103 bytes
+    assert cj.kernel_importance(apply, params, batches, probes, method="auto") == exact
+
+
 def test_reverse_mode_refuses_a_model_that_mixes_samples_and_auto_falls_back_to_forward():
     apply, params, batches, probes = _three_layer_mlp()
 

@@ -79,6 +79,7 @@ def spaced_batches(batches: Sequence[Any], max_batches: int, what: str) -> list[
 
 
 METHODS = ("forward", "reverse", "auto")
+AUTO_REVERSE_BYTES = 2 << 30  # method="auto": the most bytes of per-sample gradients reverse mode may hold
 
 
 def kernel_importance(
@@ -114,7 +115,9 @@ def kernel_importance(
       output, with each sample's output depending on that sample alone: the first batch is checked (its
       output against the output of its first and last samples alone), and a model that mixes samples is a
       ``ValueError``. Only the two built-in metrics are supported (their probes are known).
-    * ``method="auto"``: reverse where that check passes and the metric is built in, else forward.
+    * ``method="auto"``: reverse where that check passes, the metric is built in and one sample's float32
+      gradient of the probed kernels takes at most 2 GiB (``chunk_size`` is then lowered so that a chunk's
+      gradients fit in 2 GiB), else forward.
 
     Args:
         apply_fn: ``(params, batch) -> output`` (any pytree of float arrays).
@@ -159,7 +162,13 @@ def kernel_importance(
     if method != "forward":
         problem = _sample_axis_problem(apply_fn, float_params, batches[0])
         if method == "auto":
-            method = "reverse" if problem is None and metric in PROBE_SAMPLERS else "forward"
+            # Reverse mode holds a float32 gradient of every probed kernel per sample in a chunk: keep that
+            # within AUTO_REVERSE_BYTES, and leave models whose one-sample gradient is larger to forward mode.
+            grad_bytes = 4 * sum(int(np.prod(jnp.shape(probes[p]))) for p in probes)
+            fits = grad_bytes <= AUTO_REVERSE_BYTES
+            method = "reverse" if problem is None and metric in PROBE_SAMPLERS and fits else "forward"
+            if method == "reverse":
+                chunk_size = min(check_positive_int("chunk_size", chunk_size), max(1, AUTO_REVERSE_BYTES // max(grad_bytes, 1)))
         elif problem is not None:
             raise ValueError(f"method='reverse' needs independent samples along the leading axis of the batch: {problem}; "
                              "use method='forward'")
