@@ -396,6 +396,7 @@ def test_reverse_mode_refuses_a_model_that_mixes_samples_and_auto_falls_back_to_
 
 @pytest.mark.parametrize("kw, err, match", [({"method": "backward"}, ValueError, "method must be one of"),
                                             ({"method": "reverse", "num_probes": 0}, ValueError, "num_probes"),
+                                            ({"method": "reverse", "seed": 1.5}, TypeError, "seed must be an int"),
                                             ({"method": "reverse", "output_metric": lambda y, t: jnp.sum(t ** 4)}, TypeError,
                                              "supports output_metric squared_change or softmax_kl")])
 def test_kernel_importance_bad_method_options_are_named(kw, err, match):

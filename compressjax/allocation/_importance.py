@@ -7,15 +7,21 @@ the compression error. We estimate, per kernel ``l``, the amplification
 
     alpha_l = sum_batches ||J_l X_l dW_l||^2 / sum_batches ||X_l dW_l||^2
 
-along a probe direction ``dW_l`` (by default the real error of one of the kernel's options), with one
-forward-mode product per kernel and batch (``jax.linearize`` once per batch, so the primal pass is shared,
-and the kernels' tangent passes vectorised in chunks), and both sums over the same batches; the damage
-of every option of that kernel is then ``alpha_l * tr(dW^T H dW)``. This is a per-layer sensitivity weight
+along a probe direction ``dW_l`` (by default the real error of one of the kernel's options), both sums over
+the same batches; the damage of every option of that kernel is then ``alpha_l * tr(dW^T H dW)``. The
+numerators come exactly from one forward-mode product per kernel and batch (``jax.linearize`` once per
+batch, so the primal pass is shared, and the kernels' tangent passes vectorised in chunks), or as an
+unbiased estimate from one backward pass per sample for all kernels at once (random output probes, as in
+Hutchinson's trace estimator), which is far cheaper when there are many kernels. This is a per-layer sensitivity weight
 in the spirit of HAWQ-V2 (Dong et al., NeurIPS 2020: the Hessian trace of the loss per layer) and of
 NVIDIA ModelOpt's ``auto_quantize`` (output-gradient-weighted output error, a Fisher approximation), for
 models whose output is not a loss (embeddings, logits): the output's squared change stands in for it.
 
 References:
+    Hutchinson, "A stochastic estimator of the trace of the influence matrix for Laplacian smoothing
+    splines", Communications in Statistics - Simulation and Computation 19(2), 1990.
+    Kunstner, Hennig & Balles, "Limitations of the empirical Fisher approximation for natural gradient
+    descent", NeurIPS 2019.
     Dong, Yao, Arfeen, Gholami, Mahoney & Keutzer, "HAWQ-V2: Hessian Aware trace-Weighted Quantization of
     Neural Networks", NeurIPS 2020 (arXiv:1911.03852).
     Martens, "New insights and perspectives on the natural gradient method", JMLR 21, 2020 (Gauss-Newton
@@ -144,8 +150,8 @@ def kernel_importance(
         ValueError: no batches, ``max_batches``, ``chunk_size`` or ``num_probes`` below 1, an unknown
             ``method``, ``method="reverse"`` on batches without a shared leading sample axis or a model
             whose samples' outputs depend on each other.
-        TypeError: a size that is not an int, an ``output_metric`` that is not callable, or (reverse) not
-            built in.
+        TypeError: a size or ``seed`` that is not an int, an ``output_metric`` that is not callable, or
+            (reverse) not built in.
     """
     metric = squared_change if output_metric is None else output_metric
     if not callable(metric):
@@ -177,6 +183,8 @@ def kernel_importance(
     max_batches = check_positive_int("max_batches", max_batches)
     chunk_size = check_positive_int("chunk_size", chunk_size)
     num_probes = check_positive_int("num_probes", num_probes)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     batches = spaced_batches(batches, max_batches, "importance")
     paths = list(probes)
     flat, treedef = jax.tree_util.tree_flatten_with_path(float_params)
