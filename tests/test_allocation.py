@@ -214,6 +214,7 @@ def test_layer_error_is_the_trace_form():
     ({"max_bytes": 10**6, "menu": [cj.Option("24", "sparsegpt", n=2, m=3)]}, ValueError,
      r"option '24' applies to no selected kernel .*m=3 does not divide"),
     ({"max_bytes": 10**6, "menu": ["int4"]}, TypeError, "Option"),
+    ({"max_bytes": 10**6, "importance_method": "backward"}, ValueError, "importance_method must be one of .*'backward'"),
 ])
 def test_auto_compress_errors_name_the_value(kw, exc, match):
     with pytest.raises(exc, match=match):
