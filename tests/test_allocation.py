@@ -375,6 +375,13 @@ def test_auto_leaves_kernels_whose_per_sample_gradient_is_too_big_to_forward_mod
     assert cj.kernel_importance(apply, params, batches, probes, method="auto") == exact
 
 
+def test_auto_keeps_forward_mode_where_there_are_few_kernels_for_the_batches():
+    """One kernel over 3 batches: forward is 2 x 1 x 3 batch passes, reverse about 3 x 3: forward is cheaper."""
+    apply, params, batches, probes = _three_layer_mlp()
+    one = {"c/kernel": probes["c/kernel"]}
+    assert cj.kernel_importance(apply, params, batches, one, method="auto") == cj.kernel_importance(apply, params, batches, one)
+
+
 def test_reverse_mode_refuses_a_model_that_mixes_samples_and_auto_falls_back_to_forward():
     apply, params, batches, probes = _three_layer_mlp()
 

@@ -337,9 +337,10 @@ def auto_compress(
             returning logits, :func:`softmax_kl` weights a change by how much it moves the predictions).
         importance_method: :func:`kernel_importance`'s ``method``: ``"auto"`` (default) estimates the
             importance by reverse mode (one backward pass per calibration sample for all kernels) when the
-            batches have a leading axis of independent samples, the metric is built in and the per-sample
-            gradients fit (see :func:`kernel_importance`), and computes it exactly by forward mode (one tangent
-            pass per kernel and batch) otherwise; ``"forward"`` or ``"reverse"`` force one.
+            batches have a leading axis of independent samples, the metric is built in, the per-sample
+            gradients fit and there are enough kernels for it to be clearly cheaper (see
+            :func:`kernel_importance`), and computes it exactly by forward mode (one tangent pass per kernel
+            and batch) otherwise; ``"forward"`` or ``"reverse"`` force one.
         stages: for ``sequential``, lists of kernel paths (default :func:`model_stages`).
         compare_uniform: compare the plan with the fitting uniform settings at the output (step 3).
         distance: ``(float_output, output) -> scalar`` for that comparison (default
