@@ -155,12 +155,24 @@ def _layer_error(w, w_hat, h, perm, lead, d_in):
     return jnp.sum(hd * dw)
 
 
+def _error_of(w: Any, w_hat: Any, h: Hessian, ndim: int) -> float:
+    """``tr(dW^T H dW)`` for ``dW = w_hat - w`` of an ``ndim``-axis kernel, with the input and layer axes of
+    its Hessian ``h``."""
+    in_axes, lay = tuple(sorted(h.in_axes)), tuple(getattr(h, "layer_axes", ()))
+    perm = lay + in_axes + tuple(a for a in range(ndim) if a not in in_axes and a not in lay)
+    hh = jnp.asarray(h.h, jnp.float32)
+    return float(_layer_error(jnp.asarray(w), w_hat, hh, perm, len(lay), hh.shape[-1]))
+
+
 def layer_error(info: KernelInfo, w: Any, w_hat: Any, h: Hessian) -> float:
     """``tr(dW^T H dW)`` (summed over the layer axes of a stacked kernel) for ``dW = w_hat - w``."""
-    out = tuple(a for a in range(len(info.shape)) if a not in info.in_axes and a not in info.layer_axes)
-    perm = tuple(info.layer_axes) + tuple(sorted(info.in_axes)) + out
-    hh = jnp.asarray(h.h, jnp.float32)
-    return float(_layer_error(jnp.asarray(w), decoded(w_hat), hh, perm, len(info.layer_axes), info.d_in))
+    return _error_of(w, decoded(w_hat), h, len(info.shape))
+
+
+def perturbation_error(h: Hessian, dw: Any) -> float:
+    """``tr(dW^T H dW)`` of a perturbation ``dw`` of a kernel with Hessian ``h`` (its layer axes summed over)."""
+    dw = jnp.asarray(dw, jnp.float32)
+    return _error_of(jnp.zeros((), jnp.float32), dw, h, dw.ndim)
 
 
 @dataclasses.dataclass

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import tree
-from compressjax.allocation._costs import _exact, decoded
+from compressjax.allocation._costs import _exact, decoded, perturbation_error
 from compressjax.checks import check_positive_int
 from compressjax.hessians import collect_hessians
 
@@ -86,6 +86,7 @@ def spaced_batches(batches: Sequence[Any], max_batches: int, what: str) -> list[
 
 METHODS = ("forward", "reverse", "auto")
 AUTO_REVERSE_BYTES = 2 << 30  # method="auto": the most bytes of per-sample gradients reverse mode may hold
+DEFAULT_BATCHES = {"forward": 4, "reverse": 16}  # max_batches=None: a backward pass per sample is cheap
 
 
 def kernel_importance(
@@ -169,27 +170,23 @@ def kernel_importance(
     if max_batches is not None:
         max_batches = check_positive_int("max_batches", max_batches)
     float_params = jax.tree_util.tree_map(decoded, params, is_leaf=tree.is_compressed_leaf)
-    if method != "forward":
+    if method == "auto":
+        # Reverse mode holds a float32 gradient of every probed kernel per sample in a chunk: keep that
+        # within AUTO_REVERSE_BYTES, and leave models whose one-sample gradient is larger to forward mode.
+        grad_bytes = 4 * sum(int(np.prod(jnp.shape(probes[p]))) for p in probes)
+        # Work in passes over a batch: forward about 2 per kernel and batch, reverse about 3 per batch
+        # (a backward pass per sample); reverse only where it is at least 2x cheaper, as it is noisy.
+        n_fwd, n_rev = (min(len(batches), max_batches or DEFAULT_BATCHES[m]) for m in ("forward", "reverse"))
+        worth_it = metric in PROBE_SAMPLERS and grad_bytes <= AUTO_REVERSE_BYTES and 2 * len(probes) * n_fwd >= 2 * 3 * n_rev
+        method = "reverse" if worth_it and _sample_axis_problem(apply_fn, float_params, batches[0]) is None else "forward"
+        if method == "reverse":
+            chunk_size = min(check_positive_int("chunk_size", chunk_size), max(1, AUTO_REVERSE_BYTES // max(grad_bytes, 1)))
+    elif method == "reverse":
         problem = _sample_axis_problem(apply_fn, float_params, batches[0])
-        if method == "auto":
-            # Reverse mode holds a float32 gradient of every probed kernel per sample in a chunk: keep that
-            # within AUTO_REVERSE_BYTES, and leave models whose one-sample gradient is larger to forward mode.
-            grad_bytes = 4 * sum(int(np.prod(jnp.shape(probes[p]))) for p in probes)
-            fits = grad_bytes <= AUTO_REVERSE_BYTES
-            # Work in passes over a batch: forward about 2 per kernel and batch, reverse about 3 per batch
-            # (a backward pass per sample); reverse only where it is at least 2x cheaper, as it is noisy.
-            n_fwd, n_rev = (min(len(batches), 4 if max_batches is None else max_batches),
-                            min(len(batches), 16 if max_batches is None else max_batches))
-            cheaper = 2 * len(probes) * n_fwd >= 2 * 3 * n_rev
-            method = "reverse" if problem is None and metric in PROBE_SAMPLERS and fits and cheaper else "forward"
-            if method == "reverse":
-                chunk_size = min(check_positive_int("chunk_size", chunk_size), max(1, AUTO_REVERSE_BYTES // max(grad_bytes, 1)))
-        elif problem is not None:
+        if problem is not None:
             raise ValueError(f"method='reverse' needs independent samples along the leading axis of the batch: {problem}; "
                              "use method='forward'")
-    if max_batches is None:
-        max_batches = 4 if method == "forward" else 16
-    max_batches = check_positive_int("max_batches", max_batches)
+    max_batches = max_batches or DEFAULT_BATCHES[method]
     chunk_size = check_positive_int("chunk_size", chunk_size)
     num_probes = check_positive_int("num_probes", num_probes)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
@@ -210,21 +207,17 @@ def kernel_importance(
     hs = {p: h for p, h in tree.leaves_with_paths(hess, lambda x: x is None or hasattr(x, "in_axes")) if h is not None}
     out = {}
     for j, p in enumerate(paths):
-        den = layer_output_error(hs[p], dws[j])
+        den = perturbation_error(hs[p], dws[j])
         out[p] = float(num[j]) / den if den > 0 else 1.0
     return out
 
 
-def layer_output_error(h: Any, dw: jax.Array) -> float:
-    """``tr(dW^T H dW)`` of a perturbation ``dw`` of a kernel with Hessian ``h`` (a :class:`Hessian`; its
-    layer axes, if any, summed over)."""
-    in_axes = tuple(sorted(h.in_axes))
-    lay = tuple(getattr(h, "layer_axes", ()))
-    rest = tuple(a for a in range(dw.ndim) if a not in in_axes and a not in lay)
-    dw = jnp.transpose(dw, lay + in_axes + rest)
-    d_in = int(np.prod([dw.shape[len(lay) + k] for k in range(len(in_axes))]))
-    dw = dw.reshape(dw.shape[: len(lay)] + (d_in, -1))
-    return float(jnp.sum(jnp.matmul(jnp.asarray(h.h, jnp.float32), dw, precision=jax.lax.Precision.HIGHEST) * dw))
+def _with_kernels(leaves: list, treedef: Any, sel: Sequence[int], kernels: Sequence[Any]) -> Any:
+    """The params tree of ``leaves`` with the leaves at positions ``sel`` replaced by ``kernels``."""
+    ls = list(leaves)
+    for i, k in zip(sel, kernels, strict=True):
+        ls[i] = k
+    return jax.tree_util.tree_unflatten(treedef, ls)
 
 
 @partial(jax.jit, static_argnames=("apply_fn", "treedef", "sel", "metric"))
@@ -232,10 +225,7 @@ def _forward_batch(leaves, dws, which, batch, *, apply_fn, treedef, sel, metric)
     """``metric(y, J X dW_j)`` for the kernels ``which`` (``-1``: padding, 0): one linearisation of the model at
     ``batch`` (its primal pass computed once), then the tangent pass of each kernel, vectorised."""
     def f(ks):
-        ls = list(leaves)
-        for j, i in enumerate(sel):
-            ls[i] = ks[j]
-        return apply_fn(jax.tree_util.tree_unflatten(treedef, ls), batch)
+        return apply_fn(_with_kernels(leaves, treedef, sel, ks), batch)
 
     y, lin = jax.linearize(f, [leaves[i] for i in sel])
 
@@ -324,10 +314,7 @@ def _reverse_batch(leaves, dws, batch, key, *, apply_fn, treedef, sel, sample_pr
     """``sum_s c_sj^2 / num_probes`` over the samples of ``batch``, ``c_sj = <grad_W (v . y_s), dW_j>``."""
     def one(sample, key):
         def f(ks):
-            ls = list(leaves)
-            for j, i in enumerate(sel):
-                ls[i] = ks[j]
-            return apply_fn(jax.tree_util.tree_unflatten(treedef, ls), jax.tree_util.tree_map(lambda x: x[None], sample))
+            return apply_fn(_with_kernels(leaves, treedef, sel, ks), jax.tree_util.tree_map(lambda x: x[None], sample))
 
         y, vjp = jax.vjp(f, [leaves[i] for i in sel])
 
