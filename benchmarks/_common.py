@@ -107,3 +107,24 @@ def finish(result: dict[str, Any], json_path: Path | str | None) -> dict[str, An
     if json_path is not None:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation of ``a`` and ``b`` (no ties expected)."""
+    import numpy as np
+
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def alpha_agreement(exact: dict[str, float], estimate: dict[str, float]) -> dict[str, float]:
+    """How close per-kernel importances ``estimate`` are to ``exact``: the median and largest relative error
+    and the rank correlation (keys ``median_rel_err``, ``max_rel_err``, ``spearman_with_forward``)."""
+    import numpy as np
+
+    a = np.array([exact[p] for p in exact])
+    e = np.array([estimate[p] for p in exact])
+    rel = np.abs(e / a - 1)
+    return {"median_rel_err": round(float(np.median(rel)), 4), "max_rel_err": round(float(rel.max()), 4),
+            "spearman_with_forward": round(spearman(a, e), 4)}

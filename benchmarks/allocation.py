@@ -48,7 +48,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import compressjax as cj  # noqa: E402
-from benchmarks._common import finish, parser  # noqa: E402
+from benchmarks._common import alpha_agreement, finish, parser, spearman  # noqa: E402
 from benchmarks._minilm_oneshot import ENCODER_KERNELS, apply_fn, calibration_split, row_mask  # noqa: E402
 from benchmarks.minilm import length_batches  # noqa: E402
 from compressjax.allocation import candidate_importance, from_candidates, model_stages  # noqa: E402
@@ -64,12 +64,6 @@ def other_sentences(n: int = 200, min_words: int = 6, max_words: int = 40) -> li
     rng = np.random.default_rng(0)
     idx = sorted(rng.permutation(len(out))[:n].tolist())
     return [out[i] for i in idx]
-
-
-def spearman(a, b) -> float:
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def peak_mb() -> float:
@@ -131,14 +125,7 @@ def importance_methods(params, batches, menu, plans, ref, sentences) -> dict:
             alphas[name] = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, method=method, seed=seed)
             seconds.setdefault(name, []).append(round(time.perf_counter() - t, 1))
         print(f"importance {name}: {seconds[name]} s (cold, warm)", flush=True)
-    exact = np.array([alphas["forward"][p] for p in cands.paths])
-    agreement = {}
-    for name in alphas:
-        if name != "forward":
-            est = np.array([alphas[name][p] for p in cands.paths])
-            rel = np.abs(est / exact - 1)
-            agreement[name] = {"median_rel_err": round(float(np.median(rel)), 4), "max_rel_err": round(float(rel.max()), 4),
-                               "spearman_with_forward": round(spearman(exact, est), 4)}
+    agreement = {name: alpha_agreement(alphas["forward"], al) for name, al in alphas.items() if name != "forward"}
     print(f"alphas against forward mode: {agreement}", flush=True)
     corr = estimate_vs_measured(params, cands, alphas, plans, ref, sentences)
     return {"seconds_cold_warm": seconds, "alphas_against_forward": agreement, "estimate_vs_measured": corr,
@@ -232,6 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
             out[f"{k}_min_cosine"] = round(float(cos.min()), 6)
         return out
 
+    if args.importance_only:
+        return finish({"benchmark": "allocation", "quick": bool(args.quick),
+                       "importance_methods": importance_methods(params, batches, menu, plans, refs["eval"], evaluation)}, args.json)
+
     # Cost reference: one GPTQ int4 g128 pass, cold (Hessians + solve), in a process that has compiled nothing.
     t = time.perf_counter()
     hess0 = cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask)
@@ -242,9 +233,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"GPTQ int4 g128 pass: {t_gptq:.1f} s, peak RSS {mem_gptq:.0f} MB", flush=True)
     del q, hess0
 
-    if args.importance_only:
-        return finish({"benchmark": "allocation", "quick": bool(args.quick),
-                       "importance_methods": importance_methods(params, batches, menu, plans, refs["eval"], evaluation)}, args.json)
     if args.fast:
         return finish({"benchmark": "allocation", "quick": bool(args.quick),
                        "fast": fast_search(params, batches, 3.5, t_gptq, quality)}, args.json)

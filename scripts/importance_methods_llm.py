@@ -17,9 +17,9 @@ import time
 from types import SimpleNamespace
 
 import jax
-import numpy as np
 
 import compressjax as cj
+from benchmarks._common import alpha_agreement
 from benchmarks.llm import KERNELS, data
 from compressjax.allocation import candidate_importance
 from compressjax.models import smollm
@@ -47,12 +47,7 @@ def main() -> None:
         alphas[method] = candidate_importance(apply, params, batches, cands, output_metric=cj.softmax_kl, method=method)
         out[method] = {"seconds": round(time.perf_counter() - t, 1), "peak_rss_mb": round(peak_mb())}
         print(method, out[method], flush=True)
-    a = np.array([alphas["forward"][p] for p in cands.paths])
-    e = np.array([alphas["reverse"][p] for p in cands.paths])
-    rel = np.abs(e / a - 1)
-    ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731
-    out["reverse_against_forward"] = {"median_rel_err": round(float(np.median(rel)), 4), "max_rel_err": round(float(rel.max()), 4),
-                                      "spearman": round(float(np.corrcoef(ranks(a), ranks(e))[0, 1]), 4)}
+    out["reverse_against_forward"] = alpha_agreement(alphas["forward"], alphas["reverse"])
     out["alphas"] = {m: {p: float(f"{v:.4g}") for p, v in al.items()} for m, al in alphas.items()}
     out["machine"] = {"cpu": platform.processor() or platform.machine(), "jax": jax.__version__}
     print(json.dumps(out, indent=1))
