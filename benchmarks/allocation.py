@@ -122,7 +122,8 @@ def importance_methods(params, batches, menu, plans, ref, sentences) -> dict:
     for name, method, seed in runs:
         for _ in range(2):  # cold, then warm
             t = time.perf_counter()
-            alphas[name] = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, method=method, seed=seed)
+            alphas[name] = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, method=method, seed=seed,
+                                               hessians=hess)
             seconds.setdefault(name, []).append(round(time.perf_counter() - t, 1))
         print(f"importance {name}: {seconds[name]} s (cold, warm)", flush=True)
     agreement = {name: alpha_agreement(alphas["forward"], al) for name, al in alphas.items() if name != "forward"}
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     hess = cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask)
     cands = cj.option_costs_and_damages(params, hess, menu, keep_results=True)
     t_cands = time.perf_counter() - t
-    alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, method=args.importance_method)
+    alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, method=args.importance_method,
+                                 hessians=hess)
     t_alpha = time.perf_counter() - t - t_cands
     n_w = cands.num_weights
     auto_params, auto_plan = from_candidates(apply_fn, params, batches, cands, int(np.floor(timed_bpw * n_w / 8)), alpha,

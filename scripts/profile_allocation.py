@@ -47,10 +47,10 @@ t = time.perf_counter()
 cands = cj.option_costs_and_damages(params, hess, menu, keep_results=True)
 tick("cands-all-warm", t)
 t = time.perf_counter()
-alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask)
+alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, method="auto", hessians=hess)
 tick("importance", t)
 t = time.perf_counter()
-candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask)
+candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, method="auto", hessians=hess)
 tick("importance-warm", t)
 n_w = cands.num_weights
 for seq in (False, True):

@@ -366,6 +366,30 @@ def test_reverse_mode_importance_is_an_unbiased_estimate_of_the_forward_one(metr
     assert auto == cj.kernel_importance(apply, params, batches, probes, output_metric=metric, method="reverse")
 
 
+def test_kernel_importance_reuses_given_hessians_only_when_every_batch_is_used(monkeypatch):
+    """The denominators from the Hessians given (no second capture pass), the same alphas; with fewer batches
+    used than given, or a probed kernel without a Hessian, they are collected over the batches used."""
+    from compressjax.allocation import _importance
+
+    apply, params, batches, probes = _three_layer_mlp()
+    hess = cj.collect_hessians(apply, params, batches)
+    want = cj.kernel_importance(apply, params, batches, probes)
+    calls = []
+    real = _importance.collect_hessians
+    monkeypatch.setattr(_importance, "collect_hessians", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = cj.kernel_importance(apply, params, batches, probes, hessians=hess)
+    assert calls == [] and got.keys() == want.keys()
+    for p in want:
+        np.testing.assert_allclose(got[p], want[p], rtol=1e-5)
+    sub = cj.kernel_importance(apply, params, batches, probes, hessians=hess, max_batches=2)
+    assert calls == [1] and sub == cj.kernel_importance(apply, params, batches, probes, max_batches=2)
+    calls.clear()
+    again = cj.kernel_importance(apply, params, batches, probes, hessians=cj.collect_hessians(apply, params, batches, where=r"^a/"))
+    assert calls == [1]
+    for p in want:
+        np.testing.assert_allclose(again[p], want[p], rtol=1e-5)
+
+
 def test_auto_leaves_kernels_whose_per_sample_gradient_is_too_big_to_forward_mode(monkeypatch):
     from compressjax.allocation import _importance
 

@@ -372,7 +372,7 @@ def auto_compress(
     alpha = None
     if importance:
         alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, output_metric=metric,
-                                     method=importance_method)
+                                     method=importance_method, hessians=hessians)
     budget = budget_bytes(cands.num_weights, bits_per_weight=bits_per_weight, max_bytes=max_bytes, ratio=ratio)
     if distance is None and importance is softmax_kl:
         distance = softmax_kl_distance
@@ -382,10 +382,11 @@ def auto_compress(
 
 def candidate_importance(apply_fn: Callable, params: Any, batches: Sequence[Any], cands: Candidates, *,
                          row_mask: Callable | None = None, output_metric: Callable | None = None,
-                         method: str = "forward", seed: int = 0) -> dict[str, float]:
+                         method: str = "forward", seed: int = 0, hessians: Any = None) -> dict[str, float]:
     """:func:`kernel_importance` of every kernel, probed with the error of its median-damage option (needs
     ``cands`` made with ``keep_results=True``); 1.0 for a kernel whose options all have zero error.
-    ``output_metric``, ``method``, ``seed``: as for :func:`kernel_importance`."""
+    ``output_metric``, ``method``, ``seed``, ``hessians`` (those ``cands`` were solved from, to reuse): as
+    for :func:`kernel_importance`."""
     probes = {}
     leaves = dict(tree.leaves_with_paths(params, tree.is_compressed_leaf))
     for i, p in enumerate(cands.paths):
@@ -398,7 +399,7 @@ def candidate_importance(apply_fn: Callable, params: Any, batches: Sequence[Any]
     alpha = {p: 1.0 for p in cands.paths}
     if probes:
         alpha.update(kernel_importance(apply_fn, params, batches, probes, row_mask=row_mask, output_metric=output_metric,
-                                       method=method, seed=seed))
+                                       method=method, seed=seed, hessians=hessians))
     return alpha
 
 

@@ -42,7 +42,7 @@ import numpy as np
 from compressjax import tree
 from compressjax.allocation._costs import _exact, decoded, perturbation_error
 from compressjax.checks import check_positive_int
-from compressjax.hessians import collect_hessians
+from compressjax.hessians import Hessian, collect_hessians
 
 __all__ = ["kernel_importance", "squared_change", "softmax_kl"]
 
@@ -102,6 +102,7 @@ def kernel_importance(
     method: str = "forward",
     num_probes: int = 1,
     seed: int = 0,
+    hessians: Any = None,
 ) -> dict[str, float]:
     """How much of each kernel's layer output error reaches the model's output: ``{path: alpha}``.
 
@@ -145,6 +146,10 @@ def kernel_importance(
         method: ``"forward"``, ``"reverse"`` or ``"auto"`` (see above).
         num_probes: reverse: random probes per sample.
         seed: reverse: the seed of the probes (the estimate is a deterministic function of it).
+        hessians: Hessians of ``params`` over these ``batches`` and ``row_mask`` (from
+            :func:`compressjax.collect_hessians`, e.g. the ones the options were solved from): when every batch
+            is used, the denominators come from them instead of a second capture pass. Ignored when only some
+            batches are used or a probed kernel has none.
 
     Returns:
         ``{path: alpha}``, ``alpha >= 0``; 1.0 for a zero probe (nothing to measure).
@@ -191,6 +196,7 @@ def kernel_importance(
     num_probes = check_positive_int("num_probes", num_probes)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    n_given = len(batches)
     batches = spaced_batches(batches, max_batches, "importance")
     paths = list(probes)
     flat, treedef = jax.tree_util.tree_flatten_with_path(float_params)
@@ -203,13 +209,19 @@ def kernel_importance(
                                   num_probes, seed)
     else:
         num = _forward_numerators(apply_fn, leaves, treedef, sel, dws, batches, metric, chunk_size)
-    hess = collect_hessians(apply_fn, float_params, batches, where=_exact(paths), row_mask=row_mask)
-    hs = {p: h for p, h in tree.leaves_with_paths(hess, lambda x: x is None or hasattr(x, "in_axes")) if h is not None}
+    hs = _hessians_by_path(hessians) if hessians is not None and len(batches) == n_given else {}
+    if not all(p in hs for p in paths):
+        hs = _hessians_by_path(collect_hessians(apply_fn, float_params, batches, where=_exact(paths), row_mask=row_mask))
     out = {}
     for j, p in enumerate(paths):
         den = perturbation_error(hs[p], dws[j])
         out[p] = float(num[j]) / den if den > 0 else 1.0
     return out
+
+
+def _hessians_by_path(hessians: Any) -> dict[str, Hessian]:
+    return {p: h for p, h in tree.leaves_with_paths(hessians, lambda x: x is None or isinstance(x, Hessian))
+            if isinstance(h, Hessian)}
 
 
 def _with_kernels(leaves: list, treedef: Any, sel: Sequence[int], kernels: Sequence[Any]) -> Any:
