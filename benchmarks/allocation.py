@@ -26,7 +26,9 @@ Usage::
     python -m benchmarks.allocation --cost-only --json out.json              # only the GPTQ pass and the search, timed
                                                                              # (then the plans compared at each budget, the
                                                                              # menu's GPTQ options: gptq each vs gptq_many, and a
-                                                                             # sequential GPTQ pass, warm)
+                                                                             # sequential GPTQ pass, warm and, in a fresh
+                                                                             # process, cold)
+    python -m benchmarks.allocation --pass-only sequential                   # one GPTQ int4 g128 pass, cold, alone
     python -m benchmarks.allocation --fast --json out.json                   # the GPTQ pass and the cheapest search
     python -m benchmarks.allocation --importance-only --json out.json        # importance: forward vs reverse mode
 """
@@ -34,9 +36,12 @@ Usage::
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -147,7 +152,8 @@ def compared_at_every_budget(params, batches, cands, alpha, budgets) -> dict:
 
 def sequential_gptq_pass(params, batches, paths) -> dict:
     """A GPTQ int4 g128 pass in sequential mode (``layerwise`` over ``model_stages``: what ``auto_compress``'s
-    default ``sequential=True`` runs after its search), timed warm: this process has compiled GPTQ already."""
+    default ``sequential=True`` runs after its search); cold in a fresh process (``--pass-only``), else warm
+    for what this process has compiled already."""
     stages = model_stages(apply_fn, params, batches[0], paths)
     wheres = ["^(?:" + "|".join(re.escape(p) for p in s) + ")$" for s in stages]
     t = time.perf_counter()
@@ -157,6 +163,16 @@ def sequential_gptq_pass(params, batches, paths) -> dict:
     seconds = time.perf_counter() - t
     print(f"sequential GPTQ int4 g128 pass ({len(stages)} stages): {seconds:.1f} s", flush=True)
     return {"gptq_int4_g128_sequential_seconds": round(seconds, 1), "sequential_stages": len(stages)}
+
+
+def cold_pass_in_fresh_process(mode: str, quick: bool) -> float:
+    """Seconds of one GPTQ int4 g128 pass (``mode``: one-shot or sequential) in a new Python process, so that
+    nothing is compiled before it (``--pass-only``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pass.json"
+        cmd = [sys.executable, "-m", "benchmarks.allocation", "--pass-only", mode, "--json", str(out)] + (["--quick"] if quick else [])
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())["pass"]["seconds"]
 
 
 def gptq_options_side_by_side(params, batches, menu) -> dict:
@@ -193,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="kernel_importance's method for the search")
     ap.add_argument("--importance-only", action="store_true",
                     help="only the importance by forward and reverse mode: time, agreement, Spearman test of each")
+    ap.add_argument("--pass-only", choices=("one-shot", "sequential"), default=None,
+                    help="only one GPTQ int4 g128 pass, cold (the cost baseline of --cost-only, run in a fresh process)")
     args = ap.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     seq_budgets = budgets if args.seq_budgets == "all" else [float(b) for b in args.seq_budgets.split(",")]
@@ -224,6 +242,12 @@ def main(argv: list[str] | None = None) -> dict:
         return finish({"benchmark": "allocation", "quick": bool(args.quick),
                        "importance_methods": importance_methods(params, batches, menu, plans, refs["eval"], evaluation)}, args.json)
 
+    if args.pass_only == "sequential":
+        kernels = [p for p, _ in cj.tree.leaves_with_paths(params) if re.search(ENCODER_KERNELS, p)]
+        row = sequential_gptq_pass(params, batches, kernels)
+        return finish({"benchmark": "allocation", "quick": bool(args.quick),
+                       "pass": {"mode": "sequential", "seconds": row["gptq_int4_g128_sequential_seconds"],
+                                "stages": row["sequential_stages"], "peak_rss_mb": round(peak_mb())}}, args.json)
     # Cost reference: one GPTQ int4 g128 pass, cold (Hessians + solve), in a process that has compiled nothing.
     t = time.perf_counter()
     hess0 = cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask)
@@ -234,6 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"GPTQ int4 g128 pass: {t_gptq:.1f} s, peak RSS {mem_gptq:.0f} MB", flush=True)
     del q, hess0
 
+    if args.pass_only == "one-shot":
+        return finish({"benchmark": "allocation", "quick": bool(args.quick),
+                       "pass": {"mode": "one-shot", "seconds": round(t_gptq, 1), "peak_rss_mb": round(mem_gptq)}}, args.json)
     if args.fast:
         return finish({"benchmark": "allocation", "quick": bool(args.quick),
                        "fast": fast_search(params, batches, 3.5, t_gptq, quality)}, args.json)
@@ -265,6 +292,11 @@ def main(argv: list[str] | None = None) -> dict:
         cost["gptq_options"] = gptq_options_side_by_side(params, batches, menu)
         cost.update(sequential_gptq_pass(params, batches, list(cands.paths)))
         cost["ratio_to_sequential_gptq"] = round(t_auto / cost["gptq_int4_g128_sequential_seconds"], 2)
+        # Like for like: the default search ends in a sequential pass, so its baseline is a sequential GPTQ
+        # pass, cold as the search was (a fresh process: this one has compiled GPTQ and the stages).
+        cold = cold_pass_in_fresh_process("sequential", bool(args.quick))
+        cost["gptq_int4_g128_sequential_cold_seconds"] = cold
+        cost["ratio_to_sequential_gptq_cold"] = round(t_auto / cold, 2)
         print(cost, flush=True)
         return finish({"benchmark": "allocation", "quick": bool(args.quick), "cost": cost}, args.json)
     results = cands.results

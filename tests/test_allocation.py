@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import compressjax as cj
-from compressjax.allocation import budget_bytes, model_stages, pareto_front
+from compressjax.allocation import budget_bytes, from_candidates, model_stages, pareto_front
 from compressjax.allocation._menu import KernelInfo, why_not
 
 Q = cj.QuantSpec
@@ -671,3 +671,25 @@ def test_softmax_kl_distance_is_the_kl_of_the_predictions():
     want = float(np.sum(p * (np.log(p) - np.log(q))))
     assert float(softmax_kl_distance(jnp.asarray(ref), jnp.asarray(y))) == pytest.approx(want, rel=1e-5)
     assert float(softmax_kl_distance(jnp.asarray(ref), jnp.asarray(ref))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sequential_first_stage_takes_the_candidates_and_later_stages_are_recalibrated(monkeypatch):
+    """The first stage sees the float model, as the candidates did: its results are the candidates' own (no
+    capture pass for it); the second is solved again on Hessians through the compressed first layer."""
+    from compressjax.allocation import _auto
+
+    params, apply, batches = _three_layers()
+    menu = [cj.Option("float", "float"), cj.Option("int3", "gptq", cj.QuantSpec(bits=3))]
+    hess = cj.collect_hessians(apply, params, batches)
+    cands = cj.option_costs_and_damages(params, hess, menu, keep_results=True)
+    captured = []
+    real = _auto.collect_hessians
+    monkeypatch.setattr(_auto, "collect_hessians", lambda *a, **k: captured.append(k["where"]) or real(*a, **k))
+    budget = int(cands.costs[:, 1].sum())
+    out, plan = from_candidates(apply, params, batches, cands, budget, None, sequential=True, compare_uniform=False)
+    assert plan.choices == {"a/kernel": "int3", "b/kernel": "int3"} and len(captured) == 1 and "b/kernel" in captured[0]
+    assert out["a"]["kernel"] is cands.results[("a/kernel", "int3")][0]
+    first = {e.path: e for e in plan.entries}["a/kernel"]
+    assert (first.bytes, first.layer_error) == (int(cands.costs[0, 1]), float(cands.errors[0, 1]))
+    one_shot = cands.results[("b/kernel", "int3")][0]
+    assert not np.array_equal(np.asarray(cj.dequantize(out["b"]["kernel"])), np.asarray(cj.dequantize(one_shot)))

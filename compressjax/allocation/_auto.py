@@ -202,10 +202,12 @@ def apply_plan(
     return out, (_masks_tree(params, masks) if masks else None)
 
 
-def _sequential(params, choices, options, apply_fn, batches, row_mask, stages, fallback):
-    """The stage loop. ``fallback``: ``{path: ((leaf, mask), bytes)}``, results from the float-model
-    Hessians whose bytes were planned; a stage result that takes more bytes is replaced by it, so the plan
-    never grows. Returns ``(params, masks, {path: (bytes, layer_error)})``."""
+def _sequential(params, choices, options, apply_fn, batches, row_mask, stages, fallback, first_from_fallback=False):
+    """The stage loop. ``fallback``: ``{path: ((leaf, mask), bytes, layer_error)}``, results from the
+    float-model Hessians whose bytes were planned; a stage result that takes more bytes is replaced by it, so
+    the plan never grows. ``first_from_fallback``: the first stage takes them as they are (its Hessians
+    would be the float model's again; not for stacked kernels, which are calibrated layer after layer).
+    Returns ``(params, masks, {path: (bytes, layer_error)})``."""
     paths = list(choices)
     if stages is None:
         stages = model_stages(apply_fn, params, batches[0], paths)
@@ -215,35 +217,46 @@ def _sequential(params, choices, options, apply_fn, batches, row_mask, stages, f
     leaves = dict(tree.leaves_with_paths(params, tree.is_compressed_leaf))
     view, out, masks, final = params, params, {}, {}
     for i, stage in enumerate(stages):
-        try:
-            hess = collect_hessians(apply_fn, view, batches, where=_exact(stage), row_mask=row_mask)
-        except ValueError as e:
-            raise ValueError(f"stage {i} ({stage}): {e}") from e
-        infos = kernel_infos(params, hess)
-        new = {}
-        # Stacked kernels (layers run by lax.scan): a stage holds every layer at once, so calibrate slice by
-        # slice in one pass instead, each layer on the outputs of the layers already compressed.
-        stacked = None
-        if any(infos[p][0].layer_axes for p in stage):
-            stacked = _one_pass_stage(view, stage, choices, options, apply_fn, batches, row_mask)
-        for name in dict.fromkeys(choices[p] for p in stage):
-            todo = [p for p in stage if choices[p] == name]
-            if stacked is not None:
-                solved = {p: stacked[p] for p in todo}
-            else:
-                solved = solve_option(options[name], params, hess, todo)
-            sizes = leaf_bytes([solved[p][0] for p in todo])
-            for p, nb in zip(todo, sizes, strict=True):
-                res = solved[p]
-                if fallback is not None and nb > fallback[p][1]:
-                    res, nb = fallback[p]
-                new[p] = res
-                info, w, h = infos[p]
-                final[p] = (int(nb), 0.0 if options[name].method == "float" else layer_error(info, w, res[0], h))
+        if i == 0 and first_from_fallback:
+            new = {p: fallback[p][0] for p in stage}
+            final.update({p: (int(fallback[p][1]), float(fallback[p][2])) for p in stage})
+        else:
+            new = _stage_results(params, view, stage, i, choices, options, apply_fn, batches, row_mask, fallback, final)
         out = tree.replace_leaves(out, {p: r[0] for p, r in new.items()})
         view = tree.replace_leaves(view, {p: decoded(r[0]).astype(leaves[p].dtype) for p, r in new.items()})
         masks.update({p: r[1] for p, r in new.items() if r[1] is not None})
     return out, masks, final
+
+
+def _stage_results(params, view, stage, i, choices, options, apply_fn, batches, row_mask, fallback, final):
+    """``{path: (leaf, mask)}`` of stage ``i``'s kernels solved from Hessians collected on ``view`` (the model
+    as compressed so far); records ``final[path] = (bytes, layer_error)``."""
+    try:
+        hess = collect_hessians(apply_fn, view, batches, where=_exact(stage), row_mask=row_mask)
+    except ValueError as e:
+        raise ValueError(f"stage {i} ({stage}): {e}") from e
+    infos = kernel_infos(params, hess)
+    new = {}
+    # Stacked kernels (layers run by lax.scan): a stage holds every layer at once, so calibrate slice by
+    # slice in one pass instead, each layer on the outputs of the layers already compressed.
+    stacked = None
+    if any(infos[p][0].layer_axes for p in stage):
+        stacked = _one_pass_stage(view, stage, choices, options, apply_fn, batches, row_mask)
+    for name in dict.fromkeys(choices[p] for p in stage):
+        todo = [p for p in stage if choices[p] == name]
+        if stacked is not None:
+            solved = {p: stacked[p] for p in todo}
+        else:
+            solved = solve_option(options[name], params, hess, todo)
+        sizes = leaf_bytes([solved[p][0] for p in todo])
+        for p, nb in zip(todo, sizes, strict=True):
+            res = solved[p]
+            if fallback is not None and nb > fallback[p][1]:
+                res, nb = fallback[p][:2]
+            new[p] = res
+            info, w, h = infos[p]
+            final[p] = (int(nb), 0.0 if options[name].method == "float" else layer_error(info, w, res[0], h))
+    return new
 
 
 def _stacked_together(stages: list[list[str]], stacked: Sequence[str]) -> list[list[str]]:
@@ -469,13 +482,15 @@ def from_candidates(apply_fn: Callable, params: Any, batches: Sequence[Any], can
     order = None
     if sequential:
         order_stages = stages
+        stacked = [p for p, info in zip(cands.paths, cands.infos, strict=True) if info.layer_axes]
         if stages is None:
-            stacked = [p for p, info in zip(cands.paths, cands.infos, strict=True) if info.layer_axes]
             order_stages = _stacked_together(model_stages(apply_fn, params, batches[0], list(cands.paths)), stacked)
         order = [p for s in order_stages for p in s]
-        fallback = {p: (cands.results[(p, n)], int(cands.costs[i, int(choice[i])])) for i, (p, n) in enumerate(choices.items())}
+        fallback = {p: (cands.results[(p, n)], int(cands.costs[i, int(choice[i])]), float(cands.errors[i, int(choice[i])]))
+                    for i, (p, n) in enumerate(choices.items())}
         opts = {o.name: o for o in cands.options}
-        out, masks, final = _sequential(params, choices, opts, apply_fn, batches, row_mask, order_stages, fallback)
+        out, masks, final = _sequential(params, choices, opts, apply_fn, batches, row_mask, order_stages, fallback,
+                                        first_from_fallback=not set(stacked) & set(order_stages[0]))
     else:
         final = None
         out = tree.replace_leaves(params, {p: cands.results[(p, n)][0] for p, n in choices.items()})

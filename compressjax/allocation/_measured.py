@@ -69,10 +69,8 @@ def _output_scorer(apply_fn: Callable, params: Any, batches: Sequence[Any], dist
     def forward(leaves, batch):
         return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), batch)
 
-    @jax.jit
-    def damage(leaves, batch, reference):
-        return dist(reference, forward(leaves, batch))
-
+    # Compiled on its own: one compilation of the model (forward) serves the references and every trial.
+    distance_of = jax.jit(dist)
     references = [forward(leaves, b) for b in batches]
 
     def score(replace: dict[str, Any]) -> float:
@@ -80,7 +78,7 @@ def _output_scorer(apply_fn: Callable, params: Any, batches: Sequence[Any], dist
         for p, leaf in replace.items():
             k = index[p]
             trial[k] = decoded(leaf).astype(leaves[k].dtype)
-        return sum(float(damage(trial, b, r)) for b, r in zip(batches, references, strict=True))
+        return sum(float(distance_of(r, forward(trial, b))) for b, r in zip(batches, references, strict=True))
 
     return score
 
