@@ -388,6 +388,8 @@ def test_kernel_importance_reuses_given_hessians_only_when_every_batch_is_used(m
     assert calls == [1]
     for p in want:
         np.testing.assert_allclose(again[p], want[p], rtol=1e-5)
+    with pytest.raises(TypeError, match="a/kernel.*Array"):
+        cj.kernel_importance(apply, params, batches, probes, hessians={"a": {"kernel": jnp.eye(6)}})
 
 
 def test_auto_leaves_kernels_whose_per_sample_gradient_is_too_big_to_forward_mode(monkeypatch):

@@ -159,7 +159,7 @@ def kernel_importance(
             ``method``, ``method="reverse"`` on batches without a shared leading sample axis or a model
             whose samples' outputs depend on each other.
         TypeError: a size or ``seed`` that is not an int, an ``output_metric`` that is not callable, or
-            (reverse) not built in.
+            (reverse) not built in, ``hessians`` with a leaf that is not a Hessian.
     """
     metric = squared_change if output_metric is None else output_metric
     if not callable(metric):
@@ -174,6 +174,7 @@ def kernel_importance(
         raise ValueError("batches is empty: importance needs at least one calibration batch")
     if max_batches is not None:
         max_batches = check_positive_int("max_batches", max_batches)
+    given = {} if hessians is None else _hessians_by_path(hessians)
     float_params = jax.tree_util.tree_map(decoded, params, is_leaf=tree.is_compressed_leaf)
     if method == "auto":
         # Reverse mode holds a float32 gradient of every probed kernel per sample in a chunk: keep that
@@ -209,7 +210,7 @@ def kernel_importance(
                                   num_probes, seed)
     else:
         num = _forward_numerators(apply_fn, leaves, treedef, sel, dws, batches, metric, chunk_size)
-    hs = _hessians_by_path(hessians) if hessians is not None and len(batches) == n_given else {}
+    hs = given if len(batches) == n_given else {}
     if not all(p in hs for p in paths):
         hs = _hessians_by_path(collect_hessians(apply_fn, float_params, batches, where=_exact(paths), row_mask=row_mask))
     out = {}
@@ -220,8 +221,15 @@ def kernel_importance(
 
 
 def _hessians_by_path(hessians: Any) -> dict[str, Hessian]:
-    return {p: h for p, h in tree.leaves_with_paths(hessians, lambda x: x is None or isinstance(x, Hessian))
-            if isinstance(h, Hessian)}
+    """``{path: Hessian}`` of a tree from :func:`compressjax.collect_hessians` (``None`` leaves skipped)."""
+    out = {}
+    for p, h in tree.leaves_with_paths(hessians, lambda x: x is None or isinstance(x, Hessian)):
+        if h is not None and not isinstance(h, Hessian):
+            raise TypeError(f"hessians must come from collect_hessians (a Hessian or None per leaf); leaf {p!r} is "
+                            f"{type(h).__name__}")
+        if h is not None:
+            out[p] = h
+    return out
 
 
 def _with_kernels(leaves: list, treedef: Any, sel: Sequence[int], kernels: Sequence[Any]) -> Any:
