@@ -323,8 +323,8 @@ def auto_compress(
     4. the plan is applied. ``sequential=False``: the results of step 2 are used as they are, so every
        kernel's bytes are exactly the planned ones. ``sequential=True``: the kernels are compressed again
        stage by stage (blocks in model order, :func:`model_stages`), each stage with Hessians collected on
-       the model as compressed so far, so later layers correct for earlier ones (GPTQ's sequential mode); a
-       kernel whose new result would take more bytes than planned keeps its step-2 result instead, so the
+       the model as compressed so far, so later layers correct for earlier ones (GPTQ's sequential mode; the
+       first stage keeps its step-2 results, from the same float-model Hessians); a kernel whose new result would take more bytes than planned keeps its step-2 result instead, so the
        budget holds (every kernel's bytes at most the planned ones). The stacked kernels (layers run by
        ``lax.scan``) form one stage, which goes through :func:`compressjax.sequential` instead: each layer
        slice with its kernel's planned option, on the outputs of the slices compressed before it (one pass,
