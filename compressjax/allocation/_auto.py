@@ -324,12 +324,12 @@ def auto_compress(
        kernel's bytes are exactly the planned ones. ``sequential=True``: the kernels are compressed again
        stage by stage (blocks in model order, :func:`model_stages`), each stage with Hessians collected on
        the model as compressed so far, so later layers correct for earlier ones (GPTQ's sequential mode; the
-       first stage keeps its step-2 results, from the same float-model Hessians); a kernel whose new result would take more bytes than planned keeps its step-2 result instead, so the
-       budget holds (every kernel's bytes at most the planned ones). The stacked kernels (layers run by
-       ``lax.scan``) form one stage, which goes through :func:`compressjax.sequential` instead: each layer
-       slice with its kernel's planned option, on the outputs of the slices compressed before it (one pass,
-       layer after layer). The plan
-       records the bytes and layer errors of the results used.
+       first stage keeps its step-2 results, from the same float-model Hessians); a kernel whose new result
+       would take more bytes than planned keeps its step-2 result instead, so the budget holds (every
+       kernel's bytes at most the planned ones). The stacked kernels (layers run by ``lax.scan``) form one
+       stage, which goes through :func:`compressjax.sequential` instead: each layer slice with its kernel's
+       planned option, on the outputs of the slices compressed before it (one pass, layer after layer). The
+       plan records the bytes and layer errors of the results used.
 
     The budget covers the selected kernels' bytes in the file (``size_report``'s ``stored_bytes`` of those
     leaves); other leaves (biases, norms, embeddings not selected) and the file's header are outside it.
