@@ -17,17 +17,18 @@ Rows:
 * ``estimate_vs_measured``: over random plans, the Spearman rank correlation between the estimated total
   damage (layer errors, with and without importance weights) and the measured loss of mean cosine;
 * ``cost``: wall time and peak memory of ``auto_compress`` (cold, compilation included) against one GPTQ
-  int4 g128 pass (``collect_hessians`` + ``gptq``, cold).
+  int4 g128 pass (``collect_hessians`` + ``gptq``, cold; with ``--cost-only`` also a sequential one, each
+  in a fresh process).
 
 Usage::
 
     python -m benchmarks.allocation --json benchmarks/results/allocation-cpu.json   # over an hour on 2 loaded cores (57 solver compilations)
     python -m benchmarks.allocation --quick                                  # smoke test
-    python -m benchmarks.allocation --cost-only --json out.json              # only the GPTQ pass and the search, timed
-                                                                             # (then the plans compared at each budget, the
-                                                                             # menu's GPTQ options: gptq each vs gptq_many, and a
-                                                                             # sequential GPTQ pass, warm and, in a fresh
-                                                                             # process, cold)
+    python -m benchmarks.allocation --cost-only --json out.json              # only the search, cold, and one-shot and
+                                                                             # sequential GPTQ passes, each cold in a fresh
+                                                                             # process (then the plans compared at each
+                                                                             # budget, the menu's GPTQ options: gptq each vs
+                                                                             # gptq_many, and a sequential GPTQ pass, warm)
     python -m benchmarks.allocation --pass-only sequential                   # one GPTQ int4 g128 pass, cold, alone
     python -m benchmarks.allocation --fast --json out.json                   # the GPTQ pass and the cheapest search
     python -m benchmarks.allocation --importance-only --json out.json        # importance: forward vs reverse mode
@@ -72,6 +73,14 @@ def other_sentences(n: int = 200, min_words: int = 6, max_words: int = 40) -> li
 
 
 def peak_mb() -> float:
+    """This process' peak resident memory in MB: ``VmHWM`` where Linux has it (``ru_maxrss`` of a process started
+    by a larger one counts the parent's resident memory at the fork), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -165,14 +174,14 @@ def sequential_gptq_pass(params, batches, paths) -> dict:
     return {"gptq_int4_g128_sequential_seconds": round(seconds, 1), "sequential_stages": len(stages)}
 
 
-def cold_pass_in_fresh_process(mode: str, quick: bool) -> float:
-    """Seconds of one GPTQ int4 g128 pass (``mode``: one-shot or sequential) in a new Python process, so that
-    nothing is compiled before it (``--pass-only``)."""
+def cold_pass_in_fresh_process(mode: str, quick: bool) -> dict:
+    """One GPTQ int4 g128 pass (``mode``: one-shot or sequential) in a new Python process, so that nothing is
+    compiled before it (``--pass-only``): ``{"seconds", "peak_rss_mb", ...}``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pass.json"
         cmd = [sys.executable, "-m", "benchmarks.allocation", "--pass-only", mode, "--json", str(out)] + (["--quick"] if quick else [])
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        return json.loads(out.read_text())["pass"]["seconds"]
+        return json.loads(out.read_text())["pass"]
 
 
 def gptq_options_side_by_side(params, batches, menu) -> dict:
@@ -249,14 +258,18 @@ def main(argv: list[str] | None = None) -> dict:
                        "pass": {"mode": "sequential", "seconds": row["gptq_int4_g128_sequential_seconds"],
                                 "stages": row["sequential_stages"], "peak_rss_mb": round(peak_mb())}}, args.json)
     # Cost reference: one GPTQ int4 g128 pass, cold (Hessians + solve), in a process that has compiled nothing.
-    t = time.perf_counter()
-    hess0 = cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask)
-    q = cj.gptq(params, hess0, cj.QuantSpec(bits=4, group_size=128), act_order=True)
-    jax.block_until_ready(jax.tree.leaves(q))
-    t_gptq = time.perf_counter() - t
-    mem_gptq = peak_mb()
-    print(f"GPTQ int4 g128 pass: {t_gptq:.1f} s, peak RSS {mem_gptq:.0f} MB", flush=True)
-    del q, hess0
+    # --cost-only runs it (and the sequential pass) in fresh processes after the search instead, so that the
+    # search is cold too (here it would find the capture program and GPTQ's solver compiled).
+    t_gptq, mem_gptq = 0.0, 0.0
+    if not args.cost_only:
+        t = time.perf_counter()
+        hess0 = cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask)
+        q = cj.gptq(params, hess0, cj.QuantSpec(bits=4, group_size=128), act_order=True)
+        jax.block_until_ready(jax.tree.leaves(q))
+        t_gptq = time.perf_counter() - t
+        mem_gptq = peak_mb()
+        print(f"GPTQ int4 g128 pass: {t_gptq:.1f} s, peak RSS {mem_gptq:.0f} MB", flush=True)
+        del q, hess0
 
     if args.pass_only == "one-shot":
         return finish({"benchmark": "allocation", "quick": bool(args.quick),
@@ -283,20 +296,24 @@ def main(argv: list[str] | None = None) -> dict:
     t_auto = time.perf_counter() - t
     cost = {"gptq_int4_g128_seconds": round(t_gptq, 1), "auto_compress_seconds": round(t_auto, 1),
             "candidates_seconds": round(t_cands, 1), "importance_seconds": round(t_alpha, 1),
-            "ratio": round(t_auto / t_gptq, 2), "peak_rss_mb_after_gptq": round(mem_gptq), "peak_rss_mb_after_auto": round(peak_mb()),
+            "ratio": round(t_auto / t_gptq, 2) if t_gptq else None, "peak_rss_mb_after_gptq": round(mem_gptq),
+            "peak_rss_mb_after_auto": round(peak_mb()),
             "bits_per_weight": timed_bpw}
     print(f"auto_compress at {timed_bpw} bpw: {cost}", flush=True)
     print(auto_plan, flush=True)
     if args.cost_only:
+        # Both baselines cold, each in a fresh process. Like for like: the default search ends in a sequential
+        # application, so its baseline is a sequential GPTQ pass.
+        one_shot = cold_pass_in_fresh_process("one-shot", bool(args.quick))
+        cold = cold_pass_in_fresh_process("sequential", bool(args.quick))
+        cost.update({"gptq_int4_g128_seconds": one_shot["seconds"], "ratio": round(t_auto / one_shot["seconds"], 2),
+                     "peak_rss_mb_after_gptq": one_shot["peak_rss_mb"],
+                     "gptq_int4_g128_sequential_cold_seconds": cold["seconds"],
+                     "ratio_to_sequential_gptq_cold": round(t_auto / cold["seconds"], 2)})
         cost["compared_one_shot"] = compared_at_every_budget(params, batches, cands, alpha, budgets)
         cost["gptq_options"] = gptq_options_side_by_side(params, batches, menu)
         cost.update(sequential_gptq_pass(params, batches, list(cands.paths)))
         cost["ratio_to_sequential_gptq"] = round(t_auto / cost["gptq_int4_g128_sequential_seconds"], 2)
-        # Like for like: the default search ends in a sequential pass, so its baseline is a sequential GPTQ
-        # pass, cold as the search was (a fresh process: this one has compiled GPTQ and the stages).
-        cold = cold_pass_in_fresh_process("sequential", bool(args.quick))
-        cost["gptq_int4_g128_sequential_cold_seconds"] = cold
-        cost["ratio_to_sequential_gptq_cold"] = round(t_auto / cold, 2)
         print(cost, flush=True)
         return finish({"benchmark": "allocation", "quick": bool(args.quick), "cost": cost}, args.json)
     results = cands.results
