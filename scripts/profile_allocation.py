@@ -56,62 +56,48 @@ print("batch shapes", [jax.tree.map(lambda x: x.shape, b) for b in batches][:8])
 T = {}
 
 
-def tick(name, t0):
+def timed(name, fn):
+    """``fn()`` with its results ready, its seconds recorded in ``T`` under ``name`` and printed."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
     T[name] = round(time.perf_counter() - t0, 1)
     print(name, T[name], flush=True)
+    return out
 
 
+def search_steps(hess, menu):
+    """The default search's steps after the capture: candidates, importance (reusing ``hess``)."""
+    cands = timed("candidates", lambda: cj.option_costs_and_damages(params, hess, menu, keep_results=True))
+    alpha = timed("importance", lambda: candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask,
+                                                             method="auto", hessians=hess))
+    return cands, alpha
+
+
+def budget(cands):
+    return int(np.floor(3.5 * cands.num_weights / 8))
+
+
+hess = timed("hessians", lambda: cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask))
 if "--steps" in sys.argv[1:]:
     totals = time_steps()
-    t = time.perf_counter()
-    hess = jax.block_until_ready(cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask))
-    tick("hessians", t)
-    t = time.perf_counter()
-    cands = cj.option_costs_and_damages(params, hess, None, keep_results=True)
-    tick("candidates", t)
-    t = time.perf_counter()
-    alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, method="auto", hessians=hess)
-    tick("importance", t)
-    t = time.perf_counter()
-    jax.block_until_ready(from_candidates(apply_fn, params, batches, cands, int(np.floor(3.5 * cands.num_weights / 8)), alpha,
-                                          row_mask=row_mask)[0])
-    tick("from_candidates", t)
+    cands, alpha = search_steps(hess, None)
+    timed("from_candidates", lambda: from_candidates(apply_fn, params, batches, cands, budget(cands), alpha, row_mask=row_mask)[0])
     print({k: (round(v[0], 1), v[1]) for k, v in totals.items()})
     sys.exit()
 
-t = time.perf_counter()
-hess = cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask)
-jax.block_until_ready(jax.tree.leaves(hess))
-tick("hessians", t)
-t = time.perf_counter()
-q = cj.gptq(params, hess, cj.QuantSpec(bits=4, group_size=128), act_order=True)
-jax.block_until_ready(jax.tree.leaves(q))
-tick("gptq-solve", t)
+timed("gptq-solve", lambda: cj.gptq(params, hess, cj.QuantSpec(bits=4, group_size=128), act_order=True))
 menu = cj.default_menu()
 kinds = {}
 for o in menu:
     kinds.setdefault(o.method if o.method != "float" else "gptq", []).append(o)
 for k, opts in kinds.items():
-    t = time.perf_counter()
-    cj.option_costs_and_damages(params, hess, opts, keep_results=True)
-    tick(f"cands-{k}", t)
-t = time.perf_counter()
-cands = cj.option_costs_and_damages(params, hess, menu, keep_results=True)
-tick("cands-all-warm", t)
-t = time.perf_counter()
-alpha = candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, method="auto", hessians=hess)
-tick("importance", t)
-t = time.perf_counter()
-candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, method="auto", hessians=hess)
-tick("importance-warm", t)
-n_w = cands.num_weights
+    timed(f"cands-{k}", lambda opts=opts: cj.option_costs_and_damages(params, hess, opts, keep_results=True))
+cands, alpha = search_steps(hess, menu)  # the candidates warm now
+timed("importance-warm", lambda: candidate_importance(apply_fn, params, batches, cands, row_mask=row_mask, method="auto",
+                                                      hessians=hess))
 for seq in (False, True):
-    t = time.perf_counter()
-    out, plan = from_candidates(apply_fn, params, batches, cands, int(np.floor(3.5 * n_w / 8)), alpha, sequential=seq, row_mask=row_mask)
-    jax.block_until_ready(jax.tree.leaves(out))
-    tick(f"from_candidates-seq{seq}", t)
-    t = time.perf_counter()
-    out, plan = from_candidates(apply_fn, params, batches, cands, int(np.floor(3.5 * n_w / 8)), alpha, sequential=seq, row_mask=row_mask, compare_uniform=False)
-    jax.block_until_ready(jax.tree.leaves(out))
-    tick(f"from_candidates-seq{seq}-nocompare", t)
+    for compare in (True, False):
+        timed(f"from_candidates-seq{seq}" + ("" if compare else "-nocompare"),
+              lambda seq=seq, compare=compare: from_candidates(apply_fn, params, batches, cands, budget(cands), alpha,
+                                                               sequential=seq, row_mask=row_mask, compare_uniform=compare)[0])
 print(T)

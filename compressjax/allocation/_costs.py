@@ -31,7 +31,8 @@ from compressjax.oneshot import gptq, gptq_many, sparsegpt
 from compressjax.qarray import QArray
 from compressjax.quantization import dequantize, quantize_params
 
-__all__ = ["Candidates", "option_costs_and_damages", "kernel_infos", "solve_option", "layer_error", "leaf_bytes", "decoded"]
+__all__ = ["Candidates", "option_costs_and_damages", "kernel_infos", "hessians_by_path", "solve_option", "layer_error", "leaf_bytes",
+           "decoded"]
 
 
 def decoded(x: Any) -> jax.Array:
@@ -41,16 +42,26 @@ def decoded(x: Any) -> jax.Array:
     return x.decode() if tree.is_compressed_leaf(x) else jnp.asarray(x)
 
 
+def hessians_by_path(hessians: Any) -> dict[str, Hessian]:
+    """``{path: Hessian}`` of a tree from :func:`compressjax.collect_hessians` (``None`` leaves skipped), in
+    tree order; ``TypeError`` naming a leaf that is neither."""
+    out = {}
+    for p, h in tree.leaves_with_paths(hessians, lambda x: isinstance(x, Hessian) or x is None):
+        if h is not None and not isinstance(h, Hessian):
+            raise TypeError(f"leaf {p!r}: expected a Hessian from collect_hessians, got {type(h).__name__}")
+        if h is not None:
+            out[p] = h
+    return out
+
+
 def kernel_infos(params: Any, hessians: Any) -> dict[str, tuple[KernelInfo, Any, Any]]:
     """``{path: (info, kernel, Hessian)}`` for every leaf of ``params`` with a :class:`Hessian`, in tree order."""
-    hs = {p: h for p, h in tree.leaves_with_paths(hessians, lambda x: isinstance(x, Hessian) or x is None) if h is not None}
+    hs = hessians_by_path(hessians)
     if not hs:
         raise ValueError("the hessians tree holds no Hessian: no kernel to allocate (check `where`)")
     leaves = dict(tree.leaves_with_paths(params, tree.is_compressed_leaf))
     out = {}
     for p, h in hs.items():
-        if not isinstance(h, Hessian):
-            raise TypeError(f"leaf {p!r}: expected a Hessian from collect_hessians, got {type(h).__name__}")
         if p not in leaves:
             raise ValueError(f"the hessians tree has a Hessian at {p!r}, which is not a leaf of params")
         w = leaves[p]

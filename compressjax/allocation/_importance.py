@@ -40,9 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from compressjax import tree
-from compressjax.allocation._costs import _exact, decoded, perturbation_error
+from compressjax.allocation._costs import _exact, decoded, hessians_by_path, perturbation_error
 from compressjax.checks import check_positive_int
-from compressjax.hessians import Hessian, collect_hessians
+from compressjax.hessians import collect_hessians
 
 __all__ = ["kernel_importance", "squared_change", "softmax_kl"]
 
@@ -174,7 +174,7 @@ def kernel_importance(
         raise ValueError("batches is empty: importance needs at least one calibration batch")
     if max_batches is not None:
         max_batches = check_positive_int("max_batches", max_batches)
-    given = {} if hessians is None else _hessians_by_path(hessians)
+    given = {} if hessians is None else hessians_by_path(hessians)
     float_params = jax.tree_util.tree_map(decoded, params, is_leaf=tree.is_compressed_leaf)
     if method == "auto":
         # Reverse mode holds a float32 gradient of every probed kernel per sample in a chunk: keep that
@@ -212,23 +212,11 @@ def kernel_importance(
         num = _forward_numerators(apply_fn, leaves, treedef, sel, dws, batches, metric, chunk_size)
     hs = given if len(batches) == n_given else {}
     if not all(p in hs for p in paths):
-        hs = _hessians_by_path(collect_hessians(apply_fn, float_params, batches, where=_exact(paths), row_mask=row_mask))
+        hs = hessians_by_path(collect_hessians(apply_fn, float_params, batches, where=_exact(paths), row_mask=row_mask))
     out = {}
     for j, p in enumerate(paths):
         den = perturbation_error(hs[p], dws[j])
         out[p] = float(num[j]) / den if den > 0 else 1.0
-    return out
-
-
-def _hessians_by_path(hessians: Any) -> dict[str, Hessian]:
-    """``{path: Hessian}`` of a tree from :func:`compressjax.collect_hessians` (``None`` leaves skipped)."""
-    out = {}
-    for p, h in tree.leaves_with_paths(hessians, lambda x: x is None or isinstance(x, Hessian)):
-        if h is not None and not isinstance(h, Hessian):
-            raise TypeError(f"hessians must come from collect_hessians (a Hessian or None per leaf); leaf {p!r} is "
-                            f"{type(h).__name__}")
-        if h is not None:
-            out[p] = h
     return out
 
 
