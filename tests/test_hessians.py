@@ -174,6 +174,24 @@ def test_one_trace_per_batch_shape_and_quantized_leaves_pass():
     assert H["params"]["layers_0"]["kernel"] is None and H["params"]["layers_2"]["kernel"] is not None
 
 
+def test_repeated_cycle_of_more_than_sixteen_shapes_is_traced_once():
+    # A sequential pass cycles through stages x batch shapes; a small first-in-first-out cache missed on
+    # every call of its second run.
+    calls = []
+    model = nn.Dense(3)
+    params = model.init(KEY, jnp.ones((1, 6)))
+
+    def apply(p, b):
+        calls.append(1)
+        return model.apply(p, b)
+
+    shapes = [jnp.ones((n, 6)) for n in range(1, 21)]
+    for _ in range(2):
+        for x in shapes:
+            collect_hessians(apply, params, [x])
+    assert len(calls) == len(shapes)
+
+
 def test_bad_inputs():
     model = nn.Dense(3)
     x = jnp.ones((4, 6))

@@ -20,9 +20,11 @@ from compressjax.quantization import dequantize
 # ---------------------------------------------------------------------------------------------- API
 # Traced and compiled accumulation steps, reused across calls with the same apply_fn, params shapes,
 # selection and batch shape (so calling collect_hessians again, e.g. per layerwise stage or per sweep point,
-# does not retrace the model). Small and first-in-first-out: it holds references to apply_fn.
+# does not retrace the model). Least recently used first out, and large enough for a sequential pass's
+# stages times its batch shapes (a first-in-first-out cache smaller than that cycle misses every time).
+# It holds references to apply_fn.
 _CACHE: dict[tuple, tuple] = {}
-_CACHE_SIZE = 16
+_CACHE_SIZE = 64
 
 
 def _is_hashable(key: tuple) -> bool:
@@ -120,8 +122,10 @@ def collect_hessians(
         if mesh is not None:  # before tracing: the jaxpr then sees the batch on the (automatic) mesh
             batch = _shard_batch(batch, mesh, data_axis)
         key = (*base_key, _batch_signature(batch)) if cacheable else None
-        hit = None if key is None else _CACHE.get(key)
-        if hit is None:
+        hit = None if key is None else _CACHE.pop(key, None)
+        if hit is not None:
+            _CACHE[key] = hit  # now the most recently used
+        else:
             hit = _build(fn, float_leaves, batch, selected, paths, where, row_mask, mesh)
             if key is not None:
                 _CACHE[key] = hit
