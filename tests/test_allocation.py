@@ -618,6 +618,33 @@ def test_output_damages_put_each_result_alone_into_the_float_model():
         from_candidates(apply, params, batches, cands, budget, None, sequential=False, damages=bad)
 
 
+def test_plan_distances_compile_the_model_once_across_calls():
+    from compressjax.allocation import plan_distances
+
+    params, apply, batches = _three_layers()
+    menu = [cj.Option("float", "float"), cj.Option("int2", "rtn", Q(bits=2)), cj.Option("int4", "rtn", Q(bits=4))]
+    cands = cj.option_costs_and_damages(params, cj.collect_hessians(apply, params, batches), menu, keep_results=True)
+    traces = []
+
+    def counted(p, x):
+        traces.append(1)
+        return apply(p, x)
+
+    first = plan_distances(counted, params, batches, cands, [[1, 2], [2, 2]], max_batches=3)
+    again = plan_distances(counted, params, batches, cands, [[1, 2]], max_batches=3)  # auto_compress at another budget
+    assert len(traces) == 1 and again[0] == first[0]
+
+    class Unhashable:  # a callable object with __eq__ and no __hash__: compiled per call, same distances
+        __eq__ = object.__eq__
+        __hash__ = None
+
+        def __call__(self, p, x):
+            return apply(p, x)
+
+    np.testing.assert_allclose(plan_distances(Unhashable(), params, batches, cands, [[1, 2], [2, 2]], max_batches=3),
+                               first, rtol=1e-6)
+
+
 def test_plans_are_compared_whole_at_the_output_with_the_fitting_uniform_settings():
     from compressjax.allocation import from_candidates, plan_distances, uniform_choices
 

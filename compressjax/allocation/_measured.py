@@ -20,6 +20,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -50,6 +51,16 @@ def softmax_kl_distance(reference: jax.Array, logits: jax.Array) -> jax.Array:
     return jnp.sum(kd_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(reference, jnp.float32)))
 
 
+@partial(jax.jit, static_argnames=("apply_fn", "treedef"))
+def _forward(leaves, batch, *, apply_fn, treedef):
+    return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), batch)
+
+
+@partial(jax.jit, static_argnames=("dist",))
+def _distance(reference, output, *, dist):
+    return dist(reference, output)
+
+
 def _output_scorer(apply_fn: Callable, params: Any, batches: Sequence[Any], distance: Distance | None,
                    max_batches: int, what: str) -> Callable[[dict[str, Any]], float]:
     """``score({path: leaf}) -> sum over batches of distance(float output, output with those leaves)``, at
@@ -65,12 +76,15 @@ def _output_scorer(apply_fn: Callable, params: Any, batches: Sequence[Any], dist
     index = {tree.path_to_str(kp): i for i, (kp, _) in enumerate(flat)}
     leaves = [x for _, x in flat]
 
-    @jax.jit
-    def forward(leaves, batch):
-        return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), batch)
-
-    # Compiled on its own: one compilation of the model (forward) serves the references and every trial.
-    distance_of = jax.jit(dist)
+    # Compiled once per model and batch shape across calls (auto_compress at several budgets), and the
+    # distance on its own: one compilation of the model serves the references and every trial.
+    try:
+        hash((apply_fn, dist))
+        forward = partial(_forward, apply_fn=apply_fn, treedef=treedef)
+        distance_of = partial(_distance, dist=dist)
+    except TypeError:  # an unhashable callable object: compiled for this call only
+        forward = jax.jit(lambda ls, b: apply_fn(jax.tree_util.tree_unflatten(treedef, ls), b))
+        distance_of = jax.jit(dist)
     references = [forward(leaves, b) for b in batches]
 
     def score(replace: dict[str, Any]) -> float:
