@@ -32,6 +32,8 @@ Usage::
     python -m benchmarks.allocation --pass-only sequential                   # one GPTQ int4 g128 pass, cold, alone
     python -m benchmarks.allocation --fast --json out.json                   # the GPTQ pass and the cheapest search
     python -m benchmarks.allocation --importance-only --json out.json        # importance: forward vs reverse mode
+    python -m benchmarks.allocation --warm --json out.json                   # the work without compilation: each pass
+                                                                             # and search run twice, the second timed
 """
 
 from __future__ import annotations
@@ -205,6 +207,38 @@ def gptq_options_side_by_side(params, batches, menu) -> dict:
     return out
 
 
+def warm_seconds(label: str, fn) -> float:
+    """``fn()`` run twice; the seconds of the second run (every program compiled by the first)."""
+    for run in ("cold", "warm"):
+        t = time.perf_counter()
+        jax.block_until_ready(jax.tree.leaves(fn()))
+        seconds = time.perf_counter() - t
+        print(f"{label} ({run}): {seconds:.1f} s", flush=True)
+    return round(seconds, 1)
+
+
+def warm_costs(params, batches, bpw: float) -> dict:
+    """The work of the search and of the GPTQ passes without compilation (``--warm``): each is run twice in
+    this process and the second run timed. The search as ``auto_compress`` runs it by default, with the
+    default menu and with its GPTQ options only (importance and sequential application either way)."""
+    def one_shot():
+        hess = cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask)
+        return cj.gptq(params, hess, cj.QuantSpec(bits=4, group_size=128), act_order=True)
+
+    kernels = [p for p, _ in cj.tree.leaves_with_paths(params) if re.search(ENCODER_KERNELS, p)]
+    gptq_menu = [o for o in cj.default_menu() if o.method in ("float", "gptq")]
+    out = {"one_shot_pass_seconds": warm_seconds("one-shot GPTQ int4 g128 pass", one_shot),
+           "sequential_pass_seconds": warm_seconds(
+               "sequential GPTQ int4 g128 pass", lambda: sequential_gptq_pass(params, batches, kernels))}
+    for name, menu in (("default_menu", None), ("gptq_options", gptq_menu)):
+        out[f"search_{name}_seconds"] = warm_seconds(f"auto_compress, {name}", lambda menu=menu: cj.auto_compress(
+            apply_fn, params, batches, bits_per_weight=bpw, menu=menu, where=ENCODER_KERNELS, row_mask=row_mask)[0])
+        for base in ("one_shot", "sequential"):
+            out[f"ratio_{name}_to_{base}"] = round(out[f"search_{name}_seconds"] / out[f"{base}_pass_seconds"], 2)
+    print(out, flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__)
     ap.add_argument("--budgets", default="2.5,3.0,3.5,4.0", help="bits per weight over the encoder kernels")
@@ -218,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="kernel_importance's method for the search")
     ap.add_argument("--importance-only", action="store_true",
                     help="only the importance by forward and reverse mode: time, agreement, Spearman test of each")
+    ap.add_argument("--warm", action="store_true",
+                    help="only the passes and the search run twice each, the second (compiled) run timed")
     ap.add_argument("--pass-only", choices=("one-shot", "sequential"), default=None,
                     help="only one GPTQ int4 g128 pass, cold (the cost baseline of --cost-only, run in a fresh process)")
     args = ap.parse_args(argv)
@@ -247,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
             out[f"{k}_min_cosine"] = round(float(cos.min()), 6)
         return out
 
+    if args.warm:
+        return finish({"benchmark": "allocation", "quick": bool(args.quick),
+                       "warm": warm_costs(params, batches, 3.5)}, args.json)
     if args.importance_only:
         return finish({"benchmark": "allocation", "quick": bool(args.quick),
                        "importance_methods": importance_methods(params, batches, menu, plans, refs["eval"], evaluation)}, args.json)
