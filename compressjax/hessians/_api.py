@@ -20,9 +20,9 @@ from compressjax.quantization import dequantize
 # ---------------------------------------------------------------------------------------------- API
 # Traced and compiled accumulation steps, reused across calls with the same apply_fn, params shapes,
 # selection and batch shape (so calling collect_hessians again, e.g. per layerwise stage or per sweep point,
-# does not retrace the model). Least recently used first out, and large enough for a sequential pass's
-# stages times its batch shapes (a first-in-first-out cache smaller than that cycle misses every time).
-# It holds references to apply_fn.
+# does not retrace the model). Least recently used first out, with room for a few dozen (selection, batch
+# shape) programs, e.g. a 6-block model's sequential pass over 3 batch shapes (a cycle longer than the
+# cache misses every time, so a second such pass would recompile them all). It holds references to apply_fn.
 _CACHE: dict[tuple, tuple] = {}
 _CACHE_SIZE = 64
 
