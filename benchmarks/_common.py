@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -98,6 +99,20 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
     }
+
+
+def peak_rss() -> int:
+    """This process' peak resident memory in bytes: ``VmHWM`` where Linux has it (since the process started,
+    or since ``/proc/self/clear_refs`` was reset; a child process' ``ru_maxrss`` counts its parent's resident
+    memory at the fork, ``VmHWM`` does not), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def finish(result: dict[str, Any], json_path: Path | str | None) -> dict[str, Any]:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import inspect
 import json
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import compressjax as cj  # noqa: E402
-from benchmarks._common import alpha_agreement, finish, parser, spearman  # noqa: E402
+from benchmarks._common import alpha_agreement, finish, parser, peak_rss, spearman  # noqa: E402
 from benchmarks._minilm_oneshot import ENCODER_KERNELS, apply_fn, calibration_split, row_mask  # noqa: E402
 from benchmarks.minilm import length_batches  # noqa: E402
 from compressjax.allocation import candidate_importance, from_candidates, model_stages  # noqa: E402
@@ -75,15 +74,8 @@ def other_sentences(n: int = 200, min_words: int = 6, max_words: int = 40) -> li
 
 
 def peak_mb() -> float:
-    """This process' peak resident memory in MB: ``VmHWM`` where Linux has it (``ru_maxrss`` of a process started
-    by a larger one counts the parent's resident memory at the fork), else ``ru_maxrss``."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process' peak resident memory in MiB (reported as MB)."""
+    return peak_rss() / 2**20
 
 
 def fast_search(params, batches, bpw, t_gptq, quality) -> dict:

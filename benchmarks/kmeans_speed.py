@@ -63,24 +63,20 @@ def case(shape, bits, per_channel, repeats):
 
 
 MEMORY_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
 import compressjax as cj
+from benchmarks._common import peak_rss  # VmHWM: this process' own (its ru_maxrss counts the parent's)
 shape, bits, rate, iterations = json.loads(sys.argv[1])
 w = jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32) * np.float32(0.02))
 jax.block_until_ready(w)
-def hwm():  # kB; VmHWM is this process' own (ru_maxrss of a child counts its parent's memory at the fork)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-base = hwm()
+base = peak_rss()
 t0 = time.perf_counter()
 cb = jax.block_until_ready(cj.kmeans_codebooks({"w": w}, bits, per_channel=True, entropy_weight=rate,
                                                iterations=iterations)["w"])
 seconds = time.perf_counter() - t0
-peak = hwm()
-print(json.dumps({"peak_growth_mib": round((peak - base) / 1024, 1), "seconds": round(seconds, 2),
+peak = peak_rss()
+print(json.dumps({"peak_growth_mib": round((peak - base) / 2**20, 1), "seconds": round(seconds, 2),
                   "kernel_mib": round(w.nbytes / 2**20, 1)}))
 """
 

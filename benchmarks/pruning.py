@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import numpy as np
 from jax import lax
 
 import compressjax as cj
-from benchmarks._common import finish, interleaved, parser
+from benchmarks._common import finish, interleaved, parser, peak_rss
 from compressjax import radix_select
 
 FULL_SHAPES = [(4096, 4096), (4096, 4096), (2048, 4096), (4096, 1024), (1024, 4096), (512, 1000), (1000,)]
@@ -90,18 +89,6 @@ def _sort_masks(params, sparsity):
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    """Peak RSS (VmHWM) since the last :func:`reset_peak_rss`, else since the process started."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def reset_peak_rss() -> bool:
