@@ -153,6 +153,12 @@ def compared_at_every_budget(params, batches, cands, alpha, budgets) -> dict:
     return out
 
 
+def one_shot_gptq_pass(params, batches):
+    """The cost baseline: one GPTQ int4 g128 pass (act-order), ``collect_hessians`` then ``gptq``."""
+    hess = cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask)
+    return cj.gptq(params, hess, cj.QuantSpec(bits=4, group_size=128), act_order=True)
+
+
 def sequential_gptq_pass(params, batches, paths) -> dict:
     """A GPTQ int4 g128 pass in sequential mode (``layerwise`` over ``model_stages``: what ``auto_compress``'s
     default ``sequential=True`` runs after its search); cold in a fresh process (``--pass-only``), else warm
@@ -213,13 +219,9 @@ def warm_costs(params, batches, bpw: float) -> dict:
     """The work of the search and of the GPTQ passes without compilation (``--warm``): each is run twice in
     this process and the second run timed. The search as ``auto_compress`` runs it by default, with the
     default menu and with its GPTQ options only (importance and sequential application either way)."""
-    def one_shot():
-        hess = cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask)
-        return cj.gptq(params, hess, cj.QuantSpec(bits=4, group_size=128), act_order=True)
-
     kernels = [p for p, _ in cj.tree.leaves_with_paths(params) if re.search(ENCODER_KERNELS, p)]
     gptq_menu = [o for o in cj.default_menu() if o.method in ("float", "gptq")]
-    out = {"one_shot_pass_seconds": warm_seconds("one-shot GPTQ int4 g128 pass", one_shot),
+    out = {"one_shot_pass_seconds": warm_seconds("one-shot GPTQ int4 g128 pass", lambda: one_shot_gptq_pass(params, batches)),
            "sequential_pass_seconds": warm_seconds(
                "sequential GPTQ int4 g128 pass", lambda: sequential_gptq_pass(params, batches, kernels))}
     for name, menu in (("default_menu", None), ("gptq_options", gptq_menu)):
@@ -294,13 +296,11 @@ def main(argv: list[str] | None = None) -> dict:
     t_gptq, mem_gptq = 0.0, 0.0
     if not args.cost_only:
         t = time.perf_counter()
-        hess0 = cj.collect_hessians(apply_fn, params, batches, where=ENCODER_KERNELS, row_mask=row_mask)
-        q = cj.gptq(params, hess0, cj.QuantSpec(bits=4, group_size=128), act_order=True)
-        jax.block_until_ready(jax.tree.leaves(q))
+        q = jax.block_until_ready(jax.tree.leaves(one_shot_gptq_pass(params, batches)))
         t_gptq = time.perf_counter() - t
         mem_gptq = peak_mb()
         print(f"GPTQ int4 g128 pass: {t_gptq:.1f} s, peak RSS {mem_gptq:.0f} MB", flush=True)
-        del q, hess0
+        del q
 
     if args.pass_only == "one-shot":
         return finish({"benchmark": "allocation", "quick": bool(args.quick),
